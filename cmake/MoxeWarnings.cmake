@@ -1,0 +1,6 @@
+# Warning flags for moxe's own tests, benchmarks and examples (never for consumers).
+add_library(moxe_warnings INTERFACE)
+target_compile_options(moxe_warnings INTERFACE
+  $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wno-unused-parameter>
+  $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall -Xcompiler=-Wno-unused-parameter
+                             -Xptxas=-warn-spills -lineinfo>)

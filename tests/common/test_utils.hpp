@@ -1,0 +1,132 @@
+// Host test utilities shared by every moxe test: seeded random tensors, NaN poisoning,
+// relative error, and finite-difference gradient checks in double.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <limits>
+#include <random>
+#include <vector>
+
+namespace moxe::test {
+
+/// A fresh seed per run (so every run draws new inputs) unless MOXE_TEST_SEED pins one.
+/// Tests log it with INFO so a failure can be replayed.
+inline std::uint64_t fresh_seed() {
+  if (const char* s = std::getenv("MOXE_TEST_SEED")) return std::strtoull(s, nullptr, 10);
+  std::random_device rd;
+  return (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
+}
+
+class Rng {
+ public:
+  explicit Rng(std::uint64_t seed) : engine_(seed) {}
+  double uniform(double lo = -1.0, double hi = 1.0) {
+    return std::uniform_real_distribution<double>(lo, hi)(engine_);
+  }
+  double normal(double mean = 0.0, double stddev = 1.0) {
+    return std::normal_distribution<double>(mean, stddev)(engine_);
+  }
+  std::int64_t integer(std::int64_t lo, std::int64_t hi) {  // inclusive bounds
+    return std::uniform_int_distribution<std::int64_t>(lo, hi)(engine_);
+  }
+  std::mt19937_64& engine() { return engine_; }
+
+ private:
+  std::mt19937_64 engine_;
+};
+
+template <class T>
+std::vector<T> uniform_vector(Rng& rng, std::size_t n, double lo = -1.0, double hi = 1.0) {
+  std::vector<T> v(n);
+  for (auto& x : v) x = static_cast<T>(rng.uniform(lo, hi));
+  return v;
+}
+
+template <class T>
+std::vector<T> normal_vector(Rng& rng, std::size_t n, double stddev = 1.0) {
+  std::vector<T> v(n);
+  for (auto& x : v) x = static_cast<T>(rng.normal(0.0, stddev));
+  return v;
+}
+
+/// Fill with quiet NaN so that any element a kernel fails to write shows up in the error.
+template <class T>
+void poison(std::vector<T>& v) {
+  std::fill(v.begin(), v.end(), std::numeric_limits<T>::quiet_NaN());
+}
+
+template <class T>
+std::vector<T> poisoned(std::size_t n) {
+  return std::vector<T>(n, std::numeric_limits<T>::quiet_NaN());
+}
+
+template <class T>
+bool all_finite(const std::vector<T>& v) {
+  return std::all_of(v.begin(), v.end(), [](T x) { return std::isfinite(static_cast<double>(x)); });
+}
+
+/// ||out - ref|| / ||ref|| in double; +inf if any element of `out` is not finite or the
+/// sizes differ. With ||ref|| == 0 the absolute norm ||out|| is returned.
+template <class A, class B>
+double rel_error(const A* out, const B* ref, std::size_t n) {
+  double num = 0.0, den = 0.0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double o = static_cast<double>(out[i]);
+    const double r = static_cast<double>(ref[i]);
+    if (!std::isfinite(o)) return std::numeric_limits<double>::infinity();
+    num += (o - r) * (o - r);
+    den += r * r;
+  }
+  return den > 0.0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+template <class A, class B>
+double rel_error(const std::vector<A>& out, const std::vector<B>& ref) {
+  if (out.size() != ref.size()) return std::numeric_limits<double>::infinity();
+  return rel_error(out.data(), ref.data(), out.size());
+}
+
+template <class A>
+std::vector<double> to_double(const std::vector<A>& v) {
+  return std::vector<double>(v.begin(), v.end());
+}
+
+/// Central finite-difference gradient of a scalar function of `x` (double), element by
+/// element: g_i = (f(x + h e_i) - f(x - h e_i)) / 2h. `x` is restored afterwards.
+inline std::vector<double> finite_difference(const std::function<double()>& f, std::vector<double>& x,
+                                             double h = 1e-6) {
+  std::vector<double> g(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const double saved = x[i];
+    x[i] = saved + h;
+    const double fp = f();
+    x[i] = saved - h;
+    const double fm = f();
+    x[i] = saved;
+    g[i] = (fp - fm) / (2.0 * h);
+  }
+  return g;
+}
+
+/// Compare an analytic gradient with finite differences of `f` with respect to `x`:
+/// returns ||analytic - fd|| / ||fd|| (see rel_error).
+inline double gradient_error(const std::function<double()>& f, std::vector<double>& x,
+                             const std::vector<double>& analytic, double h = 1e-6) {
+  const std::vector<double> fd = finite_difference(f, x, h);
+  return rel_error(analytic, fd);
+}
+
+/// sum_i a_i * b_i in double: the scalar loss <out, cotangent> a gradient check differentiates.
+template <class A, class B>
+double dot(const std::vector<A>& a, const std::vector<B>& b) {
+  double s = 0.0;
+  for (std::size_t i = 0; i < a.size() && i < b.size(); ++i)
+    s += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+  return s;
+}
+
+}  // namespace moxe::test

@@ -1,0 +1,92 @@
+// Device tests of moxe/core: conversions, vectorised access, reductions, launch checks.
+#include <doctest/doctest.h>
+
+#include "device_utils.cuh"
+#include "moxe/core/launch.cuh"
+#include "moxe/core/numeric.cuh"
+#include "moxe/core/reduce.cuh"
+#include "moxe/core/workspace.hpp"
+#include "test_utils.hpp"
+
+namespace {
+
+constexpr int kThreads = 256;
+
+__global__ void block_reduce_kernel(const float* x, int n, float* sum, float* mx, float* lse) {
+  using Reduce = moxe::BlockAllReduce<float, kThreads>;
+  __shared__ Reduce::TempStorage storage;
+  float s = 0.f, m = -moxe::math::infinity<float>();
+  moxe::math::MaxSum<float> ms;
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    s += x[i];
+    m = moxe::math::max(m, x[i]);
+  }
+  for (int i = threadIdx.x; i < n; i += kThreads) ms.add(x[i]);
+  Reduce reduce(storage);
+  const float total = reduce.sum(s);
+  const float top = reduce.max(m);
+  ms = moxe::warp_merge(ms);
+  if (threadIdx.x == 0) {
+    *sum = total;
+    *mx = top;
+  }
+  if (threadIdx.x == 32) *lse = ms.log_sum_exp();  // lane 0 of warp 1: that warp's share
+}
+
+template <class T>
+__global__ void vec_copy_kernel(const T* in, T* out, int vectors) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < vectors) {
+    using V = moxe::Vec16<T>;
+    float f[V::kElements];
+    V::load_nc(in + i * V::kElements).to_float(f);
+    for (float& v : f) v *= 2.f;
+    V::from_float(f).store(out + i * V::kElements);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("block and warp reductions") {
+  moxe::test::Rng rng(moxe::test::fresh_seed());
+  for (int n : {1, 31, 1000, 4097}) {
+    const auto x = moxe::test::uniform_vector<float>(rng, n, -3, 3);
+    moxe::test::DeviceBuffer<float> dx(x), sum(1), mx(1), lse(1);
+    sum.poison();
+    mx.poison();
+    lse.poison();
+    block_reduce_kernel<<<1, kThreads>>>(dx.get(), n, sum.get(), mx.get(), lse.get());
+    REQUIRE(moxe::check_launch(nullptr) == moxe::Status::ok);
+    double ref_sum = 0, ref_max = -INFINITY;
+    for (float v : x) { ref_sum += v; ref_max = std::max(ref_max, double(v)); }
+    CHECK(sum.download()[0] == doctest::Approx(ref_sum).epsilon(1e-4));
+    CHECK(mx.download()[0] == float(ref_max));
+    double warp1 = 0;
+    for (int i = 32; i < n; i += kThreads)
+      for (int j = i; j < std::min(i + 32, n); ++j) warp1 += std::exp(double(x[j]));
+    if (n > 32) CHECK(lse.download()[0] == doctest::Approx(std::log(warp1)).epsilon(1e-5));
+  }
+}
+
+TEST_CASE_TEMPLATE("Vec16 round trip", T, float, __half, __nv_bfloat16) {
+  moxe::test::Rng rng(moxe::test::fresh_seed());
+  constexpr int kPer = moxe::Vec16<T>::kElements;
+  const int vectors = 77;
+  const auto host = moxe::test::convert_to<T>(moxe::test::uniform_vector<double>(rng, vectors * kPer));
+  moxe::test::DeviceBuffer<T> in(host), out(host.size());
+  out.poison();
+  vec_copy_kernel<T><<<1, 128>>>(in.get(), out.get(), vectors);
+  REQUIRE(moxe::check_launch(nullptr) == moxe::Status::ok);
+  const auto got = moxe::test::convert_to_double(out.download());
+  const auto want = moxe::test::convert_to_double(host);
+  for (std::size_t i = 0; i < got.size(); ++i) CHECK(got[i] == 2 * want[i]);
+}
+
+TEST_CASE("misaligned workspace helper really is misaligned") {
+  moxe::test::MisalignedWorkspace ws(1024);
+  CHECK(reinterpret_cast<std::uintptr_t>(ws.get()) % 2 == 1);
+  moxe::WorkspaceCarver c(ws.get(), ws.bytes());
+  float* p = c.carve<float>(100);
+  CHECK(c.fits());
+  CHECK(moxe::is_aligned(p, moxe::WorkspaceCarver::kAlignment));
+}
