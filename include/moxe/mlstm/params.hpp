@@ -1,0 +1,89 @@
+// moxe::mlstm: shapes and parameter structs of the mLSTM cell (see docs/mlstm.md).
+//
+// Layouts (row-major, outermost first): q, k [B, NH, S, DQK]; v, h [B, NH, S, DV];
+// igate, fgate [B, NH, S] (pre-activations); states C [B, NH, DQK, DV], n [B, NH, DQK],
+// m [B, NH] in Acc. With segment_offsets (batch 1) the state arrays are per segment:
+// [num_segments, NH, ...].
+#pragma once
+
+#include <cstdint>
+
+#include "moxe/core/config.hpp"
+#include "moxe/core/math.hpp"
+#include "moxe/core/status.hpp"
+
+namespace moxe::mlstm {
+
+struct Dims {
+  int64_t batch, heads, seq_len, dqk, dv;
+};
+
+template <class T, class Acc = float>
+struct ForwardParams {
+  Dims dims;
+  const T *q, *k, *v, *igate, *fgate;
+  const Acc *c_init = nullptr, *n_init = nullptr, *m_init = nullptr;  // all or none
+  T* h;
+  Acc *c_last = nullptr, *n_last = nullptr, *m_last = nullptr;  // optional (all or none)
+  Acc qk_scale = 0, eps = Acc(1e-6);                              // qk_scale 0: 1/sqrt(DQK)
+  int chunk_size = 64;
+  const int64_t* segment_offsets = nullptr;  // optional varlen: [num_segments + 1]
+  int64_t num_segments = 0;
+};
+
+template <class T, class Acc = float>
+struct BackwardParams {
+  ForwardParams<T, Acc> fwd;  // the forward's inputs (h unused)
+  const T* dh;
+  const Acc *dc_last = nullptr, *dn_last = nullptr, *dm_last = nullptr;  // optional upstream
+  T *dq, *dk, *dv, *digate, *dfgate;
+  Acc *dc_init = nullptr, *dn_init = nullptr, *dm_init = nullptr;  // optional
+};
+
+/// Number of independent recurrences (state slots): B * NH, or num_segments * NH.
+inline int64_t state_slots(const Dims& d, int64_t num_segments) {
+  return (num_segments > 0 ? num_segments : d.batch) * d.heads;
+}
+
+/// All-or-none check for an optional group of three pointers.
+template <class A, class B, class C>
+constexpr bool all_or_none(const A* a, const B* b, const C* c) {
+  return (a == nullptr) == (b == nullptr) && (b == nullptr) == (c == nullptr);
+}
+
+/// The checks every mLSTM entry point (reference and device) makes before touching memory:
+/// positive sizes, required pointers, all-or-none state groups, and a consistent segment
+/// description. Device-specific limits (head dims, chunk size) are checked by the launchers.
+template <class T, class Acc>
+Status validate(const ForwardParams<T, Acc>& p, bool need_h = true) {
+  const Dims& d = p.dims;
+  MOXE_REQUIRE(d.batch > 0 && d.heads > 0 && d.seq_len > 0 && d.dqk > 0 && d.dv > 0);
+  MOXE_REQUIRE(p.q && p.k && p.v && p.igate && p.fgate);
+  MOXE_REQUIRE(!need_h || p.h);
+  MOXE_REQUIRE(all_or_none(p.c_init, p.n_init, p.m_init));
+  MOXE_REQUIRE(all_or_none(p.c_last, p.n_last, p.m_last));
+  MOXE_REQUIRE(p.eps >= Acc(0) && p.qk_scale >= Acc(0));
+  if (p.segment_offsets != nullptr || p.num_segments != 0) {
+    MOXE_REQUIRE(p.segment_offsets != nullptr && p.num_segments > 0 && d.batch == 1);
+  }
+  return Status::ok;
+}
+
+template <class T, class Acc>
+Status validate(const BackwardParams<T, Acc>& p) {
+  MOXE_RETURN_IF_ERROR(validate(p.fwd, /*need_h=*/false));
+  MOXE_REQUIRE(p.dh && p.dq && p.dk && p.dv && p.digate && p.dfgate);
+  MOXE_REQUIRE(all_or_none(p.dc_last, p.dn_last, p.dm_last));
+  MOXE_REQUIRE(all_or_none(p.dc_init, p.dn_init, p.dm_init));
+  // gradients of the initial states exist only when the forward had initial states
+  MOXE_REQUIRE(p.dc_init == nullptr || p.fwd.c_init != nullptr);
+  return Status::ok;
+}
+
+/// The scale applied to q: qk_scale, or 1/sqrt(DQK) when given as 0.
+template <class Acc>
+MOXE_HD inline Acc effective_qk_scale(Acc qk_scale, int64_t dqk) {
+  return qk_scale != Acc(0) ? qk_scale : Acc(1) / math::sqrt(static_cast<Acc>(dqk));
+}
+
+}  // namespace moxe::mlstm
