@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine should run, in one call: build for sm_90, run every test
+# (the gpu tests for real), run the device tests under compute-sanitizer (memcheck,
+# racecheck), run the benchmarks with the measured ceilings, and leave logs and a short
+# summary under $OUT (or ./gpu-check-out).
+#
+#   scripts/gather-carry.sh           # here, once: doctest + Google Benchmark source
+#   scripts/gpu-check.sh [--quick]    # there, with .carry carried along
+#
+# --quick skips racecheck and runs the benchmarks with a short minimum time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+out=${OUT:-$root/gpu-check-out}
+mkdir -p "$out"
+logs=$(mktemp -d)
+quick=0
+[ "${1:-}" = "--quick" ] && quick=1
+jobs=$(nproc)
+summary=$out/summary.md
+: >"$summary"
+say() { echo "$*" | tee -a "$summary"; }
+
+say "# moxe gpu-check $(date -u +%Y-%m-%dT%H:%MZ)"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | tee "$logs/nvidia-smi.txt" | sed 's/^/device: /' | tee -a "$summary"
+nvcc --version | tail -1 | sed 's/^/nvcc: /' | tee -a "$summary"
+
+# ---- dependencies carried from the development machine ----------------------------------
+prefix=$root/.carry/prefix
+have_benchmark=0
+for f in "$prefix"/lib*/cmake/benchmark/benchmarkConfig.cmake /usr/lib/*/cmake/benchmark/benchmarkConfig.cmake; do
+  [ -f "$f" ] && have_benchmark=1
+done
+if [ $have_benchmark -eq 0 ]; then
+  src=$(ls "$root"/.carry/src/benchmark_*.orig.tar.gz 2>/dev/null | head -1)
+  if [ -n "$src" ]; then
+    work=$(mktemp -d)
+    tar xzf "$src" -C "$work"
+    cmake -S "$work"/benchmark-* -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DBENCHMARK_ENABLE_TESTING=OFF -DBENCHMARK_ENABLE_GTEST_TESTS=OFF -DBENCHMARK_ENABLE_WERROR=OFF \
+      -DCMAKE_INSTALL_PREFIX="$prefix" >"$logs/benchmark-build.log" 2>&1 &&
+      cmake --build "$work/build" -j "$jobs" >>"$logs/benchmark-build.log" 2>&1 &&
+      cmake --install "$work/build" >>"$logs/benchmark-build.log" 2>&1 ||
+      say "warning: Google Benchmark did not build (see benchmark-build.log)"
+  else
+    say "warning: no Google Benchmark: run scripts/gather-carry.sh and carry .carry"
+  fi
+fi
+
+# ---- build ------------------------------------------------------------------------------
+build=$root/build-gpu
+t0=$(date +%s)
+cmake -S "$root" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+  -DCMAKE_PREFIX_PATH="$prefix" >"$logs/configure.log" 2>&1
+cmake --build "$build" -j "$jobs" >"$logs/build.log" 2>&1
+build_rc=$?
+say "build: rc=$build_rc ($(( $(date +%s) - t0 )) s)"
+if [ $build_rc -ne 0 ]; then
+  grep -E "error|FAILED" "$logs/build.log" | head -40 | tee -a "$summary"
+fi
+
+# ---- tests ------------------------------------------------------------------------------
+(cd "$build" && ctest --output-on-failure -j 4 --timeout 900) >"$logs/ctest.log" 2>&1
+say "ctest: $(grep -E 'tests passed|tests failed' "$logs/ctest.log" | tail -1)"
+grep -E "\(Failed\)|\(Timeout\)|\(SEGFAULT\)|\(Subprocess aborted\)|Not Run" "$logs/ctest.log" | sed 's/^/  /' | tee -a "$summary"
+
+# ---- compute-sanitizer on the device tests ---------------------------------------------
+tools="memcheck"
+[ $quick -eq 0 ] && tools="memcheck racecheck"
+for tool in $tools; do
+  for exe in "$build"/tests/test_gpu_*; do
+    [ -x "$exe" ] || continue
+    name=$(basename "$exe")
+    timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 99 "$exe" \
+      >"$logs/sanitizer-$tool-$name.log" 2>&1
+    rc=$?
+    case $rc in
+      0) status=clean ;;
+      99) status="ERRORS" ;;
+      124) status="timeout (300 s)" ;;
+      *) status="test failed (rc=$rc)" ;;
+    esac
+    say "compute-sanitizer $tool $name: $status"
+  done
+done
+
+# ---- benchmarks -------------------------------------------------------------------------
+min_time=0.5
+[ $quick -eq 1 ] && min_time=0.1
+if [ -x "$build/benchmarks/bench_ceilings" ]; then
+  "$build/benchmarks/bench_ceilings" --benchmark_format=json --benchmark_out="$logs/bench_ceilings.json" \
+    --benchmark_out_format=json --benchmark_min_time=${min_time}s >"$logs/bench_ceilings.txt" 2>&1
+  read -r bw tflops < <(python3 - "$logs/bench_ceilings.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+bw = max((b.get("bytes/s", 0) for b in d["benchmarks"] if b["name"].startswith("BM_copy")), default=0)
+fl = max((b.get("FLOP/s", 0) for b in d["benchmarks"] if b["name"].startswith("BM_gemm")), default=0)
+print(f"{bw/1e9:.1f} {fl/1e12:.1f}")
+PY
+)
+  export MOXE_COPY_BW_GBPS=$bw MOXE_BF16_TFLOPS=$tflops
+  say "ceilings: copy ${bw} GB/s (read+write), bf16 GEMM ${tflops} TFLOP/s"
+  for exe in "$build"/benchmarks/bench_*; do
+    name=$(basename "$exe")
+    [ "$name" = bench_ceilings ] && continue
+    [ -x "$exe" ] || continue
+    timeout 400 "$exe" --benchmark_min_time=${min_time}s --benchmark_out="$logs/$name.json" \
+      --benchmark_out_format=json >"$logs/$name.txt" 2>&1
+    say "benchmark $name: rc=$?"
+  done
+  python3 - "$logs" >>"$summary" <<'PY'
+import glob, json, os, sys
+print("\n| benchmark | time (us) | GB/s | TFLOP/s | frac copy bw | frac bf16 peak |")
+print("|---|---|---|---|---|---|")
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "bench_*.json"))):
+    try:
+        d = json.load(open(f))
+    except Exception:
+        continue
+    for b in d.get("benchmarks", []):
+        t = b.get("real_time", 0) * {"ns": 1e-3, "us": 1, "ms": 1e3, "s": 1e6}[b.get("time_unit", "ns")]
+        g = lambda k, s=1.0: f'{b[k]*s:.3g}' if k in b else ""
+        print(f'| {b["name"]} | {t:.1f} | {g("bytes/s", 1e-9)} | {g("FLOP/s", 1e-12)} | {g("frac_copy_bw")} | {g("frac_bf16_peak")} |')
+PY
+else
+  say "benchmarks: not built"
+fi
+
+tar czf "$out/logs.tar.gz" -C "$logs" . 2>/dev/null
+echo
+cat "$summary"
