@@ -80,6 +80,27 @@ Status validate(const BackwardParams<T, Acc>& p) {
   return Status::ok;
 }
 
+/// One decoding step for a batch of heads (moxe::mlstm::step and reference::step): the
+/// states are read and updated in place. Layouts: q, k [B, NH, DQK]; v, h [B, NH, DV];
+/// igate, fgate [B, NH]; c [B, NH, DQK, DV], n [B, NH, DQK], m [B, NH] (Acc).
+template <class T, class Acc = float>
+struct StepParams {
+  int64_t batch, heads, dqk, dv;
+  const T *q, *k, *v, *igate, *fgate;
+  Acc *c, *n, *m;  // in: the states after the previous token; out: after this one
+  T* h;
+  Acc qk_scale = 0, eps = Acc(1e-6);  // qk_scale 0: 1/sqrt(DQK)
+};
+
+template <class T, class Acc>
+Status validate(const StepParams<T, Acc>& p) {
+  MOXE_REQUIRE(p.batch > 0 && p.heads > 0 && p.dqk > 0 && p.dv > 0);
+  MOXE_REQUIRE(p.q && p.k && p.v && p.igate && p.fgate && p.h);
+  MOXE_REQUIRE(p.c && p.n && p.m);
+  MOXE_REQUIRE(p.eps >= Acc(0) && p.qk_scale >= Acc(0));
+  return Status::ok;
+}
+
 /// The scale applied to q: qk_scale, or 1/sqrt(DQK) when given as 0.
 template <class Acc>
 MOXE_HD inline Acc effective_qk_scale(Acc qk_scale, int64_t dqk) {

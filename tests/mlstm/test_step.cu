@@ -1,0 +1,246 @@
+// Device tests of moxe::mlstm::step: against reference::step in double (inputs rounded
+// through T), over several consecutive steps, poisoned outputs, determinism, graph capture,
+// and input validation.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "device_utils.cuh"
+#include "moxe/mlstm/reference.hpp"
+#include "moxe/mlstm/step.cuh"
+#include "test_utils.hpp"
+
+namespace mlstm = moxe::mlstm;
+using moxe::Status;
+using moxe::test::DeviceBuffer;
+
+namespace {
+
+struct Shape {
+  int64_t batch, heads, dqk, dv;
+  int64_t slots() const { return batch * heads; }
+};
+
+/// Host copies (double, already rounded through T) of one step's inputs.
+struct StepInputs {
+  std::vector<double> q, k, v, igate, fgate;
+};
+
+template <class T>
+StepInputs make_inputs(moxe::test::Rng& rng, const Shape& s) {
+  StepInputs in;
+  in.q = moxe::test::round_through<T>(moxe::test::uniform_vector<double>(rng, s.slots() * s.dqk));
+  in.k = moxe::test::round_through<T>(moxe::test::uniform_vector<double>(rng, s.slots() * s.dqk));
+  in.v = moxe::test::round_through<T>(moxe::test::uniform_vector<double>(rng, s.slots() * s.dv));
+  in.igate = moxe::test::round_through<T>(moxe::test::uniform_vector<double>(rng, s.slots(), -3, 3));
+  in.fgate = moxe::test::round_through<T>(moxe::test::uniform_vector<double>(rng, s.slots(), -3, 5));
+  return in;
+}
+
+/// Device buffers of one step's inputs and output.
+template <class T>
+struct DeviceStep {
+  DeviceBuffer<T> q, k, v, igate, fgate, h;
+  DeviceStep(const StepInputs& in, const Shape& s)
+      : q(moxe::test::convert_to<T>(in.q)),
+        k(moxe::test::convert_to<T>(in.k)),
+        v(moxe::test::convert_to<T>(in.v)),
+        igate(moxe::test::convert_to<T>(in.igate)),
+        fgate(moxe::test::convert_to<T>(in.fgate)),
+        h(s.slots() * s.dv) {}
+};
+
+std::vector<float> to_float_vector(const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); }
+
+template <class T>
+double h_tolerance() {
+  return std::is_same_v<T, float> ? 2e-5 : 1e-2;
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("mlstm step matches the reference over consecutive steps", T, float, __half, __nv_bfloat16) {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  const Shape shapes[] = {{1, 1, 16, 16}, {3, 5, 128, 256}, {2, 3, 64, 48}, {7, 1, 256, 256}, {5, 3, 32, 112}};
+  for (const Shape& s : shapes) {
+    CAPTURE(s.batch);
+    CAPTURE(s.heads);
+    CAPTURE(s.dqk);
+    CAPTURE(s.dv);
+    // states: random, m in [-1, 1] (the normaliser stays away from 0)
+    std::vector<double> c = moxe::test::uniform_vector<double>(rng, s.slots() * s.dqk * s.dv);
+    std::vector<double> n = moxe::test::uniform_vector<double>(rng, s.slots() * s.dqk);
+    std::vector<double> m = moxe::test::uniform_vector<double>(rng, s.slots());
+    c = moxe::test::to_double(to_float_vector(c));  // the device starts from the same floats
+    n = moxe::test::to_double(to_float_vector(n));
+    m = moxe::test::to_double(to_float_vector(m));
+    DeviceBuffer<float> dc(to_float_vector(c)), dn(to_float_vector(n)), dm(to_float_vector(m));
+
+    cudaStream_t stream;
+    MOXE_TEST_CUDA(cudaStreamCreate(&stream));
+    for (int t = 0; t < 4; ++t) {
+      CAPTURE(t);
+      const StepInputs in = make_inputs<T>(rng, s);
+      DeviceStep<T> dev(in, s);
+      dev.h.poison();
+
+      mlstm::StepParams<T> p;
+      p.batch = s.batch;
+      p.heads = s.heads;
+      p.dqk = s.dqk;
+      p.dv = s.dv;
+      p.q = dev.q.get();
+      p.k = dev.k.get();
+      p.v = dev.v.get();
+      p.igate = dev.igate.get();
+      p.fgate = dev.fgate.get();
+      p.c = dc.get();
+      p.n = dn.get();
+      p.m = dm.get();
+      p.h = dev.h.get();
+      p.qk_scale = t == 2 ? 0.3f : 0.f;
+      CHECK(mlstm::step_workspace_size(p) == 0);
+      REQUIRE(mlstm::step(p, nullptr, 0, stream) == Status::ok);
+      MOXE_TEST_CUDA(cudaStreamSynchronize(stream));
+
+      std::vector<double> h(s.slots() * s.dv);
+      mlstm::StepParams<double, double> r;
+      r.batch = s.batch;
+      r.heads = s.heads;
+      r.dqk = s.dqk;
+      r.dv = s.dv;
+      r.q = in.q.data();
+      r.k = in.k.data();
+      r.v = in.v.data();
+      r.igate = in.igate.data();
+      r.fgate = in.fgate.data();
+      r.c = c.data();
+      r.n = n.data();
+      r.m = m.data();
+      r.h = h.data();
+      r.qk_scale = t == 2 ? 0.3 : 0.0;
+      REQUIRE(mlstm::reference::step(r) == Status::ok);
+
+      CHECK(moxe::test::rel_error(moxe::test::convert_to_double(dev.h.download()), h) < h_tolerance<T>());
+      CHECK(moxe::test::rel_error(dc.download(), c) < 1e-5);
+      CHECK(moxe::test::rel_error(dn.download(), n) < 1e-5);
+      CHECK(moxe::test::rel_error(dm.download(), m) < 1e-6);
+    }
+    MOXE_TEST_CUDA(cudaStreamDestroy(stream));
+  }
+}
+
+TEST_CASE("mlstm step is deterministic and can be captured in a graph") {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  const Shape s{3, 4, 64, 96};
+  const StepInputs in = make_inputs<__nv_bfloat16>(rng, s);
+  const auto c0 = to_float_vector(moxe::test::uniform_vector<double>(rng, s.slots() * s.dqk * s.dv));
+  const auto n0 = to_float_vector(moxe::test::uniform_vector<double>(rng, s.slots() * s.dqk));
+  const auto m0 = to_float_vector(moxe::test::uniform_vector<double>(rng, s.slots()));
+
+  cudaStream_t stream;
+  MOXE_TEST_CUDA(cudaStreamCreate(&stream));
+  DeviceStep<__nv_bfloat16> dev(in, s);
+  auto run = [&](bool capture) {
+    DeviceBuffer<float> dc(c0), dn(n0), dm(m0);
+    dev.h.poison();
+    mlstm::StepParams<__nv_bfloat16> p;
+    p.batch = s.batch;
+    p.heads = s.heads;
+    p.dqk = s.dqk;
+    p.dv = s.dv;
+    p.q = dev.q.get();
+    p.k = dev.k.get();
+    p.v = dev.v.get();
+    p.igate = dev.igate.get();
+    p.fgate = dev.fgate.get();
+    p.c = dc.get();
+    p.n = dn.get();
+    p.m = dm.get();
+    p.h = dev.h.get();
+    if (capture) {
+      cudaGraph_t graph;
+      cudaGraphExec_t exec;
+      MOXE_TEST_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      const Status st = mlstm::step(p, nullptr, 0, stream);
+      MOXE_TEST_CUDA(cudaStreamEndCapture(stream, &graph));
+      REQUIRE(st == Status::ok);
+      MOXE_TEST_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+      MOXE_TEST_CUDA(cudaGraphLaunch(exec, stream));
+      MOXE_TEST_CUDA(cudaStreamSynchronize(stream));
+      MOXE_TEST_CUDA(cudaGraphExecDestroy(exec));
+      MOXE_TEST_CUDA(cudaGraphDestroy(graph));
+    } else {
+      REQUIRE(mlstm::step(p, nullptr, 0, stream) == Status::ok);
+      MOXE_TEST_CUDA(cudaStreamSynchronize(stream));
+    }
+    std::vector<double> out = moxe::test::convert_to_double(dev.h.download());
+    for (float x : dc.download()) out.push_back(x);
+    for (float x : dn.download()) out.push_back(x);
+    for (float x : dm.download()) out.push_back(x);
+    return out;
+  };
+  const auto first = run(false);
+  const auto second = run(false);
+  const auto graphed = run(true);
+  CHECK(moxe::test::all_finite(first));
+  CHECK(first == second);  // bitwise
+  CHECK(first == graphed);
+  MOXE_TEST_CUDA(cudaStreamDestroy(stream));
+}
+
+TEST_CASE("mlstm step rejects bad input and launches nothing") {
+  moxe::test::Rng rng(moxe::test::fresh_seed());
+  const Shape s{2, 2, 32, 32};
+  const StepInputs in = make_inputs<float>(rng, s);
+  DeviceStep<float> dev(in, s);
+  const auto c0 = to_float_vector(moxe::test::uniform_vector<double>(rng, s.slots() * s.dqk * s.dv));
+  DeviceBuffer<float> dc(c0), dn(s.slots() * s.dqk), dm(s.slots());
+  dn.fill_bytes(0);
+  dm.fill_bytes(0);
+  dev.h.poison();
+  mlstm::StepParams<float> p;
+  p.batch = s.batch;
+  p.heads = s.heads;
+  p.dqk = s.dqk;
+  p.dv = s.dv;
+  p.q = dev.q.get();
+  p.k = dev.k.get();
+  p.v = dev.v.get();
+  p.igate = dev.igate.get();
+  p.fgate = dev.fgate.get();
+  p.c = dc.get();
+  p.n = dn.get();
+  p.m = dm.get();
+  p.h = dev.h.get();
+
+  auto expect = [&](Status want, auto mutate) {
+    auto bad = p;
+    mutate(bad);
+    CHECK(mlstm::step(bad, nullptr, 0, nullptr) == want);
+  };
+  using P = mlstm::StepParams<float>;
+  expect(Status::invalid_argument, [](P& b) { b.q = nullptr; });
+  expect(Status::invalid_argument, [](P& b) { b.c = nullptr; });
+  expect(Status::invalid_argument, [](P& b) { b.m = nullptr; });
+  expect(Status::invalid_argument, [](P& b) { b.h = nullptr; });
+  expect(Status::invalid_argument, [](P& b) { b.batch = 0; });
+  expect(Status::invalid_argument, [](P& b) { b.heads = -1; });
+  expect(Status::invalid_argument, [](P& b) { b.eps = -1.f; });
+  expect(Status::unsupported, [](P& b) { b.dqk = 24; });
+  expect(Status::unsupported, [](P& b) { b.dv = 8; });
+  expect(Status::unsupported, [](P& b) { b.dqk = 272; });
+  expect(Status::unsupported, [](P& b) { b.dv = 512; });
+  MOXE_TEST_CUDA(cudaDeviceSynchronize());
+  const auto h = dev.h.download();
+  for (float x : h) CHECK(std::isnan(x));
+  CHECK(dc.download() == c0);
+  for (float x : dm.download()) CHECK(x == 0.f);
+}
