@@ -1,0 +1,259 @@
+// moxe::slstm: device sequence forward and backward (see docs/slstm.md).
+//
+//   size_t sequence_forward_workspace_size(const ForwardParams<T, float>&);   // 0
+//   Status sequence_forward(const ForwardParams<T, float>&, void* ws, size_t bytes, cudaStream_t);
+//   size_t sequence_backward_workspace_size(const BackwardParams<T, float>&);
+//   Status sequence_backward(const BackwardParams<T, float>&, void* ws, size_t bytes, cudaStream_t);
+//
+// T in {float, __half, __nv_bfloat16}; states and accumulation in float. heads 1..16,
+// head_dim a multiple of 16 in [16, 256], any seq_len and batch.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "moxe/core/launch.cuh"
+#include "moxe/core/numeric.cuh"
+#include "moxe/core/status.hpp"
+#include "moxe/core/workspace.hpp"
+#include "moxe/slstm/detail/kernels.cuh"
+#include "moxe/slstm/detail/plan.hpp"
+#include "moxe/slstm/params.hpp"
+
+namespace moxe::slstm {
+
+namespace detail {
+
+/// The backward's scratch: the forward tape (raw gates, later dgates; states; y in T) and
+/// the partials of the two weight-gradient reductions.
+template <class T>
+struct BackwardScratch {
+  float* tape_gates;  // [S, B, 4, NH, DH]
+  float *tape_c, *tape_n, *tape_m;  // [S, B, NH, DH]
+  T* y_tape;                        // [S, B, NH, DH]
+  float* dbias_partial;             // [B, 4, NH, DH]
+  float* dr_partial;                // [chunks, NH, 4, DH, DH]
+};
+
+template <class T>
+BackwardScratch<T> carve_backward(WorkspaceCarver& c, const Dims& d) {
+  const std::size_t units = static_cast<std::size_t>(d.seq_len * d.batch * d.heads * d.head_dim);
+  const DrSplit split = dr_split(d.seq_len, d.batch, d.heads, d.head_dim);
+  BackwardScratch<T> s;
+  s.tape_gates = c.carve<float>(4 * units);
+  s.tape_c = c.carve<float>(units);
+  s.tape_n = c.carve<float>(units);
+  s.tape_m = c.carve<float>(units);
+  s.y_tape = c.carve<T>(units);
+  s.dbias_partial = c.carve<float>(static_cast<std::size_t>(d.batch * 4 * d.heads * d.head_dim));
+  s.dr_partial = c.carve<float>(static_cast<std::size_t>(split.chunks * d.heads * 4 * d.head_dim * d.head_dim));
+  return s;
+}
+
+/// How a persistent recurrent kernel is launched: units per block, blocks per group, and
+/// the groups each (cooperative) launch covers.
+struct LaunchPlan {
+  int units = 0, splits = 0;
+  std::size_t smem = 0;
+  int64_t groups = 0, groups_per_launch = 0;
+};
+
+/// Checks that the kernel can run (shared memory, co-residency for splits > 1) and fills
+/// the plan. Queries the device; launches nothing.
+template <class T, class Kernel>
+Status plan_recurrent(Kernel kernel, const Dims& d, int requested_units, bool backward, LaunchPlan* plan) {
+  int device = 0, optin = 0, sms = 0, coop = 0;
+  MOXE_CUDA_TRY(cudaGetDevice(&device));
+  MOXE_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  MOXE_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  MOXE_CUDA_TRY(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
+  const int units = choose_units(d.head_dim, static_cast<int>(sizeof(T)), uses_tensor_cores_v<T>, backward,
+                                 static_cast<std::size_t>(optin), requested_units);
+  if (units == 0) return Status::unsupported;
+  plan->units = units;
+  plan->splits = static_cast<int>(d.head_dim / units);
+  plan->smem = backward ? backward_smem(d.head_dim, units, sizeof(T), uses_tensor_cores_v<T>).bytes
+                        : forward_smem(d.head_dim, units, sizeof(T), uses_tensor_cores_v<T>).bytes;
+  plan->groups = num_groups(d.batch, d.heads);
+  MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(kernel, plan->smem));
+  if (plan->splits == 1) {
+    plan->groups_per_launch = plan->groups < 0x7fffffff ? plan->groups : 0x7fffffff;
+    return Status::ok;
+  }
+  // The blocks of a group wait for each other every step: all blocks of a launch must be
+  // resident at once (cooperative launch); launches take as many whole groups as fit.
+  if (!coop) return Status::unsupported;
+  int per_sm = 0;
+  MOXE_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, plan->smem));
+  const int64_t resident = static_cast<int64_t>(per_sm) * sms;
+  if (resident < plan->splits) return Status::unsupported;
+  plan->groups_per_launch = resident / plan->splits;
+  return Status::ok;
+}
+
+/// Launches `kernel` over all groups of `plan`, in as many launches as co-residency needs.
+template <class Kernel, class Args>
+Status launch_recurrent(Kernel kernel, Args args, const LaunchPlan& plan, cudaStream_t stream) {
+  for (int64_t g0 = 0; g0 < plan.groups; g0 += plan.groups_per_launch) {
+    args.group_begin = g0;
+    const int64_t count = plan.groups - g0 < plan.groups_per_launch ? plan.groups - g0 : plan.groups_per_launch;
+    const dim3 grid(static_cast<unsigned>(count), static_cast<unsigned>(plan.splits));
+    if (plan.splits == 1) {
+      kernel<<<grid, kThreads, plan.smem, stream>>>(args);
+    } else {
+      void* kernel_args[] = {&args};
+      MOXE_CUDA_TRY(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, dim3(kThreads),
+                                                kernel_args, plan.smem, stream));
+    }
+    MOXE_RETURN_IF_ERROR(check_launch(stream));
+  }
+  return Status::ok;
+}
+
+template <class T, class Acc>
+Status check_device_params(const ForwardParams<T, Acc>& p) {
+  static_assert(is_device_element_v<T>, "sLSTM device kernels take float, __half or __nv_bfloat16");
+  static_assert(std::is_same_v<Acc, float>, "sLSTM device kernels keep states in float");
+  if (!device_supports(p.dims.heads, p.dims.head_dim)) return Status::unsupported;
+  if (p.units_per_block != 0 &&
+      (p.units_per_block % 16 != 0 || p.units_per_block > kMaxUnits || p.dims.head_dim % p.units_per_block != 0))
+    return Status::unsupported;
+  return Status::ok;
+}
+
+template <class T>
+ForwardArgs<T> forward_args(const ForwardParams<T, float>& p) {
+  ForwardArgs<T> a{};
+  a.S = p.dims.seq_len;
+  a.B = p.dims.batch;
+  a.NH = p.dims.heads;
+  a.DH = p.dims.head_dim;
+  a.wx = p.wx;
+  a.r = p.r;
+  a.bias = p.bias;
+  a.y_init = p.y_init;
+  a.c_init = p.c_init;
+  a.n_init = p.n_init;
+  a.m_init = p.m_init;
+  a.y = p.y;
+  a.y_last = p.y_last;
+  a.c_last = p.c_last;
+  a.n_last = p.n_last;
+  a.m_last = p.m_last;
+  return a;
+}
+
+}  // namespace detail
+
+/// The forward needs no workspace (y itself carries y_t between the blocks of a head).
+template <class T, class Acc>
+std::size_t sequence_forward_workspace_size(const ForwardParams<T, Acc>& p) {
+  (void)p;
+  return 0;
+}
+
+/// y_t for t = 1..S and (optionally) the final states, in one persistent kernel.
+template <class T, class Acc>
+Status sequence_forward(const ForwardParams<T, Acc>& p, void* workspace, std::size_t workspace_bytes,
+                        cudaStream_t stream) {
+  MOXE_RETURN_IF_ERROR(validate(p));
+  MOXE_RETURN_IF_ERROR(detail::check_device_params(p));
+  WorkspaceCarver carver(workspace, workspace_bytes);
+  if (!carver.fits()) return Status::workspace_too_small;
+  const auto kernel = detail::forward_kernel<T, false>;
+  detail::LaunchPlan plan;
+  MOXE_RETURN_IF_ERROR(detail::plan_recurrent<T>(kernel, p.dims, p.units_per_block, false, &plan));
+  detail::ForwardArgs<T> args = detail::forward_args(p);
+  args.units = plan.units;
+  args.splits = plan.splits;
+  return detail::launch_recurrent(kernel, args, plan, stream);
+}
+
+template <class T, class Acc>
+std::size_t sequence_backward_workspace_size(const BackwardParams<T, Acc>& p) {
+  const Dims& d = p.fwd.dims;
+  if (d.seq_len <= 0 || d.batch <= 0 || d.heads <= 0 || d.head_dim <= 0) return 0;  // launcher rejects
+  WorkspaceCarver carver;
+  detail::carve_backward<T>(carver, p.fwd.dims);
+  return carver.required_bytes();
+}
+
+/// dwx, dr, dbias and (optionally) dy_init, dc_init, dn_init. Replays the forward into the
+/// workspace (raw gates, states, y), walks time backward in one persistent kernel, then
+/// reduces dr and dbias deterministically.
+template <class T, class Acc>
+Status sequence_backward(const BackwardParams<T, Acc>& p, void* workspace, std::size_t workspace_bytes,
+                         cudaStream_t stream) {
+  MOXE_RETURN_IF_ERROR(validate(p));
+  MOXE_RETURN_IF_ERROR(detail::check_device_params(p.fwd));
+  const Dims& d = p.fwd.dims;
+  WorkspaceCarver carver(workspace, workspace_bytes);
+  const detail::BackwardScratch<T> s = detail::carve_backward<T>(carver, d);
+  if (!carver.fits()) return Status::workspace_too_small;
+
+  const auto fwd_kernel = detail::forward_kernel<T, true>;
+  const auto bwd_kernel = detail::backward_kernel<T>;
+  detail::LaunchPlan fwd_plan, bwd_plan;
+  MOXE_RETURN_IF_ERROR(detail::plan_recurrent<T>(fwd_kernel, d, p.fwd.units_per_block, false, &fwd_plan));
+  MOXE_RETURN_IF_ERROR(detail::plan_recurrent<T>(bwd_kernel, d, p.fwd.units_per_block, true, &bwd_plan));
+
+  // 1. forward replay with tape
+  detail::ForwardArgs<T> fa = detail::forward_args(p.fwd);
+  fa.units = fwd_plan.units;
+  fa.splits = fwd_plan.splits;
+  fa.y = s.y_tape;
+  fa.y_last = fa.c_last = fa.n_last = fa.m_last = nullptr;
+  fa.tape_gates = s.tape_gates;
+  fa.tape_c = s.tape_c;
+  fa.tape_n = s.tape_n;
+  fa.tape_m = s.tape_m;
+  MOXE_RETURN_IF_ERROR(detail::launch_recurrent(fwd_kernel, fa, fwd_plan, stream));
+
+  // 2. backward through time
+  detail::BackwardArgs<T> ba{};
+  ba.S = d.seq_len;
+  ba.B = d.batch;
+  ba.NH = d.heads;
+  ba.DH = d.head_dim;
+  ba.units = bwd_plan.units;
+  ba.splits = bwd_plan.splits;
+  ba.r = p.fwd.r;
+  ba.dy = p.dy;
+  ba.dy_last = p.dy_last;
+  ba.dc_last = p.dc_last;
+  ba.dn_last = p.dn_last;
+  ba.c_init = p.fwd.c_init;
+  ba.n_init = p.fwd.n_init;
+  ba.m_init = p.fwd.m_init;
+  ba.tape_gates = s.tape_gates;
+  ba.tape_c = s.tape_c;
+  ba.tape_n = s.tape_n;
+  ba.tape_m = s.tape_m;
+  ba.dwx = p.dwx;
+  ba.dy_init = p.dy_init;
+  ba.dc_init = p.dc_init;
+  ba.dn_init = p.dn_init;
+  ba.dbias_partial = s.dbias_partial;
+  MOXE_RETURN_IF_ERROR(detail::launch_recurrent(bwd_kernel, ba, bwd_plan, stream));
+
+  // 3. dr = sum_t dgates_t y_{t-1}^T (split-K partials, summed in chunk order), dbias
+  const detail::DrSplit split = detail::dr_split(d.seq_len, d.batch, d.heads, d.head_dim);
+  const int64_t tiles = ((4 * d.head_dim + detail::kDrTile - 1) / detail::kDrTile) *
+                        ((d.head_dim + detail::kDrTile - 1) / detail::kDrTile);
+  detail::dr_partial_kernel<T><<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(d.heads),
+                                      static_cast<unsigned>(split.chunks)),
+                                 256, 0, stream>>>(s.tape_gates, s.y_tape, p.fwd.y_init, d.seq_len, d.batch, d.heads,
+                                                   d.head_dim, split.chunk_len, s.dr_partial);
+  MOXE_RETURN_IF_ERROR(check_launch(stream));
+  const int64_t dr_count = d.heads * 4 * d.head_dim * d.head_dim;
+  detail::sum_partials_kernel<T><<<static_cast<unsigned>((dr_count + 255) / 256), 256, 0, stream>>>(
+      s.dr_partial, split.chunks, dr_count, p.dr);
+  MOXE_RETURN_IF_ERROR(check_launch(stream));
+  const int64_t bias_count = 4 * d.heads * d.head_dim;
+  detail::sum_partials_kernel<T><<<static_cast<unsigned>((bias_count + 255) / 256), 256, 0, stream>>>(
+      s.dbias_partial, d.batch, bias_count, p.dbias);
+  return check_launch(stream);
+}
+
+}  // namespace moxe::slstm

@@ -1,0 +1,746 @@
+// Host tests of moxe::slstm: the reference against a naive loop written here, its backward
+// against central finite differences in double, the device decomposition (plan, tiling,
+// exchange and reduction order) emulated on the host against the reference, bad input.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <array>
+#include <cstring>
+#include <vector>
+
+#include "moxe/slstm/detail/plan.hpp"
+#include "moxe/slstm/reference.hpp"
+#include "test_utils.hpp"
+
+namespace {
+
+namespace sl = moxe::slstm;
+using moxe::Status;
+
+/// All tensors of one problem, in double (or float): inputs and every output.
+template <class T>
+struct Problem {
+  sl::Dims dims;
+  std::vector<T> wx, r, bias;
+  std::vector<T> y_init, c_init, n_init, m_init;
+  std::vector<T> dy, dy_last, dc_last, dn_last;
+  int64_t units() const { return dims.batch * dims.heads * dims.head_dim; }
+};
+
+template <class T>
+Problem<T> make_problem(moxe::test::Rng& rng, sl::Dims d, bool with_init, double wx_scale = 1.0) {
+  Problem<T> p;
+  p.dims = d;
+  const int64_t H = d.heads * d.head_dim, U = d.batch * H;
+  p.wx = moxe::test::uniform_vector<T>(rng, d.seq_len * d.batch * 4 * H, -wx_scale, wx_scale);
+  p.r = moxe::test::uniform_vector<T>(rng, d.heads * 4 * d.head_dim * d.head_dim, -0.5, 0.5);
+  p.bias = moxe::test::uniform_vector<T>(rng, 4 * H, -0.5, 0.5);
+  if (with_init) {
+    p.y_init = moxe::test::uniform_vector<T>(rng, U, -1, 1);
+    p.c_init = moxe::test::uniform_vector<T>(rng, U, -1, 1);
+    p.n_init = moxe::test::uniform_vector<T>(rng, U, 0.5, 2.0);  // n > 0: away from the n == 0 branch
+    p.m_init = moxe::test::uniform_vector<T>(rng, U, -1, 1);
+  }
+  p.dy = moxe::test::uniform_vector<T>(rng, d.seq_len * U, -1, 1);
+  p.dy_last = moxe::test::uniform_vector<T>(rng, U, -1, 1);
+  p.dc_last = moxe::test::uniform_vector<T>(rng, U, -1, 1);
+  p.dn_last = moxe::test::uniform_vector<T>(rng, U, -1, 1);
+  return p;
+}
+
+template <class T>
+const T* ptr_or_null(const std::vector<T>& v) {
+  return v.empty() ? nullptr : v.data();
+}
+
+struct Outputs {
+  std::vector<double> y, y_last, c_last, n_last, m_last;
+};
+
+template <class T>
+Outputs run_forward(const Problem<T>& p) {
+  Outputs o;
+  o.y.assign(p.dims.seq_len * p.units(), 0);
+  o.y_last.assign(p.units(), 0);
+  o.c_last = o.n_last = o.m_last = o.y_last;
+  std::vector<T> y(o.y.size()), yl(p.units()), cl(p.units()), nl(p.units()), ml(p.units());
+  sl::ForwardParams<T, T> f{};
+  f.dims = p.dims;
+  f.wx = p.wx.data();
+  f.r = p.r.data();
+  f.bias = p.bias.data();
+  f.y_init = ptr_or_null(p.y_init);
+  f.c_init = ptr_or_null(p.c_init);
+  f.n_init = ptr_or_null(p.n_init);
+  f.m_init = ptr_or_null(p.m_init);
+  f.y = y.data();
+  f.y_last = yl.data();
+  f.c_last = cl.data();
+  f.n_last = nl.data();
+  f.m_last = ml.data();
+  REQUIRE(sl::reference::forward(f) == Status::ok);
+  o.y.assign(y.begin(), y.end());
+  o.y_last.assign(yl.begin(), yl.end());
+  o.c_last.assign(cl.begin(), cl.end());
+  o.n_last.assign(nl.begin(), nl.end());
+  o.m_last.assign(ml.begin(), ml.end());
+  return o;
+}
+
+/// The definition, written out directly (no shared code with the library).
+Outputs naive_forward(const Problem<double>& p) {
+  const int64_t S = p.dims.seq_len, B = p.dims.batch, NH = p.dims.heads, DH = p.dims.head_dim;
+  const int64_t U = B * NH * DH;
+  std::vector<double> y(U, 0), c(U, 0), n(U, 0), m(U, 0);
+  if (!p.y_init.empty()) y = p.y_init, c = p.c_init, n = p.n_init, m = p.m_init;
+  Outputs o;
+  o.y.assign(S * U, 0);
+  for (int64_t t = 0; t < S; ++t) {
+    std::vector<double> y_new(U);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < NH; ++h)
+        for (int64_t j = 0; j < DH; ++j) {
+          double raw[4];
+          for (int g = 0; g < 4; ++g) {
+            double s = p.wx[(((t * B + b) * 4 + g) * NH + h) * DH + j] + p.bias[(g * NH + h) * DH + j];
+            for (int64_t d = 0; d < DH; ++d) s += p.r[((h * 4 + g) * DH + j) * DH + d] * y[(b * NH + h) * DH + d];
+            raw[g] = s;
+          }
+          const int64_t u = (b * NH + h) * DH + j;
+          const double lsf = -std::log1p(std::exp(-raw[1]));
+          const double mt = n[u] == 0 ? raw[0] : std::max(raw[0], lsf + m[u]);
+          const double ig = std::exp(raw[0] - mt), fg = std::exp(lsf + m[u] - mt);
+          c[u] = fg * c[u] + ig * std::tanh(raw[2]);
+          n[u] = fg * n[u] + ig;
+          m[u] = mt;
+          y_new[u] = c[u] / n[u] / (1 + std::exp(-raw[3]));
+          o.y[t * U + u] = y_new[u];
+        }
+    y = y_new;
+  }
+  o.y_last = y, o.c_last = c, o.n_last = n, o.m_last = m;
+  return o;
+}
+
+struct Grads {
+  std::vector<double> dwx, dr, dbias, dy_init, dc_init, dn_init;
+};
+
+template <class T>
+Grads run_backward(const Problem<T>& p, bool upstream) {
+  const int64_t U = p.units();
+  std::vector<T> dwx(p.wx.size()), dr(p.r.size()), dbias(p.bias.size()), dyi(U), dci(U), dni(U);
+  sl::BackwardParams<T, T> b{};
+  b.fwd.dims = p.dims;
+  b.fwd.wx = p.wx.data();
+  b.fwd.r = p.r.data();
+  b.fwd.bias = p.bias.data();
+  b.fwd.y_init = ptr_or_null(p.y_init);
+  b.fwd.c_init = ptr_or_null(p.c_init);
+  b.fwd.n_init = ptr_or_null(p.n_init);
+  b.fwd.m_init = ptr_or_null(p.m_init);
+  b.dy = p.dy.data();
+  if (upstream) {
+    b.dy_last = p.dy_last.data();
+    b.dc_last = p.dc_last.data();
+    b.dn_last = p.dn_last.data();
+  }
+  b.dwx = dwx.data();
+  b.dr = dr.data();
+  b.dbias = dbias.data();
+  if (!p.y_init.empty()) {
+    b.dy_init = dyi.data();
+    b.dc_init = dci.data();
+    b.dn_init = dni.data();
+  }
+  REQUIRE(sl::reference::backward(b) == Status::ok);
+  Grads g;
+  g.dwx.assign(dwx.begin(), dwx.end());
+  g.dr.assign(dr.begin(), dr.end());
+  g.dbias.assign(dbias.begin(), dbias.end());
+  g.dy_init.assign(dyi.begin(), dyi.end());
+  g.dc_init.assign(dci.begin(), dci.end());
+  g.dn_init.assign(dni.begin(), dni.end());
+  return g;
+}
+
+/// The scalar the backward differentiates: <y, dy> (+ <final states, upstream>).
+double loss(const Problem<double>& p, bool upstream) {
+  const Outputs o = run_forward(p);
+  double l = moxe::test::dot(o.y, p.dy);
+  if (upstream)
+    l += moxe::test::dot(o.y_last, p.dy_last) + moxe::test::dot(o.c_last, p.dc_last) +
+         moxe::test::dot(o.n_last, p.dn_last);
+  return l;
+}
+
+void check_gradients(Problem<double>& p, bool upstream, double tol) {
+  const Grads g = run_backward(p, upstream);
+  auto f = [&] { return loss(p, upstream); };
+  CHECK(moxe::test::gradient_error(f, p.wx, g.dwx) < tol);
+  CHECK(moxe::test::gradient_error(f, p.r, g.dr) < tol);
+  CHECK(moxe::test::gradient_error(f, p.bias, g.dbias) < tol);
+  if (!p.y_init.empty()) {
+    CHECK(moxe::test::gradient_error(f, p.y_init, g.dy_init) < tol);
+    CHECK(moxe::test::gradient_error(f, p.c_init, g.dc_init) < tol);
+    CHECK(moxe::test::gradient_error(f, p.n_init, g.dn_init) < tol);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("slstm reference forward matches the definition") {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  for (int64_t S : {1, 7, 20})
+    for (bool init : {false, true})
+      for (double scale : {1.0, 12.0}) {
+        const sl::Dims d{S, 3, 2, 5};
+        const auto p = make_problem<double>(rng, d, init, scale);
+        const Outputs got = run_forward(p), want = naive_forward(p);
+        CHECK(moxe::test::rel_error(got.y, want.y) < 1e-13);
+        CHECK(moxe::test::rel_error(got.c_last, want.c_last) < 1e-13);
+        CHECK(moxe::test::rel_error(got.n_last, want.n_last) < 1e-13);
+        CHECK(moxe::test::rel_error(got.m_last, want.m_last) < 1e-13);
+        CHECK(moxe::test::rel_error(got.y_last, want.y_last) < 1e-13);
+      }
+}
+
+TEST_CASE("slstm reference in float agrees with double") {
+  moxe::test::Rng rng(moxe::test::fresh_seed());
+  const sl::Dims d{9, 2, 2, 16};
+  const auto pd = make_problem<double>(rng, d, true);
+  Problem<float> pf;
+  pf.dims = d;
+  auto cv = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
+  auto back = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
+  pf.wx = cv(pd.wx), pf.r = cv(pd.r), pf.bias = cv(pd.bias);
+  pf.y_init = cv(pd.y_init), pf.c_init = cv(pd.c_init), pf.n_init = cv(pd.n_init), pf.m_init = cv(pd.m_init);
+  pf.dy = cv(pd.dy), pf.dy_last = cv(pd.dy_last), pf.dc_last = cv(pd.dc_last), pf.dn_last = cv(pd.dn_last);
+  Problem<double> pr = pd;  // the float-rounded inputs in double
+  pr.wx = back(pf.wx), pr.r = back(pf.r), pr.bias = back(pf.bias);
+  pr.y_init = back(pf.y_init), pr.c_init = back(pf.c_init), pr.n_init = back(pf.n_init), pr.m_init = back(pf.m_init);
+  pr.dy = back(pf.dy), pr.dy_last = back(pf.dy_last), pr.dc_last = back(pf.dc_last), pr.dn_last = back(pf.dn_last);
+  CHECK(moxe::test::rel_error(run_forward(pf).y, run_forward(pr).y) < 1e-5);
+  const Grads gf = run_backward(pf, true), gd = run_backward(pr, true);
+  CHECK(moxe::test::rel_error(gf.dwx, gd.dwx) < 1e-5);
+  CHECK(moxe::test::rel_error(gf.dr, gd.dr) < 1e-5);
+  CHECK(moxe::test::rel_error(gf.dbias, gd.dbias) < 1e-5);
+  CHECK(moxe::test::rel_error(gf.dy_init, gd.dy_init) < 1e-5);
+}
+
+TEST_CASE("slstm reference backward matches finite differences") {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  for (int64_t S : {1, 7}) {
+    for (bool init : {false, true}) {
+      for (bool upstream : {false, true}) {
+        for (double scale : {1.0, 8.0}) {  // 8: large gate pre-activations, the max switches
+          CAPTURE(S);
+          CAPTURE(init);
+          CAPTURE(upstream);
+          CAPTURE(scale);
+          auto p = make_problem<double>(rng, sl::Dims{S, 2, 2, 3}, init, scale);
+          check_gradients(p, upstream, 1e-6);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("slstm reference: initial-state gradients at the zero state") {
+  // without initial states the gradients are those at y0 = c0 = n0 = m0 = 0 (n0 on its
+  // n == 0 branch): y0 and c0 checked against finite differences of explicit zero states
+  moxe::test::Rng rng(moxe::test::fresh_seed());
+  auto p = make_problem<double>(rng, sl::Dims{5, 2, 2, 3}, false);
+  const Grads g = [&] {
+    const int64_t U = p.units();
+    std::vector<double> dwx(p.wx.size()), dr(p.r.size()), dbias(p.bias.size()), dyi(U, 9.0), dci(U, 9.0), dni(U, 9.0);
+    sl::BackwardParams<double, double> b{};
+    b.fwd.dims = p.dims;
+    b.fwd.wx = p.wx.data();
+    b.fwd.r = p.r.data();
+    b.fwd.bias = p.bias.data();
+    b.dy = p.dy.data();
+    b.dwx = dwx.data();
+    b.dr = dr.data();
+    b.dbias = dbias.data();
+    b.dy_init = dyi.data();
+    b.dc_init = dci.data();
+    b.dn_init = dni.data();
+    REQUIRE(sl::reference::backward(b) == Status::ok);
+    return Grads{dwx, dr, dbias, dyi, dci, dni};
+  }();
+  const int64_t U = p.units();
+  p.y_init.assign(U, 0.0), p.c_init.assign(U, 0.0), p.n_init.assign(U, 0.0), p.m_init.assign(U, 0.0);
+  auto f = [&] { return loss(p, false); };
+  CHECK(moxe::test::gradient_error(f, p.y_init, g.dy_init) < 1e-6);
+  CHECK(moxe::test::gradient_error(f, p.c_init, g.dc_init) < 1e-6);
+  CHECK(moxe::test::all_finite(g.dn_init));
+}
+
+TEST_CASE("slstm cell backward: the max and the n == 0 branch") {
+  namespace dt = moxe::slstm::detail;
+  // a unit where the max selects logsigmoid(f) + m0 and one where it selects i, each
+  // checked in every input (raw gates and previous state) by finite differences
+  const dt::GatesRaw<double> cases[] = {{-3.0, 4.0, 0.3, -0.2}, {2.5, -1.0, -0.7, 0.9}};
+  for (const auto& g0 : cases) {
+    for (double n0 : {0.0, 0.8}) {
+      const double c0 = 0.4, m0 = 1.1, dy = 0.7, dc = -0.3, dn = 0.45, dm = 0.2;
+      std::vector<double> x = {g0.i, g0.f, g0.z, g0.o, c0, n0, m0};
+      auto f = [&] {
+        const dt::CellOut<double> o = dt::cell_forward(dt::GatesRaw<double>{x[0], x[1], x[2], x[3]}, x[4], x[5], x[6]);
+        return dy * o.y + dc * o.c + dn * o.n + dm * o.m;
+      };
+      const dt::CellGrad<double> gd = dt::cell_backward(g0, c0, n0, m0, dy, dc, dn, dm);
+      std::vector<double> analytic = {gd.d.i, gd.d.f, gd.d.z, gd.d.o, gd.dc0, gd.dn0, gd.dm0};
+      if (n0 == 0.0) {  // n0 == 0 is a branch point: leave n0 out of the difference check
+        std::vector<double> xs = {g0.i, g0.f, g0.z, g0.o, c0};
+        auto fs = [&] {
+          const dt::CellOut<double> o = dt::cell_forward(dt::GatesRaw<double>{xs[0], xs[1], xs[2], xs[3]}, xs[4], 0.0, m0);
+          return dy * o.y + dc * o.c + dn * o.n + dm * o.m;
+        };
+        analytic.resize(5);
+        CHECK(moxe::test::gradient_error(fs, xs, analytic) < 1e-7);
+      } else {
+        CHECK(moxe::test::gradient_error(f, x, analytic) < 1e-7);
+      }
+    }
+  }
+  // a tie selects i: the whole dm reaches i (and none reaches m0 through the max)
+  const double m0 = 0.0, f_raw = 2.0;
+  const double tie_i = moxe::math::logsigmoid(f_raw) + m0;
+  const dt::CellGrad<double> tie = dt::cell_backward(dt::GatesRaw<double>{tie_i, f_raw, 0.1, 0.1}, 0.5, 1.0, m0,
+                                                     0.0, 0.0, 0.0, 1.0);
+  CHECK(tie.d.i == 1.0);
+  CHECK(tie.dm0 == 0.0);
+  const dt::CellGrad<double> below = dt::cell_backward(dt::GatesRaw<double>{tie_i - 1e-3, f_raw, 0.1, 0.1}, 0.5,
+                                                       1.0, m0, 0.0, 0.0, 0.0, 1.0);
+  CHECK(below.d.i == 0.0);
+  CHECK(below.dm0 == 1.0);
+}
+
+namespace {
+
+namespace dt = moxe::slstm::detail;
+
+/// The device kernels' decomposition run on the host in float, with the kernels' index
+/// maps, shapes and summation orders: groups of kBatchTile rows per head, blocks of
+/// `units` units, y_t and dgates_t exchanged through the global buffers step by step, the
+/// fp32 recurrent product (one fma chain per column), dbias partials per batch row summed
+/// in row order, dr as split-K partials summed in chunk order.
+struct Emulation {
+  std::vector<float> y, y_last, c_last, n_last, m_last;  // forward
+  std::vector<float> dwx, dr, dbias, dy_init, dc_init, dn_init;
+};
+
+Emulation emulate_device(const Problem<float>& p, int units) {
+  const int64_t S = p.dims.seq_len, B = p.dims.batch, NH = p.dims.heads, DH = p.dims.head_dim;
+  const int64_t U1 = B * NH * DH;
+  const int U = units, splits = static_cast<int>(DH / U);
+  const int64_t groups = dt::num_groups(B, NH);
+  const bool init = !p.y_init.empty();
+  Emulation e;
+  e.y.assign(S * U1, 0.f);
+  std::vector<float> tape_gates(S * 4 * U1), tape_c(S * U1), tape_n(S * U1), tape_m(S * U1);
+  std::vector<float> c(U1, 0.f), n(U1, 0.f), m(U1, 0.f), ylast(U1, 0.f);
+  if (init) c = p.c_init, n = p.n_init, m = p.m_init, ylast = p.y_init;
+
+  // ---- forward_kernel -------------------------------------------------------------------
+  for (int64_t t = 0; t < S; ++t) {
+    std::vector<float> y_step(e.y.begin() + t * U1, e.y.begin() + (t + 1) * U1);  // written this step
+    for (int64_t group = 0; group < groups; ++group) {
+      const int64_t h = group % NH, b0 = (group / NH) * dt::kBatchTile;
+      for (int split = 0; split < splits; ++split) {
+        const int64_t j0 = int64_t(split) * U;
+        // y tile and the block's r rows (row n = g*U + jl)
+        std::vector<float> y_s(dt::kBatchTile * DH, 0.f), r_s(4 * U * DH);
+        for (int bl = 0; bl < dt::kBatchTile; ++bl)
+          for (int64_t d = 0; d < DH; ++d) {
+            const int64_t b = b0 + bl;
+            if (b >= B) continue;
+            y_s[bl * DH + d] = t == 0 ? (init ? p.y_init[dt::unit_index(0, b, h, d, B, NH, DH)] : 0.f)
+                                      : e.y[dt::unit_index(t - 1, b, h, d, B, NH, DH)];
+          }
+        for (int nn = 0; nn < 4 * U; ++nn)
+          for (int64_t d = 0; d < DH; ++d) r_s[nn * DH + d] = p.r[dt::r_index(h, nn / U, j0 + nn % U, d, DH)];
+        for (int pr = 0; pr < dt::kBatchTile * U; ++pr) {
+          const int bl = pr / U, jl = pr % U;
+          const int64_t b = b0 + bl, j = j0 + jl;
+          if (b >= B) continue;
+          float raw[4];
+          for (int g = 0; g < 4; ++g) {
+            float acc = 0.f;
+            for (int64_t k = 0; k < DH; ++k) acc = std::fma(y_s[bl * DH + k], r_s[(g * U + jl) * DH + k], acc);
+            raw[g] = dt::gate_preactivation(p.wx[dt::gate_index(t, b, g, h, j, B, NH, DH)], acc,
+                                            p.bias[dt::bias_index(g, h, j, NH, DH)]);
+          }
+          const int64_t u0 = dt::unit_index(0, b, h, j, B, NH, DH), u = dt::unit_index(t, b, h, j, B, NH, DH);
+          const auto o = dt::cell_forward(dt::GatesRaw<float>{raw[0], raw[1], raw[2], raw[3]}, c[u0], n[u0], m[u0]);
+          c[u0] = o.c, n[u0] = o.n, m[u0] = o.m, ylast[u0] = o.y;
+          y_step[u0] = o.y;
+          for (int g = 0; g < 4; ++g) tape_gates[dt::gate_index(t, b, g, h, j, B, NH, DH)] = raw[g];
+          tape_c[u] = o.c, tape_n[u] = o.n, tape_m[u] = o.m;
+        }
+      }
+    }
+    std::copy(y_step.begin(), y_step.end(), e.y.begin() + t * U1);  // the step barrier
+  }
+  e.y_last = ylast, e.c_last = c, e.n_last = n, e.m_last = m;
+
+  // ---- backward_kernel ------------------------------------------------------------------
+  e.dwx.assign(S * 4 * U1, 0.f);
+  std::vector<float> dc(U1, 0.f), dn(U1, 0.f), dm(U1, 0.f), dbias_partial(4 * U1, 0.f);
+  e.dy_init.assign(U1, 0.f);
+  for (int64_t i = 0; i < U1; ++i) dc[i] = p.dc_last[i], dn[i] = p.dn_last[i];
+  auto recurrent_dy = [&](int64_t t_src, int64_t b0, int64_t h, int64_t j0, int bl, int jl) {
+    // dg_s row bl (all 4*DH gate units of head h at step t_src) times the transposed slice
+    float acc = 0.f;
+    for (int64_t col = 0; col < 4 * DH; ++col) {
+      const int64_t b = b0 + bl;
+      const int g = static_cast<int>(col / DH);
+      const float dg = b < B ? tape_gates[dt::gate_index(t_src, b, g, h, col % DH, B, NH, DH)] : 0.f;
+      acc = std::fma(dg, p.r[(h * 4 * DH + col) * DH + j0 + jl], acc);
+    }
+    return acc;
+  };
+  for (int64_t t = S - 1; t >= 0; --t) {
+    std::vector<float> dgates_step(4 * U1);
+    std::vector<std::array<int64_t, 2>> written;
+    for (int64_t group = 0; group < groups; ++group) {
+      const int64_t h = group % NH, b0 = (group / NH) * dt::kBatchTile;
+      for (int split = 0; split < splits; ++split) {
+        const int64_t j0 = int64_t(split) * U;
+        for (int pr = 0; pr < dt::kBatchTile * U; ++pr) {
+          const int bl = pr / U, jl = pr % U;
+          const int64_t b = b0 + bl, j = j0 + jl;
+          if (b >= B) continue;
+          const int64_t u0 = dt::unit_index(0, b, h, j, B, NH, DH), u = dt::unit_index(t, b, h, j, B, NH, DH);
+          float dy = p.dy[u];
+          dy += t < S - 1 ? recurrent_dy(t + 1, b0, h, j0, bl, jl) : p.dy_last[u0];
+          float raw[4];
+          for (int g = 0; g < 4; ++g) raw[g] = tape_gates[dt::gate_index(t, b, g, h, j, B, NH, DH)];
+          float c0 = 0.f, n0 = 0.f, m0 = 0.f;
+          if (t > 0) {
+            const int64_t up = dt::unit_index(t - 1, b, h, j, B, NH, DH);
+            c0 = tape_c[up], n0 = tape_n[up], m0 = tape_m[up];
+          } else if (init) {
+            c0 = p.c_init[u0], n0 = p.n_init[u0], m0 = p.m_init[u0];
+          }
+          const auto gd = dt::cell_backward(dt::GatesRaw<float>{raw[0], raw[1], raw[2], raw[3]}, c0, n0, m0, dy,
+                                            dc[u0], dn[u0], dm[u0]);
+          dc[u0] = gd.dc0, dn[u0] = gd.dn0, dm[u0] = gd.dm0;
+          const float d4[4] = {gd.d.i, gd.d.f, gd.d.z, gd.d.o};
+          for (int g = 0; g < 4; ++g) {
+            const int64_t gi = dt::gate_index(t, b, g, h, j, B, NH, DH);
+            dgates_step[gi - t * 4 * U1] = d4[g];
+            e.dwx[gi] = d4[g];
+            dbias_partial[dt::gate_index(0, b, g, h, j, B, NH, DH)] += d4[g];
+          }
+        }
+      }
+    }
+    // the step barrier: dgates_t replaces the raw gates of step t in the tape
+    std::copy(dgates_step.begin(), dgates_step.end(), tape_gates.begin() + t * 4 * U1);
+  }
+  for (int64_t group = 0; group < groups; ++group) {
+    const int64_t h = group % NH, b0 = (group / NH) * dt::kBatchTile;
+    for (int split = 0; split < splits; ++split)
+      for (int pr = 0; pr < dt::kBatchTile * U; ++pr) {
+        const int bl = pr / U, jl = pr % U;
+        const int64_t b = b0 + bl, j = int64_t(split) * U + jl;
+        if (b >= B) continue;
+        const int64_t u0 = dt::unit_index(0, b, h, j, B, NH, DH);
+        e.dy_init[u0] = recurrent_dy(0, b0, h, int64_t(split) * U, bl, jl);
+      }
+  }
+  e.dc_init = dc, e.dn_init = dn;
+  // sum_partials_kernel over batch rows
+  e.dbias.assign(4 * NH * DH, 0.f);
+  for (int64_t i = 0; i < 4 * NH * DH; ++i) {
+    float s = 0.f;
+    for (int64_t b = 0; b < B; ++b) s += dbias_partial[b * 4 * NH * DH + i];
+    e.dbias[i] = s;
+  }
+  // dr_partial_kernel + sum_partials_kernel
+  const dt::DrSplit split = dt::dr_split(S, B, NH, DH);
+  const int64_t M = 4 * DH, H = NH * DH, K = S * B;
+  std::vector<float> partial(split.chunks * NH * M * DH, 0.f);
+  for (int64_t chunk = 0; chunk < split.chunks; ++chunk)
+    for (int64_t h = 0; h < NH; ++h)
+      for (int64_t mm = 0; mm < M; ++mm)
+        for (int64_t nn = 0; nn < DH; ++nn) {
+          float acc = 0.f;
+          const int64_t k_end = std::min(K, (chunk + 1) * split.chunk_len);
+          for (int64_t k = chunk * split.chunk_len; k < k_end; ++k) {
+            const float av = tape_gates[k * 4 * H + (mm / DH) * H + h * DH + mm % DH];
+            const float bv = k >= B ? e.y[(k - B) * H + h * DH + nn] : (init ? p.y_init[k * H + h * DH + nn] : 0.f);
+            acc = std::fma(av, bv, acc);
+          }
+          partial[((chunk * NH + h) * M + mm) * DH + nn] = acc;
+        }
+  e.dr.assign(NH * M * DH, 0.f);
+  for (int64_t i = 0; i < NH * M * DH; ++i) {
+    float s = 0.f;
+    for (int64_t chunk = 0; chunk < split.chunks; ++chunk) s += partial[chunk * NH * M * DH + i];
+    e.dr[i] = s;
+  }
+  return e;
+}
+
+Problem<float> to_float_problem(const Problem<double>& pd) {
+  auto cv = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
+  Problem<float> pf;
+  pf.dims = pd.dims;
+  pf.wx = cv(pd.wx), pf.r = cv(pd.r), pf.bias = cv(pd.bias);
+  pf.y_init = cv(pd.y_init), pf.c_init = cv(pd.c_init), pf.n_init = cv(pd.n_init), pf.m_init = cv(pd.m_init);
+  pf.dy = cv(pd.dy), pf.dy_last = cv(pd.dy_last), pf.dc_last = cv(pd.dc_last), pf.dn_last = cv(pd.dn_last);
+  return pf;
+}
+
+Problem<double> rounded_to_float(const Problem<double>& pd) {
+  auto rt = [](std::vector<double> v) {
+    for (double& x : v) x = static_cast<float>(x);
+    return v;
+  };
+  Problem<double> p = pd;
+  p.wx = rt(p.wx), p.r = rt(p.r), p.bias = rt(p.bias);
+  p.y_init = rt(p.y_init), p.c_init = rt(p.c_init), p.n_init = rt(p.n_init), p.m_init = rt(p.m_init);
+  p.dy = rt(p.dy), p.dy_last = rt(p.dy_last), p.dc_last = rt(p.dc_last), p.dn_last = rt(p.dn_last);
+  return p;
+}
+
+template <class A>
+bool bitwise_equal(const std::vector<A>& a, const std::vector<A>& b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(A)) == 0);
+}
+
+}  // namespace
+
+TEST_CASE("slstm device decomposition, emulated on the host, matches the reference") {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  struct Case {
+    sl::Dims d;
+    bool init;
+  };
+  for (const Case& cs : {Case{{1, 3, 2, 16}, true}, Case{{7, 17, 1, 32}, false}, Case{{5, 2, 3, 48}, true},
+                         Case{{300, 1, 1, 16}, true}}) {
+    CAPTURE(cs.d.seq_len);
+    CAPTURE(cs.d.batch);
+    CAPTURE(cs.d.head_dim);
+    const Problem<double> pd = rounded_to_float(make_problem<double>(rng, cs.d, cs.init));
+    const Problem<float> pf = to_float_problem(pd);
+    const Outputs want = run_forward(pd);
+    const Grads gwant = run_backward(pd, true);
+    Emulation first;
+    bool have_first = false;
+    for (int units = 16; units <= cs.d.head_dim; units += 16) {
+      if (cs.d.head_dim % units != 0) continue;
+      CAPTURE(units);
+      const Emulation e = emulate_device(pf, units);
+      CHECK(moxe::test::rel_error(e.y, want.y) < 1e-5);
+      CHECK(moxe::test::rel_error(e.c_last, want.c_last) < 1e-5);
+      CHECK(moxe::test::rel_error(e.n_last, want.n_last) < 1e-5);
+      CHECK(moxe::test::rel_error(e.y_last, want.y_last) < 1e-5);
+      CHECK(moxe::test::rel_error(e.dwx, gwant.dwx) < 1e-4);
+      CHECK(moxe::test::rel_error(e.dr, gwant.dr) < 1e-4);
+      CHECK(moxe::test::rel_error(e.dbias, gwant.dbias) < 1e-4);
+      if (cs.init) {
+        CHECK(moxe::test::rel_error(e.dy_init, gwant.dy_init) < 1e-4);
+        CHECK(moxe::test::rel_error(e.dc_init, gwant.dc_init) < 1e-4);
+        CHECK(moxe::test::rel_error(e.dn_init, gwant.dn_init) < 1e-4);
+      }
+      if (!have_first) {
+        first = e;
+        have_first = true;
+      } else {  // the split over blocks does not change a single bit
+        CHECK(bitwise_equal(e.y, first.y));
+        CHECK(bitwise_equal(e.dwx, first.dwx));
+        CHECK(bitwise_equal(e.dr, first.dr));
+      }
+    }
+  }
+}
+
+TEST_CASE("slstm launch plan: units, shared memory, dr split") {
+  constexpr std::size_t kH100 = 227 * 1024;
+  for (int64_t dh = 16; dh <= 256; dh += 16) {
+    for (int elem : {2, 4}) {
+      const bool tc = elem == 2;
+      for (bool backward : {false, true}) {
+        CAPTURE(dh);
+        CAPTURE(elem);
+        CAPTURE(backward);
+        const int u = dt::choose_units(dh, elem, tc, backward, kH100, 0);
+        REQUIRE(u > 0);
+        CHECK(u % 16 == 0);
+        CHECK(dh % u == 0);
+        CHECK(u <= dt::kMaxUnits);
+        const std::size_t bytes = backward ? dt::backward_smem(dh, u, elem, tc).bytes : dt::forward_smem(dh, u, elem, tc).bytes;
+        CHECK(bytes <= kH100);
+        // WMMA: 16-byte rows for 16-bit operands, 16-aligned offsets
+        if (tc) {
+          const auto f = dt::forward_smem(dh, u, elem, tc);
+          const auto b = dt::backward_smem(dh, u, elem, tc);
+          CHECK((f.ldr * elem) % 16 == 0);
+          CHECK((b.ldk * elem) % 16 == 0);
+          CHECK(f.ldg % 4 == 0);
+          CHECK(b.ldo % 4 == 0);
+          CHECK(f.y_off % 128 == 0);
+          CHECK(b.dg_off % 128 == 0);
+        }
+        // an explicit request is honoured only when valid
+        CHECK(dt::choose_units(dh, elem, tc, backward, kH100, 16) == 16);
+        CHECK(dt::choose_units(dh, elem, tc, backward, kH100, 24) == 0);
+      }
+    }
+  }
+  CHECK(dt::choose_units(256, 2, true, false, kH100, 0) == 64);
+  CHECK(dt::choose_units(128, 2, true, false, kH100, 0) == 128);
+  CHECK(dt::device_supports(16, 256));
+  CHECK(!dt::device_supports(17, 64));
+  CHECK(!dt::device_supports(4, 8));
+  CHECK(!dt::device_supports(4, 264));
+  CHECK(!dt::device_supports(4, 72 + 1));
+  for (int64_t S : {1, 7, 64, 300, 1024})
+    for (int64_t B : {1, 3, 16, 256})
+      for (int64_t dh : {16, 64, 256}) {
+        const dt::DrSplit s = dt::dr_split(S, B, 4, dh);
+        CHECK(s.chunks >= 1);
+        CHECK(s.chunk_len % dt::kDrTileK == 0);
+        CHECK(s.chunks * s.chunk_len >= S * B);           // covers K
+        CHECK((s.chunks - 1) * s.chunk_len < S * B);      // no empty chunk
+      }
+  CHECK(dt::num_groups(17, 3) == 6);
+}
+
+TEST_CASE("slstm reference: bad input writes nothing") {
+  moxe::test::Rng rng(moxe::test::fresh_seed());
+  auto p = make_problem<double>(rng, sl::Dims{3, 2, 2, 4}, true);
+  std::vector<double> y(3 * p.units(), 7.0), yl(p.units(), 7.0), cl = yl, nl = yl, ml = yl;
+  sl::ForwardParams<double, double> f{};
+  f.dims = p.dims;
+  f.wx = p.wx.data();
+  f.r = p.r.data();
+  f.bias = p.bias.data();
+  f.y = y.data();
+  auto untouched = [&] {
+    for (double v : y)
+      if (v != 7.0) return false;
+    for (double v : yl)
+      if (v != 7.0) return false;
+    return true;
+  };
+  {
+    auto g = f;
+    g.wx = nullptr;
+    CHECK(sl::reference::forward(g) == Status::invalid_argument);
+  }
+  {
+    auto g = f;
+    g.y = nullptr;
+    CHECK(sl::reference::forward(g) == Status::invalid_argument);
+  }
+  for (int field = 0; field < 4; ++field) {
+    auto g = f;
+    int64_t* dims[] = {&g.dims.seq_len, &g.dims.batch, &g.dims.heads, &g.dims.head_dim};
+    *dims[field] = field % 2 ? 0 : -1;
+    CHECK(sl::reference::forward(g) == Status::invalid_argument);
+  }
+  {
+    auto g = f;  // partial initial-state group
+    g.y_init = p.y_init.data();
+    g.c_init = p.c_init.data();
+    CHECK(sl::reference::forward(g) == Status::invalid_argument);
+  }
+  {
+    auto g = f;  // partial final-state group
+    g.y_last = yl.data();
+    g.c_last = cl.data();
+    g.n_last = nl.data();
+    CHECK(sl::reference::forward(g) == Status::invalid_argument);
+  }
+  CHECK(untouched());
+
+  std::vector<double> dwx(p.wx.size(), 7.0), dr(p.r.size(), 7.0), dbias(p.bias.size(), 7.0), dyi(p.units(), 7.0);
+  sl::BackwardParams<double, double> b{};
+  b.fwd = f;
+  b.fwd.y = nullptr;  // the backward does not need y
+  b.dy = p.dy.data();
+  b.dwx = dwx.data();
+  b.dr = dr.data();
+  b.dbias = dbias.data();
+  {
+    auto g = b;
+    g.dr = nullptr;
+    CHECK(sl::reference::backward(g) == Status::invalid_argument);
+  }
+  {
+    auto g = b;
+    g.dy = nullptr;
+    CHECK(sl::reference::backward(g) == Status::invalid_argument);
+  }
+  {
+    auto g = b;  // partial upstream group
+    g.dy_last = p.dy_last.data();
+    CHECK(sl::reference::backward(g) == Status::invalid_argument);
+  }
+  {
+    auto g = b;  // partial initial-state gradient group
+    g.dy_init = dyi.data();
+    g.dc_init = dyi.data();
+    CHECK(sl::reference::backward(g) == Status::invalid_argument);
+  }
+  for (double v : dwx) CHECK(v == 7.0);
+  for (double v : dr) CHECK(v == 7.0);
+  CHECK(sl::reference::backward(b) == Status::ok);  // and the good call works
+}
+
+TEST_CASE("slstm reference step: S steps in place equal the sequence") {
+  moxe::test::Rng rng(moxe::test::fresh_seed());
+  const sl::Dims d{6, 3, 2, 8};
+  const auto p = make_problem<double>(rng, d, true);
+  const Outputs want = run_forward(p);
+  std::vector<double> y = p.y_init, c = p.c_init, n = p.n_init, m = p.m_init;
+  std::vector<double> y_out(p.units()), y_all;
+  const int64_t H = d.heads * d.head_dim;
+  for (int64_t t = 0; t < d.seq_len; ++t) {
+    sl::StepParams<double, double> s{};
+    s.batch = d.batch;
+    s.heads = d.heads;
+    s.head_dim = d.head_dim;
+    s.wx = p.wx.data() + t * d.batch * 4 * H;
+    s.r = p.r.data();
+    s.bias = p.bias.data();
+    s.y = y.data();
+    s.c = c.data();
+    s.n = n.data();
+    s.m = m.data();
+    s.y_out = y_out.data();
+    REQUIRE(sl::reference::step(s) == Status::ok);
+    y_all.insert(y_all.end(), y_out.begin(), y_out.end());
+  }
+  CHECK(moxe::test::rel_error(y_all, want.y) < 1e-14);
+  CHECK(moxe::test::rel_error(y, want.y_last) < 1e-14);
+  CHECK(moxe::test::rel_error(c, want.c_last) < 1e-14);
+  CHECK(moxe::test::rel_error(n, want.n_last) < 1e-14);
+  CHECK(moxe::test::rel_error(m, want.m_last) < 1e-14);
+  sl::StepParams<double, double> bad{};
+  bad.batch = d.batch;
+  bad.heads = d.heads;
+  bad.head_dim = d.head_dim;
+  bad.wx = p.wx.data();
+  bad.r = p.r.data();
+  bad.bias = p.bias.data();
+  bad.y = y.data();
+  bad.c = c.data();
+  bad.n = n.data();  // m missing
+  bad.y_out = y_out.data();
+  const std::vector<double> before = y;
+  CHECK(sl::reference::step(bad) == Status::invalid_argument);
+  CHECK(y == before);
+}
