@@ -616,6 +616,14 @@ TEST_CASE("slstm launch plan: units, shared memory, dr split") {
         CHECK((s.chunks - 1) * s.chunk_len < S * B);      // no empty chunk
       }
   CHECK(dt::num_groups(17, 3) == 6);
+  // the overlap test behind the forward's y / y_init barrier (step() with y_out == y)
+  std::vector<float> buf(64);
+  CHECK(dt::ranges_overlap(buf.data(), 16 * sizeof(float), buf.data(), 16 * sizeof(float)));
+  CHECK(dt::ranges_overlap(buf.data(), 16 * sizeof(float), buf.data() + 15, sizeof(float)));
+  CHECK(!dt::ranges_overlap(buf.data(), 16 * sizeof(float), buf.data() + 16, 16 * sizeof(float)));
+  CHECK(!dt::ranges_overlap(buf.data() + 16, 16 * sizeof(float), buf.data(), 16 * sizeof(float)));
+  CHECK(!dt::ranges_overlap(nullptr, 16, buf.data(), 16));
+  CHECK(!dt::ranges_overlap(buf.data(), 0, buf.data(), 16));
 }
 
 TEST_CASE("slstm reference: bad input writes nothing") {

@@ -216,11 +216,14 @@ struct Shape {
 };
 
 // S in {1, 7, 64, 300}; head_dim 16..256; batch not a multiple of the 16-row tile; forced
-// multi-block (cooperative) groups via units.
+// multi-block (cooperative) groups via units. {3, 150, 4, 64} with U = 16: 40 groups of 4
+// blocks, more than fit at once on an H100 (one block per SM, 132 SMs: 33 groups), so the
+// launcher splits it into several cooperative launches.
 const Shape kShapes[] = {
     {{1, 3, 2, 16}, true, 0},    {{7, 17, 3, 16}, false, 0},  {{64, 5, 2, 64}, true, 0},
     {{7, 2, 2, 64}, true, 16},   {{300, 17, 1, 32}, true, 0}, {{7, 3, 1, 128}, true, 0},
     {{7, 3, 2, 192}, false, 0},  {{7, 3, 2, 256}, true, 0},   {{64, 1, 1, 256}, true, 0},
+    {{3, 150, 4, 64}, true, 16},
 };
 
 }  // namespace
@@ -314,6 +317,45 @@ TEST_CASE_TEMPLATE("slstm step matches the sequence reference", T, float, __nv_b
     CHECK(moxe::test::rel_error(sc.download(), cl) < tol);
     CHECK(moxe::test::rel_error(sn.download(), nl) < tol);
     CHECK(moxe::test::rel_error(sm.download(), ml) < tol);
+  }
+}
+
+TEST_CASE("slstm step in float with y_out == y (the output is the state)") {
+  // With a head split over several blocks, every block reads the whole y state at t = 0
+  // while the others write their units of y_out: the launcher must add a group barrier.
+  moxe::test::Rng rng(moxe::test::fresh_seed());
+  for (int units : {0, 16}) {
+    CAPTURE(units);
+    const sl::Dims d{6, 18, 2, 64};
+    Problem<float> pb(rng, d, true);
+    const int64_t U = pb.units(), H = d.heads * d.head_dim;
+    std::vector<double> y(d.seq_len * U), yl(U), cl(U), nl(U), ml(U);
+    REQUIRE(sl::reference::forward(pb.host_forward(y.data(), yl.data(), cl.data(), nl.data(), ml.data())) == Status::ok);
+    DeviceBuffer<float> sy(moxe::test::convert_to<float>(pb.y0)), sc(moxe::test::convert_to<float>(pb.c0)),
+        sn(moxe::test::convert_to<float>(pb.n0)), sm(moxe::test::convert_to<float>(pb.m0));
+    std::vector<double> y_steps;
+    for (int64_t t = 0; t < d.seq_len; ++t) {
+      sl::StepParams<float, float> s{};
+      s.batch = d.batch;
+      s.heads = d.heads;
+      s.head_dim = d.head_dim;
+      s.wx = pb.d_wx.get() + t * d.batch * 4 * H;
+      s.r = pb.d_r.get();
+      s.bias = pb.d_bias.get();
+      s.y = sy.get();
+      s.c = sc.get();
+      s.n = sn.get();
+      s.m = sm.get();
+      s.y_out = sy.get();
+      s.units_per_block = units;
+      REQUIRE(sl::step(s, nullptr, 0, nullptr) == Status::ok);
+      const auto yt = moxe::test::to_double(sy.download());
+      y_steps.insert(y_steps.end(), yt.begin(), yt.end());
+    }
+    CHECK(moxe::test::rel_error(y_steps, y) < Tolerance<float>::fwd);
+    CHECK(moxe::test::rel_error(sc.download(), cl) < Tolerance<float>::fwd);
+    CHECK(moxe::test::rel_error(sn.download(), nl) < Tolerance<float>::fwd);
+    CHECK(moxe::test::rel_error(sm.download(), ml) < Tolerance<float>::fwd);
   }
 }
 

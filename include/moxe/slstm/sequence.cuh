@@ -102,9 +102,13 @@ Status launch_recurrent(Kernel kernel, Args args, const LaunchPlan& plan, cudaSt
     if (plan.splits == 1) {
       kernel<<<grid, kThreads, plan.smem, stream>>>(args);
     } else {
+      // Capturable into a CUDA graph (a kernel node with the cooperative attribute, CUDA 12+).
       void* kernel_args[] = {&args};
-      MOXE_CUDA_TRY(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, dim3(kThreads),
-                                                kernel_args, plan.smem, stream));
+      if (cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, dim3(kThreads), kernel_args,
+                                      plan.smem, stream) != cudaSuccess) {
+        (void)cudaGetLastError();  // as check_launch: leave no stale error for the caller's next check
+        return Status::cuda_error;
+      }
     }
     MOXE_RETURN_IF_ERROR(check_launch(stream));
   }
@@ -167,6 +171,12 @@ Status sequence_forward(const ForwardParams<T, Acc>& p, void* workspace, std::si
   detail::ForwardArgs<T> args = detail::forward_args(p);
   args.units = plan.units;
   args.splits = plan.splits;
+  // an output y that overlaps y_init (e.g. step() with y_out == y in float) needs a group
+  // barrier between reading y_init and writing y_0 when a head spans several blocks
+  const std::size_t state_elems = static_cast<std::size_t>(p.dims.batch * hidden(p.dims));
+  args.init_barrier = plan.splits > 1 &&
+                      detail::ranges_overlap(p.y, static_cast<std::size_t>(p.dims.seq_len) * state_elems * sizeof(T),
+                                             p.y_init, state_elems * sizeof(float));
   return detail::launch_recurrent(kernel, args, plan, stream);
 }
 

@@ -27,6 +27,7 @@ struct ForwardArgs {
   int64_t S, B, NH, DH;
   int units, splits;
   int64_t group_begin;  // first group of this launch
+  bool init_barrier;    // y overlaps y_init: a group barrier after reading y_init (splits > 1)
   const T* wx;
   const T* r;
   const T* bias;
@@ -123,6 +124,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs<T> 
       }
       y_s[bl * L.ldy + d] = v;
     }
+    // y may overlap y_init (an in-place step with y_out == y): every block of the group
+    // has read y_init before any block writes y_0
+    if (t == 0 && a.init_barrier) step_barrier(a.splits);
     // this step's input projections, fetched before the product to hide their latency
     float wx[kMaxPairsPerThread][4];
     MOXE_PRAGMA_UNROLL

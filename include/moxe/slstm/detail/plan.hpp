@@ -115,6 +115,16 @@ inline int choose_units(int64_t dh, int elem_bytes, bool tensor_cores, bool back
   return 0;
 }
 
+/// Whether the byte ranges [a, a + a_bytes) and [b, b + b_bytes) overlap (null: never).
+/// The forward uses it to detect an output y that overlaps y_init (an in-place decoding
+/// step with y_out == y in float): the blocks of a group then need a barrier between
+/// reading y_init and writing y.
+inline bool ranges_overlap(const void* a, std::size_t a_bytes, const void* b, std::size_t b_bytes) {
+  if (a == nullptr || b == nullptr || a_bytes == 0 || b_bytes == 0) return false;
+  const auto a0 = reinterpret_cast<std::uintptr_t>(a), b0 = reinterpret_cast<std::uintptr_t>(b);
+  return a0 < b0 + b_bytes && b0 < a0 + a_bytes;
+}
+
 /// Number of (batch tile, head) groups.
 MOXE_HD inline int64_t num_groups(int64_t batch, int64_t heads) {
   return (batch + kBatchTile - 1) / kBatchTile * heads;
