@@ -82,6 +82,7 @@ void BM_rows(benchmark::State& state) {
   RoutingMap map(d, 7u, stream);
   const md::RoutingMapParams mp = map.params(d);
   DeviceMemory map_ws(md::routing_map_workspace_size(mp));
+  MOXE_BENCH_CUDA(cudaDeviceSynchronize());  // the upload is done before `stream` reads it
   if (md::routing_map(mp, map_ws.as<void>(), map_ws.bytes(), stream) != moxe::Status::ok) {
     state.SkipWithError("routing_map failed");
     return;
@@ -103,7 +104,8 @@ void BM_rows(benchmark::State& state) {
   const md::PermuteParams<Element> probe{d};
   DeviceMemory ws(std::max(md::permute_workspace_size(probe),
                            md::unpermute_backward_workspace_size(md::UnpermuteBackwardParams<Element>{{d}})));
-  MOXE_BENCH_CUDA(cudaStreamSynchronize(stream));
+  // the fills ran on the legacy stream, which the non-blocking `stream` does not wait for
+  MOXE_BENCH_CUDA(cudaDeviceSynchronize());
 
   auto launch = [&](RowSet& s) {
     switch (kOp) {
@@ -153,6 +155,7 @@ void BM_routing_map(benchmark::State& state) {
   RoutingMap map(d, 5u, stream);
   const md::RoutingMapParams mp = map.params(d);
   DeviceMemory ws(md::routing_map_workspace_size(mp));
+  MOXE_BENCH_CUDA(cudaDeviceSynchronize());  // the upload is done before `stream` reads it
   if (md::routing_map(mp, ws.as<void>(), ws.bytes(), stream) != moxe::Status::ok) {
     state.SkipWithError("routing_map failed");
     return;
@@ -194,6 +197,7 @@ void BM_sort_chunks(benchmark::State& state) {
   });
   const md::SortChunksParams<Element> probe{rows, hidden, ranks, local};
   DeviceMemory ws(md::sort_chunks_workspace_size(probe));
+  MOXE_BENCH_CUDA(cudaDeviceSynchronize());  // the fills (legacy stream) are done
   auto launch = [&](Set& s) {
     return md::sort_chunks(md::SortChunksParams<Element>{rows, hidden, ranks, local, split_d.as<int64_t>(),
                                                          s.in.as<Element>(), s.out.as<Element>()},

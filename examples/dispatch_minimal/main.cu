@@ -70,9 +70,11 @@ int main() {
   CHECK_CUDA(cudaMalloc(&d_yp, rows * dims.hidden * sizeof(float)));
   CHECK_CUDA(cudaMalloc(&d_y, x.size() * sizeof(float)));
   CHECK_CUDA(cudaMalloc(&d_w, weight.size() * sizeof(float)));
-  CHECK_CUDA(cudaMemcpy(d_topk, topk.data(), topk.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemcpy(d_x, x.data(), x.size() * sizeof(float), cudaMemcpyHostToDevice));
-  CHECK_CUDA(cudaMemcpy(d_w, weight.data(), weight.size() * sizeof(float), cudaMemcpyHostToDevice));
+  // on `stream`: a non-blocking stream does not wait for the legacy stream, and a plain
+  // cudaMemcpy from pageable memory can return before the data has landed
+  CHECK_CUDA(cudaMemcpyAsync(d_topk, topk.data(), topk.size() * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
+  CHECK_CUDA(cudaMemcpyAsync(d_x, x.data(), x.size() * sizeof(float), cudaMemcpyHostToDevice, stream));
+  CHECK_CUDA(cudaMemcpyAsync(d_w, weight.data(), weight.size() * sizeof(float), cudaMemcpyHostToDevice, stream));
 
   const md::RoutingMapParams map{dims, d_topk, d_row_map, d_offsets, d_counts};
   const md::PermuteParams<float> permute{dims, d_x, d_row_map, d_offsets, d_xp};

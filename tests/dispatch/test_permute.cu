@@ -350,6 +350,9 @@ TEST_CASE("graph capture of the routing map, permute and unpermute") {
   REQUIRE(s3 == Status::ok);
   cudaGraphExec_t exec;
   MOXE_TEST_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+  // the uploads and poisons ran on the legacy stream, which a non-blocking stream does not
+  // wait for (cudaMemset returns before it is done)
+  MOXE_TEST_CUDA(cudaDeviceSynchronize());
   MOXE_TEST_CUDA(cudaGraphLaunch(exec, stream));
   MOXE_TEST_CUDA(cudaStreamSynchronize(stream));
 
@@ -367,6 +370,7 @@ TEST_CASE("graph capture of the routing map, permute and unpermute") {
   // replaying the graph gives the same bits
   const auto y1 = y_d.download();
   y_d.poison();
+  MOXE_TEST_CUDA(cudaDeviceSynchronize());  // the poison must land before the replay writes y
   MOXE_TEST_CUDA(cudaGraphLaunch(exec, stream));
   MOXE_TEST_CUDA(cudaStreamSynchronize(stream));
   const auto y2 = y_d.download();
@@ -401,9 +405,10 @@ TEST_CASE_TEMPLATE("expert parallelism: send counts and the chunk reorder agains
   for (int H : {64, 9}) {
     const int R = 4, L = 6;
     std::vector<int64_t> split(R * L);
+    for (auto& s : split) s = rng.integer(0, 40);
+    split[5] = 0;  // an empty chunk; the total is summed after, so it counts only real rows
     int64_t total = 0;
-    for (auto& s : split) total += (s = rng.integer(0, 40));
-    split[5] = 0;
+    for (int64_t s : split) total += s;
     const int64_t max_rows = total + 11;
     const auto in = moxe::test::round_through<T>(moxe::test::uniform_vector<double>(rng, max_rows * H));
     DeviceBuffer<int64_t> split_d(split), eoff(L + 1);

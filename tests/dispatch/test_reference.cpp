@@ -436,6 +436,52 @@ TEST_CASE("host emulation of the device counting sort equals the reference") {
   }
 }
 
+TEST_CASE("host emulation of the device scatter grid: every row below the end written once") {
+  // permute / unpermute_backward (permute.cuh): block b of ceil(permuted_rows / K) blocks
+  // copies token b (b < T) to its K rows and zeros its candidate rows b*K + j that are below
+  // `end` (expert_offsets[E], or permuted_rows without offsets) and unmarked in the used-row
+  // mask. With align 1 and offsets given the launcher skips the mask: then no row below
+  // offsets[E] may be unused.
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  struct Case { int64_t tokens; int experts, top_k; int64_t capacity; int align; double unrouted; };
+  const Case cases[] = {
+      {1, 4, 2, -1, 1, 0.0},     {37, 8, 2, -1, 8, 0.0},   {100, 16, 4, 10, 4, 0.2}, {129, 32, 6, 20, 1, 0.1},
+      {16, 1024, 32, -1, 2, 0.0}, {5, 300, 1, -1, 128, 0.0}, {333, 32, 6, 0, 4, 0.0},  {64, 8, 8, 3, 1, 0.5},
+  };
+  for (const Case& c : cases) {
+    const md::Dims d{c.tokens, 1, c.experts, c.top_k, c.capacity, c.align};
+    INFO("T=" << c.tokens << " E=" << c.experts << " K=" << c.top_k << " cap=" << c.capacity << " align=" << c.align);
+    const Map m = make_map(d, random_topk(rng, d, c.unrouted));
+    const int64_t rows = md::permuted_rows(d), blocks = (rows + d.top_k - 1) / d.top_k;
+    REQUIRE(blocks >= d.tokens);
+    std::vector<char> used(rows, 0);
+    for (int64_t r : m.row_map)
+      if (r >= 0 && r < rows) used[r] = 1;
+    for (bool with_offsets : {true, false}) {
+      const int64_t end = with_offsets ? std::min(m.offsets[d.experts], rows) : rows;
+      const bool masked = d.align > 1 || !with_offsets;
+      std::vector<int> writes(rows, 0);
+      for (int64_t b = 0; b < blocks; ++b) {
+        if (b < d.tokens)
+          for (int k = 0; k < d.top_k; ++k) {
+            const int64_t r = m.row_map[b * d.top_k + k];
+            if (r >= 0 && r < rows) ++writes[r];
+          }
+        for (int j = 0; j < d.top_k; ++j) {
+          const int64_t r = b * d.top_k + j;
+          if (masked && r < end && !used[r]) ++writes[r];
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        if (r < end) CHECK(writes[r] == 1);
+        else CHECK(writes[r] == 0);
+      }
+    }
+  }
+}
+
 TEST_CASE("expert parallelism: send counts and the chunk reorder round trip") {
   moxe::test::Rng rng(moxe::test::fresh_seed());
   SUBCASE("send counts") {

@@ -18,6 +18,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 #include <initializer_list>
 #include <type_traits>
 
@@ -49,7 +50,13 @@ struct RowUnit<T, true> {
   MOXE_DEVICE MOXE_FORCEINLINE static RowUnit load(const T* row, int64_t u) {
     return {V::load_nc(row + u * kElements)};
   }
-  MOXE_DEVICE MOXE_FORCEINLINE void store(T* row, int64_t u) const { v.store(row + u * kElements); }
+  /// One 16-byte store. (Storing through the struct let nvcc split a unit that was loaded once
+  /// and stored K times into four 32-bit stores per thread: 4x the store instructions.)
+  MOXE_DEVICE MOXE_FORCEINLINE void store(T* row, int64_t u) const {
+    uint4 bits;
+    memcpy(&bits, &v, sizeof(bits));
+    reinterpret_cast<uint4*>(row)[u] = bits;
+  }
   MOXE_DEVICE MOXE_FORCEINLINE static RowUnit zero() { return {V::zero()}; }
   MOXE_DEVICE MOXE_FORCEINLINE float get(int i) const { return moxe::to_float(v.v[i]); }
   MOXE_DEVICE MOXE_FORCEINLINE void set(int i, float x) { v.v[i] = moxe::from_float<T>(x); }
@@ -162,8 +169,10 @@ __global__ void __launch_bounds__(kRowThreads)
 }
 
 /// y[t] = sum_k w[t,k] * src[row_map[t,k]] in fp32, k in order. Without weights (null) w = 1,
-/// and fma(1, v, acc) rounds exactly as acc + v: one kernel serves both passes.
-template <class T, bool kVector, int kUnroll = 2>
+/// and fma(1, v, acc) rounds exactly as acc + v: one kernel serves both passes. The loads of
+/// kRowsInFlight rows are issued before the first is used (kRowsInFlight * kUnroll 16-byte
+/// loads in flight per thread); the sums still run over k in order, element by element.
+template <class T, bool kVector, int kUnroll = 2, int kRowsInFlight = 2>
 __global__ void __launch_bounds__(kRowThreads)
     gather_kernel(const T* MOXE_RESTRICT src, const int64_t* MOXE_RESTRICT row_map,
                   const float* MOXE_RESTRICT weight, int hidden, int top_k, int64_t rows, T* MOXE_RESTRICT y) {
@@ -184,18 +193,30 @@ __global__ void __launch_bounds__(kRowThreads)
     for (int q = 0; q < kUnroll; ++q)
       MOXE_PRAGMA_UNROLL
       for (int i = 0; i < kE; ++i) acc[q][i] = 0.f;
-    for (int j = 0; j < top_k; ++j) {
-      const int64_t r = from[j];
-      if (r < 0) continue;
-      const T* row = src + r * hidden;
-      const float wj = w[j];
+    for (int j0 = 0; j0 < top_k; j0 += kRowsInFlight) {
+      Unit v[kRowsInFlight][kUnroll];
       MOXE_PRAGMA_UNROLL
-      for (int q = 0; q < kUnroll; ++q) {
-        const int64_t u = u0 + int64_t(q) * kRowThreads;
-        if (u < units) {
-          const Unit v = Unit::load(row, u);
-          MOXE_PRAGMA_UNROLL
-          for (int i = 0; i < kE; ++i) acc[q][i] = fmaf(wj, v.get(i), acc[q][i]);
+      for (int jj = 0; jj < kRowsInFlight; ++jj) {
+        const int64_t r = j0 + jj < top_k ? from[j0 + jj] : int64_t(-1);
+        const T* row = src + (r < 0 ? int64_t(0) : r) * hidden;
+        MOXE_PRAGMA_UNROLL
+        for (int q = 0; q < kUnroll; ++q) {
+          const int64_t u = u0 + int64_t(q) * kRowThreads;
+          if (r >= 0 && u < units) v[jj][q] = Unit::load(row, u);
+        }
+      }
+      MOXE_PRAGMA_UNROLL
+      for (int jj = 0; jj < kRowsInFlight; ++jj) {
+        const int64_t r = j0 + jj < top_k ? from[j0 + jj] : int64_t(-1);
+        if (r < 0) continue;
+        const float wj = w[j0 + jj];
+        MOXE_PRAGMA_UNROLL
+        for (int q = 0; q < kUnroll; ++q) {
+          const int64_t u = u0 + int64_t(q) * kRowThreads;
+          if (u < units) {
+            MOXE_PRAGMA_UNROLL
+            for (int i = 0; i < kE; ++i) acc[q][i] = fmaf(wj, v[jj][q].get(i), acc[q][i]);
+          }
         }
       }
     }
@@ -248,17 +269,25 @@ __global__ void __launch_bounds__(kRowThreads)
         const T* y_row = yp + r * hidden;
         T* d_row = dyp + r * hidden;
         for (int64_t u0 = threadIdx.x; u0 < units; u0 += int64_t(kRowThreads) * kUnroll) {
+          Unit gv[kUnroll], yv[kUnroll];  // every load of the step issued before the first use
           MOXE_PRAGMA_UNROLL
           for (int q = 0; q < kUnroll; ++q) {
             const int64_t u = u0 + int64_t(q) * kRowThreads;
             if (u < units) {
-              const Unit gv = Unit::load(g, u), yv = Unit::load(y_row, u);
+              gv[q] = Unit::load(g, u);
+              yv[q] = Unit::load(y_row, u);
+            }
+          }
+          MOXE_PRAGMA_UNROLL
+          for (int q = 0; q < kUnroll; ++q) {
+            const int64_t u = u0 + int64_t(q) * kRowThreads;
+            if (u < units) {
               Unit out;
               MOXE_PRAGMA_UNROLL
               for (int i = 0; i < kE; ++i) {
-                const float gi = gv.get(i);
+                const float gi = gv[q].get(i);
                 out.set(i, wj * gi);
-                dot += gi * yv.get(i);
+                dot += gi * yv[q].get(i);
               }
               out.store(d_row, u);
             }
