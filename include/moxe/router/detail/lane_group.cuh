@@ -1,0 +1,249 @@
+// moxe::router: a token handled by a group of kLanes lanes of one warp (kLanes in {4, 8,
+// 16, 32}); each lane holds kPerLane of the token's E values, element e = j * kLanes + lane
+// (so a load instruction of the group is contiguous). Group reductions, and the group
+// top-k: k rounds of argmax for small k, a radix threshold search (O(E) per token,
+// independent of k) for large k. Results land sorted (value desc, index asc) in per-group
+// shared-memory slots.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "moxe/core/config.hpp"
+#include "moxe/core/math.hpp"
+#include "moxe/core/reduce.cuh"
+#include "moxe/core/status.hpp"
+#include "moxe/router/detail/gate_math.hpp"
+
+namespace moxe::router::detail {
+
+/// top-k up to this k uses argmax rounds; above it, the threshold search.
+inline constexpr int kRoundsTopKMax = 8;
+
+/// Order-preserving map float -> uint32 (NaN as -inf, -0 as +0); 0 is below every number.
+MOXE_DEVICE MOXE_FORCEINLINE uint32_t float_key(float x) {
+  if (x != x) x = -math::infinity<float>();
+  uint32_t b = __float_as_uint(x);
+  if (b == 0x80000000u) b = 0u;
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+MOXE_DEVICE MOXE_FORCEINLINE float key_float(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+template <int kLanes_>
+struct LaneGroup {
+  static constexpr int kLanes = kLanes_;
+  static constexpr int kGroups = kWarpSize / kLanes;
+  static_assert(kLanes >= 1 && kLanes <= kWarpSize && kWarpSize % kLanes == 0, "lanes must divide a warp");
+
+  int lane;    // lane within the group
+  int group;   // group within the warp
+  unsigned group_bits;  // this group's lanes in a warp-wide ballot
+
+  MOXE_DEVICE LaneGroup() {
+    const int w = threadIdx.x % kWarpSize;
+    lane = w % kLanes;
+    group = w / kLanes;
+    group_bits = (kLanes == kWarpSize ? kFullMask : ((1u << kLanes) - 1u)) << (group * kLanes);
+  }
+
+  template <class A, class Op>
+  MOXE_DEVICE MOXE_FORCEINLINE A allreduce(A x, Op op) const {
+    MOXE_PRAGMA_UNROLL
+    for (int o = kLanes / 2; o > 0; o /= 2) x = op(x, __shfl_xor_sync(kFullMask, x, o));
+    return x;
+  }
+  template <class A>
+  MOXE_DEVICE MOXE_FORCEINLINE A sum(A x) const { return allreduce(x, SumOp{}); }
+
+  MOXE_DEVICE MOXE_FORCEINLINE SplitMaxSum<float> merge(SplitMaxSum<float> s) const {
+    MOXE_PRAGMA_UNROLL
+    for (int o = kLanes / 2; o > 0; o /= 2) {
+      SplitMaxSum<float> other;
+      other.max = __shfl_xor_sync(kFullMask, s.max, o);
+      other.sum_m = __shfl_xor_sync(kFullMask, s.sum_m, o);
+      other.sum_s = __shfl_xor_sync(kFullMask, s.sum_s, o);
+      s = SplitMaxSum<float>::merge(s, other);
+    }
+    return s;
+  }
+
+  MOXE_DEVICE MOXE_FORCEINLINE math::MaxSum<float> merge(math::MaxSum<float> s) const {
+    MOXE_PRAGMA_UNROLL
+    for (int o = kLanes / 2; o > 0; o /= 2) {
+      math::MaxSum<float> other;
+      other.max = __shfl_xor_sync(kFullMask, s.max, o);
+      other.sum = __shfl_xor_sync(kFullMask, s.sum, o);
+      s = math::MaxSum<float>::merge(s, other);
+    }
+    return s;
+  }
+
+  /// Number of this group's lanes below me whose bit is set in a warp ballot.
+  MOXE_DEVICE MOXE_FORCEINLINE int rank_below(unsigned ballot) const {
+    const unsigned below = (1u << (threadIdx.x % kWarpSize)) - 1u;
+    return __popc(ballot & group_bits & below);
+  }
+  MOXE_DEVICE MOXE_FORCEINLINE int count(unsigned ballot) const { return __popc(ballot & group_bits); }
+
+  MOXE_DEVICE MOXE_FORCEINLINE int element(int j) const { return j * kLanes + lane; }
+};
+
+/// Top-k slots of one group in shared memory.
+struct TopKSlots {
+  float* value;
+  int* index;
+};
+
+/// k rounds of group argmax over the values not yet taken (taken bit j: element j excluded).
+template <int kLanes, int kPerLane>
+MOXE_DEVICE void topk_rounds(const LaneGroup<kLanes>& g, const float (&v)[kPerLane], uint32_t taken, int k,
+                             TopKSlots slots) {
+  auto local_best = [&](float& bv, int& be) {
+    bv = -math::infinity<float>();
+    be = 0x7fffffff;
+    MOXE_PRAGMA_UNROLL
+    for (int j = 0; j < kPerLane; ++j) {
+      const int e = g.element(j);
+      if (!((taken >> j) & 1u) && ranks_before(v[j], e, bv, be)) {
+        bv = v[j];
+        be = e;
+      }
+    }
+  };
+  float bv;
+  int be;
+  local_best(bv, be);
+  for (int r = 0; r < k; ++r) {
+    float wv = bv;
+    int we = be;
+    MOXE_PRAGMA_UNROLL
+    for (int o = kLanes / 2; o > 0; o /= 2) {
+      const float ov = __shfl_xor_sync(kFullMask, wv, o);
+      const int oe = __shfl_xor_sync(kFullMask, we, o);
+      if (ranks_before(ov, oe, wv, we)) {
+        wv = ov;
+        we = oe;
+      }
+    }
+    if (g.lane == 0) {
+      slots.value[r] = wv;
+      slots.index[r] = we;
+    }
+    if (we == be && be != 0x7fffffff) {  // the winner is mine: take it and look again
+      taken |= 1u << ((we - g.lane) / kLanes);
+      local_best(bv, be);
+    }
+  }
+  __syncwarp();
+}
+
+/// Threshold (radix) search for the k-th largest key, then a stable compaction and a rank
+/// sort of the k winners: O(32 * kPerLane) per lane for any k <= 32.
+template <int kLanes, int kPerLane>
+MOXE_DEVICE void topk_threshold(const LaneGroup<kLanes>& g, const float (&v)[kPerLane], uint32_t taken, int k,
+                                TopKSlots slots) {
+  uint32_t key[kPerLane];
+  MOXE_PRAGMA_UNROLL
+  for (int j = 0; j < kPerLane; ++j) key[j] = ((taken >> j) & 1u) ? 0u : float_key(v[j]);
+  uint32_t tau = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t cand = tau | (1u << bit);
+    int c = 0;
+    MOXE_PRAGMA_UNROLL
+    for (int j = 0; j < kPerLane; ++j) c += key[j] >= cand;
+    if (g.sum(c) >= k) tau = cand;
+  }
+  int gt = 0;
+  MOXE_PRAGMA_UNROLL
+  for (int j = 0; j < kPerLane; ++j) gt += key[j] > tau;
+  const int need = k - g.sum(gt);  // ties at the threshold, lowest index first
+  int eq_seen = 0, base = 0;
+  MOXE_PRAGMA_UNROLL
+  for (int j = 0; j < kPerLane; ++j) {
+    const bool eq = key[j] == tau && tau != 0u;
+    const unsigned eq_ballot = __ballot_sync(kFullMask, eq);
+    const bool sel = key[j] > tau || (eq && eq_seen + g.rank_below(eq_ballot) < need);
+    eq_seen += g.count(eq_ballot);
+    const unsigned sel_ballot = __ballot_sync(kFullMask, sel);
+    if (sel) {
+      const int pos = base + g.rank_below(sel_ballot);
+      slots.value[pos] = key_float(key[j]);
+      slots.index[pos] = g.element(j);
+    }
+    base += g.count(sel_ballot);
+  }
+  __syncwarp();
+  // rank sort of the k (<= 32) winners: value descending, index ascending
+  constexpr int kSlotsPerLane = (kMaxTopK + kLanes - 1) / kLanes;
+  float sv[kSlotsPerLane];
+  int se[kSlotsPerLane], rank[kSlotsPerLane];
+  MOXE_PRAGMA_UNROLL
+  for (int i = 0; i < kSlotsPerLane; ++i) {
+    const int r = g.lane + i * kLanes;
+    rank[i] = -1;
+    if (r < k) {
+      sv[i] = slots.value[r];
+      se[i] = slots.index[r];
+      int before = 0;
+      for (int s = 0; s < k; ++s) before += ranks_before(slots.value[s], slots.index[s], sv[i], se[i]);
+      rank[i] = before;
+    }
+  }
+  __syncwarp();
+  MOXE_PRAGMA_UNROLL
+  for (int i = 0; i < kSlotsPerLane; ++i)
+    if (rank[i] >= 0) {
+      slots.value[rank[i]] = sv[i];
+      slots.index[rank[i]] = se[i];
+    }
+  __syncwarp();
+}
+
+/// The group top-k with the algorithm chosen by k. Every lane of the warp must call it.
+template <int kLanes, int kPerLane>
+MOXE_DEVICE MOXE_FORCEINLINE void group_topk(const LaneGroup<kLanes>& g, const float (&v)[kPerLane], uint32_t taken,
+                                             int k, TopKSlots slots) {
+  if (k <= kRoundsTopKMax) {
+    topk_rounds<kLanes, kPerLane>(g, v, taken, k, slots);
+  } else {
+    topk_threshold<kLanes, kPerLane>(g, v, taken, k, slots);
+  }
+}
+
+/// Bit j set for the lane's elements e >= E (padding).
+template <int kLanes, int kPerLane>
+MOXE_DEVICE MOXE_FORCEINLINE uint32_t padding_bits(const LaneGroup<kLanes>& g, int experts) {
+  uint32_t bits = 0;
+  MOXE_PRAGMA_UNROLL
+  for (int j = 0; j < kPerLane; ++j)
+    if (g.element(j) >= experts) bits |= 1u << j;
+  return bits;
+}
+
+/// Lanes per token for E experts (the same ladder dispatch_row_shape uses).
+inline int row_lanes(int experts) { return experts <= 8 ? 4 : experts <= 32 ? 8 : 32; }
+
+/// A compile-time row shape: kLanes lanes per token, kPerLane values per lane.
+template <int kLanes_, int kPerLane_>
+struct RowShape {
+  static constexpr int kLanes = kLanes_;
+  static constexpr int kPerLane = kPerLane_;
+};
+
+/// Call f(RowShape<kLanes, kPerLane>{}) for the smallest shape that holds E experts.
+template <class F>
+Status dispatch_row_shape(int experts, F&& f) {
+  if (experts <= 8) return f(RowShape<4, 2>{});
+  if (experts <= 32) return f(RowShape<8, 4>{});
+  if (experts <= 128) return f(RowShape<32, 4>{});
+  if (experts <= 256) return f(RowShape<32, 8>{});
+  if (experts <= 512) return f(RowShape<32, 16>{});
+  if (experts <= kMaxExperts) return f(RowShape<32, 32>{});
+  return Status::unsupported;
+}
+
+}  // namespace moxe::router::detail

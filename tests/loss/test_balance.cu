@@ -1,0 +1,194 @@
+// Device tests of the routing losses: values and gradients against the references,
+// determinism, bad arguments.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+
+#include "device_utils.cuh"
+#include "moxe/loss/balance.cuh"
+#include "moxe/loss/reference.hpp"
+#include "test_utils.hpp"
+
+using moxe::Status;
+namespace mt = moxe::test;
+namespace lr = moxe::loss::reference;
+
+namespace {
+
+struct Routing {
+  std::vector<double> probs;
+  std::vector<int32_t> idx;
+  Routing(mt::Rng& rng, int64_t T, int E, int K) : probs(T * E), idx(T * K) {
+    for (int64_t t = 0; t < T; ++t) {
+      double s = 0;
+      for (int e = 0; e < E; ++e) s += probs[t * E + e] = std::exp(rng.normal());
+      for (int e = 0; e < E; ++e) probs[t * E + e] /= s;
+      std::vector<int> order(E);
+      std::iota(order.begin(), order.end(), 0);
+      std::shuffle(order.begin(), order.end(), rng.engine());
+      for (int k = 0; k < K; ++k) idx[t * K + k] = order[k];
+    }
+  }
+};
+
+template <class F>
+Status run(std::size_t bytes, F&& f) {
+  mt::MisalignedWorkspace ws(bytes);
+  return f(ws.get(), ws.bytes());
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("z-loss device matches the reference", T, float, __nv_bfloat16) {
+  mt::Rng rng(mt::fresh_seed());
+  for (int64_t tokens : {1, 333, 5000})
+    for (int E : {2, 64, 1000}) {
+      const auto z = mt::round_through<T>(mt::normal_vector<double>(rng, tokens * E, 2.0));
+      double want = 0;
+      moxe::loss::ZLossParams<double, double> rp{{tokens, E}, z.data(), &want};
+      REQUIRE(lr::z_loss(rp) == Status::ok);
+      std::vector<double> gwant(z.size());
+      REQUIRE(lr::z_loss_backward(moxe::loss::ZLossBackwardParams<double, double>{rp, 0.5, gwant.data()}) == Status::ok);
+      mt::DeviceBuffer<T> dz(mt::convert_to<T>(z)), dg(z.size());
+      mt::DeviceBuffer<float> loss(1);
+      loss.poison();
+      moxe::loss::ZLossParams<T, float> p{{tokens, E}, dz.get(), loss.get()};
+      REQUIRE(run(moxe::loss::z_loss_workspace_size(p), [&](void* w, std::size_t b) {
+                return moxe::loss::z_loss(p, w, b, nullptr);
+              }) == Status::ok);
+      CHECK(loss.download()[0] == doctest::Approx(want).epsilon(1e-5));
+      moxe::loss::ZLossBackwardParams<T, float> bp{p, 0.5f, dg.get()};
+      REQUIRE(moxe::loss::z_loss_backward(bp, nullptr, 0, nullptr) == Status::ok);
+      CHECK(mt::rel_error(mt::convert_to_double(dg.download()), gwant) < (std::is_same_v<T, float> ? 1e-5 : 1e-2));
+    }
+}
+
+TEST_CASE("balance losses on the device match the references") {
+  mt::Rng rng(mt::fresh_seed());
+  for (int64_t tokens : {1, 77, 20000})
+    for (int E : {2, 8, 64, 256, 1000}) {
+      if (tokens * E > 5000000) continue;  // keep the host side small
+      const int K = std::min(E, 4);
+      CAPTURE(tokens);
+      CAPTURE(E);
+      Routing r(rng, tokens, E, K);
+      const auto probs = mt::round_through<float>(r.probs);
+      mt::DeviceBuffer<float> dprobs(mt::convert_to<float>(probs)), loss(1), grad(probs.size()), load(E);
+      mt::DeviceBuffer<int32_t> didx(r.idx);
+      const moxe::loss::Dims dims{tokens, E, K};
+      std::vector<double> gwant(probs.size());
+      double want = 0;
+
+      // MoxE load balance
+      std::vector<double> lwant(E);
+      moxe::loss::LoadBalanceParams<double> lb_ref{dims, probs.data(), r.idx.data(), &want, lwant.data()};
+      REQUIRE(lr::load_balance(lb_ref) == Status::ok);
+      REQUIRE(lr::load_balance_backward(moxe::loss::LoadBalanceBackwardParams<double>{lb_ref, 1.5, gwant.data()}) ==
+              Status::ok);
+      moxe::loss::LoadBalanceParams<float> lb{dims, dprobs.get(), didx.get(), loss.get(), load.get()};
+      loss.poison();
+      REQUIRE(run(moxe::loss::load_balance_workspace_size(lb), [&](void* w, std::size_t b) {
+                return moxe::loss::load_balance(lb, w, b, nullptr);
+              }) == Status::ok);
+      CHECK(loss.download()[0] == doctest::Approx(want).epsilon(1e-4).scale(1e-7));
+      CHECK(mt::rel_error(load.download(), lwant) < 1e-5);
+      moxe::loss::LoadBalanceBackwardParams<float> lbb{lb, 1.5f, grad.get()};
+      grad.poison();
+      REQUIRE(run(moxe::loss::load_balance_backward_workspace_size(lbb), [&](void* w, std::size_t b) {
+                return moxe::loss::load_balance_backward(lbb, w, b, nullptr);
+              }) == Status::ok);
+      CHECK(mt::rel_error(grad.download(), gwant) < 1e-4);
+
+      // Switch load balance
+      moxe::loss::SwitchLoadBalanceParams<double> sw_ref{dims, probs.data(), r.idx.data(), &want};
+      REQUIRE(lr::switch_load_balance(sw_ref) == Status::ok);
+      REQUIRE(lr::switch_load_balance_backward(
+                  moxe::loss::SwitchLoadBalanceBackwardParams<double>{sw_ref, 0.7, gwant.data()}) == Status::ok);
+      moxe::loss::SwitchLoadBalanceParams<float> sw{dims, dprobs.get(), didx.get(), loss.get()};
+      loss.poison();
+      REQUIRE(run(moxe::loss::switch_load_balance_workspace_size(sw), [&](void* w, std::size_t b) {
+                return moxe::loss::switch_load_balance(sw, w, b, nullptr);
+              }) == Status::ok);
+      CHECK(loss.download()[0] == doctest::Approx(want).epsilon(1e-5));
+      moxe::loss::SwitchLoadBalanceBackwardParams<float> swb{sw, 0.7f, grad.get()};
+      grad.poison();
+      REQUIRE(run(moxe::loss::switch_load_balance_backward_workspace_size(swb), [&](void* w, std::size_t b) {
+                return moxe::loss::switch_load_balance_backward(swb, w, b, nullptr);
+              }) == Status::ok);
+      CHECK(mt::rel_error(grad.download(), gwant) < 1e-5);
+
+      // group balance over uneven groups
+      std::vector<int32_t> offsets = {0, 1, E / 3 + 1, E};
+      if (E == 2) offsets = {0, 1, 2};
+      const int G = static_cast<int>(offsets.size()) - 1;
+      mt::DeviceBuffer<int32_t> doffsets(offsets);
+      std::vector<double> mwant(G);
+      moxe::loss::GroupBalanceParams<double> gb_ref{dims, G, offsets.data(), probs.data(), &want, mwant.data()};
+      REQUIRE(lr::group_balance(gb_ref) == Status::ok);
+      REQUIRE(lr::group_balance_backward(moxe::loss::GroupBalanceBackwardParams<double>{gb_ref, 0.3, gwant.data()}) ==
+              Status::ok);
+      mt::DeviceBuffer<float> mass(G);
+      moxe::loss::GroupBalanceParams<float> gb{dims, G, doffsets.get(), dprobs.get(), loss.get(), mass.get()};
+      loss.poison();
+      REQUIRE(run(moxe::loss::group_balance_workspace_size(gb), [&](void* w, std::size_t b) {
+                return moxe::loss::group_balance(gb, w, b, nullptr);
+              }) == Status::ok);
+      CHECK(loss.download()[0] == doctest::Approx(want).epsilon(1e-4).scale(1e-6));
+      CHECK(mt::rel_error(mass.download(), mwant) < 1e-5);
+      moxe::loss::GroupBalanceBackwardParams<float> gbb{gb, 0.3f, grad.get()};
+      grad.poison();
+      REQUIRE(run(moxe::loss::group_balance_backward_workspace_size(gbb), [&](void* w, std::size_t b) {
+                return moxe::loss::group_balance_backward(gbb, w, b, nullptr);
+              }) == Status::ok);
+      CHECK(mt::rel_error(grad.download(), gwant) < 1e-5);
+    }
+}
+
+TEST_CASE("difficulty loss device matches the reference; runs are bitwise equal") {
+  mt::Rng rng(mt::fresh_seed());
+  for (int64_t tokens : {1, 255, 100003}) {
+    const auto d = mt::round_through<float>(mt::uniform_vector<double>(rng, tokens, 0, 1));
+    const auto h = mt::round_through<float>(mt::uniform_vector<double>(rng, tokens, 0, 1));
+    double want = 0;
+    moxe::loss::DifficultyLossParams<double> rp{tokens, d.data(), h.data(), &want};
+    REQUIRE(lr::difficulty_loss(rp) == Status::ok);
+    std::vector<double> gd(tokens), gh(tokens);
+    REQUIRE(lr::difficulty_loss_backward(
+                moxe::loss::DifficultyLossBackwardParams<double>{rp, 2.0, gd.data(), gh.data()}) == Status::ok);
+    mt::DeviceBuffer<float> dd(mt::convert_to<float>(d)), dh(mt::convert_to<float>(h)), loss(1), g1(tokens), g2(tokens);
+    moxe::loss::DifficultyLossParams<float> p{tokens, dd.get(), dh.get(), loss.get()};
+    float first = 0;
+    for (int run_index = 0; run_index < 2; ++run_index) {
+      loss.poison();
+      REQUIRE(run(moxe::loss::difficulty_loss_workspace_size(p), [&](void* w, std::size_t b) {
+                return moxe::loss::difficulty_loss(p, w, b, nullptr);
+              }) == Status::ok);
+      const float got = loss.download()[0];
+      if (run_index == 0) first = got;
+      else CHECK(std::memcmp(&first, &got, sizeof(float)) == 0);
+    }
+    CHECK(first == doctest::Approx(want).epsilon(1e-5));
+    moxe::loss::DifficultyLossBackwardParams<float> b{p, 2.f, g1.get(), g2.get()};
+    REQUIRE(moxe::loss::difficulty_loss_backward(b, nullptr, 0, nullptr) == Status::ok);
+    CHECK(mt::rel_error(g1.download(), gd) < 1e-6);
+    CHECK(mt::rel_error(g2.download(), gh) < 1e-6);
+  }
+}
+
+TEST_CASE("device losses reject bad input and a small workspace") {
+  mt::DeviceBuffer<float> probs(16), loss(1);
+  mt::DeviceBuffer<int32_t> idx(8);
+  loss.poison();
+  moxe::loss::LoadBalanceParams<float> p{{4, 4, 5}, probs.get(), idx.get(), loss.get()};
+  CHECK(moxe::loss::load_balance(p, nullptr, 0, nullptr) == Status::invalid_argument);
+  p.dims = {4, 4, 2};
+  const std::size_t bytes = moxe::loss::load_balance_workspace_size(p);
+  mt::MisalignedWorkspace ws(bytes);
+  CHECK(moxe::loss::load_balance(p, ws.get(), bytes / 2, nullptr) == Status::workspace_too_small);
+  p.loss = nullptr;
+  CHECK(moxe::loss::load_balance(p, ws.get(), bytes, nullptr) == Status::invalid_argument);
+  MOXE_TEST_CUDA(cudaDeviceSynchronize());
+  CHECK(std::isnan(loss.download()[0]));
+}
