@@ -126,6 +126,14 @@ else
   say "benchmarks: not built"
 fi
 
+# ---- the PyTorch extension (torch is on the GPU machine) ---------------------------------
+if python3 -c "import torch" >/dev/null 2>&1; then
+  examples/torch_extension/run_tests.sh "$logs/torch_extension" >"$logs/torch_extension.log" 2>&1
+  say "torch extension: rc=$? ($(grep -E "passed|failed|skipped" "$logs/torch_extension.log" | tail -1))"
+else
+  say "torch extension: no torch on this machine: skipped"
+fi
+
 tar czf "$out/logs.tar.gz" -C "$logs" . 2>/dev/null
 echo
 cat "$summary"
