@@ -164,7 +164,11 @@ TEST_CASE_TEMPLATE("gate device forward and backward match the reference", T, fl
   check_against_reference<T>(rng, 33, 256, 128, 16, Modulation::standard);
   check_against_reference<T>(rng, 21, 512, 511, 4, Modulation::masked);
   check_against_reference<T>(rng, 9, 1000, 500, 32, Modulation::standard);
-  check_against_reference<T>(rng, 5000, 64, 32, 2, Modulation::standard);  // more tokens than the capped grid
+  // more tokens than the capped grids cover in one pass (detail::gate_max_blocks: 1024
+  // blocks x 8 tokens for E <= 128, 512 x 8 above), so the grid-stride loops and the
+  // prefetch of a next token run
+  check_against_reference<T>(rng, 8192 + 808, 64, 32, 2, Modulation::standard);
+  check_against_reference<T>(rng, 4096 + 99, 200, 100, 2, Modulation::standard);
 }
 
 TEST_CASE("gate device with half logits") {
@@ -300,4 +304,37 @@ TEST_CASE("gate device: the optional outputs may be null") {
   REQUIRE(moxe::router::reference::gate_backward(rb) == Status::ok);
   CHECK(mt::rel_error(dev.dlogits.download(), dz) < 1e-4);
   CHECK(mt::rel_error(dev.ddifficulty.download(), da) < 1e-4);
+}
+
+TEST_CASE("gate device: a NaN or +inf logit routes to K distinct experts in range (no fault)") {
+  // such a row's probabilities are NaN; before the fix every argmax round lost to the
+  // (-inf, INT_MAX) sentinel and the kernel indexed its shared histogram with INT_MAX
+  mt::Rng rng(mt::fresh_seed());
+  for (int E : {8, 30, 64, 1000})
+    for (int K : {2, 9}) {
+      if (K > E) continue;
+      CAPTURE(E);
+      CAPTURE(K);
+      mt::GateProblem g(rng, 19, E, E / 2, K, Modulation::standard);
+      g.logits[0] = NAN;
+      g.logits[3 * E + E - 1] = INFINITY;
+      DeviceGate<__nv_bfloat16> dev(g);
+      REQUIRE(dev.forward() == Status::ok);
+      MOXE_TEST_CUDA(cudaDeviceSynchronize());
+      const auto idx = dev.topk_idx.download();
+      for (int k = 0; k < K; ++k) {  // rows 0 and 3 are all NaN: the lowest indices, as in the reference
+        CHECK(idx[k] == k);
+        CHECK(idx[3 * K + k] == k);
+      }
+      for (int t = 0; t < 19; ++t) {
+        std::vector<int32_t> sel(idx.begin() + t * K, idx.begin() + (t + 1) * K);
+        for (int32_t e : sel) CHECK((e >= 0 && e < E));
+        std::sort(sel.begin(), sel.end());
+        CHECK(std::adjacent_find(sel.begin(), sel.end()) == sel.end());
+      }
+      const auto counts = dev.expert_counts.download();
+      int64_t routed = 0;
+      for (int32_t c : counts) routed += c;
+      CHECK(routed == 19 * K);
+    }
 }

@@ -123,6 +123,28 @@ TEST_CASE("top-k device: exact ties go to the lower index in both algorithms") {
   }
 }
 
+TEST_CASE("top-k device: NaN scores rank as -inf in both algorithms, as in the reference") {
+  for (int E : {8, 40})
+    for (int K : {4, 8, 20}) {
+      if (K > E) continue;
+      CAPTURE(E);
+      CAPTURE(K);
+      std::vector<float> s(2 * E);
+      for (int e = 0; e < E; ++e) {
+        s[e] = e % 3 == 0 ? NAN : 0.01f * float(e);  // NaN first: it must not stick as the best
+        s[E + e] = NAN;                              // all NaN: the lowest indices
+      }
+      mt::DeviceBuffer<float> ds(s);
+      mt::DeviceBuffer<int32_t> didx(2 * K);
+      moxe::router::TopKParams<float, float> p{{2, E, K}, ds.get(), didx.get()};
+      REQUIRE(moxe::router::topk_forward(p, nullptr, 0, nullptr) == Status::ok);
+      std::vector<int32_t> ref(2 * K);
+      moxe::router::TopKParams<float, float> h{{2, E, K}, s.data(), ref.data()};
+      REQUIRE(moxe::router::reference::topk_forward(h) == Status::ok);
+      CHECK(didx.download() == ref);
+    }
+}
+
 TEST_CASE("router pieces: bad arguments") {
   mt::DeviceBuffer<float> s(40);
   mt::DeviceBuffer<int32_t> idx(40);

@@ -130,6 +130,23 @@ TEST_CASE("gate reference properties: sums, order, ties, counts") {
     CHECK(g.topk_idx[0] == 9);
     for (int k = 1; k < 5; ++k) CHECK(g.topk_idx[k] == k - 1);
   }
+  SUBCASE("a NaN or +inf logit still routes each token to K distinct experts in range") {
+    // the probabilities of such a row are NaN; the selection must stay well defined (the
+    // device kernels index shared histograms with it)
+    mt::GateProblem g(rng, 3, 12, 6, 4, Modulation::standard);
+    g.logits[0] = NAN;
+    g.logits[12 + 5] = INFINITY;
+    REQUIRE(g.forward() == Status::ok);
+    for (int t = 0; t < 3; ++t) {
+      std::vector<int32_t> sel(g.topk_idx.begin() + t * 4, g.topk_idx.begin() + (t + 1) * 4);
+      for (int32_t e : sel) CHECK((e >= 0 && e < 12));
+      std::sort(sel.begin(), sel.end());
+      CHECK(std::adjacent_find(sel.begin(), sel.end()) == sel.end());
+    }
+    int64_t routed = 0;
+    for (int e = 0; e < 12; ++e) routed += g.expert_counts[e];
+    CHECK(routed == 3 * 4);
+  }
   SUBCASE("no difficulty head: d = 0, s = 0, L_d = 0") {
     mt::GateProblem g(rng, 4, 8, 4, 2, Modulation::standard, false);
     REQUIRE(g.forward() == Status::ok);
@@ -307,6 +324,16 @@ TEST_CASE("top-k reference: order, ties, group-limited routing, gradient") {
     moxe::router::TopKParams<double, double> p{{2, 10, 4}, s.data(), idx.data()};
     REQUIRE(rr::topk_forward(p) == Status::ok);
     CHECK(idx == std::vector<int32_t>{0, 1, 2, 3, 7, 0, 1, 2});
+  }
+  SUBCASE("NaN ranks as -inf: below every number, ties to the lower index") {
+    // a NaN first in the row must not stick as the best (it would hide 0.3 and 0.1)
+    std::vector<double> s = {NAN, 0.1, NAN, 0.3, -INFINITY, -2.0};
+    std::vector<int32_t> idx(5);
+    std::vector<double> val(5);
+    moxe::router::TopKParams<double, double> p{{1, 6, 5}, s.data(), idx.data(), val.data()};
+    REQUIRE(rr::topk_forward(p) == Status::ok);
+    CHECK(idx == std::vector<int32_t>{3, 1, 5, 0, 2});
+    CHECK(val[3] == -INFINITY);
   }
   SUBCASE("group-limited routing keeps the groups with the largest top-2 sums") {
     // 4 groups of 3. Group 0 has the single best expert but a weak second; group 2 wins on

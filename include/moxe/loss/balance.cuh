@@ -108,14 +108,33 @@ __global__ void __launch_bounds__(kThreads)
                                  int experts, int top_k, int64_t rows_per_block, float* __restrict__ column_partials,
                                  int32_t* __restrict__ count_partials) {
   extern __shared__ int32_t counts[];  // [experts]
+  __shared__ float slice_sums[kThreads];
   const int64_t t0 = int64_t(blockIdx.x) * rows_per_block;
   const int64_t t1 = t0 + rows_per_block < tokens ? t0 + rows_per_block : tokens;
-  if (probs != nullptr)
-    for (int e = threadIdx.x; e < experts; e += kThreads) {
+  if (probs != nullptr) {
+    // chunks of up to 32 columns, each read by kThreads / cols row slices at once (one
+    // thread per column would leave most threads idle at small E and give each a chain of
+    // rows_per_block loads); slice sums are then added in slice order (fixed)
+    const int cols = experts < kWarpSize ? experts : kWarpSize;
+    const int slices = kThreads / cols;
+    const int ci = threadIdx.x % cols, slice = threadIdx.x / cols;
+    for (int c0 = 0; c0 < experts; c0 += cols) {
+      const int e = c0 + ci;
       float s = 0.f;
-      for (int64_t t = t0; t < t1; ++t) s += probs[t * experts + e];
-      column_partials[int64_t(blockIdx.x) * experts + e] = s;
+      if (slice < slices && e < experts) {
+#pragma unroll 8
+        for (int64_t t = t0 + slice; t < t1; t += slices) s += probs[t * experts + e];
+      }
+      slice_sums[threadIdx.x] = s;
+      __syncthreads();
+      if (threadIdx.x < cols && c0 + threadIdx.x < experts) {
+        float total = 0.f;
+        for (int i = 0; i < slices; ++i) total += slice_sums[i * cols + threadIdx.x];
+        column_partials[int64_t(blockIdx.x) * experts + c0 + threadIdx.x] = total;
+      }
+      __syncthreads();
     }
+  }
   if (topk_idx != nullptr) {
     for (int e = threadIdx.x; e < experts; e += kThreads) counts[e] = 0;
     __syncthreads();
@@ -241,6 +260,11 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- workspaces: one carve function per loss, shared by the size function and the launcher
 
+/// Cap on the blocks of the per-token (latency-bound) stage-one kernels: 1024 blocks of 8
+/// warps keep an H100 full (132 SMs x 8 resident blocks), where 256 would leave each warp a
+/// chain of T / 2048 dependent tokens. Scalar partials cost 4 bytes a block.
+inline constexpr int kTokenPartialBlocks = 1024;
+
 struct ScalarScratch {
   float* partials;
   int blocks;
@@ -248,7 +272,7 @@ struct ScalarScratch {
 inline ScalarScratch carve_scalar(WorkspaceCarver& c, int64_t items, int64_t per_block) {
   ScalarScratch s{};
   if (items <= 0) return s;
-  s.blocks = partial_blocks(items, per_block);
+  s.blocks = partial_blocks(items, per_block, kTokenPartialBlocks);
   s.partials = c.carve<float>(s.blocks);
   return s;
 }
@@ -289,7 +313,7 @@ inline Status check_experts(const Dims& d) {
 inline ExpertScratch carve_routed(WorkspaceCarver& c, const Dims& d) {
   ExpertScratch s{};
   if (d.tokens <= 0 || d.experts <= 0) return s;
-  s.blocks = partial_blocks(d.tokens, kWarps);
+  s.blocks = partial_blocks(d.tokens, kWarps, kTokenPartialBlocks);
   s.column_partials = c.carve<float>(static_cast<std::size_t>(s.blocks) * d.experts);
   s.column_sum = c.carve<float>(d.experts);
   return s;

@@ -34,6 +34,18 @@ inline constexpr int kGateScalars = 4;  // per-block sums: lse^2, (d - H)^2, mas
 
 inline int64_t gate_tokens_per_block(int experts) { return int64_t(kGateWarps) * (kWarpSize / row_lanes(experts)); }
 
+/// Blocks of the batch-statistics kernels (one row of partials each), a function of T and E
+/// only, so the bits are the same on every device. The per-token work is a latency-bound
+/// chain of group shuffles, so the grid must cover every block a device keeps resident:
+/// on an H100 (132 SMs) the E <= 128 shapes (<= 64 registers) hold 4 blocks per SM (528)
+/// and the larger ones (~128 registers) 2 (264); these caps give about two waves of each.
+/// (A cap of 256, one block per SM pair, would leave 3/4 or 1/2 of the warps idle.)
+inline int gate_max_blocks(int experts) { return experts <= 128 ? 1024 : 512; }
+
+inline int gate_partial_blocks(const GateDims& d) {
+  return loss::detail::partial_blocks(d.tokens, gate_tokens_per_block(d.experts), gate_max_blocks(d.experts));
+}
+
 struct GateForwardScratch {
   float* partials;          // [blocks, E + 4]
   int32_t* count_partials;  // [blocks, E]
@@ -44,7 +56,7 @@ struct GateForwardScratch {
 inline GateForwardScratch carve_gate_forward(WorkspaceCarver& c, const GateDims& d) {
   GateForwardScratch s{};
   if (validate_dims(d) != Status::ok) return s;
-  s.blocks = loss::detail::partial_blocks(d.tokens, gate_tokens_per_block(d.experts));
+  s.blocks = gate_partial_blocks(d);
   const std::size_t width = static_cast<std::size_t>(d.experts) + kGateScalars;
   s.partials = c.carve<float>(s.blocks * width);
   s.count_partials = c.carve<int32_t>(static_cast<std::size_t>(s.blocks) * d.experts);
@@ -61,7 +73,7 @@ struct GateBackwardScratch {
 inline GateBackwardScratch carve_gate_backward(WorkspaceCarver& c, const GateDims& d) {
   GateBackwardScratch s{};
   if (validate_dims(d) != Status::ok) return s;
-  s.blocks = loss::detail::partial_blocks(d.tokens, gate_tokens_per_block(d.experts));
+  s.blocks = gate_partial_blocks(d);
   const std::size_t width = static_cast<std::size_t>(d.experts) + 2;
   s.partials = c.carve<float>(s.blocks * width);
   s.totals = c.carve<float>(width);

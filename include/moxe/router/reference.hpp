@@ -17,7 +17,7 @@ namespace moxe::router::reference {
 namespace detail {
 
 /// Top-k of row[0, E) among allowed experts (allowed may be empty: all), descending, ties
-/// to the lower index. NaN never ranks before a number.
+/// to the lower index. NaN ranks as -inf (rank_value), as in the kernels.
 template <class A>
 void select_topk(const A* row, int experts, int k, const std::vector<char>& allowed, int32_t* idx_out) {
   std::vector<char> taken(experts, 0);
@@ -25,7 +25,9 @@ void select_topk(const A* row, int experts, int k, const std::vector<char>& allo
     int best = -1;
     for (int e = 0; e < experts; ++e) {
       if (taken[e] || (!allowed.empty() && !allowed[e])) continue;
-      if (best < 0 || router::detail::ranks_before(row[e], e, row[best], best)) best = e;
+      if (best < 0 || router::detail::ranks_before(router::detail::rank_value(row[e]), e,
+                                                   router::detail::rank_value(row[best]), best))
+        best = e;
     }
     taken[best] = 1;
     idx_out[j] = best;
@@ -272,7 +274,8 @@ Status topk_forward(const TopKParams<T, Acc>& p) {
   const int E = p.dims.experts, K = p.dims.top_k;
   std::vector<Acc> row(E);
   for (int64_t t = 0; t < p.dims.tokens; ++t) {
-    for (int e = 0; e < E; ++e) row[e] = static_cast<Acc>(p.scores[t * E + e]);
+    // NaN scores rank (and are reported) as -inf, as on the device
+    for (int e = 0; e < E; ++e) row[e] = router::detail::rank_value(static_cast<Acc>(p.scores[t * E + e]));
     int32_t* idx = p.topk_idx + t * K;
     detail::select_topk(row.data(), E, K, detail::group_mask(row.data(), p.dims), idx);
     Acc total = 0;

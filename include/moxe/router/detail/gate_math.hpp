@@ -157,6 +157,13 @@ MOXE_HD MOXE_FORCEINLINE bool ranks_before(A va, int ia, A vb, int ib) {
   return va > vb || (va == vb && ia < ib);
 }
 
+/// The value a top-k ranks by: NaN as -inf (below every number, ties to the lower index),
+/// so that every candidate can be chosen and a selection never runs out of candidates.
+template <class A>
+MOXE_HD MOXE_FORCEINLINE A rank_value(A x) {
+  return x != x ? -math::infinity<A>() : x;
+}
+
 /// Batch constants of the gate backward (one set per call).
 template <class A>
 struct GateBackwardScalars {

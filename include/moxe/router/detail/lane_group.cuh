@@ -102,14 +102,17 @@ struct TopKSlots {
 template <int kLanes, int kPerLane>
 MOXE_DEVICE void topk_rounds(const LaneGroup<kLanes>& g, const float (&v)[kPerLane], uint32_t taken, int k,
                              TopKSlots slots) {
+  // NaN ranks as -inf and every untaken element ranks before the sentinel (-inf, INT_MAX),
+  // so each round's winner is a real element (a NaN that never won would leave INT_MAX)
   auto local_best = [&](float& bv, int& be) {
     bv = -math::infinity<float>();
     be = 0x7fffffff;
     MOXE_PRAGMA_UNROLL
     for (int j = 0; j < kPerLane; ++j) {
       const int e = g.element(j);
-      if (!((taken >> j) & 1u) && ranks_before(v[j], e, bv, be)) {
-        bv = v[j];
+      const float x = rank_value(v[j]);
+      if (!((taken >> j) & 1u) && ranks_before(x, e, bv, be)) {
+        bv = x;
         be = e;
       }
     }
@@ -207,10 +210,14 @@ MOXE_DEVICE void topk_threshold(const LaneGroup<kLanes>& g, const float (&v)[kPe
 template <int kLanes, int kPerLane>
 MOXE_DEVICE MOXE_FORCEINLINE void group_topk(const LaneGroup<kLanes>& g, const float (&v)[kPerLane], uint32_t taken,
                                              int k, TopKSlots slots) {
-  if (k <= kRoundsTopKMax) {
-    topk_rounds<kLanes, kPerLane>(g, v, taken, k, slots);
+  if constexpr (kLanes * kPerLane <= kRoundsTopKMax) {
+    topk_rounds<kLanes, kPerLane>(g, v, taken, k, slots);  // k <= E <= 8: no threshold code (registers)
   } else {
-    topk_threshold<kLanes, kPerLane>(g, v, taken, k, slots);
+    if (k <= kRoundsTopKMax) {
+      topk_rounds<kLanes, kPerLane>(g, v, taken, k, slots);
+    } else {
+      topk_threshold<kLanes, kPerLane>(g, v, taken, k, slots);
+    }
   }
 }
 
