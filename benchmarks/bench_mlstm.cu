@@ -1,0 +1,169 @@
+// mLSTM chunkwise benchmarks: forward, and forward + backward, in bf16 (float states).
+//   BM_mlstm_chunkwise_forward/{S}           B*S = 65536 tokens, NH 16, DQK 128, DV 256
+//   BM_mlstm_chunkwise_forward_backward/{S}  the same shapes
+// S in {512, 2048, 8192, 65536} at a fixed 65536 tokens (S = 8192 is B = 8).
+//
+// Counters: FLOP/s counts the chunkwise algorithm's matrix products (causal halves counted
+// as half, see chunkwise_flops); bytes/s counts the minimal traffic: every input read once
+// and every output written once, states not included (none are read or written here).
+#include <cuda_bf16.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "harness.cuh"
+#include "moxe/mlstm/chunkwise.cuh"
+
+namespace {
+
+using moxe::bench::DeviceMemory;
+using moxe::bench::EventTimer;
+using T = __nv_bfloat16;
+
+constexpr int64_t kTokens = 65536, kHeads = 16, kDqk = 128, kDv = 256;
+constexpr int kChunk = 64;
+
+/// FLOPs of one forward per (head, token): intra-chunk Q K^T and P V (causal: half of L x L),
+/// inter-chunk Q C_prev, and the chunk state update K^T V.
+double forward_flops_per_head_token(double L, double dk, double dv) {
+  return L * dk + L * dv + 2 * dk * dv + 2 * dk * dv;
+}
+/// FLOPs of one backward per (head, token): the forward's states and scores recomputed
+/// (Q K^T, K^T V), dP = dH V^T, dq (dS K, C dH), dk (dS^T Q, dC V), dv (P^T dH, dC^T K) and
+/// the state gradient Q^T dH.
+double backward_flops_per_head_token(double L, double dk, double dv) {
+  const double recompute = L * dk + 2 * dk * dv;
+  const double intra = L * dv + L * dk + L * dk + L * dv;
+  const double inter = 2 * dk * dv * 4;
+  return recompute + intra + inter;
+}
+double chunkwise_flops(int64_t tokens, bool backward) {
+  const double per = forward_flops_per_head_token(kChunk, kDqk, kDv) +
+                     (backward ? backward_flops_per_head_token(kChunk, kDqk, kDv) : 0.0);
+  return per * double(tokens) * double(kHeads);
+}
+/// Minimal bytes: forward reads q, k, v, igate, fgate and writes h; the backward also reads
+/// dh and writes dq, dk, dv, digate, dfgate (and reads the inputs again).
+double minimal_bytes(int64_t tokens, bool backward) {
+  const double ht = double(tokens) * double(kHeads) * sizeof(T);
+  const double fwd = ht * (2 * kDqk + kDv + 2) + ht * kDv;
+  const double bwd = ht * (2 * kDqk + kDv + 2) + ht * kDv + ht * (2 * kDqk + kDv + 2);
+  return backward ? fwd + bwd : fwd;
+}
+
+__global__ void fill_bf16(T* p, std::size_t n, uint32_t seed, float scale, float offset) {
+  for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::size_t(gridDim.x) * blockDim.x) {
+    uint32_t x = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    x ^= x >> 15;
+    x *= 2246822519u;
+    x ^= x >> 13;
+    const float u = (x & 0xFFFFFF) / float(0x1000000) * 2.f - 1.f;  // [-1, 1)
+    p[i] = __float2bfloat16_rn(offset + scale * u);
+  }
+}
+
+/// One set of inputs (rotated past L2); the outputs are shared by all sets.
+struct Inputs {
+  DeviceMemory q, k, v, ig, fg, dh;
+};
+
+Inputs make_inputs(int64_t tokens, int index) {
+  const std::size_t qk = std::size_t(tokens) * kHeads * kDqk, vv = std::size_t(tokens) * kHeads * kDv;
+  const std::size_t g = std::size_t(tokens) * kHeads;
+  Inputs s;
+  s.q = DeviceMemory(qk * sizeof(T));
+  s.k = DeviceMemory(qk * sizeof(T));
+  s.v = DeviceMemory(vv * sizeof(T));
+  s.ig = DeviceMemory(g * sizeof(T));
+  s.fg = DeviceMemory(g * sizeof(T));
+  s.dh = DeviceMemory(vv * sizeof(T));
+  const uint32_t seed = 977u * static_cast<uint32_t>(index + 1);
+  fill_bf16<<<1024, 256>>>(s.q.as<T>(), qk, seed + 1, 1.f, 0.f);
+  fill_bf16<<<1024, 256>>>(s.k.as<T>(), qk, seed + 2, 1.f, 0.f);
+  fill_bf16<<<1024, 256>>>(s.v.as<T>(), vv, seed + 3, 1.f, 0.f);
+  fill_bf16<<<1024, 256>>>(s.ig.as<T>(), g, seed + 4, 3.f, 0.f);
+  fill_bf16<<<1024, 256>>>(s.fg.as<T>(), g, seed + 5, 2.f, 3.f);  // forget gates mostly open
+  fill_bf16<<<1024, 256>>>(s.dh.as<T>(), vv, seed + 6, 1.f, 0.f);
+  MOXE_BENCH_CUDA(cudaGetLastError());
+  return s;
+}
+
+void run_chunkwise(benchmark::State& state, bool backward) {
+  const int64_t S = state.range(0);
+  const int64_t B = kTokens / S;
+  const std::size_t qk = std::size_t(kTokens) * kHeads * kDqk, vv = std::size_t(kTokens) * kHeads * kDv;
+  const std::size_t g = std::size_t(kTokens) * kHeads;
+  const std::size_t set_bytes = (2 * qk + 2 * vv + 2 * g) * sizeof(T);
+  moxe::bench::Rotation<Inputs> inputs(set_bytes, [&](int i) { return make_inputs(kTokens, i); }, 4);
+  DeviceMemory h(vv * sizeof(T)), dq(qk * sizeof(T)), dk(qk * sizeof(T)), dv(vv * sizeof(T)),
+      di(g * sizeof(T)), df(g * sizeof(T));
+
+  auto params = [&](const Inputs& in) {
+    moxe::mlstm::BackwardParams<T, float> p;
+    p.fwd.dims = moxe::mlstm::Dims{B, kHeads, S, kDqk, kDv};
+    p.fwd.q = in.q.as<T>();
+    p.fwd.k = in.k.as<T>();
+    p.fwd.v = in.v.as<T>();
+    p.fwd.igate = in.ig.as<T>();
+    p.fwd.fgate = in.fg.as<T>();
+    p.fwd.h = h.as<T>();
+    p.fwd.chunk_size = kChunk;
+    p.dh = in.dh.as<T>();
+    p.dq = dq.as<T>();
+    p.dk = dk.as<T>();
+    p.dv = dv.as<T>();
+    p.digate = di.as<T>();
+    p.dfgate = df.as<T>();
+    return p;
+  };
+  const auto probe = params(inputs.next());
+  const std::size_t fbytes = moxe::mlstm::chunkwise_forward_workspace_size(probe.fwd);
+  const std::size_t bbytes = backward ? moxe::mlstm::chunkwise_backward_workspace_size(probe) : 0;
+  DeviceMemory workspace(fbytes > bbytes ? fbytes : bbytes);
+  state.counters["workspace_MiB"] = double(workspace.bytes()) / (1 << 20);
+
+  cudaStream_t stream;
+  MOXE_BENCH_CUDA(cudaStreamCreate(&stream));
+  MOXE_BENCH_CUDA(cudaDeviceSynchronize());
+  EventTimer timer;
+  for (auto _ : state) {
+    const auto p = params(inputs.next());
+    timer.start(stream);
+    moxe::Status st = moxe::mlstm::chunkwise_forward(p.fwd, workspace.as<void>(), workspace.bytes(), stream);
+    if (st == moxe::Status::ok && backward)
+      st = moxe::mlstm::chunkwise_backward(p, workspace.as<void>(), workspace.bytes(), stream);
+    const double seconds = timer.stop_seconds(stream);
+    if (st != moxe::Status::ok) {
+      state.SkipWithError(moxe::to_string(st));
+      break;
+    }
+    state.SetIterationTime(seconds);
+  }
+  moxe::bench::set_counters(state, minimal_bytes(kTokens, backward), chunkwise_flops(kTokens, backward));
+  MOXE_BENCH_CUDA(cudaStreamDestroy(stream));
+}
+
+void BM_mlstm_chunkwise_forward(benchmark::State& state) { run_chunkwise(state, false); }
+void BM_mlstm_chunkwise_forward_backward(benchmark::State& state) { run_chunkwise(state, true); }
+
+BENCHMARK(BM_mlstm_chunkwise_forward)
+    ->ArgName("S")
+    ->Arg(512)
+    ->Arg(2048)
+    ->Arg(8192)
+    ->Arg(65536)
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_mlstm_chunkwise_forward_backward)
+    ->ArgName("S")
+    ->Arg(512)
+    ->Arg(2048)
+    ->Arg(8192)
+    ->Arg(65536)
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
+
+}  // namespace
+
+MOXE_BENCHMARK_MAIN();

@@ -1,0 +1,266 @@
+// moxe::mlstm: the chunkwise mLSTM forward and exact backward on the device.
+//
+//   size_t chunkwise_forward_workspace_size(const ForwardParams<T, float>&);
+//   Status chunkwise_forward(const ForwardParams<T, float>&, void* workspace, size_t bytes,
+//                            cudaStream_t stream);
+//   size_t chunkwise_backward_workspace_size(const BackwardParams<T, float>&);
+//   Status chunkwise_backward(const BackwardParams<T, float>&, void* workspace, size_t bytes,
+//                             cudaStream_t stream);
+//
+// T in {float, __half, __nv_bfloat16}; states and accumulation in float. Float inputs
+// compute in fp32 throughout (no TF32); half and bf16 inputs multiply the chunk matrices on
+// tensor cores (3xTF32 operands, fp32 accumulation: about fp32 accuracy).
+// chunk_size a multiple of 16 in [16, 128]; DQK, DV multiples of 16 up to 256; any S >= 1;
+// segment_offsets (device memory, batch 1) restart the recurrence at every segment.
+//
+// The algorithm is a sequence of phases (detail/chunkwise_math.hpp): a chunk table built
+// on the device from the segment offsets, a scan of the gates (stabiliser m exactly as
+// the recurrence computes it), each chunk's local state, the inter-chunk recurrence of the
+// boundary states, the intra-chunk scores, and the outputs; the backward adds the reverse
+// recurrence of the state gradients, the per-chunk gradients and the gate gradients. The
+// phases are MOXE_HD functors (one index per thread here) and tile products (one 16 x 16
+// output tile per warp here); the host (chunkwise_host.hpp) runs the same functors and
+// tiles in loops, so the CPU tests check this arithmetic, indexing and workspace layout.
+// Every output element is written by one thread or warp with a fixed summation order: the
+// results are deterministic. No allocation, no synchronisation: safe under graph capture.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <type_traits>
+
+#include "moxe/core/config.hpp"
+#include "moxe/core/launch.cuh"
+#include "moxe/core/numeric.cuh"
+#include "moxe/core/status.hpp"
+#include "moxe/core/workspace.hpp"
+#include "moxe/mlstm/detail/chunkwise_math.hpp"
+#include "moxe/mlstm/params.hpp"
+
+namespace moxe::mlstm {
+
+namespace detail {
+
+inline constexpr int kChunkwiseThreads = 256;
+inline constexpr int kWarpSizeForTiles = 32;
+inline constexpr int kMaxDeviceHeadDim = 256;
+inline constexpr int64_t kMaxChunkwiseBlocks = int64_t(1) << 20;  // grid-stride beyond this
+
+/// One index of a phase functor per thread (grid-stride).
+template <class F>
+__global__ void __launch_bounds__(kChunkwiseThreads) chunkwise_phase_kernel(const F phase, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) phase(i);
+}
+
+template <class F>
+Status launch_phase(const F& phase, cudaStream_t stream) {
+  const int64_t n = phase.size();
+  if (n <= 0) return Status::ok;
+  int64_t blocks = ceil_div<int64_t>(n, kChunkwiseThreads);
+  if (blocks > kMaxChunkwiseBlocks) blocks = kMaxChunkwiseBlocks;
+  chunkwise_phase_kernel<F><<<static_cast<unsigned>(blocks), kChunkwiseThreads, 0, stream>>>(phase, n);
+  return check_launch(stream);
+}
+
+inline constexpr int kTileWarps = 4;  // one 16 x 16 output tile per warp
+inline constexpr int kTileThreads = kTileWarps * kWarpSizeForTiles;
+
+/// The device's tile engine (see "tile products" in detail/chunkwise_math.hpp): each warp
+/// computes 16 x 16 output tiles of `op`, staging 16-deep slices of both operands in
+/// shared memory through the op's accessors. kTensorCores: tensor-core MMAs with fp32
+/// accumulation, operands split into two TF32 parts (3xTF32, about fp32 accuracy) for half
+/// and bf16 inputs; otherwise exact fp32 FMAs (float inputs, no TF32).
+template <class Op, bool kTensorCores>
+__global__ void __launch_bounds__(kTileThreads)
+    chunkwise_tile_kernel(const Op op, int64_t tiles_per_item, int64_t tiles_n, int64_t total_tiles) {
+  constexpr int kLd = kTensorCores ? kTile : kTile + 1;  // WMMA needs ldm % 4 == 0; FMA avoids conflicts
+  __shared__ __align__(32) float a_stage[kTileWarps][kTile * kLd];
+  __shared__ __align__(32) float b_stage[kTileWarps][kTile * kLd];
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSizeForTiles;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSizeForTiles;
+  float* a_tile = a_stage[warp];
+  float* b_tile = b_stage[warp];
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kTileWarps;
+  for (int64_t tile = static_cast<int64_t>(blockIdx.x) * kTileWarps + warp; tile < total_tiles; tile += stride) {
+    const int64_t item = tile / tiles_per_item, within = tile % tiles_per_item;
+    const int64_t x0 = (within / tiles_n) * kTile, y0 = (within % tiles_n) * kTile;
+    const ChunkItem it = op.context(item);
+    const int64_t rows = op.rows(it), cols = op.cols(it), depth = op.depth(it);
+    if (x0 >= rows || y0 >= cols) continue;  // uniform across the warp
+
+    auto stage = [&](int64_t z0) {
+      for (int idx = lane; idx < kTile * kTile; idx += kWarpSizeForTiles) {
+        const int r = idx / kTile, c = idx % kTile;
+        a_tile[r * kLd + c] = (x0 + r < rows && z0 + c < depth) ? op.a(it, x0 + r, z0 + c) : 0.f;
+        b_tile[r * kLd + c] = (z0 + r < depth && y0 + c < cols) ? op.b(it, z0 + r, y0 + c) : 0.f;
+      }
+    };
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    if constexpr (kTensorCores) {
+      namespace wmma = nvcuda::wmma;
+      wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+      wmma::fill_fragment(acc, 0.f);
+      for (int64_t z0 = 0; z0 < depth; z0 += kTile) {
+        stage(z0);
+        __syncwarp();
+        for (int kk = 0; kk < kTile; kk += 8) {
+          // 3xTF32: x = hi + lo with hi, lo in TF32; a b ~ a_hi b_lo + a_lo b_hi + a_hi b_hi
+          // (fp32-level accuracy on TF32 tensor cores; the gate gradients are differences of
+          // such products and would not survive plain TF32's 2^-11).
+          wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa_hi, fa_lo;
+          wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fb_hi, fb_lo;
+          wmma::load_matrix_sync(fa_hi, a_tile + kk, kLd);        // rows x, columns z = kk..kk+7
+          wmma::load_matrix_sync(fb_hi, b_tile + kk * kLd, kLd);  // rows z = kk..kk+7, columns y
+          for (int i = 0; i < fa_hi.num_elements; ++i) {
+            const float x = fa_hi.x[i], hi = wmma::__float_to_tf32(x);
+            fa_hi.x[i] = hi;
+            fa_lo.x[i] = wmma::__float_to_tf32(x - hi);
+          }
+          for (int i = 0; i < fb_hi.num_elements; ++i) {
+            const float x = fb_hi.x[i], hi = wmma::__float_to_tf32(x);
+            fb_hi.x[i] = hi;
+            fb_lo.x[i] = wmma::__float_to_tf32(x - hi);
+          }
+          wmma::mma_sync(acc, fa_hi, fb_lo, acc);
+          wmma::mma_sync(acc, fa_lo, fb_hi, acc);
+          wmma::mma_sync(acc, fa_hi, fb_hi, acc);
+        }
+        __syncwarp();
+      }
+      wmma::store_matrix_sync(a_tile, acc, kLd, wmma::mem_row_major);
+      __syncwarp();
+      for (int idx = lane; idx < kTile * kTile; idx += kWarpSizeForTiles) {
+        const int r = idx / kTile, c = idx % kTile;
+        if (x0 + r < rows && y0 + c < cols) op.epilogue(it, x0 + r, y0 + c, a_tile[r * kLd + c]);
+      }
+      __syncwarp();  // a_tile is staged again by the next tile
+      continue;
+    }
+#endif
+    // fp32 FMA: each lane owns row x and 8 consecutive columns of the tile.
+    const int x = lane / 2, yb = (lane % 2) * 8;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int64_t z0 = 0; z0 < depth; z0 += kTile) {
+      stage(z0);
+      __syncwarp();
+      for (int z = 0; z < kTile; ++z) {
+        const float av = a_tile[x * kLd + z];
+        MOXE_PRAGMA_UNROLL
+        for (int k = 0; k < 8; ++k) acc[k] += av * b_tile[z * kLd + yb + k];
+      }
+      __syncwarp();
+    }
+    MOXE_PRAGMA_UNROLL
+    for (int k = 0; k < 8; ++k)
+      if (x0 + x < rows && y0 + yb + k < cols) op.epilogue(it, x0 + x, y0 + yb + k, acc[k]);
+  }
+}
+
+template <class Op, class T>
+Status launch_tile_product(const Op& op, cudaStream_t stream) {
+  const int64_t tiles_m = ceil_div<int64_t>(op.max_rows(), kTile);
+  const int64_t tiles_n = ceil_div<int64_t>(op.max_cols(), kTile);
+  const int64_t per_item = tiles_m * tiles_n, total = op.items() * per_item;
+  if (total <= 0) return Status::ok;
+  int64_t blocks = ceil_div<int64_t>(total, kTileWarps);
+  if (blocks > kMaxChunkwiseBlocks) blocks = kMaxChunkwiseBlocks;
+  constexpr bool kTensorCores = NumericTraits<T>::is_reduced;
+  chunkwise_tile_kernel<Op, kTensorCores>
+      <<<static_cast<unsigned>(blocks), kTileThreads, 0, stream>>>(op, per_item, tiles_n, total);
+  return check_launch(stream);
+}
+
+/// Head dimensions the device supports: multiples of 16 up to 256.
+MOXE_HD inline bool device_head_dim_supported(int64_t dim) {
+  return dim % 16 == 0 && dim <= kMaxDeviceHeadDim;
+}
+
+template <class T, class Acc>
+Status validate_device_chunkwise(const ForwardParams<T, Acc>& p, bool need_h) {
+  static_assert(is_device_element_v<T>, "chunkwise: T must be float, __half or __nv_bfloat16");
+  static_assert(std::is_same_v<Acc, float>, "chunkwise: the device keeps states in float");
+  MOXE_RETURN_IF_ERROR(validate_chunkwise(p, need_h));
+  if (!device_head_dim_supported(p.dims.dqk) || !device_head_dim_supported(p.dims.dv))
+    return Status::unsupported;
+  return Status::ok;
+}
+
+/// Runs one phase: one kernel on the stream.
+template <class T>
+struct DeviceRunner {
+  cudaStream_t stream;
+  template <class F>
+  Status operator()(const F& f) const {
+    if constexpr (is_tile_product<F>::value) {
+      return launch_tile_product<F, T>(f, stream);
+    } else {
+      return launch_phase(f, stream);
+    }
+  }
+};
+
+}  // namespace detail
+
+template <class T, class Acc>
+std::size_t chunkwise_forward_workspace_size(const ForwardParams<T, Acc>& p) {
+  WorkspaceCarver c;
+  detail::carve_chunk_workspace<Acc>(c, p.dims, p.num_segments, p.chunk_size, /*backward=*/false);
+  return c.required_bytes();
+}
+
+template <class T, class Acc>
+std::size_t chunkwise_backward_workspace_size(const BackwardParams<T, Acc>& p) {
+  WorkspaceCarver c;
+  detail::carve_chunk_workspace<Acc>(c, p.fwd.dims, p.fwd.num_segments, p.fwd.chunk_size, /*backward=*/true);
+  return c.required_bytes();
+}
+
+namespace detail {
+
+/// The launchers, with the variant of the chunk products as a parameter (tests run both).
+template <bool kTiled, class T, class Acc>
+Status chunkwise_forward_variant(const ForwardParams<T, Acc>& p, void* workspace, std::size_t workspace_bytes,
+                                 cudaStream_t stream) {
+  MOXE_RETURN_IF_ERROR(validate_device_chunkwise(p, /*need_h=*/true));
+  if (workspace_bytes < chunkwise_forward_workspace_size(p)) return Status::workspace_too_small;
+  WorkspaceCarver carver(workspace, workspace_bytes);
+  const auto ws = carve_chunk_workspace<Acc>(carver, p.dims, p.num_segments, p.chunk_size, false);
+  if (!carver.fits()) return Status::workspace_too_small;
+  const ChunkProblem<T, Acc> cp = make_chunk_problem(p, ws);
+  return run_forward<kTiled>(cp, p.h, p.c_last, p.n_last, p.m_last, DeviceRunner<T>{stream});
+}
+
+template <bool kTiled, class T, class Acc>
+Status chunkwise_backward_variant(const BackwardParams<T, Acc>& p, void* workspace, std::size_t workspace_bytes,
+                                  cudaStream_t stream) {
+  MOXE_RETURN_IF_ERROR(validate(p));
+  MOXE_RETURN_IF_ERROR(validate_device_chunkwise(p.fwd, /*need_h=*/false));
+  if (workspace_bytes < chunkwise_backward_workspace_size(p)) return Status::workspace_too_small;
+  WorkspaceCarver carver(workspace, workspace_bytes);
+  const auto ws = carve_chunk_workspace<Acc>(carver, p.fwd.dims, p.fwd.num_segments, p.fwd.chunk_size, true);
+  if (!carver.fits()) return Status::workspace_too_small;
+  const ChunkProblem<T, Acc> cp = make_chunk_problem(p.fwd, ws);
+  return run_backward<kTiled>(cp, make_chunk_grad_io(p), DeviceRunner<T>{stream});
+}
+
+}  // namespace detail
+
+/// h, and the final states (c_last, n_last, m_last) when given.
+template <class T, class Acc>
+Status chunkwise_forward(const ForwardParams<T, Acc>& p, void* workspace, std::size_t workspace_bytes,
+                         cudaStream_t stream) {
+  return detail::chunkwise_forward_variant<detail::kChunkwiseTiled>(p, workspace, workspace_bytes, stream);
+}
+
+/// dq, dk, dv, digate, dfgate, and dc_init, dn_init, dm_init when given: the exact
+/// gradient of the recurrent definition (forward phases recomputed, h not needed).
+template <class T, class Acc>
+Status chunkwise_backward(const BackwardParams<T, Acc>& p, void* workspace, std::size_t workspace_bytes,
+                          cudaStream_t stream) {
+  return detail::chunkwise_backward_variant<detail::kChunkwiseTiled>(p, workspace, workspace_bytes, stream);
+}
+
+}  // namespace moxe::mlstm

@@ -1,0 +1,334 @@
+// Host tests of the chunkwise mLSTM algorithm (chunkwise_host.hpp, the functors the device
+// runs): forward, final states and the exact backward equal the recurrent reference in
+// double, for chunk sizes 16..128, sequence lengths that are not multiples of the chunk,
+// large gates, initial states, upstream state gradients and variable-length segments.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "moxe/mlstm/chunkwise_host.hpp"
+#include "moxe/mlstm/reference.hpp"
+#include "test_utils.hpp"
+
+namespace mm = moxe::mlstm;
+using moxe::Status;
+using moxe::test::rel_error;
+
+namespace {
+
+constexpr double kTol = 1e-12;      // forward: the final states
+constexpr double kGradTol = 1e-11;  // backward: longer chains of cancelling terms
+
+struct Case {
+  int64_t batch = 1, heads = 2, seq_len = 7, dqk = 8, dv = 6;
+  int chunk_size = 16;
+  bool init_states = false;
+  bool upstream = false;  // dc_last / dn_last / dm_last
+  double igate_range = 3.0;
+  double tol_scale = 1.0;  // large gates: exp() of larger arguments, more rounding to compare
+  std::vector<int64_t> offsets;  // empty: no segments
+};
+
+struct Data {
+  Case cs;
+  int64_t slots = 0;
+  std::vector<double> q, k, v, ig, fg, c0, n0, m0, dh, dcl, dnl, dml;
+};
+
+Data make_data(const Case& cs, moxe::test::Rng& rng) {
+  Data d;
+  d.cs = cs;
+  const int64_t rows = cs.batch * cs.heads * cs.seq_len;
+  const int64_t units = cs.offsets.empty() ? cs.batch : static_cast<int64_t>(cs.offsets.size()) - 1;
+  d.slots = units * cs.heads;
+  d.q = moxe::test::normal_vector<double>(rng, rows * cs.dqk);
+  d.k = moxe::test::normal_vector<double>(rng, rows * cs.dqk);
+  d.v = moxe::test::normal_vector<double>(rng, rows * cs.dv);
+  d.ig = moxe::test::uniform_vector<double>(rng, rows, -cs.igate_range, cs.igate_range);
+  d.fg = moxe::test::uniform_vector<double>(rng, rows, -2.0, 6.0);
+  d.dh = moxe::test::normal_vector<double>(rng, rows * cs.dv);
+  if (cs.init_states) {
+    d.c0 = moxe::test::normal_vector<double>(rng, d.slots * cs.dqk * cs.dv, 0.5);
+    d.n0 = moxe::test::uniform_vector<double>(rng, d.slots * cs.dqk, -1.0, 1.0);
+    d.m0 = moxe::test::uniform_vector<double>(rng, d.slots, -2.0, 2.0);
+  }
+  if (cs.upstream) {
+    d.dcl = moxe::test::normal_vector<double>(rng, d.slots * cs.dqk * cs.dv);
+    d.dnl = moxe::test::normal_vector<double>(rng, d.slots * cs.dqk);
+    d.dml = moxe::test::normal_vector<double>(rng, d.slots);
+  }
+  return d;
+}
+
+mm::ForwardParams<double, double> forward_params(const Data& d) {
+  mm::ForwardParams<double, double> p;
+  p.dims = mm::Dims{d.cs.batch, d.cs.heads, d.cs.seq_len, d.cs.dqk, d.cs.dv};
+  p.q = d.q.data();
+  p.k = d.k.data();
+  p.v = d.v.data();
+  p.igate = d.ig.data();
+  p.fgate = d.fg.data();
+  if (d.cs.init_states) {
+    p.c_init = d.c0.data();
+    p.n_init = d.n0.data();
+    p.m_init = d.m0.data();
+  }
+  p.chunk_size = d.cs.chunk_size;
+  if (!d.cs.offsets.empty()) {
+    p.segment_offsets = d.cs.offsets.data();
+    p.num_segments = static_cast<int64_t>(d.cs.offsets.size()) - 1;
+  }
+  return p;
+}
+
+struct ForwardOut {
+  std::vector<double> h, c, n, m;
+};
+
+template <class Fn>
+ForwardOut run_forward(const Data& d, Fn fn) {
+  const int64_t rows = d.cs.batch * d.cs.heads * d.cs.seq_len;
+  ForwardOut o;
+  o.h = moxe::test::poisoned<double>(rows * d.cs.dv);
+  o.c = moxe::test::poisoned<double>(d.slots * d.cs.dqk * d.cs.dv);
+  o.n = moxe::test::poisoned<double>(d.slots * d.cs.dqk);
+  o.m = moxe::test::poisoned<double>(d.slots);
+  auto p = forward_params(d);
+  p.h = o.h.data();
+  p.c_last = o.c.data();
+  p.n_last = o.n.data();
+  p.m_last = o.m.data();
+  REQUIRE(fn(p) == Status::ok);
+  return o;
+}
+
+struct BackwardOut {
+  std::vector<double> dq, dk, dv, di, df, dc0, dn0, dm0;
+};
+
+template <class Fn>
+BackwardOut run_backward(const Data& d, Fn fn) {
+  const int64_t rows = d.cs.batch * d.cs.heads * d.cs.seq_len;
+  BackwardOut o;
+  o.dq = moxe::test::poisoned<double>(rows * d.cs.dqk);
+  o.dk = moxe::test::poisoned<double>(rows * d.cs.dqk);
+  o.dv = moxe::test::poisoned<double>(rows * d.cs.dv);
+  o.di = moxe::test::poisoned<double>(rows);
+  o.df = moxe::test::poisoned<double>(rows);
+  mm::BackwardParams<double, double> p;
+  p.fwd = forward_params(d);
+  p.dh = d.dh.data();
+  if (d.cs.upstream) {
+    p.dc_last = d.dcl.data();
+    p.dn_last = d.dnl.data();
+    p.dm_last = d.dml.data();
+  }
+  p.dq = o.dq.data();
+  p.dk = o.dk.data();
+  p.dv = o.dv.data();
+  p.digate = o.di.data();
+  p.dfgate = o.df.data();
+  if (d.cs.init_states) {
+    o.dc0 = moxe::test::poisoned<double>(d.slots * d.cs.dqk * d.cs.dv);
+    o.dn0 = moxe::test::poisoned<double>(d.slots * d.cs.dqk);
+    o.dm0 = moxe::test::poisoned<double>(d.slots);
+    p.dc_init = o.dc0.data();
+    p.dn_init = o.dn0.data();
+    p.dm_init = o.dm0.data();
+  }
+  REQUIRE(fn(p) == Status::ok);
+  return o;
+}
+
+double norm(const std::vector<double>& v) {
+  double s = 0.0;
+  for (double x : v) s += x * x;
+  return std::sqrt(s);
+}
+
+/// ||out - ref|| / max(||ref||, 1e-2 * scale), scale = the norms of all gradients together.
+/// A gradient can be exactly 0 or of the size of eps while its terms are not (dfgate at
+/// t = 1 when m_1 = i_1; dq when |n.q| dominates the normaliser); the chunkwise and the
+/// recurrent forms then both return rounding noise of the size of the cancelling terms, and
+/// an element-relative measure would compare noise with noise.
+double grad_error(const std::vector<double>& out, const std::vector<double>& ref, double scale) {
+  double num = 0.0;
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    if (!std::isfinite(out[i])) return std::numeric_limits<double>::infinity();
+    num += (out[i] - ref[i]) * (out[i] - ref[i]);
+  }
+  const double den = std::max(norm(ref), 1e-2 * scale);
+  return den > 0.0 ? std::sqrt(num) / den : std::sqrt(num);
+}
+
+template <bool kTiled = mm::detail::kChunkwiseTiled>
+void check_case(const Case& cs, moxe::test::Rng& rng) {
+  const Data d = make_data(cs, rng);
+  INFO("S=" << cs.seq_len << " L=" << cs.chunk_size << " B=" << cs.batch << " init=" << cs.init_states
+            << " segments=" << cs.offsets.size());
+  const auto ref = run_forward(d, [](const auto& p) { return mm::reference::forward(p); });
+  const auto got = run_forward(d, [](const auto& p) { return mm::chunkwise_host::forward<double, double, kTiled>(p); });
+  CHECK(rel_error(got.h, ref.h) < kGradTol);  // h divides by |n.q|, which can be small
+  CHECK(rel_error(got.c, ref.c) < kTol);
+  CHECK(rel_error(got.n, ref.n) < kTol);
+  CHECK(rel_error(got.m, ref.m) < kTol);
+
+  const auto gref = run_backward(d, [](const auto& p) { return mm::reference::backward(p); });
+  const auto ggot =
+      run_backward(d, [](const auto& p) { return mm::chunkwise_host::backward<double, double, kTiled>(p); });
+  const double grad_tol = kGradTol * cs.tol_scale;
+  const double scale = norm(gref.dq) + norm(gref.dk) + norm(gref.dv) + norm(gref.di) + norm(gref.df);
+  CHECK(grad_error(ggot.dq, gref.dq, scale) < grad_tol);
+  CHECK(grad_error(ggot.dk, gref.dk, scale) < grad_tol);
+  CHECK(grad_error(ggot.dv, gref.dv, scale) < grad_tol);
+  CHECK(grad_error(ggot.di, gref.di, scale) < grad_tol);
+  CHECK(grad_error(ggot.df, gref.df, scale) < grad_tol);
+  if (cs.init_states) {
+    CHECK(grad_error(ggot.dc0, gref.dc0, scale) < grad_tol);
+    CHECK(grad_error(ggot.dn0, gref.dn0, scale) < grad_tol);
+    CHECK(grad_error(ggot.dm0, gref.dm0, scale) < grad_tol);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("chunkwise host == recurrent reference: chunk sizes x sequence lengths") {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  for (int chunk : {16, 32, 64, 128}) {
+    for (int64_t s : {1, 7, 16, 33, 100, 200}) {
+      Case cs;
+      cs.seq_len = s;
+      cs.chunk_size = chunk;
+      cs.batch = 2;
+      check_case(cs, rng);
+    }
+  }
+}
+
+TEST_CASE("chunkwise host == reference: large gates, initial states, upstream gradients") {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  for (int chunk : {16, 64}) {
+    for (int64_t s : {1, 33, 100}) {
+      Case cs;
+      cs.seq_len = s;
+      cs.chunk_size = chunk;
+      cs.igate_range = 12.0;
+      cs.tol_scale = 10.0;
+      cs.init_states = true;
+      cs.upstream = true;
+      cs.dqk = 16;
+      cs.dv = 16;
+      check_case(cs, rng);
+    }
+  }
+}
+
+TEST_CASE("chunkwise host == reference: variable-length segments") {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  for (int chunk : {16, 32}) {
+    for (bool init : {false, true}) {
+      Case cs;
+      cs.seq_len = 70;
+      cs.offsets = {0, 1, 18, 18, 50, 51, 70};  // lengths 1, 17, 0, 32, 1, 19
+      cs.chunk_size = chunk;
+      cs.init_states = init;
+      cs.upstream = init;
+      cs.igate_range = 8.0;
+      check_case(cs, rng);
+    }
+  }
+}
+
+TEST_CASE("chunkwise host, both variants of the matrix products (tile products, per element)") {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  for (int chunk : {16, 32}) {
+    for (int64_t s : {1, 40}) {
+      Case cs;
+      cs.seq_len = s;
+      cs.chunk_size = chunk;
+      cs.init_states = true;
+      cs.upstream = true;
+      cs.dqk = 20;  // not multiples of the 16-wide tiles
+      cs.dv = 13;
+      check_case<true>(cs, rng);
+      check_case<false>(cs, rng);
+    }
+  }
+  Case seg;
+  seg.seq_len = 50;
+  seg.offsets = {0, 1, 20, 20, 50};
+  check_case<true>(seg, rng);
+  check_case<false>(seg, rng);
+}
+
+TEST_CASE("chunkwise host == reference: stabiliser ties go to the decay (earliest source)") {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  for (int chunk : {16, 32}) {
+    Case cs;
+    cs.seq_len = 45;
+    cs.chunk_size = chunk;
+    cs.init_states = true;
+    cs.upstream = true;
+    Data d = make_data(cs, rng);
+    // i_t = logsigmoid(f_t) + m_{t-1} exactly at every third step (t = 0 included): the max
+    // of the recurrence ties, and the gradient must take the decay branch.
+    for (int64_t slot = 0; slot < d.slots; ++slot) {
+      double m = d.m0[slot];
+      for (int64_t t = 0; t < cs.seq_len; ++t) {
+        const int64_t r = slot * cs.seq_len + t;
+        if (t % 3 == 0) d.ig[r] = moxe::math::logsigmoid(d.fg[r]) + m;
+        m = mm::detail::gate_step(d.ig[r], d.fg[r], m).m;
+      }
+    }
+    const auto gref = run_backward(d, [](const auto& p) { return mm::reference::backward(p); });
+    const auto ggot = run_backward(d, [](const auto& p) { return mm::chunkwise_host::backward(p); });
+    const double scale = norm(gref.dq) + norm(gref.dk) + norm(gref.dv) + norm(gref.di) + norm(gref.df);
+    CHECK(grad_error(ggot.di, gref.di, scale) < kGradTol);
+    CHECK(grad_error(ggot.df, gref.df, scale) < kGradTol);
+    CHECK(grad_error(ggot.dm0, gref.dm0, scale) < kGradTol);
+    const auto ref = run_forward(d, [](const auto& p) { return mm::reference::forward(p); });
+    const auto got = run_forward(d, [](const auto& p) { return mm::chunkwise_host::forward(p); });
+    CHECK(got.m == ref.m);  // the stabiliser is the recurrence's, bit for bit
+  }
+}
+
+TEST_CASE("chunkwise host: bad input returns a status and writes nothing") {
+  moxe::test::Rng rng(1);
+  Case cs;
+  const Data d = make_data(cs, rng);
+  std::vector<double> h(cs.heads * cs.seq_len * cs.dv, 7.0);
+  auto p = forward_params(d);
+  p.h = h.data();
+  for (int chunk : {0, 8, 24, 144, -16}) {
+    auto bad = p;
+    bad.chunk_size = chunk;
+    CHECK(mm::chunkwise_host::forward(bad) == Status::invalid_argument);
+  }
+  auto bad = p;
+  bad.q = nullptr;
+  CHECK(mm::chunkwise_host::forward(bad) == Status::invalid_argument);
+  std::vector<double> partial(cs.heads * cs.dqk * cs.dv, 0.0);
+  bad = p;
+  bad.c_init = partial.data();
+  CHECK(mm::chunkwise_host::forward(bad) == Status::invalid_argument);
+  const std::vector<int64_t> offsets = {0, 3, 5};  // does not end at seq_len
+  bad = p;
+  bad.segment_offsets = offsets.data();
+  bad.num_segments = 2;
+  CHECK(mm::chunkwise_host::forward(bad) == Status::invalid_argument);
+  for (double x : h) CHECK(x == 7.0);
+}
