@@ -8,3 +8,24 @@
 #include "moxe/core/reduce.cuh"
 #include "moxe/core/status.hpp"
 #include "moxe/core/workspace.hpp"
+
+#include "moxe/mlstm/chunkwise.cuh"
+#include "moxe/mlstm/reference.hpp"
+#include "moxe/mlstm/step.cuh"
+
+#include "moxe/slstm/reference.hpp"
+#include "moxe/slstm/sequence.cuh"
+#include "moxe/slstm/step.cuh"
+
+#include "moxe/router/entropy.cuh"
+#include "moxe/router/gate.cuh"
+#include "moxe/router/reference.hpp"
+#include "moxe/router/topk.cuh"
+
+#include "moxe/loss/balance.cuh"
+#include "moxe/loss/reference.hpp"
+
+#include "moxe/dispatch/expert_parallel.cuh"
+#include "moxe/dispatch/permute.cuh"
+#include "moxe/dispatch/reference.hpp"
+#include "moxe/dispatch/routing_map.cuh"
