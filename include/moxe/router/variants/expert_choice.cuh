@@ -1,0 +1,281 @@
+// moxe::router::variants: expert-choice routing on the device (Zhou et al. 2022),
+// forward and backward, E <= 1024, T < 2^31 (docs/router_variants.md).
+//
+// Forward, three launches, no sort of T x E and no atomics outside shared memory:
+//   1. ec_scores_kernel: 32 tokens per block; s = softmax(z) per token, written to the
+//      optional scores [T, E] and, through a shared-memory tile, transposed into the
+//      workspace as score_t [E, T] (coalesced both ways); row_map and token_weight rows
+//      are reset (-1, 0).
+//   2. ec_select_kernel: one block per expert over its column of score_t: a 4-pass
+//      8-bit radix select finds the key of the C-th largest score and how many of the
+//      tokens equal to it to take, then a stable block compaction in token order writes
+//      expert_tokens [E, C], expert_weights, row_map[t, e] = e*C + position and
+//      token_weight[t, e] = s (ties to the lower token index).
+//   3. (optional) ec_count_kernel: experts_per_token from the row map.
+// Backward: per token, dz = s (gp - <s, gp>) with gp = dweight on the chosen (t, e).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "moxe/core/launch.cuh"
+#include "moxe/core/reduce.cuh"
+#include "moxe/core/status.hpp"
+#include "moxe/core/workspace.hpp"
+#include "moxe/router/detail/gate_math.hpp"
+#include "moxe/router/variants/detail/device.cuh"
+#include "moxe/router/variants/detail/variant_math.hpp"
+#include "moxe/router/variants/params.hpp"
+
+namespace moxe::router::variants {
+
+namespace detail {
+
+inline constexpr int kScoreTileTokens = 32;
+inline constexpr int kScoreThreads = 256;
+inline constexpr int kSelectThreads = 512;
+inline constexpr int kSelectWarps = kSelectThreads / kWarpSize;
+inline constexpr int kSelectUnroll = 4;
+inline constexpr int kRadixBits = 8;
+inline constexpr int kRadixBins = 1 << kRadixBits;
+
+inline std::size_t score_tile_bytes(int experts) {
+  return sizeof(float) * kScoreTileTokens * (static_cast<std::size_t>(experts) + 1);
+}
+
+template <class T>
+__global__ void __launch_bounds__(kScoreThreads)
+    ec_scores_kernel(const __grid_constant__ ExpertChoiceForwardParams<T, float> p, float* score_t) {
+  extern __shared__ float tile[];  // [kScoreTileTokens][E + 1]
+  const int E = p.dims.experts;
+  const int64_t T_ = p.dims.tokens;
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const int64_t t0 = int64_t(blockIdx.x) * kScoreTileTokens;
+  for (int tt = warp; tt < kScoreTileTokens; tt += kScoreThreads / kWarpSize) {
+    const int64_t t = t0 + tt;
+    if (t >= T_) break;
+    const T* row = p.logits + t * E;
+    math::MaxSum<float> ms;
+    for (int e = lane; e < E; e += kWarpSize) ms.add(to_float(row[e]));
+    const float lse = warp_merge(ms).log_sum_exp();
+    for (int e = lane; e < E; e += kWarpSize) {
+      const float s = math::exp(to_float(row[e]) - lse);
+      tile[tt * (E + 1) + e] = s;
+      if (p.scores != nullptr) p.scores[t * E + e] = s;
+      p.row_map[t * E + e] = -1;
+      p.token_weight[t * E + e] = 0.f;
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kScoreTileTokens * E; i += kScoreThreads) {
+    const int e = i / kScoreTileTokens, tt = i % kScoreTileTokens;
+    if (t0 + tt < T_) score_t[int64_t(e) * T_ + t0 + tt] = tile[tt * (E + 1) + e];
+  }
+}
+
+/// Exclusive rank of `flag` among the block's threads (thread order) and the block total.
+MOXE_DEVICE MOXE_FORCEINLINE int block_rank(bool flag, int* warp_totals, int& total) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  const unsigned ballot = __ballot_sync(kFullMask, flag);
+  const int rank = __popc(ballot & ((1u << lane) - 1u));
+  if (lane == 0) warp_totals[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0;
+  total = 0;
+  for (int w = 0; w < kSelectWarps; ++w) {
+    const int c = warp_totals[w];
+    before += w < warp ? c : 0;
+    total += c;
+  }
+  __syncthreads();
+  return before + rank;
+}
+
+template <class T>
+__global__ void __launch_bounds__(kSelectThreads)
+    ec_select_kernel(const __grid_constant__ ExpertChoiceForwardParams<T, float> p, const float* score_t) {
+  __shared__ int hist[kRadixBins];
+  __shared__ int warp_totals[kSelectWarps];
+  __shared__ uint32_t s_digit;
+  __shared__ int64_t s_remaining;
+  const int e = blockIdx.x, E = p.dims.experts;
+  const int64_t T_ = p.dims.tokens, C = effective_capacity(p.dims);
+  const float* col = score_t + int64_t(e) * T_;
+  // radix select: the key of the C-th largest score, and how many equal to it to take
+  uint32_t prefix = 0, mask = 0;
+  int64_t remaining = C;
+  for (int shift = 32 - kRadixBits; shift >= 0; shift -= kRadixBits) {
+    for (int i = threadIdx.x; i < kRadixBins; i += kSelectThreads) hist[i] = 0;
+    __syncthreads();
+    // kSelectUnroll independent loads in flight per thread, then the histogram updates;
+    // the whole block runs every round (past the end a lane adds nothing)
+    for (int64_t start = 0; start < T_; start += int64_t(kSelectThreads) * kSelectUnroll) {
+      float x[kSelectUnroll];
+      MOXE_PRAGMA_UNROLL
+      for (int u = 0; u < kSelectUnroll; ++u) {
+        const int64_t t = start + int64_t(u) * kSelectThreads + threadIdx.x;
+        x[u] = t < T_ ? __ldg(col + t) : 0.f;
+      }
+      MOXE_PRAGMA_UNROLL
+      for (int u = 0; u < kSelectUnroll; ++u) {
+        const bool valid = start + int64_t(u) * kSelectThreads + threadIdx.x < T_;
+        const uint32_t k = router::detail::float_key(x[u]);
+        const int bin = (valid && (k & mask) == prefix) ? int((k >> shift) & (kRadixBins - 1)) : -1;
+        // softmax scores share their top bits: aggregate equal bins over the warp first
+        const unsigned peers = __match_any_sync(kFullMask, bin);
+        if (bin >= 0 && (threadIdx.x % kWarpSize) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int64_t in_digit = 0;
+      s_digit = static_cast<uint32_t>(radix_select_digit(hist, kRadixBins, remaining, in_digit));
+      s_remaining = in_digit;
+    }
+    __syncthreads();
+    prefix |= s_digit << shift;
+    mask |= uint32_t(kRadixBins - 1) << shift;
+    remaining = s_remaining;
+  }
+  const uint32_t tau = prefix;
+  const int64_t need = remaining;  // tokens with key == tau to take, lowest index first
+  // stable compaction in token order
+  int64_t eq_base = 0, sel_base = 0;
+  for (int64_t start = 0; start < T_; start += kSelectThreads) {
+    const int64_t t = start + threadIdx.x;
+    const bool valid = t < T_;
+    const float s = valid ? col[t] : 0.f;
+    const uint32_t k = valid ? router::detail::float_key(s) : 0u;
+    const bool eq = valid && k == tau;
+    int eq_total, sel_total;
+    const int eq_rank = block_rank(eq, warp_totals, eq_total);
+    const bool sel = (valid && k > tau) || (eq && eq_base + eq_rank < need);
+    const int sel_rank = block_rank(sel, warp_totals, sel_total);
+    if (sel && sel_base + sel_rank < C) {  // the bound holds by construction; it guards the writes
+      const int64_t pos = sel_base + sel_rank, row = int64_t(e) * C + pos;
+      p.expert_tokens[row] = static_cast<int32_t>(t);
+      if (p.expert_weights != nullptr) p.expert_weights[row] = s;
+      p.row_map[t * E + e] = row;
+      p.token_weight[t * E + e] = s;
+    }
+    eq_base += eq_total;
+    sel_base += sel_total;
+    if (sel_base >= C) break;  // exactly C are chosen: the rest of the column is not (uniform)
+  }
+  if (threadIdx.x == 0 && p.expert_offsets != nullptr) {
+    p.expert_offsets[e] = int64_t(e) * C;
+    if (e == 0) p.expert_offsets[E] = int64_t(E) * C;
+  }
+}
+
+/// experts_per_token[t] = number of chosen (t, e): one warp per token.
+template <class Index = int64_t>  // a template: one definition across translation units
+__global__ void __launch_bounds__(kScoreThreads)
+    ec_count_kernel(const Index* row_map, int64_t tokens, int experts, int32_t* experts_per_token) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps = int64_t(gridDim.x) * (kScoreThreads / kWarpSize);
+  for (int64_t t = (int64_t(blockIdx.x) * kScoreThreads + threadIdx.x) / kWarpSize; t < tokens; t += warps) {
+    int n = 0;
+    for (int e = lane; e < experts; e += kWarpSize) n += row_map[t * experts + e] >= 0 ? 1 : 0;
+    n = warp_sum(n);
+    if (lane == 0) experts_per_token[t] = n;
+  }
+}
+
+template <class T, int kLanes, int kPerLane>
+__global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
+    ec_backward_kernel(const __grid_constant__ ExpertChoiceBackwardParams<T, float> b) {
+  using Group = LaneGroup<kLanes>;
+  const auto& p = b.fwd;
+  const Group g;
+  const int E = p.dims.experts;
+  const int64_t T_ = p.dims.tokens;
+  const int warp = threadIdx.x / kWarpSize;
+  const uint32_t padding = router::detail::padding_bits<kLanes, kPerLane>(g, E);
+  const int64_t step = int64_t(gridDim.x) * kRowWarps * Group::kGroups;
+  for (int64_t base = (int64_t(blockIdx.x) * kRowWarps + warp) * Group::kGroups; base < T_; base += step) {
+    const int64_t t = base + g.group;
+    const bool valid = t < T_;
+    float v[kPerLane], gp[kPerLane];
+    load_row<T, kLanes, kPerLane>(g, p.logits + (valid ? t : 0) * E, E, valid, v);
+    row_softmax<kLanes, kPerLane>(g, v, padding);
+    float dot = 0.f;
+    MOXE_PRAGMA_UNROLL
+    for (int j = 0; j < kPerLane; ++j) {
+      const int e = g.element(j);
+      gp[j] = (valid && e < E && p.row_map[t * E + e] >= 0) ? b.dweight[t * E + e] : 0.f;
+      dot += v[j] * gp[j];
+    }
+    dot = g.sum(dot);
+    if (valid) {
+      MOXE_PRAGMA_UNROLL
+      for (int j = 0; j < kPerLane; ++j) {
+        const int e = g.element(j);
+        if (e < E) b.dlogits[t * E + e] = from_float<T>(router::detail::softmax_grad(v[j], gp[j], dot, 0.f));
+      }
+    }
+  }
+}
+
+template <class T>
+float* carve_expert_choice_scratch(WorkspaceCarver& c, const ExpertChoiceForwardParams<T, float>& p) {
+  return c.carve<float>(static_cast<std::size_t>(p.dims.tokens) * static_cast<std::size_t>(p.dims.experts));
+}
+
+}  // namespace detail
+
+template <class T>
+std::size_t expert_choice_forward_workspace_size(const ExpertChoiceForwardParams<T, float>& p) {
+  WorkspaceCarver c;
+  if (validate_dims(p.dims) == Status::ok) detail::carve_expert_choice_scratch(c, p);
+  return c.required_bytes();
+}
+
+template <class T>
+Status expert_choice_forward(const ExpertChoiceForwardParams<T, float>& p, void* workspace,
+                             std::size_t workspace_bytes, cudaStream_t stream) {
+  static_assert(is_device_element_v<T>, "logits must be float, __half or __nv_bfloat16");
+  MOXE_RETURN_IF_ERROR(validate(p));
+  if (p.dims.experts > kMaxExperts || p.dims.tokens > INT32_MAX) return Status::unsupported;
+  WorkspaceCarver c(workspace, workspace_bytes);
+  float* score_t = detail::carve_expert_choice_scratch(c, p);
+  if (!c.fits()) return Status::workspace_too_small;
+  const std::size_t smem = detail::score_tile_bytes(p.dims.experts);
+  MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(detail::ec_scores_kernel<T>, smem));
+  const int64_t tiles = ceil_div<int64_t>(p.dims.tokens, detail::kScoreTileTokens);
+  if (tiles > INT_MAX) return Status::unsupported;
+  detail::ec_scores_kernel<T><<<static_cast<int>(tiles), detail::kScoreThreads, smem, stream>>>(p, score_t);
+  MOXE_RETURN_IF_ERROR(check_launch(stream));
+  detail::ec_select_kernel<T><<<p.dims.experts, detail::kSelectThreads, 0, stream>>>(p, score_t);
+  MOXE_RETURN_IF_ERROR(check_launch(stream));
+  if (p.experts_per_token == nullptr) return Status::ok;
+  const int64_t warps_needed = p.dims.tokens;
+  const int64_t blocks = ceil_div<int64_t>(warps_needed, detail::kScoreThreads / kWarpSize);
+  const int grid = static_cast<int>(blocks < (int64_t(1) << 16) ? blocks : (int64_t(1) << 16));
+  detail::ec_count_kernel<int64_t><<<grid, detail::kScoreThreads, 0, stream>>>(p.row_map, p.dims.tokens, p.dims.experts,
+                                                                      p.experts_per_token);
+  return check_launch(stream);
+}
+
+template <class T>
+std::size_t expert_choice_backward_workspace_size(const ExpertChoiceBackwardParams<T, float>&) { return 0; }
+
+template <class T>
+Status expert_choice_backward(const ExpertChoiceBackwardParams<T, float>& b, void* workspace,
+                              std::size_t workspace_bytes, cudaStream_t stream) {
+  static_assert(is_device_element_v<T>, "logits must be float, __half or __nv_bfloat16");
+  (void)workspace;
+  (void)workspace_bytes;
+  MOXE_RETURN_IF_ERROR(validate(b));
+  if (b.fwd.dims.experts > kMaxExperts || b.fwd.dims.tokens > INT32_MAX) return Status::unsupported;
+  const int grid = detail::token_grid(b.fwd.dims.tokens, b.fwd.dims.experts, false);
+  return router::detail::dispatch_row_shape(b.fwd.dims.experts, [&](auto shape) {
+    using S = decltype(shape);
+    detail::ec_backward_kernel<T, S::kLanes, S::kPerLane><<<grid, detail::kRowThreads, 0, stream>>>(b);
+    return check_launch(stream);
+  });
+}
+
+}  // namespace moxe::router::variants

@@ -1,0 +1,144 @@
+// Device tests of sigmoid scoring with a selection bias: forward (plain and group-limited)
+// and backward against the double reference, per-expert counts, the bias update,
+// determinism, poisoned outputs, T = 1 and T off the block size, bad input.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+
+#include "device_check.hpp"
+#include "device_utils.cuh"
+#include "graph_capture.cuh"
+#include "moxe/router/variants/reference.hpp"
+#include "moxe/router/variants/sigmoid_bias.cuh"
+#include "test_utils.hpp"
+#include "variants_problem.hpp"
+
+using moxe::Status;
+namespace mt = moxe::test;
+namespace mv = moxe::test::variants;
+namespace rv = moxe::router::variants;
+namespace rvr = moxe::router::variants::reference;
+
+namespace {
+
+template <class T>
+double tolerance() { return std::is_same_v<T, float> ? 2e-5 : 1e-2; }
+
+template <class T>
+void check_sigmoid_bias(mt::Rng& rng, int64_t T_, int E, int K, int G, int TG, bool renorm) {
+  CAPTURE(T_);
+  CAPTURE(E);
+  CAPTURE(K);
+  CAPTURE(G);
+  CAPTURE(renorm);
+  mv::SigmoidBiasProblem prob(rng, T_, E, K, G, TG, renorm, 2.0);
+  prob.logits = mt::round_through<T>(prob.logits);
+  prob.bias = mt::round_through<float>(prob.bias);
+  REQUIRE(prob.forward() == Status::ok);
+  mt::DeviceBuffer<T> dz(mt::convert_to<T>(prob.logits)), dgrad(T_ * E);
+  mt::DeviceBuffer<float> dbias(mt::convert_to<float>(prob.bias)), dscore(T_ * K), dweight(T_ * K);
+  mt::DeviceBuffer<int32_t> didx(T_ * K), dcounts(E);
+  didx.poison(); dscore.poison(); dweight.poison(); dcounts.poison(); dgrad.poison();
+  rv::SigmoidBiasForwardParams<T, float> p{prob.dims,   dz.get(),     dbias.get(),     float(prob.routed_scaling),
+                                           renorm,      didx.get(),   dscore.get(),    dweight.get(),
+                                           dcounts.get()};
+  mt::MisalignedWorkspace ws(rv::sigmoid_bias_forward_workspace_size(p));
+  REQUIRE(rv::sigmoid_bias_forward(p, ws.get(), ws.bytes(), nullptr) == Status::ok);
+  const auto got_idx = didx.download();
+  const auto got_weight = dweight.download();
+  const auto got_counts = dcounts.download();
+  std::vector<int32_t> counts(E, 0);
+  const int size = E / G;
+  for (int64_t t = 0; t < T_; ++t) {
+    bool same = true;
+    for (int j = 0; j < K; ++j) {
+      const int32_t e = got_idx[t * K + j];
+      REQUIRE((e >= 0 && e < E));
+      counts[e] += 1;
+      same = same && e == prob.topk_idx[t * K + j];
+    }
+    if (!same) {
+      CAPTURE(t);
+      std::vector<double> sel(E), gs(G);
+      for (int e = 0; e < E; ++e) sel[e] = 1.0 / (1.0 + std::exp(-prob.logits[t * E + e])) + prob.bias[e];
+      for (int g = 0; g < G; ++g) {
+        moxe::router::detail::Top2<double> t2;
+        for (int e = g * size; e < (g + 1) * size; ++e) t2.add(sel[e]);
+        gs[g] = t2.group_score(size);
+      }
+      CHECK((mv::ambiguous_order(sel) || mv::ambiguous_order(gs)));
+      continue;
+    }
+    for (int j = 0; j < K; ++j) CHECK(std::abs(got_weight[t * K + j] - prob.topk_weight[t * K + j]) <= 3e-5);
+  }
+  CHECK(got_counts == counts);
+  REQUIRE(rv::sigmoid_bias_forward(p, ws.get(), ws.bytes(), nullptr) == Status::ok);
+  CHECK(mv::bitwise_equal(didx.download(), got_idx));
+  CHECK(mv::bitwise_equal(dweight.download(), got_weight));
+  dcounts.poison();
+  REQUIRE(mv::run_captured([&](cudaStream_t s) { return rv::sigmoid_bias_forward(p, ws.get(), ws.bytes(), s); }) ==
+          Status::ok);
+  CHECK(dcounts.download() == got_counts);
+
+  std::vector<double> want(T_ * E);
+  auto rp = prob.params();
+  std::copy(got_idx.begin(), got_idx.end(), prob.topk_idx.begin());
+  REQUIRE(rvr::sigmoid_bias_backward(rv::SigmoidBiasBackwardParams<double, double>{rp, prob.dweight.data(),
+                                                                                   want.data()}) == Status::ok);
+  mt::DeviceBuffer<float> ddw(mt::convert_to<float>(prob.dweight));
+  rv::SigmoidBiasBackwardParams<T, float> b{p, ddw.get(), dgrad.get()};
+  REQUIRE(rv::sigmoid_bias_backward(b, nullptr, 0, nullptr) == Status::ok);
+  const auto got_grad = dgrad.download();
+  CHECK(mt::rel_error(mt::convert_to_double(got_grad), want) < tolerance<T>());
+  REQUIRE(rv::sigmoid_bias_backward(b, nullptr, 0, nullptr) == Status::ok);
+  CHECK(mv::bitwise_equal(dgrad.download(), got_grad));
+
+  // the bias step from the device counts, against the reference on the same counts
+  std::vector<double> bias_want = prob.bias;
+  REQUIRE(rvr::bias_update(rv::BiasUpdateParams<double>{E, got_counts.data(), bias_want.data(), 1e-3}) == Status::ok);
+  REQUIRE(rv::bias_update(rv::BiasUpdateParams<float>{E, dcounts.get(), dbias.get(), 1e-3f}, nullptr, 0, nullptr) ==
+          Status::ok);
+  CHECK(mt::rel_error(dbias.download(), bias_want) < 1e-6);
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("sigmoid-bias device forward and backward match the reference", T, float, __nv_bfloat16) {
+  const auto seed = mt::fresh_seed();
+  INFO("seed " << seed);
+  mt::Rng rng(seed);
+  for (bool renorm : {true, false}) {
+    check_sigmoid_bias<T>(rng, 1, 8, 2, 1, 1, renorm);
+    check_sigmoid_bias<T>(rng, 37, 16, 4, 4, 2, renorm);
+    check_sigmoid_bias<T>(rng, 1000, 64, 8, 8, 4, renorm);
+    check_sigmoid_bias<T>(rng, 1000, 256, 8, 8, 4, renorm);  // DeepSeek-V3's shape
+    check_sigmoid_bias<T>(rng, 333, 256, 16, 1, 1, renorm);  // threshold top-k (k > 8)
+    check_sigmoid_bias<T>(rng, 70, 1024, 32, 16, 8, renorm);
+  }
+}
+
+TEST_CASE("sigmoid-bias device: bad input returns non-ok and writes nothing") {
+  mt::DeviceBuffer<float> z(4 * 8), w(4 * 2), bias(8);
+  mt::DeviceBuffer<int32_t> idx(4 * 2), counts(8);
+  w.poison();
+  bias.poison();
+  rv::SigmoidBiasForwardParams<float, float> p{{4, 8, 2}, z.get(), nullptr, 1.f, true, idx.get(), nullptr, w.get()};
+  auto bad = p;
+  bad.dims.n_groups = 3;
+  CHECK(rv::sigmoid_bias_forward(bad, nullptr, 0, nullptr) == Status::invalid_argument);
+  bad = p;
+  bad.dims.top_k = 0;
+  CHECK(rv::sigmoid_bias_forward(bad, nullptr, 0, nullptr) == Status::invalid_argument);
+  bad = p;
+  bad.expert_counts = counts.get();
+  CHECK(rv::sigmoid_bias_forward(bad, nullptr, 0, nullptr) == Status::workspace_too_small);
+  bad = p;
+  bad.dims.experts = 2048;
+  bad.dims.top_k = 2;
+  CHECK(rv::sigmoid_bias_forward(bad, nullptr, 0, nullptr) == Status::unsupported);
+  CHECK(rv::bias_update(rv::BiasUpdateParams<float>{0, counts.get(), bias.get()}, nullptr, 0, nullptr) ==
+        Status::invalid_argument);
+  MOXE_TEST_CUDA(cudaDeviceSynchronize());
+  for (float x : w.download()) CHECK(x != x);
+  for (float x : bias.download()) CHECK(x != x);
+}
