@@ -21,6 +21,11 @@
 #include "moxe/router/gate.cuh"
 #include "moxe/router/reference.hpp"
 #include "moxe/router/topk.cuh"
+#include "moxe/router/variants/expert_choice.cuh"
+#include "moxe/router/variants/group_restricted.cuh"
+#include "moxe/router/variants/reference.hpp"
+#include "moxe/router/variants/sigmoid_bias.cuh"
+#include "moxe/router/variants/topp.cuh"
 
 #include "moxe/loss/balance.cuh"
 #include "moxe/loss/reference.hpp"
