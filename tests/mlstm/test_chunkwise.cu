@@ -577,6 +577,28 @@ TEST_CASE_TEMPLATE("chunkwise device: segments == reference and == segments one 
   }
 }
 
+// float only: with bf16's wider margin around the normaliser's branch switch, inputs this
+// long (1500 steps) nearly always have a step near it (the table logic is the same for all T)
+TEST_CASE("chunkwise device: many segments (the device chunk table near its bound)") {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  Case cs;
+  cs.heads = 2;
+  cs.dqk = 16;
+  cs.dv = 32;
+  cs.chunk_size = 16;
+  cs.init_states = true;
+  cs.upstream = true;
+  // lengths cycle through 17 (two chunks), 1, 0 and 32: S = 750, 60 segments, 75 chunks in
+  // a table bounded by ceil(S / 16) + 60 = 107, against 47 chunks without segments
+  cs.offsets = {0};
+  for (int r = 0; r < 15; ++r)
+    for (int64_t len : {17, 1, 0, 32}) cs.offsets.push_back(cs.offsets.back() + len);
+  cs.seq_len = cs.offsets.back();
+  run_case<float>(cs, rng);
+}
+
 TEST_CASE_TEMPLATE("chunkwise device: the per-element fallback == reference", T, float, __nv_bfloat16) {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);

@@ -249,6 +249,42 @@ TEST_CASE("chunkwise host == reference: variable-length segments") {
   }
 }
 
+/// Segment offsets whose lengths cycle through chunk + 1 (two chunks, the second of one
+/// position), 1, 0 and 2 * chunk: many short units, so the chunk table holds far more
+/// entries than ceil(S / chunk) and nearly reaches its bound ceil(S / chunk) + segments.
+std::vector<int64_t> many_segments(int chunk, int repeats) {
+  std::vector<int64_t> offsets = {0};
+  for (int r = 0; r < repeats; ++r)
+    for (int64_t len : {int64_t(chunk) + 1, int64_t(1), int64_t(0), int64_t(2 * chunk)})
+      offsets.push_back(offsets.back() + len);
+  return offsets;
+}
+
+TEST_CASE("chunkwise host == reference: many segments (the chunk table near its bound)") {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  for (int chunk : {16, 32}) {
+    for (bool tiled : {true, false}) {
+      Case cs;
+      cs.offsets = many_segments(chunk, 6);
+      cs.seq_len = cs.offsets.back();
+      cs.chunk_size = chunk;
+      cs.init_states = true;
+      cs.upstream = true;
+      const int64_t used = 6 * (2 + 1 + 0 + 2);
+      const int64_t bound = (cs.seq_len + chunk - 1) / chunk + int64_t(cs.offsets.size()) - 1;
+      CHECK(used <= bound);
+      CHECK(used > (cs.seq_len + chunk - 1) / chunk);  // more chunks than without segments
+      if (tiled) {
+        check_case<true>(cs, rng);
+      } else {
+        check_case<false>(cs, rng);
+      }
+    }
+  }
+}
+
 TEST_CASE("chunkwise host, both variants of the matrix products (tile products, per element)") {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);

@@ -49,7 +49,8 @@ inline constexpr int64_t kMaxChunkwiseBlocks = int64_t(1) << 20;  // grid-stride
 
 /// One index of a phase functor per thread (grid-stride).
 template <class F>
-__global__ void __launch_bounds__(kChunkwiseThreads) chunkwise_phase_kernel(const F phase, int64_t n) {
+__global__ void __launch_bounds__(kChunkwiseThreads)
+    chunkwise_phase_kernel(const __grid_constant__ F phase, int64_t n) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) phase(i);
 }
@@ -74,7 +75,8 @@ inline constexpr int kTileThreads = kTileWarps * kWarpSizeForTiles;
 /// and bf16 inputs; otherwise exact fp32 FMAs (float inputs, no TF32).
 template <class Op, bool kTensorCores>
 __global__ void __launch_bounds__(kTileThreads)
-    chunkwise_tile_kernel(const Op op, int64_t tiles_per_item, int64_t tiles_n, int64_t total_tiles) {
+    chunkwise_tile_kernel(const __grid_constant__ Op op, int64_t tiles_per_item, int64_t tiles_n,
+                          int64_t total_tiles) {
   constexpr int kLd = kTensorCores ? kTile : kTile + 1;  // WMMA needs ldm % 4 == 0; FMA avoids conflicts
   __shared__ __align__(32) float a_stage[kTileWarps][kTile * kLd];
   __shared__ __align__(32) float b_stage[kTileWarps][kTile * kLd];

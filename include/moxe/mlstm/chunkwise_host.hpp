@@ -19,6 +19,11 @@ namespace moxe::mlstm::chunkwise_host {
 
 namespace impl {
 
+/// The scratch starts as NaN (floats, doubles) and -1 (integers), like the device's
+/// uninitialised workspace: a phase that reads scratch no earlier phase wrote (or that a
+/// buffer sharing its memory left behind, see carve_chunk_workspace) shows up in the tests.
+inline constexpr unsigned char kPoisonByte = 0xFF;
+
 template <class F>
 void run(const F& f) {
   const int64_t n = f.size();
@@ -71,7 +76,7 @@ Status forward(const ForwardParams<T, Acc>& p) {
   MOXE_RETURN_IF_ERROR(detail::validate_chunkwise(p, /*need_h=*/true));
   MOXE_RETURN_IF_ERROR(impl::validate_segments(p));
   try {
-    std::vector<unsigned char> storage(forward_workspace_size(p));
+    std::vector<unsigned char> storage(forward_workspace_size(p), impl::kPoisonByte);
     WorkspaceCarver c(storage.data(), storage.size());
     const auto ws = detail::carve_chunk_workspace<Acc>(c, p.dims, p.num_segments, p.chunk_size, false);
     if (!c.fits()) return Status::workspace_too_small;
@@ -89,7 +94,7 @@ Status backward(const BackwardParams<T, Acc>& p) {
   MOXE_RETURN_IF_ERROR(detail::validate_chunkwise(p.fwd, /*need_h=*/false));
   MOXE_RETURN_IF_ERROR(impl::validate_segments(p.fwd));
   try {
-    std::vector<unsigned char> storage(backward_workspace_size(p));
+    std::vector<unsigned char> storage(backward_workspace_size(p), impl::kPoisonByte);
     WorkspaceCarver c(storage.data(), storage.size());
     const auto ws =
         detail::carve_chunk_workspace<Acc>(c, p.fwd.dims, p.fwd.num_segments, p.fwd.chunk_size, true);
