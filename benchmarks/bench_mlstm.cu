@@ -1,6 +1,7 @@
 // mLSTM chunkwise benchmarks: forward, and forward + backward, in bf16 (float states).
 //   BM_mlstm_chunkwise_forward/{S}           B*S = 65536 tokens, NH 16, DQK 128, DV 256
 //   BM_mlstm_chunkwise_forward_backward/{S}  the same shapes
+//   BM_mlstm_step/{B}                        one decoding step, NH 16, DQK 128, DV 256
 // S in {512, 2048, 8192, 65536} at a fixed 65536 tokens (S = 8192 is B = 8).
 //
 // Counters: FLOP/s counts the chunkwise algorithm's matrix products (causal halves counted
@@ -13,6 +14,7 @@
 
 #include "harness.cuh"
 #include "moxe/mlstm/chunkwise.cuh"
+#include "moxe/mlstm/step.cuh"
 
 namespace {
 
@@ -163,6 +165,84 @@ BENCHMARK(BM_mlstm_chunkwise_forward_backward)
     ->Arg(65536)
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
+
+/// One decoding step: every state is read and written once (C dominates), q, k, v and the
+/// gates read, h written. FLOPs: the rank-1 update of C and C^T q (2 DQK DV each).
+void BM_mlstm_step(benchmark::State& state) {
+  const int64_t batch = state.range(0);
+  const std::size_t slots = std::size_t(batch) * kHeads;
+  const std::size_t state_bytes = slots * (kDqk * kDv + kDqk + 1) * sizeof(float);
+  const std::size_t io_bytes = slots * (2 * kDqk + 2 * kDv + 2) * sizeof(T);
+  struct Set {
+    DeviceMemory q, k, v, ig, fg, c, n, m, h;
+  };
+  moxe::bench::Rotation<Set> sets(state_bytes + io_bytes, [&](int i) {
+    Set s;
+    s.q = DeviceMemory(slots * kDqk * sizeof(T));
+    s.k = DeviceMemory(slots * kDqk * sizeof(T));
+    s.v = DeviceMemory(slots * kDv * sizeof(T));
+    s.ig = DeviceMemory(slots * sizeof(T));
+    s.fg = DeviceMemory(slots * sizeof(T));
+    s.c = DeviceMemory(slots * kDqk * kDv * sizeof(float));
+    s.n = DeviceMemory(slots * kDqk * sizeof(float));
+    s.m = DeviceMemory(slots * sizeof(float));
+    s.h = DeviceMemory(slots * kDv * sizeof(T));
+    const uint32_t seed = 131u * static_cast<uint32_t>(i + 1);
+    fill_bf16<<<1024, 256>>>(s.q.as<T>(), slots * kDqk, seed + 1, 1.f, 0.f);
+    fill_bf16<<<1024, 256>>>(s.k.as<T>(), slots * kDqk, seed + 2, 1.f, 0.f);
+    fill_bf16<<<1024, 256>>>(s.v.as<T>(), slots * kDv, seed + 3, 1.f, 0.f);
+    fill_bf16<<<1024, 256>>>(s.ig.as<T>(), slots, seed + 4, 3.f, 0.f);
+    fill_bf16<<<1024, 256>>>(s.fg.as<T>(), slots, seed + 5, 2.f, 3.f);
+    // states start cleared; one untimed step below makes them non-zero (never time zeros)
+    MOXE_BENCH_CUDA(cudaMemset(s.c.as<void>(), 0, s.c.bytes()));
+    MOXE_BENCH_CUDA(cudaMemset(s.n.as<void>(), 0, s.n.bytes()));
+    MOXE_BENCH_CUDA(cudaMemset(s.m.as<void>(), 0, s.m.bytes()));
+    MOXE_BENCH_CUDA(cudaGetLastError());
+    return s;
+  });
+  auto params = [&](Set& s) {
+    moxe::mlstm::StepParams<T, float> p{};
+    p.batch = batch;
+    p.heads = kHeads;
+    p.dqk = kDqk;
+    p.dv = kDv;
+    p.q = s.q.as<T>();
+    p.k = s.k.as<T>();
+    p.v = s.v.as<T>();
+    p.igate = s.ig.as<T>();
+    p.fgate = s.fg.as<T>();
+    p.c = s.c.as<float>();
+    p.n = s.n.as<float>();
+    p.m = s.m.as<float>();
+    p.h = s.h.as<T>();
+    return p;
+  };
+  cudaStream_t stream;
+  MOXE_BENCH_CUDA(cudaStreamCreate(&stream));
+  for (std::size_t i = 0; i < sets.size(); ++i) {  // one step from zero: states become non-zero
+    Set& s = sets.next();
+    if (moxe::mlstm::step(params(s), nullptr, 0, stream) != moxe::Status::ok) {
+      state.SkipWithError("step failed");
+      return;
+    }
+  }
+  MOXE_BENCH_CUDA(cudaStreamSynchronize(stream));
+  EventTimer timer;
+  for (auto _ : state) {
+    const auto p = params(sets.next());
+    timer.start(stream);
+    const moxe::Status st = moxe::mlstm::step(p, nullptr, 0, stream);
+    const double seconds = timer.stop_seconds(stream);
+    if (st != moxe::Status::ok) {
+      state.SkipWithError(moxe::to_string(st));
+      break;
+    }
+    state.SetIterationTime(seconds);
+  }
+  moxe::bench::set_counters(state, 2.0 * state_bytes + io_bytes, 4.0 * slots * kDqk * kDv);
+  MOXE_BENCH_CUDA(cudaStreamDestroy(stream));
+}
+BENCHMARK(BM_mlstm_step)->ArgName("B")->Arg(1)->Arg(8)->Arg(64)->Arg(256)->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 
