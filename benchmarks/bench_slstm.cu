@@ -75,6 +75,33 @@ moxe::bench::Rotation<Inputs> make_inputs(const Shape& s) {
   }, 8);
 }
 
+/// The timing loop of both schemes: per iteration the next input set, prepare(in) untimed,
+/// then launch(in, stream) timed with events (it returns an error message, or null). Sets
+/// the counters of the pass afterwards.
+template <class Prepare, class Launch>
+void time_iterations(benchmark::State& state, const Shape& s, bool with_backward,
+                     moxe::bench::Rotation<Inputs>& inputs, Prepare prepare, Launch launch) {
+  cudaStream_t stream;
+  MOXE_BENCH_CUDA(cudaStreamCreate(&stream));
+  MOXE_BENCH_CUDA(cudaDeviceSynchronize());
+  EventTimer timer;
+  for (auto _ : state) {
+    const Inputs& in = inputs.next();
+    prepare(in);
+    timer.start(stream);
+    const char* error = launch(in, stream);
+    const double seconds = timer.stop_seconds(stream);
+    if (error != nullptr) {
+      state.SkipWithError(error);
+      break;
+    }
+    state.SetIterationTime(seconds);
+  }
+  moxe::bench::set_counters(state, with_backward ? s.bytes_backward() : s.bytes_forward(),
+                            with_backward ? 3 * s.flops_forward() : s.flops_forward());
+  MOXE_BENCH_CUDA(cudaStreamDestroy(stream));
+}
+
 // ---- moxe ---------------------------------------------------------------------------------
 
 void run_moxe(benchmark::State& state, bool with_backward) {
@@ -95,29 +122,18 @@ void run_moxe(benchmark::State& state, bool with_backward) {
   b.dr = dr.as<T>();
   b.dbias = dbias.as<T>();
   DeviceMemory workspace(std::max(sl::sequence_forward_workspace_size(f), sl::sequence_backward_workspace_size(b)));
-  cudaStream_t stream;
-  MOXE_BENCH_CUDA(cudaStreamCreate(&stream));
-  MOXE_BENCH_CUDA(cudaDeviceSynchronize());
-  EventTimer timer;
-  for (auto _ : state) {
-    const Inputs& in = inputs.next();
+  auto prepare = [&](const Inputs& in) {
     f.wx = in.wx.as<T>();
     b.fwd.wx = in.wx.as<T>();
     b.dy = in.dy.as<T>();
-    timer.start(stream);
+  };
+  auto launch = [&](const Inputs&, cudaStream_t stream) -> const char* {
     moxe::Status st = sl::sequence_forward(f, workspace.as<void>(), workspace.bytes(), stream);
     if (st == moxe::Status::ok && with_backward)
       st = sl::sequence_backward(b, workspace.as<void>(), workspace.bytes(), stream);
-    const double seconds = timer.stop_seconds(stream);
-    if (st != moxe::Status::ok) {
-      state.SkipWithError(moxe::to_string(st));
-      break;
-    }
-    state.SetIterationTime(seconds);
-  }
-  moxe::bench::set_counters(state, with_backward ? s.bytes_backward() : s.bytes_forward(),
-                            with_backward ? 3 * s.flops_forward() : s.flops_forward());
-  MOXE_BENCH_CUDA(cudaStreamDestroy(stream));
+    return st == moxe::Status::ok ? nullptr : moxe::to_string(st);
+  };
+  time_iterations(state, s, with_backward, inputs, prepare, launch);
 }
 
 void BM_slstm_forward(benchmark::State& state) { run_moxe(state, false); }
@@ -267,25 +283,12 @@ void run_baseline(benchmark::State& state, bool with_backward) {
   DeviceMemory bias = random_bf16(4 * s.H(), 5u, 0.5f);
   DeviceMemory dwx(s.units() * 4 * sizeof(T)), dbias(4 * s.H() * sizeof(T));
   Baseline base(s, with_backward);
-  cudaStream_t stream;
-  MOXE_BENCH_CUDA(cudaStreamCreate(&stream));
-  MOXE_BENCH_CUDA(cudaDeviceSynchronize());
-  EventTimer timer;
-  for (auto _ : state) {
-    const Inputs& in = inputs.next();
-    timer.start(stream);
+  auto launch = [&](const Inputs& in, cudaStream_t stream) -> const char* {
     bool ok = base.forward(in.wx.as<T>(), r.as<T>(), bias.as<T>(), with_backward, stream);
     if (ok && with_backward) ok = base.backward(in.dy.as<T>(), r.as<T>(), dwx.as<T>(), dbias.as<T>(), stream);
-    const double seconds = timer.stop_seconds(stream);
-    if (!ok) {
-      state.SkipWithError("baseline launch failed");
-      break;
-    }
-    state.SetIterationTime(seconds);
-  }
-  moxe::bench::set_counters(state, with_backward ? s.bytes_backward() : s.bytes_forward(),
-                            with_backward ? 3 * s.flops_forward() : s.flops_forward());
-  MOXE_BENCH_CUDA(cudaStreamDestroy(stream));
+    return ok ? nullptr : "baseline launch failed";
+  };
+  time_iterations(state, s, with_backward, inputs, [](const Inputs&) {}, launch);
 }
 
 void BM_baseline_forward(benchmark::State& state) { run_baseline(state, false); }

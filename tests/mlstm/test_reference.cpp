@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "mlstm_testing.hpp"
 #include "moxe/mlstm/params.hpp"
 #include "moxe/mlstm/reference.hpp"
 #include "test_utils.hpp"
@@ -207,8 +208,8 @@ struct Grads {
   std::vector<double> dq, dk, dv, di, df, dc0, dn0, dm0;
 };
 
-Grads run_backward(const Problem& p, const Cotangents& ct, bool with_last_grads = true) {
-  Outputs unused = make_outputs(p);
+/// Gradient outputs of `p`, poisoned so that anything not written stays NaN.
+Grads poisoned_grads(const Problem& p) {
   const std::size_t slots = std::size_t(p.slots());
   Grads g;
   g.dq = moxe::test::poisoned<double>(p.q.size());
@@ -219,6 +220,26 @@ Grads run_backward(const Problem& p, const Cotangents& ct, bool with_last_grads 
   g.dc0 = moxe::test::poisoned<double>(slots * p.dims.dqk * p.dims.dv);
   g.dn0 = moxe::test::poisoned<double>(slots * p.dims.dqk);
   g.dm0 = moxe::test::poisoned<double>(slots);
+  return g;
+}
+
+/// Points the gradient outputs of `b` at `g`; the initial-state ones only when asked.
+void set_grad_outputs(mlstm::BackwardParams<double, double>& b, Grads& g, bool with_init) {
+  b.dq = g.dq.data();
+  b.dk = g.dk.data();
+  b.dv = g.dv.data();
+  b.digate = g.di.data();
+  b.dfgate = g.df.data();
+  if (with_init) {
+    b.dc_init = g.dc0.data();
+    b.dn_init = g.dn0.data();
+    b.dm_init = g.dm0.data();
+  }
+}
+
+Grads run_backward(const Problem& p, const Cotangents& ct, bool with_last_grads = true) {
+  Outputs unused = make_outputs(p);
+  Grads g = poisoned_grads(p);
   mlstm::BackwardParams<double, double> b;
   b.fwd = forward_params(p, unused);
   b.fwd.h = nullptr;
@@ -229,16 +250,7 @@ Grads run_backward(const Problem& p, const Cotangents& ct, bool with_last_grads 
     b.dn_last = ct.dn.data();
     b.dm_last = ct.dm.data();
   }
-  b.dq = g.dq.data();
-  b.dk = g.dk.data();
-  b.dv = g.dv.data();
-  b.digate = g.di.data();
-  b.dfgate = g.df.data();
-  if (p.with_init) {
-    b.dc_init = g.dc0.data();
-    b.dn_init = g.dn0.data();
-    b.dm_init = g.dm0.data();
-  }
+  set_grad_outputs(b, g, p.with_init);
   REQUIRE(mlstm::reference::backward(b) == Status::ok);
   return g;
 }
@@ -557,20 +569,8 @@ TEST_CASE("mlstm reference step equals forward with S = 1 from the same states")
 
   std::vector<double> c = p.c0, n = p.n0, m = p.m0;
   std::vector<double> h = moxe::test::poisoned<double>(B * NH * DV);
-  mlstm::StepParams<double, double> s;
-  s.batch = B;
-  s.heads = NH;
-  s.dqk = DQK;
-  s.dv = DV;
-  s.q = p.q.data();
-  s.k = p.k.data();
-  s.v = p.v.data();
-  s.igate = p.igate.data();
-  s.fgate = p.fgate.data();
-  s.c = c.data();
-  s.n = n.data();
-  s.m = m.data();
-  s.h = h.data();
+  const moxe::test::StepShape shape{B, NH, DQK, DV};
+  mlstm::StepParams<double, double> s = moxe::test::step_params(shape, p, c.data(), n.data(), m.data(), h.data());
   s.qk_scale = 0.25;
   REQUIRE(mlstm::reference::step(s) == Status::ok);
   CHECK(h == fo.h);
@@ -585,21 +585,21 @@ TEST_CASE("mlstm reference step equals forward with S = 1 from the same states")
   c = seq.c0;
   n = seq.n0;
   m = seq.m0;
-  std::vector<double> q(B * NH * DQK), k(B * NH * DQK), v(B * NH * DV), ig(B * NH), fg(B * NH);
-  s.q = q.data();
-  s.k = k.data();
-  s.v = v.data();
-  s.igate = ig.data();
-  s.fgate = fg.data();
-  s.qk_scale = 0.0;
+  moxe::test::StepInputs in;  // token t of every slot
+  in.q.resize(B * NH * DQK);
+  in.k.resize(B * NH * DQK);
+  in.v.resize(B * NH * DV);
+  in.igate.resize(B * NH);
+  in.fgate.resize(B * NH);
+  s = moxe::test::step_params(shape, in, c.data(), n.data(), m.data(), h.data());
   for (int64_t t = 0; t < S; ++t) {
     for (int64_t sl = 0; sl < B * NH; ++sl) {
       const int64_t row = sl * S + t;
-      std::copy_n(seq.q.begin() + row * DQK, DQK, q.begin() + sl * DQK);
-      std::copy_n(seq.k.begin() + row * DQK, DQK, k.begin() + sl * DQK);
-      std::copy_n(seq.v.begin() + row * DV, DV, v.begin() + sl * DV);
-      ig[sl] = seq.igate[row];
-      fg[sl] = seq.fgate[row];
+      std::copy_n(seq.q.begin() + row * DQK, DQK, in.q.begin() + sl * DQK);
+      std::copy_n(seq.k.begin() + row * DQK, DQK, in.k.begin() + sl * DQK);
+      std::copy_n(seq.v.begin() + row * DV, DV, in.v.begin() + sl * DV);
+      in.igate[sl] = seq.igate[row];
+      in.fgate[sl] = seq.fgate[row];
     }
     REQUIRE(mlstm::reference::step(s) == Status::ok);
     for (int64_t sl = 0; sl < B * NH; ++sl)
@@ -646,27 +646,12 @@ TEST_CASE("mlstm reference rejects bad input and writes nothing") {
   expect_forward_rejected([](FP& f, Off&) { f.dims.batch = 2; });    // varlen needs batch 1
 
   auto expect_backward_rejected = [&](auto mutate) {
-    Grads g;
-    g.dq = moxe::test::poisoned<double>(p.q.size());
-    g.dk = moxe::test::poisoned<double>(p.k.size());
-    g.dv = moxe::test::poisoned<double>(p.v.size());
-    g.di = moxe::test::poisoned<double>(p.igate.size());
-    g.df = moxe::test::poisoned<double>(p.fgate.size());
-    g.dc0 = moxe::test::poisoned<double>(p.c0.size());
-    g.dn0 = moxe::test::poisoned<double>(p.n0.size());
-    g.dm0 = moxe::test::poisoned<double>(p.m0.size());
+    Grads g = poisoned_grads(p);
     Outputs unused = make_outputs(p);
     mlstm::BackwardParams<double, double> b;
     b.fwd = forward_params(p, unused);
     b.dh = ct.dh.data();
-    b.dq = g.dq.data();
-    b.dk = g.dk.data();
-    b.dv = g.dv.data();
-    b.digate = g.di.data();
-    b.dfgate = g.df.data();
-    b.dc_init = g.dc0.data();
-    b.dn_init = g.dn0.data();
-    b.dm_init = g.dm0.data();
+    set_grad_outputs(b, g, /*with_init=*/true);
     std::vector<int64_t> off = p.offsets;
     b.fwd.segment_offsets = off.data();
     mutate(b, off);
@@ -696,20 +681,8 @@ TEST_CASE("mlstm reference rejects bad input and writes nothing") {
   // step
   std::vector<double> c = p.c0, n = p.n0, m = p.m0;
   std::vector<double> h = moxe::test::poisoned<double>(2 * 4);
-  mlstm::StepParams<double, double> s;
-  s.batch = 1;
-  s.heads = 2;
-  s.dqk = 3;
-  s.dv = 4;
-  s.q = p.q.data();
-  s.k = p.k.data();
-  s.v = p.v.data();
-  s.igate = p.igate.data();
-  s.fgate = p.fgate.data();
-  s.c = c.data();
-  s.n = n.data();
-  s.m = m.data();
-  s.h = h.data();
+  const mlstm::StepParams<double, double> s =
+      moxe::test::step_params(moxe::test::StepShape{1, 2, 3, 4}, p, c.data(), n.data(), m.data(), h.data());
   auto expect_step_rejected = [&](auto mutate) {
     auto bad = s;
     mutate(bad);

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "device_utils.cuh"
+#include "mlstm_testing.hpp"
 #include "moxe/mlstm/reference.hpp"
 #include "moxe/mlstm/step.cuh"
 #include "test_utils.hpp"
@@ -16,19 +17,13 @@
 namespace mlstm = moxe::mlstm;
 using moxe::Status;
 using moxe::test::DeviceBuffer;
+using moxe::test::StepInputs;
+using moxe::test::step_params;
+using Shape = moxe::test::StepShape;
 
 namespace {
 
-struct Shape {
-  int64_t batch, heads, dqk, dv;
-  int64_t slots() const { return batch * heads; }
-};
-
-/// Host copies (double, already rounded through T) of one step's inputs.
-struct StepInputs {
-  std::vector<double> q, k, v, igate, fgate;
-};
-
+/// One step's inputs, already rounded through T.
 template <class T>
 StepInputs make_inputs(moxe::test::Rng& rng, const Shape& s) {
   StepInputs in;
@@ -89,40 +84,14 @@ TEST_CASE_TEMPLATE("mlstm step matches the reference over consecutive steps", T,
       DeviceStep<T> dev(in, s);
       dev.h.poison();
 
-      mlstm::StepParams<T> p;
-      p.batch = s.batch;
-      p.heads = s.heads;
-      p.dqk = s.dqk;
-      p.dv = s.dv;
-      p.q = dev.q.get();
-      p.k = dev.k.get();
-      p.v = dev.v.get();
-      p.igate = dev.igate.get();
-      p.fgate = dev.fgate.get();
-      p.c = dc.get();
-      p.n = dn.get();
-      p.m = dm.get();
-      p.h = dev.h.get();
+      mlstm::StepParams<T> p = step_params(s, dev, dc.get(), dn.get(), dm.get(), dev.h.get());
       p.qk_scale = t == 2 ? 0.3f : 0.f;
       CHECK(mlstm::step_workspace_size(p) == 0);
       REQUIRE(mlstm::step(p, nullptr, 0, stream) == Status::ok);
       MOXE_TEST_CUDA(cudaStreamSynchronize(stream));
 
       std::vector<double> h(s.slots() * s.dv);
-      mlstm::StepParams<double, double> r;
-      r.batch = s.batch;
-      r.heads = s.heads;
-      r.dqk = s.dqk;
-      r.dv = s.dv;
-      r.q = in.q.data();
-      r.k = in.k.data();
-      r.v = in.v.data();
-      r.igate = in.igate.data();
-      r.fgate = in.fgate.data();
-      r.c = c.data();
-      r.n = n.data();
-      r.m = m.data();
-      r.h = h.data();
+      mlstm::StepParams<double, double> r = step_params(s, in, c.data(), n.data(), m.data(), h.data());
       r.qk_scale = t == 2 ? 0.3 : 0.0;
       REQUIRE(mlstm::reference::step(r) == Status::ok);
 
@@ -151,20 +120,7 @@ TEST_CASE("mlstm step is deterministic and can be captured in a graph") {
   auto run = [&](bool capture) {
     DeviceBuffer<float> dc(c0), dn(n0), dm(m0);
     dev.h.poison();
-    mlstm::StepParams<__nv_bfloat16> p;
-    p.batch = s.batch;
-    p.heads = s.heads;
-    p.dqk = s.dqk;
-    p.dv = s.dv;
-    p.q = dev.q.get();
-    p.k = dev.k.get();
-    p.v = dev.v.get();
-    p.igate = dev.igate.get();
-    p.fgate = dev.fgate.get();
-    p.c = dc.get();
-    p.n = dn.get();
-    p.m = dm.get();
-    p.h = dev.h.get();
+    const mlstm::StepParams<__nv_bfloat16> p = step_params(s, dev, dc.get(), dn.get(), dm.get(), dev.h.get());
     if (capture) {
       cudaGraph_t graph;
       cudaGraphExec_t exec;
@@ -206,20 +162,7 @@ TEST_CASE("mlstm step rejects bad input and launches nothing") {
   dn.fill_bytes(0);
   dm.fill_bytes(0);
   dev.h.poison();
-  mlstm::StepParams<float> p;
-  p.batch = s.batch;
-  p.heads = s.heads;
-  p.dqk = s.dqk;
-  p.dv = s.dv;
-  p.q = dev.q.get();
-  p.k = dev.k.get();
-  p.v = dev.v.get();
-  p.igate = dev.igate.get();
-  p.fgate = dev.fgate.get();
-  p.c = dc.get();
-  p.n = dn.get();
-  p.m = dm.get();
-  p.h = dev.h.get();
+  const mlstm::StepParams<float> p = step_params(s, dev, dc.get(), dn.get(), dm.get(), dev.h.get());
 
   auto expect = [&](Status want, auto mutate) {
     auto bad = p;

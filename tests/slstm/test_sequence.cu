@@ -10,6 +10,7 @@
 #include "moxe/slstm/reference.hpp"
 #include "moxe/slstm/sequence.cuh"
 #include "moxe/slstm/step.cuh"
+#include "slstm_testing.hpp"
 #include "test_utils.hpp"
 
 namespace {
@@ -17,6 +18,9 @@ namespace {
 namespace sl = moxe::slstm;
 using moxe::Status;
 using moxe::test::DeviceBuffer;
+using moxe::test::backward_params;
+using moxe::test::forward_params;
+using moxe::test::step_params;
 
 template <class T>
 struct Tolerance;
@@ -75,69 +79,72 @@ struct Problem {
     d_dn_last = DeviceBuffer<float>(moxe::test::convert_to<float>(dn_last));
   }
 
-  sl::ForwardParams<T, float> device_forward(T* y, float* yl, float* cl, float* nl, float* ml) const {
-    sl::ForwardParams<T, float> p{};
-    p.dims = d;
-    p.wx = d_wx.get();
-    p.r = d_r.get();
-    p.bias = d_bias.get();
-    if (init) {
-      p.y_init = d_y0.get();
-      p.c_init = d_c0.get();
-      p.n_init = d_n0.get();
-      p.m_init = d_m0.get();
-    }
-    p.y = y;
-    p.y_last = yl;
-    p.c_last = cl;
-    p.n_last = nl;
-    p.m_last = ml;
-    return p;
+  /// The inputs on the device (T, states in float).
+  moxe::test::SequenceInputs<T, float> device() const {
+    const float* none = nullptr;
+    return {d,
+            d_wx.get(), d_r.get(), d_bias.get(),
+            init ? d_y0.get() : none, init ? d_c0.get() : none, init ? d_n0.get() : none, init ? d_m0.get() : none,
+            d_dy.get(), d_dy_last.get(), d_dc_last.get(), d_dn_last.get()};
   }
 
-  sl::ForwardParams<double, double> host_forward(double* y, double* yl, double* cl, double* nl, double* ml) const {
-    sl::ForwardParams<double, double> p{};
-    p.dims = d;
-    p.wx = wx.data();
-    p.r = r.data();
-    p.bias = bias.data();
-    if (init) {
-      p.y_init = y0.data();
-      p.c_init = c0.data();
-      p.n_init = n0.data();
-      p.m_init = m0.data();
-    }
-    p.y = y;
-    p.y_last = yl;
-    p.c_last = cl;
-    p.n_last = nl;
-    p.m_last = ml;
-    return p;
+  /// The same inputs on the host, in double: what the reference runs on.
+  moxe::test::SequenceInputs<double, double> host() const {
+    const double* none = nullptr;
+    return {d,
+            wx.data(), r.data(), bias.data(),
+            init ? y0.data() : none, init ? c0.data() : none, init ? n0.data() : none, init ? m0.data() : none,
+            dy.data(), dy_last.data(), dc_last.data(), dn_last.data()};
   }
+};
+
+/// The reference forward of `pb` in double: y and the final states.
+struct ReferenceForward {
+  std::vector<double> y, yl, cl, nl, ml;
+};
+
+template <class T>
+ReferenceForward reference_forward(const Problem<T>& pb) {
+  const int64_t U = pb.units();
+  ReferenceForward r{std::vector<double>(pb.d.seq_len * U), std::vector<double>(U), std::vector<double>(U),
+                     std::vector<double>(U), std::vector<double>(U)};
+  REQUIRE(sl::reference::forward(forward_params(pb.host(), r.y.data(), r.yl.data(), r.cl.data(), r.nl.data(),
+                                                r.ml.data())) == Status::ok);
+  return r;
+}
+
+/// Device copies (float) of the initial states of `pb`, for decoding steps.
+struct DeviceStates {
+  DeviceBuffer<float> y, c, n, m;
+  template <class T>
+  explicit DeviceStates(const Problem<T>& pb)
+      : y(moxe::test::convert_to<float>(pb.y0)),
+        c(moxe::test::convert_to<float>(pb.c0)),
+        n(moxe::test::convert_to<float>(pb.n0)),
+        m(moxe::test::convert_to<float>(pb.m0)) {}
 };
 
 template <class T>
 void check_forward(const Problem<T>& pb, int units_per_block = 0) {
   const int64_t U = pb.units();
-  std::vector<double> y(pb.d.seq_len * U), yl(U), cl(U), nl(U), ml(U);
-  REQUIRE(sl::reference::forward(pb.host_forward(y.data(), yl.data(), cl.data(), nl.data(), ml.data())) == Status::ok);
+  const ReferenceForward ref = reference_forward(pb);
 
-  DeviceBuffer<T> d_y(y.size());
+  DeviceBuffer<T> d_y(ref.y.size());
   DeviceBuffer<float> d_yl(U), d_cl(U), d_nl(U), d_ml(U);
   for (auto* b : {&d_yl, &d_cl, &d_nl, &d_ml}) b->poison();
   d_y.poison();
-  auto p = pb.device_forward(d_y.get(), d_yl.get(), d_cl.get(), d_nl.get(), d_ml.get());
+  auto p = forward_params(pb.device(), d_y.get(), d_yl.get(), d_cl.get(), d_nl.get(), d_ml.get());
   p.units_per_block = units_per_block;
   const std::size_t bytes = sl::sequence_forward_workspace_size(p);
   moxe::test::MisalignedWorkspace ws(bytes);
   REQUIRE(sl::sequence_forward(p, ws.get(), ws.bytes(), nullptr) == Status::ok);
   MOXE_TEST_CUDA(cudaDeviceSynchronize());
   const double tol = Tolerance<T>::fwd;
-  CHECK(moxe::test::rel_error(moxe::test::convert_to_double(d_y.download()), y) < tol);
-  CHECK(moxe::test::rel_error(d_yl.download(), yl) < tol);
-  CHECK(moxe::test::rel_error(d_cl.download(), cl) < tol);
-  CHECK(moxe::test::rel_error(d_nl.download(), nl) < tol);
-  CHECK(moxe::test::rel_error(d_ml.download(), ml) < tol);
+  CHECK(moxe::test::rel_error(moxe::test::convert_to_double(d_y.download()), ref.y) < tol);
+  CHECK(moxe::test::rel_error(d_yl.download(), ref.yl) < tol);
+  CHECK(moxe::test::rel_error(d_cl.download(), ref.cl) < tol);
+  CHECK(moxe::test::rel_error(d_nl.download(), ref.nl) < tol);
+  CHECK(moxe::test::rel_error(d_ml.download(), ref.ml) < tol);
 }
 
 struct BackwardOut {
@@ -151,21 +158,10 @@ BackwardOut run_device_backward(const Problem<T>& pb, bool upstream, int units_p
   DeviceBuffer<float> dyi(U), dci(U), dni(U);
   for (auto* b : {&dwx, &dr, &dbias}) b->poison();
   for (auto* b : {&dyi, &dci, &dni}) b->poison();
-  sl::BackwardParams<T, float> p{};
-  p.fwd = pb.device_forward(nullptr, nullptr, nullptr, nullptr, nullptr);
+  // with no initial states dy_init, dc_init, dn_init are the gradients at the zero states
+  sl::BackwardParams<T, float> p =
+      backward_params(pb.device(), upstream, dwx.get(), dr.get(), dbias.get(), dyi.get(), dci.get(), dni.get());
   p.fwd.units_per_block = units_per_block;
-  p.dy = pb.d_dy.get();
-  if (upstream) {
-    p.dy_last = pb.d_dy_last.get();
-    p.dc_last = pb.d_dc_last.get();
-    p.dn_last = pb.d_dn_last.get();
-  }
-  p.dwx = dwx.get();
-  p.dr = dr.get();
-  p.dbias = dbias.get();
-  p.dy_init = dyi.get();  // with no initial states: the gradients at the zero states
-  p.dc_init = dci.get();
-  p.dn_init = dni.get();
   const std::size_t bytes = sl::sequence_backward_workspace_size(p);
   moxe::test::MisalignedWorkspace ws(bytes, misalign);
   REQUIRE(sl::sequence_backward(p, ws.get(), ws.bytes(), nullptr) == Status::ok);
@@ -184,21 +180,8 @@ template <class T>
 void check_backward(const Problem<T>& pb, bool upstream, int units_per_block = 0) {
   const int64_t U = pb.units();
   std::vector<double> dwx(pb.wx.size()), dr(pb.r.size()), dbias(pb.bias.size()), dyi(U), dci(U), dni(U);
-  sl::BackwardParams<double, double> h{};
-  h.fwd = pb.host_forward(nullptr, nullptr, nullptr, nullptr, nullptr);
-  h.dy = pb.dy.data();
-  if (upstream) {
-    h.dy_last = pb.dy_last.data();
-    h.dc_last = pb.dc_last.data();
-    h.dn_last = pb.dn_last.data();
-  }
-  h.dwx = dwx.data();
-  h.dr = dr.data();
-  h.dbias = dbias.data();
-  h.dy_init = dyi.data();
-  h.dc_init = dci.data();
-  h.dn_init = dni.data();
-  REQUIRE(sl::reference::backward(h) == Status::ok);
+  REQUIRE(sl::reference::backward(backward_params(pb.host(), upstream, dwx.data(), dr.data(), dbias.data(),
+                                                 dyi.data(), dci.data(), dni.data())) == Status::ok);
   const BackwardOut o = run_device_backward(pb, upstream, units_per_block);
   const double tol = Tolerance<T>::bwd;
   CHECK(moxe::test::rel_error(o.dwx, dwx) < tol);
@@ -226,21 +209,27 @@ const Shape kShapes[] = {
     {{3, 150, 4, 64}, true, 16},
 };
 
-}  // namespace
-
-TEST_CASE_TEMPLATE("slstm sequence_forward matches the reference", T, float, __nv_bfloat16, __half) {
-  const auto seed = moxe::test::fresh_seed();
-  INFO("seed " << seed);
-  moxe::test::Rng rng(seed);
+/// Runs check(problem, units) on a fresh problem of every shape in kShapes.
+template <class T, class Check>
+void for_each_shape(moxe::test::Rng& rng, Check check) {
   for (const Shape& s : kShapes) {
     CAPTURE(s.d.seq_len);
     CAPTURE(s.d.batch);
     CAPTURE(s.d.heads);
     CAPTURE(s.d.head_dim);
     CAPTURE(s.units);
-    Problem<T> pb(rng, s.d, s.init);
-    check_forward(pb, s.units);
+    const Problem<T> pb(rng, s.d, s.init);
+    check(pb, s.units);
   }
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("slstm sequence_forward matches the reference", T, float, __nv_bfloat16, __half) {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  for_each_shape<T>(rng, [](const Problem<T>& pb, int units) { check_forward(pb, units); });
   Problem<T> large(rng, sl::Dims{7, 3, 2, 32}, true, 10.0);  // large gate pre-activations
   check_forward(large);
 }
@@ -249,15 +238,7 @@ TEST_CASE_TEMPLATE("slstm sequence_backward matches the reference", T, float, __
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
-  for (const Shape& s : kShapes) {
-    CAPTURE(s.d.seq_len);
-    CAPTURE(s.d.batch);
-    CAPTURE(s.d.heads);
-    CAPTURE(s.d.head_dim);
-    CAPTURE(s.units);
-    Problem<T> pb(rng, s.d, s.init);
-    check_backward(pb, /*upstream=*/true, s.units);
-  }
+  for_each_shape<T>(rng, [](const Problem<T>& pb, int units) { check_backward(pb, /*upstream=*/true, units); });
   Problem<T> pb(rng, sl::Dims{7, 5, 2, 32}, true);
   check_backward(pb, /*upstream=*/false);
 }
@@ -284,27 +265,13 @@ TEST_CASE_TEMPLATE("slstm step matches the sequence reference", T, float, __nv_b
   for (int units : {0, 16}) {
     const sl::Dims d{5, 18, 2, 64};
     Problem<T> pb(rng, d, true);
-    const int64_t U = pb.units(), H = d.heads * d.head_dim;
-    std::vector<double> y(d.seq_len * U), yl(U), cl(U), nl(U), ml(U);
-    REQUIRE(sl::reference::forward(pb.host_forward(y.data(), yl.data(), cl.data(), nl.data(), ml.data())) == Status::ok);
-    DeviceBuffer<float> sy(moxe::test::convert_to<float>(pb.y0)), sc(moxe::test::convert_to<float>(pb.c0)),
-        sn(moxe::test::convert_to<float>(pb.n0)), sm(moxe::test::convert_to<float>(pb.m0));
-    DeviceBuffer<T> y_out(U);
+    const ReferenceForward ref = reference_forward(pb);
+    DeviceStates st(pb);
+    DeviceBuffer<T> y_out(pb.units());
     std::vector<double> y_steps;
     for (int64_t t = 0; t < d.seq_len; ++t) {
       y_out.poison();
-      sl::StepParams<T, float> s{};
-      s.batch = d.batch;
-      s.heads = d.heads;
-      s.head_dim = d.head_dim;
-      s.wx = pb.d_wx.get() + t * d.batch * 4 * H;
-      s.r = pb.d_r.get();
-      s.bias = pb.d_bias.get();
-      s.y = sy.get();
-      s.c = sc.get();
-      s.n = sn.get();
-      s.m = sm.get();
-      s.y_out = y_out.get();
+      sl::StepParams<T, float> s = step_params(pb.device(), t, st.y.get(), st.c.get(), st.n.get(), st.m.get(), y_out.get());
       s.units_per_block = units;
       CHECK(sl::step_workspace_size(s) == 0);
       REQUIRE(sl::step(s, nullptr, 0, nullptr) == Status::ok);
@@ -312,11 +279,11 @@ TEST_CASE_TEMPLATE("slstm step matches the sequence reference", T, float, __nv_b
       y_steps.insert(y_steps.end(), yt.begin(), yt.end());
     }
     const double tol = Tolerance<T>::fwd;
-    CHECK(moxe::test::rel_error(y_steps, y) < tol);
-    CHECK(moxe::test::rel_error(sy.download(), yl) < tol);
-    CHECK(moxe::test::rel_error(sc.download(), cl) < tol);
-    CHECK(moxe::test::rel_error(sn.download(), nl) < tol);
-    CHECK(moxe::test::rel_error(sm.download(), ml) < tol);
+    CHECK(moxe::test::rel_error(y_steps, ref.y) < tol);
+    CHECK(moxe::test::rel_error(st.y.download(), ref.yl) < tol);
+    CHECK(moxe::test::rel_error(st.c.download(), ref.cl) < tol);
+    CHECK(moxe::test::rel_error(st.n.download(), ref.nl) < tol);
+    CHECK(moxe::test::rel_error(st.m.download(), ref.ml) < tol);
   }
 }
 
@@ -328,34 +295,20 @@ TEST_CASE("slstm step in float with y_out == y (the output is the state)") {
     CAPTURE(units);
     const sl::Dims d{6, 18, 2, 64};
     Problem<float> pb(rng, d, true);
-    const int64_t U = pb.units(), H = d.heads * d.head_dim;
-    std::vector<double> y(d.seq_len * U), yl(U), cl(U), nl(U), ml(U);
-    REQUIRE(sl::reference::forward(pb.host_forward(y.data(), yl.data(), cl.data(), nl.data(), ml.data())) == Status::ok);
-    DeviceBuffer<float> sy(moxe::test::convert_to<float>(pb.y0)), sc(moxe::test::convert_to<float>(pb.c0)),
-        sn(moxe::test::convert_to<float>(pb.n0)), sm(moxe::test::convert_to<float>(pb.m0));
+    const ReferenceForward ref = reference_forward(pb);
+    DeviceStates st(pb);
     std::vector<double> y_steps;
     for (int64_t t = 0; t < d.seq_len; ++t) {
-      sl::StepParams<float, float> s{};
-      s.batch = d.batch;
-      s.heads = d.heads;
-      s.head_dim = d.head_dim;
-      s.wx = pb.d_wx.get() + t * d.batch * 4 * H;
-      s.r = pb.d_r.get();
-      s.bias = pb.d_bias.get();
-      s.y = sy.get();
-      s.c = sc.get();
-      s.n = sn.get();
-      s.m = sm.get();
-      s.y_out = sy.get();
+      sl::StepParams<float, float> s = step_params(pb.device(), t, st.y.get(), st.c.get(), st.n.get(), st.m.get(), st.y.get());
       s.units_per_block = units;
       REQUIRE(sl::step(s, nullptr, 0, nullptr) == Status::ok);
-      const auto yt = moxe::test::to_double(sy.download());
+      const auto yt = moxe::test::to_double(st.y.download());
       y_steps.insert(y_steps.end(), yt.begin(), yt.end());
     }
-    CHECK(moxe::test::rel_error(y_steps, y) < Tolerance<float>::fwd);
-    CHECK(moxe::test::rel_error(sc.download(), cl) < Tolerance<float>::fwd);
-    CHECK(moxe::test::rel_error(sn.download(), nl) < Tolerance<float>::fwd);
-    CHECK(moxe::test::rel_error(sm.download(), ml) < Tolerance<float>::fwd);
+    CHECK(moxe::test::rel_error(y_steps, ref.y) < Tolerance<float>::fwd);
+    CHECK(moxe::test::rel_error(st.c.download(), ref.cl) < Tolerance<float>::fwd);
+    CHECK(moxe::test::rel_error(st.n.download(), ref.nl) < Tolerance<float>::fwd);
+    CHECK(moxe::test::rel_error(st.m.download(), ref.ml) < Tolerance<float>::fwd);
   }
 }
 
@@ -366,7 +319,7 @@ TEST_CASE("slstm forward under graph capture") {
     const int64_t U = pb.units();
     DeviceBuffer<__nv_bfloat16> y_direct(7 * U), y_graph(7 * U);
     y_graph.poison();
-    auto p = pb.device_forward(y_direct.get(), nullptr, nullptr, nullptr, nullptr);
+    auto p = forward_params(pb.device(), y_direct.get(), nullptr, nullptr, nullptr, nullptr);
     p.units_per_block = units;
     REQUIRE(sl::sequence_forward(p, nullptr, 0, nullptr) == Status::ok);
     cudaStream_t stream;
@@ -395,39 +348,23 @@ TEST_CASE("slstm device: bad input launches nothing and writes nothing") {
   const int64_t U = pb.units();
   DeviceBuffer<float> y(3 * U), yl(U), cl(U), nl(U), ml(U);
   for (auto* b : {&y, &yl, &cl, &nl, &ml}) b->poison();
-  const auto good = pb.device_forward(y.get(), yl.get(), cl.get(), nl.get(), ml.get());
-  {
+  const auto good = forward_params(pb.device(), y.get(), yl.get(), cl.get(), nl.get(), ml.get());
+  auto expect_forward = [&](Status want, auto mutate) {
     auto p = good;
-    p.wx = nullptr;
-    CHECK(sl::sequence_forward(p, nullptr, 0, nullptr) == Status::invalid_argument);
-    p = good;
-    p.y = nullptr;
-    CHECK(sl::sequence_forward(p, nullptr, 0, nullptr) == Status::invalid_argument);
-    p = good;
-    p.dims.seq_len = 0;
-    CHECK(sl::sequence_forward(p, nullptr, 0, nullptr) == Status::invalid_argument);
-    p = good;
-    p.dims.batch = -2;
-    CHECK(sl::sequence_forward(p, nullptr, 0, nullptr) == Status::invalid_argument);
-    p = good;
-    p.m_init = nullptr;  // partial state group
-    CHECK(sl::sequence_forward(p, nullptr, 0, nullptr) == Status::invalid_argument);
-    p = good;
-    p.n_last = nullptr;
-    CHECK(sl::sequence_forward(p, nullptr, 0, nullptr) == Status::invalid_argument);
-    p = good;
-    p.dims.head_dim = 24;  // not a multiple of 16
-    CHECK(sl::sequence_forward(p, nullptr, 0, nullptr) == Status::unsupported);
-    p = good;
-    p.dims.head_dim = 272;
-    CHECK(sl::sequence_forward(p, nullptr, 0, nullptr) == Status::unsupported);
-    p = good;
-    p.dims.heads = 17;
-    CHECK(sl::sequence_forward(p, nullptr, 0, nullptr) == Status::unsupported);
-    p = good;
-    p.units_per_block = 24;
-    CHECK(sl::sequence_forward(p, nullptr, 0, nullptr) == Status::unsupported);
-  }
+    mutate(p);
+    CHECK(sl::sequence_forward(p, nullptr, 0, nullptr) == want);
+  };
+  using FP = sl::ForwardParams<float, float>;
+  expect_forward(Status::invalid_argument, [](FP& p) { p.wx = nullptr; });
+  expect_forward(Status::invalid_argument, [](FP& p) { p.y = nullptr; });
+  expect_forward(Status::invalid_argument, [](FP& p) { p.dims.seq_len = 0; });
+  expect_forward(Status::invalid_argument, [](FP& p) { p.dims.batch = -2; });
+  expect_forward(Status::invalid_argument, [](FP& p) { p.m_init = nullptr; });  // partial state group
+  expect_forward(Status::invalid_argument, [](FP& p) { p.n_last = nullptr; });
+  expect_forward(Status::unsupported, [](FP& p) { p.dims.head_dim = 24; });  // not a multiple of 16
+  expect_forward(Status::unsupported, [](FP& p) { p.dims.head_dim = 272; });
+  expect_forward(Status::unsupported, [](FP& p) { p.dims.heads = 17; });
+  expect_forward(Status::unsupported, [](FP& p) { p.units_per_block = 24; });
   MOXE_TEST_CUDA(cudaDeviceSynchronize());
   auto all_poison = [](const std::vector<float>& v) {
     for (float x : v) {
@@ -452,31 +389,19 @@ TEST_CASE("slstm device: bad input launches nothing and writes nothing") {
   const std::size_t bytes = sl::sequence_backward_workspace_size(b);
   REQUIRE(bytes > 0);
   moxe::test::MisalignedWorkspace ws(bytes);
-  {
-    CHECK(sl::sequence_backward(b, ws.get(), bytes - 1, nullptr) == Status::workspace_too_small);
-    CHECK(sl::sequence_backward(b, nullptr, 0, nullptr) == Status::workspace_too_small);
+  CHECK(sl::sequence_backward(b, ws.get(), bytes - 1, nullptr) == Status::workspace_too_small);
+  CHECK(sl::sequence_backward(b, nullptr, 0, nullptr) == Status::workspace_too_small);
+  auto expect_backward = [&](Status want, auto mutate) {
     auto p = b;
-    p.dr = nullptr;
-    CHECK(sl::sequence_backward(p, ws.get(), bytes, nullptr) == Status::invalid_argument);
-    p = b;
-    p.dy_last = pb.d_dy_last.get();  // partial upstream group
-    CHECK(sl::sequence_backward(p, ws.get(), bytes, nullptr) == Status::invalid_argument);
-    p = b;
-    p.fwd.dims.head_dim = 8;
-    CHECK(sl::sequence_backward(p, ws.get(), bytes, nullptr) == Status::unsupported);
-  }
-  sl::StepParams<float, float> s{};
-  s.batch = 2;
-  s.heads = 2;
-  s.head_dim = 32;
-  s.wx = pb.d_wx.get();
-  s.r = pb.d_r.get();
-  s.bias = pb.d_bias.get();
-  s.y = yl.get();
-  s.c = cl.get();
-  s.n = nl.get();
-  s.m = nullptr;  // missing state
-  s.y_out = y.get();
+    mutate(p);
+    CHECK(sl::sequence_backward(p, ws.get(), bytes, nullptr) == want);
+  };
+  using BP = sl::BackwardParams<float, float>;
+  expect_backward(Status::invalid_argument, [](BP& p) { p.dr = nullptr; });
+  expect_backward(Status::invalid_argument, [&](BP& p) { p.dy_last = pb.d_dy_last.get(); });  // partial upstream group
+  expect_backward(Status::unsupported, [](BP& p) { p.fwd.dims.head_dim = 8; });
+  const sl::StepParams<float, float> s =
+      step_params(pb.device(), 0, yl.get(), cl.get(), nl.get(), /*m: missing state*/ nullptr, y.get());
   CHECK(sl::step(s, nullptr, 0, nullptr) == Status::invalid_argument);
   MOXE_TEST_CUDA(cudaDeviceSynchronize());
   CHECK(all_poison(dwx.download()));

@@ -75,10 +75,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs<T> 
   float* g_s = reinterpret_cast<float*>(smem + L.gates_off);
 
   const int tid = static_cast<int>(threadIdx.x);
-  const int64_t group = a.group_begin + blockIdx.x;
-  const int64_t h = group % NH;
-  const int64_t b0 = (group / NH) * kBatchTile;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * U;
+  const BlockTile tile = block_tile(a.group_begin + blockIdx.x, static_cast<int64_t>(blockIdx.y), U, NH);
+  const int64_t h = tile.h, b0 = tile.b0, j0 = tile.j0;
 
   // r rows of this block's units: row n = g*U + jl holds r[h][g][j0 + jl][:]
   for (int64_t idx = tid; idx < 4LL * U * DH; idx += kThreads) {
@@ -214,10 +212,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardArgs<T
   float* out_s = reinterpret_cast<float*>(smem + L.out_off);
 
   const int tid = static_cast<int>(threadIdx.x);
-  const int64_t group = a.group_begin + blockIdx.x;
-  const int64_t h = group % NH;
-  const int64_t b0 = (group / NH) * kBatchTile;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * U;
+  const BlockTile tile = block_tile(a.group_begin + blockIdx.x, static_cast<int64_t>(blockIdx.y), U, NH);
+  const int64_t h = tile.h, b0 = tile.b0, j0 = tile.j0;
 
   // transposed slice: row dl, column n = g*DH + j holds r[h][g][j][j0 + dl]
   for (int64_t idx = tid; idx < 4LL * DH * U; idx += kThreads) {

@@ -130,6 +130,15 @@ MOXE_HD inline int64_t num_groups(int64_t batch, int64_t heads) {
   return (batch + kBatchTile - 1) / kBatchTile * heads;
 }
 
+/// What block `split` of `group` owns: head h, batch rows [b0, b0 + kBatchTile) and the
+/// units [j0, j0 + units) of every gate.
+struct BlockTile {
+  int64_t h, b0, j0;
+};
+MOXE_HD inline BlockTile block_tile(int64_t group, int64_t split, int units, int64_t heads) {
+  return {group % heads, (group / heads) * kBatchTile, split * units};
+}
+
 // ---- the weight-gradient reduction ----------------------------------------------------
 // dr[h][m][d] = sum_k dgates[k][m] * y_prev[k][d] over k = t*B + b (m = g*DH + j), a GEMM
 // per head with K = S*B, tiled kDrTile x kDrTile and split along K into fixed chunks whose
