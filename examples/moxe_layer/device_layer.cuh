@@ -191,10 +191,12 @@ class DeviceLayer {
   Status gate();
   Status dispatch();
   Status experts();
+  Status shared_experts();
   Status combine_output();
   Status slstm_block_backward();
   Status mlstm_block_backward();
   Status experts_backward();
+  Status shared_experts_backward();
 
   static double seconds_between(cudaEvent_t a, cudaEvent_t b) {
     float ms = 0.f;
@@ -242,16 +244,45 @@ class DeviceLayer {
     p.y = s_h_cell_;
     return p;
   }
-  /// sLSTM expert e over `seq` x `batch` cells of wx (rows, or its padded batch).
-  moxe::slstm::ForwardParams<T, float> expert_slstm_params(int e, int64_t seq, int64_t batch, const T* wx,
-                                                           T* y) const {
+  /// The sLSTM cell of the expert block named `prefix` over `seq` x `batch` cells of wx.
+  moxe::slstm::ForwardParams<T, float> slstm_cell_params(const std::string& prefix, int64_t seq, int64_t batch,
+                                                         const T* wx, T* y) const {
     moxe::slstm::ForwardParams<T, float> p{};
     p.dims = moxe::slstm::Dims{seq, batch, c_.heads, c_.head_dim()};
     p.wx = wx;
-    p.r = w_(slstm_expert(e) + "r");
-    p.bias = w_(slstm_expert(e) + "bias");
+    p.r = w_(prefix + "r");
+    p.bias = w_(prefix + "bias");
     p.y = y;
     return p;
+  }
+  /// sLSTM expert e over `seq` x `batch` cells of wx (rows, or its padded batch).
+  moxe::slstm::ForwardParams<T, float> expert_slstm_params(int e, int64_t seq, int64_t batch, const T* wx,
+                                                           T* y) const {
+    return slstm_cell_params(slstm_expert(e), seq, batch, wx, y);
+  }
+  /// The shared experts' cells run over all T token rows: per token as T length-1
+  /// sequences, stateful as the B batch sequences of S tokens (no segments, no padding).
+  int64_t shared_cell_batch() const { return c_.expert_mode == ExpertMode::stateful ? c_.batch : c_.tokens(); }
+  int64_t shared_cell_seq() const { return c_.expert_mode == ExpertMode::stateful ? c_.seq_len : 1; }
+  moxe::mlstm::ForwardParams<T, float> shared_mlstm_params(int s) const {
+    const SharedExpertTape& t = shared_[std::size_t(s)];
+    moxe::mlstm::ForwardParams<T, float> p{};
+    p.dims = moxe::mlstm::Dims{shared_cell_batch(), c_.heads, shared_cell_seq(), c_.head_dim(), c_.head_dim()};
+    p.q = t.q;
+    p.k = t.k;
+    p.v = t.v;
+    p.igate = t.ig;
+    p.fgate = t.fg;
+    p.h = t.h_cell;
+    return p;
+  }
+  /// Per token the token rows are the [1, T, 4, NH, DH] layout already; stateful the rows
+  /// [B, S] are transposed to the sequence-major [S, B].
+  moxe::slstm::ForwardParams<T, float> shared_slstm_params(int s) const {
+    const SharedExpertTape& t = shared_[std::size_t(s)];
+    if (c_.expert_mode == ExpertMode::stateful)
+      return slstm_cell_params(shared_expert(s), c_.seq_len, c_.batch, t.wx_cell, t.h_cell);
+    return slstm_cell_params(shared_expert(s), 1, c_.tokens(), t.proj, t.h);
   }
   /// Longest run of one batch sequence's rows in sLSTM expert e (stateful padded batch).
   int64_t longest_run(int e) const {
@@ -279,6 +310,10 @@ class DeviceLayer {
   int64_t expert_offset(int e) const { return host_segments_[int64_t(e) * c_.batch]; }
   std::string mlstm_expert(int e) const { return "mlstm_expert" + std::to_string(e) + "."; }
   std::string slstm_expert(int e) const { return "slstm_expert" + std::to_string(e - c_.mlstm_experts()) + "."; }
+  bool shared_mlstm() const { return c_.shared_expert_kind == SharedExpertKind::mlstm; }
+  std::string shared_expert(int s) const {
+    return (shared_mlstm() ? "shared_mlstm_expert" : "shared_slstm_expert") + std::to_string(s) + ".";
+  }
   float eps() const { return float(c_.norm_eps); }
   Status linear(const T* x, int64_t ldx, int64_t rows, int64_t in, const T* w, const T* b, int64_t out, T* y,
                 int64_t ldy, bool accumulate = false) {
@@ -317,6 +352,17 @@ class DeviceLayer {
   T *e_xn_ = nullptr, *e_qkv_ = nullptr, *e_gates_ = nullptr, *e_wx_ = nullptr, *e_q_ = nullptr, *e_k_ = nullptr;
   T *e_v_ = nullptr, *e_ig_ = nullptr, *e_fg_ = nullptr, *e_h_cell_ = nullptr, *e_h_ = nullptr, *e_hn_ = nullptr;
   T *e_wx_pad_ = nullptr, *e_y_pad_ = nullptr, *yp_ = nullptr;
+  // shared experts: the forward's tape of each, over all T token rows
+  struct SharedExpertTape {
+    T* xn = nullptr;       // [T, D] LN(u)
+    T* proj = nullptr;     // mLSTM: [T, 3D] q, k, v;  sLSTM: [T, 4D] wx
+    T* gates = nullptr;    // mLSTM: [T, 2NH] input gates, then forget gates
+    T *q = nullptr, *k = nullptr, *v = nullptr, *ig = nullptr, *fg = nullptr;  // mLSTM cell layout
+    T* wx_cell = nullptr;  // stateful sLSTM: [S, B, 4D]
+    T* h_cell = nullptr;   // the cell's output in its layout (per-token sLSTM: unused, h is it)
+    T *h = nullptr, *hn = nullptr;  // [T, D] the cell's output rows, MHNorm(h)
+  };
+  std::vector<SharedExpertTape> shared_;
   // combine
   T *combine_ = nullptr, *y_ = nullptr;
 
@@ -334,6 +380,7 @@ class DeviceLayer {
   T *ed_hn_ = nullptr, *ed_h_ = nullptr, *ed_h_cell_ = nullptr, *ed_q_ = nullptr, *ed_k_ = nullptr, *ed_v_ = nullptr;
   T *ed_ig_ = nullptr, *ed_fg_ = nullptr, *ed_qkv_ = nullptr, *ed_gates_ = nullptr, *ed_wx_ = nullptr;
   T *ed_xn_ = nullptr, *ed_y_pad_ = nullptr, *ed_wx_pad_ = nullptr;
+  T* du_shared_ = nullptr;  // [T, D] the shared experts' part of du (permute_backward overwrites du)
 
   moxe::router::GateForwardParams<T, float> gate_params_{};
   moxe::dispatch::Dims dispatch_dims_{};
@@ -399,6 +446,19 @@ Status DeviceLayer<T>::init(const LayerConfig& c, const LayerWeights& w, cudaStr
   MOXE_RETURN_IF_ERROR(a.allocate(e_wx_pad_, S * B * 4 * D));
   MOXE_RETURN_IF_ERROR(a.allocate(e_y_pad_, S * B * D));
   MOXE_LAYER_CUDA_TRY(cudaMallocHost(&host_segments_, sizeof(int64_t) * (E * B + 1)));
+  shared_.assign(std::size_t(c.shared_experts), SharedExpertTape{});
+  for (SharedExpertTape& t : shared_) {
+    for (T** p : {&t.xn, &t.h_cell, &t.h, &t.hn}) MOXE_RETURN_IF_ERROR(a.allocate(*p, T_ * D));
+    if (shared_mlstm()) {
+      MOXE_RETURN_IF_ERROR(a.allocate(t.proj, T_ * 3 * D));
+      MOXE_RETURN_IF_ERROR(a.allocate(t.gates, T_ * 2 * NH));
+      for (T** p : {&t.q, &t.k, &t.v}) MOXE_RETURN_IF_ERROR(a.allocate(*p, T_ * D));
+      for (T** p : {&t.ig, &t.fg}) MOXE_RETURN_IF_ERROR(a.allocate(*p, T_ * NH));
+    } else {
+      MOXE_RETURN_IF_ERROR(a.allocate(t.proj, T_ * 4 * D));
+      MOXE_RETURN_IF_ERROR(a.allocate(t.wx_cell, T_ * 4 * D));
+    }
+  }
 
   // backward
   for (T** p : {&dy_, &dx_, &dx1_, &dx2_, &dx3_, &du_, &sd_fn_, &sd_h_, &sd_h_cell_, &sd_xn_, &sd_conv_act_,
@@ -432,6 +492,9 @@ Status DeviceLayer<T>::init(const LayerConfig& c, const LayerWeights& w, cudaStr
   MOXE_RETURN_IF_ERROR(a.allocate(ed_wx_, R * 4 * D));
   MOXE_RETURN_IF_ERROR(a.allocate(ed_y_pad_, S * B * D));
   MOXE_RETURN_IF_ERROR(a.allocate(ed_wx_pad_, S * B * 4 * D));
+  // the shared experts' backward reuses the ed_* scratch above (R = T * K >= T rows) and
+  // ed_y_pad_ / ed_wx_pad_ (S * B = T) for the stateful sLSTM cell's layout
+  if (c.shared_experts > 0) MOXE_RETURN_IF_ERROR(a.allocate(du_shared_, T_ * D));
 
   // the gate's parameters: fixed pointers into the buffers above
   auto& g = gate_params_;
@@ -475,6 +538,15 @@ Status DeviceLayer<T>::init(const LayerConfig& c, const LayerWeights& w, cudaStr
     need(moxe::mlstm::chunkwise_backward_workspace_size(bp));
     bp.fwd.dims = moxe::mlstm::Dims{B, NH, S, c.inner_head_dim(), c.inner_head_dim()};
     need(moxe::mlstm::chunkwise_backward_workspace_size(bp));
+    // the shared experts' cells: T length-1 sequences, or the B batch sequences
+    for (const auto& dims : {moxe::mlstm::Dims{T_, NH, 1, c.head_dim(), c.head_dim()},
+                             moxe::mlstm::Dims{B, NH, S, c.head_dim(), c.head_dim()}}) {
+      p.num_segments = 0;
+      p.dims = dims;
+      need(moxe::mlstm::chunkwise_forward_workspace_size(p));
+      bp.fwd = p;
+      need(moxe::mlstm::chunkwise_backward_workspace_size(bp));
+    }
   }
   {
     moxe::slstm::ForwardParams<T, float> p{};
@@ -487,6 +559,13 @@ Status DeviceLayer<T>::init(const LayerConfig& c, const LayerWeights& w, cudaStr
     need(moxe::slstm::sequence_backward_workspace_size(bp));
     bp.fwd.dims = moxe::slstm::Dims{S, B, NH, c.head_dim()};
     need(moxe::slstm::sequence_backward_workspace_size(bp));
+    // the shared experts' cells: T length-1 sequences, or the B batch sequences
+    for (const auto& dims : {moxe::slstm::Dims{1, T_, NH, c.head_dim()}, moxe::slstm::Dims{S, B, NH, c.head_dim()}}) {
+      p.dims = dims;
+      need(moxe::slstm::sequence_forward_workspace_size(p));
+      bp.fwd = p;
+      need(moxe::slstm::sequence_backward_workspace_size(bp));
+    }
   }
   need(moxe::router::gate_forward_workspace_size(gate_params_));
   {
@@ -550,8 +629,10 @@ Status DeviceLayer<T>::forward() {
   MOXE_RETURN_IF_ERROR(dispatch());
   MOXE_LAYER_CUDA_TRY(cudaEventRecord(marks_[kExperts], stream_));
   MOXE_RETURN_IF_ERROR(experts());
+  // 5. the shared experts on every token (their W_down is added to y in combine_output)
+  MOXE_RETURN_IF_ERROR(shared_experts());
   MOXE_LAYER_CUDA_TRY(cudaEventRecord(marks_[kCombine], stream_));
-  // 4. y = x3 + combine
+  // 4. y = x3 + combine (+ the shared experts' deltas)
   MOXE_RETURN_IF_ERROR(combine_output());
   MOXE_LAYER_CUDA_TRY(cudaEventRecord(marks_[kStages], stream_));
   return Status::ok;
@@ -726,9 +807,49 @@ Status DeviceLayer<T>::experts() {
   return Status::ok;
 }
 
-/// combine = sum_k w_k yp[row_map[t, k]] (fp32 accumulation); y = x3 + combine.
+/// The shared experts (LayerConfig::shared_experts), each the expert block of its kind on all
+/// T rows of u, up to hn = MHNorm(h): f_s(u) - u = W_down hn + b_down is added to y by
+/// combine_output. The cells: per token T length-1 sequences (for the sLSTM the token rows
+/// are its layout), stateful the B batch sequences of S tokens ([B, NH, S, DH] for the mLSTM,
+/// [S, B] for the sLSTM): one chunkwise_forward or sequence_forward per shared expert.
+template <class T>
+Status DeviceLayer<T>::shared_experts() {
+  const int64_t B = c_.batch, S = c_.seq_len, T_ = c_.tokens(), D = c_.d_model, NH = c_.heads, DH = c_.head_dim();
+  const int64_t cb = shared_cell_batch(), cs = shared_cell_seq();
+  const bool stateful = c_.expert_mode == ExpertMode::stateful;
+  for (int s = 0; s < c_.shared_experts; ++s) {
+    const SharedExpertTape& t = shared_[std::size_t(s)];
+    const std::string p = shared_expert(s);
+    MOXE_RETURN_IF_ERROR(layer_norm_forward(u_, T_, D, w_(p + "norm_w"), w_(p + "norm_b"), eps(), t.xn, stream_));
+    if (shared_mlstm()) {
+      MOXE_RETURN_IF_ERROR(linear(t.xn, D, T_, D, w_(p + "w_qkv"), nullptr, 3 * D, t.proj, 3 * D));
+      MOXE_RETURN_IF_ERROR(linear(t.xn, D, T_, D, w_(p + "w_gates"), w_(p + "b_gates"), 2 * NH, t.gates, 2 * NH));
+      MOXE_RETURN_IF_ERROR(rows_to_mlstm(t.proj, 3 * D, 0, cb, cs, NH, DH, t.q, stream_));
+      MOXE_RETURN_IF_ERROR(rows_to_mlstm(t.proj, 3 * D, D, cb, cs, NH, DH, t.k, stream_));
+      MOXE_RETURN_IF_ERROR(rows_to_mlstm(t.proj, 3 * D, 2 * D, cb, cs, NH, DH, t.v, stream_));
+      MOXE_RETURN_IF_ERROR(rows_to_mlstm(t.gates, 2 * NH, 0, cb, cs, NH, int64_t(1), t.ig, stream_));
+      MOXE_RETURN_IF_ERROR(rows_to_mlstm(t.gates, 2 * NH, NH, cb, cs, NH, int64_t(1), t.fg, stream_));
+      MOXE_RETURN_IF_ERROR(
+          moxe::mlstm::chunkwise_forward(shared_mlstm_params(s), workspace_, workspace_bytes_, stream_));
+      MOXE_RETURN_IF_ERROR(mlstm_to_rows(t.h_cell, cb, cs, NH, DH, t.h, D, 0, stream_));
+    } else {
+      MOXE_RETURN_IF_ERROR(linear(t.xn, D, T_, D, w_(p + "w_x"), nullptr, 4 * D, t.proj, 4 * D));
+      if (stateful) MOXE_RETURN_IF_ERROR(swap_outer(t.proj, B, S, 4 * D, t.wx_cell, stream_));  // [B, S] -> [S, B]
+      MOXE_RETURN_IF_ERROR(
+          moxe::slstm::sequence_forward(shared_slstm_params(s), workspace_, workspace_bytes_, stream_));
+      if (stateful) MOXE_RETURN_IF_ERROR(swap_outer(t.h_cell, S, B, D, t.h, stream_));  // [S, B] -> [B, S]
+    }
+    MOXE_RETURN_IF_ERROR(
+        group_norm_forward(t.h, D, T_, NH, DH, w_(p + "out_norm_w"), nullptr, eps(), t.hn, D, stream_));
+  }
+  return Status::ok;
+}
+
+/// combine = sum_k w_k yp[row_map[t, k]] (fp32 accumulation); y = x3 + combine, then
+/// y += W_down hn + b_down (= f_s(u) - u) of every shared expert.
 template <class T>
 Status DeviceLayer<T>::combine_output() {
+  const int64_t T_ = c_.tokens(), D = c_.d_model;
   moxe::dispatch::UnpermuteParams<T, float> up{};
   up.dims = dispatch_dims_;
   up.yp = yp_;
@@ -736,7 +857,13 @@ Status DeviceLayer<T>::combine_output() {
   up.weight = topk_weight_;
   up.y = combine_;
   MOXE_RETURN_IF_ERROR(moxe::dispatch::unpermute(up, workspace_, workspace_bytes_, stream_));
-  return add(x3_, combine_, c_.tokens() * c_.d_model, y_, stream_);
+  MOXE_RETURN_IF_ERROR(add(x3_, combine_, T_ * D, y_, stream_));
+  for (int s = 0; s < c_.shared_experts; ++s) {
+    const std::string p = shared_expert(s);
+    MOXE_RETURN_IF_ERROR(linear(shared_[std::size_t(s)].hn, D, T_, D, w_(p + "w_down"), w_(p + "b_down"), D, y_, D,
+                                /*accumulate=*/true));
+  }
+  return Status::ok;
 }
 
 // =============================================================================================
@@ -763,6 +890,7 @@ Status DeviceLayer<T>::backward() {
   MOXE_LAYER_CUDA_TRY(cudaEventRecord(back_marks_[1], stream_));
   // 3. the experts, then the rows back to their tokens: du[t] = sum_k dxp[row_map[t, k]]
   MOXE_RETURN_IF_ERROR(experts_backward());
+  MOXE_RETURN_IF_ERROR(shared_experts_backward());  // dy -> du_shared_ and their weights
   MOXE_LAYER_CUDA_TRY(cudaEventRecord(back_marks_[2], stream_));
   moxe::dispatch::PermuteBackwardParams<T> pb{};
   pb.dims = dispatch_dims_;
@@ -770,6 +898,7 @@ Status DeviceLayer<T>::backward() {
   pb.row_map = row_map_;
   pb.dx = du_;
   MOXE_RETURN_IF_ERROR(moxe::dispatch::permute_backward(pb, workspace_, workspace_bytes_, stream_));
+  if (c_.shared_experts > 0) MOXE_RETURN_IF_ERROR(add(du_, du_shared_, T_ * D, du_, stream_));
   MOXE_LAYER_CUDA_TRY(cudaEventRecord(back_marks_[3], stream_));
   // 2. the gate: dweight and the loss coefficients -> router logits and difficulty
   moxe::router::GateBackwardParams<T, float> gb{};
@@ -874,6 +1003,61 @@ Status DeviceLayer<T>::experts_backward() {
     }
     MOXE_RETURN_IF_ERROR(
         norm_bwd(xp_ + r0 * D, D, dxn, D, n, 1, D, p + "norm_w", p + "norm_b", dxp_ + r0 * D, D, true));
+  }
+  return Status::ok;
+}
+
+/// dy -> du_shared_ (written) through every shared expert's f_s(u) - u = W_down hn + b_down
+/// (no residual: the delta only), and their weight gradients. Scratch: the routed experts'
+/// ed_* buffers (they are done with them; R = T * K >= T rows).
+template <class T>
+Status DeviceLayer<T>::shared_experts_backward() {
+  const int64_t B = c_.batch, S = c_.seq_len, T_ = c_.tokens(), D = c_.d_model, NH = c_.heads, DH = c_.head_dim();
+  const int64_t cb = shared_cell_batch(), cs = shared_cell_seq();
+  const bool stateful = c_.expert_mode == ExpertMode::stateful;
+  for (int s = 0; s < c_.shared_experts; ++s) {
+    const SharedExpertTape& t = shared_[std::size_t(s)];
+    const std::string p = shared_expert(s);
+    MOXE_RETURN_IF_ERROR(linear_bwd(t.hn, D, T_, D, p + "w_down", p + "b_down", D, dy_, D, ed_hn_, D, false));
+    MOXE_RETURN_IF_ERROR(norm_bwd(t.h, D, ed_hn_, D, T_, NH, DH, p + "out_norm_w", "", ed_h_, D, false));
+    if (shared_mlstm()) {
+      MOXE_RETURN_IF_ERROR(rows_to_mlstm(ed_h_, D, 0, cb, cs, NH, DH, ed_h_cell_, stream_));
+      moxe::mlstm::BackwardParams<T, float> cell{};
+      cell.fwd = shared_mlstm_params(s);
+      cell.dh = ed_h_cell_;
+      cell.dq = ed_q_;
+      cell.dk = ed_k_;
+      cell.dv = ed_v_;
+      cell.digate = ed_ig_;
+      cell.dfgate = ed_fg_;
+      MOXE_RETURN_IF_ERROR(moxe::mlstm::chunkwise_backward(cell, workspace_, workspace_bytes_, stream_));
+      MOXE_RETURN_IF_ERROR(mlstm_to_rows(ed_q_, cb, cs, NH, DH, ed_qkv_, 3 * D, 0, stream_));
+      MOXE_RETURN_IF_ERROR(mlstm_to_rows(ed_k_, cb, cs, NH, DH, ed_qkv_, 3 * D, D, stream_));
+      MOXE_RETURN_IF_ERROR(mlstm_to_rows(ed_v_, cb, cs, NH, DH, ed_qkv_, 3 * D, 2 * D, stream_));
+      MOXE_RETURN_IF_ERROR(mlstm_to_rows(ed_ig_, cb, cs, NH, int64_t(1), ed_gates_, 2 * NH, 0, stream_));
+      MOXE_RETURN_IF_ERROR(mlstm_to_rows(ed_fg_, cb, cs, NH, int64_t(1), ed_gates_, 2 * NH, NH, stream_));
+      MOXE_RETURN_IF_ERROR(linear_bwd(t.xn, D, T_, D, p + "w_qkv", "", 3 * D, ed_qkv_, 3 * D, ed_xn_, D, false));
+      MOXE_RETURN_IF_ERROR(linear_bwd(t.xn, D, T_, D, p + "w_gates", p + "b_gates", 2 * NH, ed_gates_, 2 * NH, ed_xn_,
+                                      D, true));
+    } else {
+      moxe::slstm::BackwardParams<T, float> cell{};
+      cell.fwd = shared_slstm_params(s);
+      cell.dr = grads_(p + "r");
+      cell.dbias = grads_(p + "bias");
+      if (stateful) {  // [B, S] -> [S, B] and back, in the padded-batch scratch (S * B = T rows)
+        MOXE_RETURN_IF_ERROR(swap_outer(ed_h_, B, S, D, ed_y_pad_, stream_));
+        cell.dy = ed_y_pad_;
+        cell.dwx = ed_wx_pad_;
+      } else {
+        cell.dy = ed_h_;
+        cell.dwx = ed_wx_;
+      }
+      MOXE_RETURN_IF_ERROR(moxe::slstm::sequence_backward(cell, workspace_, workspace_bytes_, stream_));
+      if (stateful) MOXE_RETURN_IF_ERROR(swap_outer(ed_wx_pad_, S, B, 4 * D, ed_wx_, stream_));
+      MOXE_RETURN_IF_ERROR(linear_bwd(t.xn, D, T_, D, p + "w_x", "", 4 * D, ed_wx_, 4 * D, ed_xn_, D, false));
+    }
+    MOXE_RETURN_IF_ERROR(norm_bwd(u_, D, ed_xn_, D, T_, 1, D, p + "norm_w", p + "norm_b", du_shared_, D,
+                                  /*accumulate=*/s > 0));
   }
   return Status::ok;
 }

@@ -64,9 +64,10 @@ inline double spot_check(const LayerConfig& c, const LayerWeights& w, Vec& x, co
   return worst;
 }
 
-inline int run(ExpertMode mode) {
+inline int run(ExpertMode mode, int shared_experts = 0) {
   LayerConfig c;  // tiny defaults: B=2, S=5, D=8, 2 heads, E=4 (2 mLSTM + 2 sLSTM), top-2
   c.expert_mode = mode;
+  c.shared_experts = shared_experts;  // always-on mLSTM experts beside the routed ones
   std::mt19937_64 gen(2505);
   LayerWeights w = LayerWeights::random(c, gen);
   Vec x = random_vector(gen, std::size_t(c.tokens() * c.d_model));
@@ -88,9 +89,13 @@ inline int run(ExpertMode mode) {
 
   double y_norm = 0.0;
   for (double v : cache.y) y_norm += v * v;
-  std::printf("[%s experts] B=%lld S=%lld D=%lld heads=%lld experts=%d (mLSTM %d, sLSTM %d) top_k=%d\n",
+  std::printf("[%s experts] B=%lld S=%lld D=%lld heads=%lld experts=%d (mLSTM %d, sLSTM %d) top_k=%d",
               moxe_layer::to_string(mode), (long long)c.batch, (long long)c.seq_len, (long long)c.d_model,
               (long long)c.heads, c.experts, c.mlstm_experts(), c.experts - c.mlstm_experts(), c.top_k);
+  if (c.shared_experts > 0)
+    std::printf(" + %d shared %s expert%s", c.shared_experts, moxe_layer::to_string(c.shared_expert_kind),
+                c.shared_experts > 1 ? "s" : "");
+  std::printf("\n");
   std::printf("  |y| = %.6f   losses: L_z = %.6f  L_lb = %.6f  L_d = %.6f  L_g = %.6f\n", std::sqrt(y_norm),
               cache.losses[0], cache.losses[1], cache.losses[2], cache.losses[3]);
   std::printf("  rows per expert:");
@@ -112,12 +117,14 @@ inline int run(ExpertMode mode) {
   return ok ? 0 : 1;
 }
 
-/// The host reference path of the example: both expert modes; 0 when every check passes.
+/// The host reference path of the example: both expert modes, then the stateful one with a
+/// shared expert (y = x3 + combine + f_s(u) - u); 0 when every check passes.
 inline int host_main() {
   std::printf("moxe_layer: one MoxE layer on the host reference path (double, no GPU)\n");
   int rc = 0;
   rc |= run(ExpertMode::per_token);
   rc |= run(ExpertMode::stateful);
+  rc |= run(ExpertMode::stateful, 1);
   return rc;
 }
 

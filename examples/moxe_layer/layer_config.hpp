@@ -24,6 +24,11 @@ inline const char* to_string(ExpertMode m) {
   return m == ExpertMode::per_token ? "per_token" : "stateful";
 }
 
+/// The cell of the always-on shared experts (LayerConfig::shared_experts).
+enum class SharedExpertKind { mlstm, slstm };
+
+inline const char* to_string(SharedExpertKind k) { return k == SharedExpertKind::mlstm ? "mlstm" : "slstm"; }
+
 struct LayerConfig {
   // ---- sizes -------------------------------------------------------------------------
   int64_t batch = 2;
@@ -38,6 +43,14 @@ struct LayerConfig {
   int experts = 4;  ///< E: experts [0, E/2) are mLSTM experts, [E/2, E) sLSTM experts
   int top_k = 2;
   ExpertMode expert_mode = ExpertMode::per_token;
+  /// Shared experts (DeepSeekMoE): always-on expert blocks beside the routed ones, the same
+  /// residual blocks as the routed experts of `shared_expert_kind`, applied to every token
+  /// with weight 1 (not routed, not in the gate or its losses):
+  ///   y = x3 + combine + sum_s (f_s(u) - u)
+  /// i.e. each adds its residual delta. The expert mode applies to them too (stateful: one
+  /// recurrence per batch sequence over all its tokens).
+  int shared_experts = 0;
+  SharedExpertKind shared_expert_kind = SharedExpertKind::mlstm;
   moxe::router::Modulation modulation = moxe::router::Modulation::standard;
   double gamma = 1.0;  ///< modulation strength
   double tau = 0.5;    ///< difficulty threshold (proportional and masked modulation)
@@ -52,6 +65,8 @@ struct LayerConfig {
 
   int64_t tokens() const { return batch * seq_len; }
   int mlstm_experts() const { return experts / 2; }
+  int shared_mlstm_experts() const { return shared_expert_kind == SharedExpertKind::mlstm ? shared_experts : 0; }
+  int shared_slstm_experts() const { return shared_experts - shared_mlstm_experts(); }
   int64_t head_dim() const { return d_model / heads; }
   int64_t inner() const { return mlstm_proj_factor * d_model; }  ///< mixer mLSTM width
   int64_t inner_head_dim() const { return inner() / heads; }
@@ -60,6 +75,7 @@ struct LayerConfig {
     MOXE_REQUIRE(batch > 0 && seq_len > 0 && d_model > 0 && heads > 0 && d_model % heads == 0);
     MOXE_REQUIRE(mlstm_proj_factor > 0 && ffn_hidden > 0 && conv_width > 0);
     MOXE_REQUIRE(experts >= 2 && experts % 2 == 0 && top_k >= 1 && top_k <= experts);
+    MOXE_REQUIRE(shared_experts >= 0);
     MOXE_REQUIRE(norm_eps > 0.0);
     return moxe::Status::ok;
   }

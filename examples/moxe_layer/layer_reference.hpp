@@ -26,6 +26,12 @@
 // 4. y = x3 + combine: the mixture is a residual branch of the layer's residual stream x3,
 //    as the feed-forward of a pre-norm transformer block (the experts are residual on u, so
 //    combine = u + sum_k w_k f_k(u), since the weights sum to one).
+// 5. Shared experts (LayerConfig::shared_experts, DeepSeekMoE): always-on expert blocks of
+//    one kind (the same residual blocks as the routed experts) on every token's u, weight 1,
+//    not routed: each adds its residual delta,
+//       y = x3 + combine + sum_s (f_s(u) - u).
+//    They run on all T rows as the routed experts run on theirs: per token from a zero
+//    state, or stateful over each batch sequence in order (CellGrid::identity(B, S)).
 //
 // Backward: the exact gradient of J = sum(y * dy) + c_z L_z + c_lb L_lb + c_d L_d + c_g L_g
 // with respect to x and every weight, chaining the families' reference backwards
@@ -185,12 +191,16 @@ struct LayerWeights {
   Vec w_router, b_router;        // [E + 1, D], [E + 1]: E router logits, then difficulty
   std::vector<MlstmExpertWeights> mlstm_experts;  // E / 2
   std::vector<SlstmExpertWeights> slstm_experts;  // E / 2
+  std::vector<MlstmExpertWeights> shared_mlstm_experts;  // shared_experts when their kind is mLSTM
+  std::vector<SlstmExpertWeights> shared_slstm_experts;  // shared_experts when their kind is sLSTM
 
   /// f(name, tensor, spec) for every weight tensor, in a fixed order.
   template <class F>
   void visit(const LayerConfig& c, F&& f) {
     mlstm_experts.resize(c.mlstm_experts());
     slstm_experts.resize(c.experts - c.mlstm_experts());
+    shared_mlstm_experts.resize(c.shared_mlstm_experts());
+    shared_slstm_experts.resize(c.shared_slstm_experts());
     slstm_block.visit(c, "slstm_block.", f);
     mlstm_block.visit(c, "mlstm_block.", f);
     f("post_norm_w", post_norm_w, spec::norm_weight(c.d_model));
@@ -201,12 +211,18 @@ struct LayerWeights {
       mlstm_experts[e].visit(c, "mlstm_expert" + std::to_string(e) + ".", f);
     for (std::size_t e = 0; e < slstm_experts.size(); ++e)
       slstm_experts[e].visit(c, "slstm_expert" + std::to_string(e) + ".", f);
+    for (std::size_t e = 0; e < shared_mlstm_experts.size(); ++e)
+      shared_mlstm_experts[e].visit(c, "shared_mlstm_expert" + std::to_string(e) + ".", f);
+    for (std::size_t e = 0; e < shared_slstm_experts.size(); ++e)
+      shared_slstm_experts[e].visit(c, "shared_slstm_expert" + std::to_string(e) + ".", f);
   }
 
   /// Whether every tensor has the size `c` asks for (forward and backward check it).
   bool has_sizes(const LayerConfig& c) const {
     if (mlstm_experts.size() != std::size_t(c.mlstm_experts()) ||
-        slstm_experts.size() != std::size_t(c.experts - c.mlstm_experts()))
+        slstm_experts.size() != std::size_t(c.experts - c.mlstm_experts()) ||
+        shared_mlstm_experts.size() != std::size_t(c.shared_mlstm_experts()) ||
+        shared_slstm_experts.size() != std::size_t(c.shared_slstm_experts()))
       return false;
     bool ok = true;  // visit() only reads here: the expert counts already match
     const_cast<LayerWeights*>(this)->visit(
@@ -787,6 +803,29 @@ inline Status slstm_expert_backward(const LayerConfig& c, const SlstmExpertWeigh
   return Status::ok;
 }
 
+/// The grid of the shared experts, over all T token rows: T length-1 sequences (per_token),
+/// or the B batch sequences in order (stateful; cell = row for both cells' layouts).
+inline CellGrid shared_expert_grid(const LayerConfig& c) {
+  return c.expert_mode == ExpertMode::per_token ? CellGrid::identity(c.tokens(), 1)
+                                                : CellGrid::identity(c.batch, c.seq_len);
+}
+
+/// Shared expert s (of LayerConfig::shared_expert_kind) on u [T, D]: k.out = f_s(u).
+inline Status shared_expert_forward(const LayerConfig& c, const LayerWeights& w, int s, const double* u,
+                                    ExpertCache& k) {
+  if (c.shared_expert_kind == SharedExpertKind::mlstm)
+    return mlstm_expert_forward(c, w.shared_mlstm_experts[s], u, c.tokens(), shared_expert_grid(c), k);
+  return slstm_expert_forward(c, w.shared_slstm_experts[s], u, c.tokens(), shared_expert_grid(c), k);
+}
+
+/// du += J_{f_s}(u)^T dout, and shared expert s's weight gradients (+=) into `grads`.
+inline Status shared_expert_backward(const LayerConfig& c, const LayerWeights& w, int s, const ExpertCache& k,
+                                     const double* dout, double* du, LayerWeights& grads) {
+  if (c.shared_expert_kind == SharedExpertKind::mlstm)
+    return mlstm_expert_backward(c, w.shared_mlstm_experts[s], k, dout, du, grads.shared_mlstm_experts[s]);
+  return slstm_expert_backward(c, w.shared_slstm_experts[s], k, dout, du, grads.shared_slstm_experts[s]);
+}
+
 // =============================================================================================
 // The layer.
 // =============================================================================================
@@ -812,6 +851,7 @@ struct LayerCache {
   Vec xp, yp;                           // [T * K, D]
   std::vector<ExpertCache> experts;     // [E]
   Vec combine;                          // [T, D]
+  std::vector<ExpertCache> shared;      // [shared_experts] on all T rows
   Vec y;                                // [T, D] the layer's output
 };
 
@@ -929,6 +969,13 @@ inline Status forward(const LayerConfig& c, const LayerWeights& w, const Vec& x,
   // 4. y = x3 + combine
   k.y.resize(T * D);
   for (int64_t i = 0; i < T * D; ++i) k.y[i] = x3[i] + k.combine[i];
+
+  // 5. shared experts on every token: y += f_s(u) - u
+  k.shared.assign(c.shared_experts, ExpertCache{});
+  for (int s = 0; s < c.shared_experts; ++s) {
+    MOXE_RETURN_IF_ERROR(shared_expert_forward(c, w, s, k.u.data(), k.shared[s]));
+    for (int64_t i = 0; i < T * D; ++i) k.y[i] += k.shared[s].out[i] - k.u[i];
+  }
   return Status::ok;
 }
 
@@ -985,6 +1032,12 @@ inline Status backward(const LayerConfig& c, const LayerWeights& w, const LayerC
   pb.row_map = k.row_map.data();
   pb.dx = du.data();
   MOXE_RETURN_IF_ERROR(moxe::dispatch::reference::permute_backward(pb));
+
+  // 5. shared experts: y += f_s(u) - u, so du += J_{f_s}^T dy - dy
+  for (int s = 0; s < c.shared_experts; ++s) {
+    MOXE_RETURN_IF_ERROR(shared_expert_backward(c, w, s, k.shared[s], dy.data(), du.data(), grads));
+    for (int64_t i = 0; i < T * D; ++i) du[i] -= dy[i];
+  }
 
   // 2. the gate: dweight and the loss coefficients -> router logits and difficulty
   Vec dlogits(T * E, 0.0), ddifficulty(T, 0.0);

@@ -9,7 +9,8 @@
 //      smallest the device cells take) in both expert modes, compared with the host path
 //      in double: the mixer output x3, the gate input u, the rows per expert, the combine,
 //      y, the four losses, dx and the weight gradients, one line each with OK / FAILED
-//      (max relative error per tensor, tolerance 1e-4);
+//      (max relative error per tensor, tolerance 1e-4); then the same with shared experts
+//      (one mLSTM or sLSTM shared expert, in each expert mode);
 //   2. tokens/s of the forward and of forward + backward in bf16 at d_model 1024, 8 heads,
 //      E = 8, top-2, B = 4, S = 4096, with the time of each stage (CUDA events).
 // The exit status is 0 when every comparison passes.
@@ -36,6 +37,7 @@ using moxe_layer::ExpertMode;
 using moxe_layer::LayerCache;
 using moxe_layer::LayerConfig;
 using moxe_layer::LayerWeights;
+using moxe_layer::SharedExpertKind;
 using moxe_layer::Vec;
 using moxe_layer::device::DeviceLayer;
 
@@ -98,8 +100,10 @@ bool report(const char* name, const Vec& device, const Vec& host, double floor =
   return pass;
 }
 
-/// 1. The device forward and backward in float against the host path in double.
-int compare(ExpertMode mode, cudaStream_t stream) {
+/// 1. The device forward and backward in float against the host path in double, with
+/// `shared_experts` always-on experts of `shared_kind` beside the routed ones.
+int compare(ExpertMode mode, cudaStream_t stream, int shared_experts = 0,
+            SharedExpertKind shared_kind = SharedExpertKind::mlstm) {
   LayerConfig c;
   c.batch = 2;
   c.seq_len = 16;
@@ -109,13 +113,16 @@ int compare(ExpertMode mode, cudaStream_t stream) {
   c.experts = 4;
   c.top_k = 2;
   c.expert_mode = mode;
+  c.shared_experts = shared_experts;
+  c.shared_expert_kind = shared_kind;
   std::mt19937_64 gen(2505);
   const LayerWeights w = LayerWeights::random(c, gen);
   const Vec x = random_vector(gen, std::size_t(c.tokens() * c.d_model));
   const Vec dy = random_vector(gen, x.size());
-  std::printf("[%s experts, float] B=%lld S=%lld D=%lld heads=%lld experts=%d top_k=%d: device vs host (double)\n",
-              moxe_layer::to_string(mode), (long long)c.batch, (long long)c.seq_len, (long long)c.d_model,
-              (long long)c.heads, c.experts, c.top_k);
+  std::printf("[%s experts, float] B=%lld S=%lld D=%lld heads=%lld experts=%d top_k=%d", moxe_layer::to_string(mode),
+              (long long)c.batch, (long long)c.seq_len, (long long)c.d_model, (long long)c.heads, c.experts, c.top_k);
+  if (c.shared_experts > 0) std::printf(" + %d shared %s", c.shared_experts, moxe_layer::to_string(shared_kind));
+  std::printf(": device vs host (double)\n");
 
   LayerCache host;
   if (!ok(moxe_layer::forward(c, w, x, host), "host forward")) return 1;
@@ -236,6 +243,11 @@ int main() {
   int rc = 0;
   rc |= compare(ExpertMode::per_token, stream);
   rc |= compare(ExpertMode::stateful, stream);
+  // the shared experts' four code paths: (per token, stateful) x (mLSTM, sLSTM)
+  rc |= compare(ExpertMode::per_token, stream, 1, SharedExpertKind::mlstm);
+  rc |= compare(ExpertMode::stateful, stream, 1, SharedExpertKind::slstm);
+  rc |= compare(ExpertMode::per_token, stream, 1, SharedExpertKind::slstm);
+  rc |= compare(ExpertMode::stateful, stream, 2, SharedExpertKind::mlstm);
 
   LayerConfig big;
   big.batch = 4;

@@ -233,3 +233,58 @@ TEST_CASE("moxe layer (host): gradients match finite differences, a wider layer 
     check_gradients(c, 12);
   }
 }
+
+TEST_CASE("moxe layer (host): gradients match finite differences, shared experts") {
+  // always-on experts beside the routed ones: y = x3 + combine + sum_s (f_s(u) - u)
+  using moxe_layer::SharedExpertKind;
+  SUBCASE("one mLSTM shared expert, per-token") {
+    LayerConfig c = tiny_config(ExpertMode::per_token);
+    c.shared_experts = 1;
+    check_gradients(c);
+  }
+  SUBCASE("one sLSTM shared expert, stateful") {
+    LayerConfig c = tiny_config(ExpertMode::stateful);
+    c.shared_experts = 1;
+    c.shared_expert_kind = SharedExpertKind::slstm;
+    check_gradients(c);
+  }
+  SUBCASE("two mLSTM shared experts, stateful") {
+    LayerConfig c = tiny_config(ExpertMode::stateful);
+    c.shared_experts = 2;
+    check_gradients(c);
+  }
+  SUBCASE("two sLSTM shared experts, per-token") {
+    LayerConfig c = tiny_config(ExpertMode::per_token);
+    c.shared_experts = 2;
+    c.shared_expert_kind = SharedExpertKind::slstm;
+    check_gradients(c);
+  }
+}
+
+TEST_CASE("moxe layer (host): shared experts add their residual deltas to the output") {
+  // Same routed weights and input with and without a shared expert: the gate, the losses
+  // and the routed combine agree exactly; y differs by f_s(u) - u.
+  const std::uint64_t seed = moxe::test::fresh_seed();
+  INFO("seed = " << seed);
+  for (ExpertMode mode : {ExpertMode::per_token, ExpertMode::stateful}) {
+    moxe::test::Rng rng(seed);
+    LayerConfig with = tiny_config(mode);
+    with.shared_experts = 1;
+    Problem p = make_problem(with, rng);
+    LayerConfig without = with;
+    without.shared_experts = 0;
+    LayerWeights w0 = p.w;
+    w0.shared_mlstm_experts.clear();
+    LayerCache ka, kb;
+    REQUIRE(moxe_layer::forward(with, p.w, p.x, ka) == moxe::Status::ok);
+    REQUIRE(moxe_layer::forward(without, w0, p.x, kb) == moxe::Status::ok);
+    CHECK(ka.topk_idx == kb.topk_idx);
+    CHECK(ka.combine == kb.combine);
+    for (int i = 0; i < 4; ++i) CHECK(ka.losses[i] == kb.losses[i]);
+    REQUIRE(ka.shared.size() == 1);
+    Vec expected(kb.y.size());
+    for (std::size_t i = 0; i < expected.size(); ++i) expected[i] = kb.y[i] + (ka.shared[0].out[i] - ka.u[i]);
+    CHECK(moxe::test::rel_error(ka.y, expected) < 1e-14);
+    CHECK(moxe::test::rel_error(ka.y, kb.y) > 1e-8);
+  }
+}
