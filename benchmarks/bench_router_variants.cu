@@ -14,108 +14,60 @@
 #include "moxe/router/variants/group_restricted.cuh"
 #include "moxe/router/variants/sigmoid_bias.cuh"
 #include "moxe/router/variants/topp.cuh"
+#include "router_inputs.cuh"
 
 namespace {
 
 using moxe::bench::DeviceMemory;
-using moxe::bench::EventTimer;
 using Bf16 = __nv_bfloat16;
 namespace rv = moxe::router::variants;
 
 constexpr int64_t kTokens = 65536;
 constexpr int kTopK = 8;
 
-__global__ void fill_logits(Bf16* p, int64_t n, uint32_t seed) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    uint32_t x = static_cast<uint32_t>(i) * 2654435761u ^ seed;
-    x ^= x >> 15;
-    x *= 2246822519u;
-    x ^= x >> 13;
-    p[i] = __float2bfloat16(static_cast<float>(x & 0xffffu) / 65536.f * 6.f - 3.f);
-  }
-}
-
 __global__ void fill_groups(int32_t* group_id, int64_t n, int groups) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     group_id[i] = static_cast<int32_t>((i * 2654435761u >> 7) % groups);
 }
 
-/// One problem: inputs and every variant's outputs and gradients.
-struct Set {
-  int experts;
+/// One problem: the gate's buffers (their [T, K] outputs shared by every variant) and
+/// the other variants' inputs, outputs and gradients.
+struct Set : moxe::bench::GateBuffers {
   int64_t capacity;
-  DeviceMemory logits, difficulty_logit, group_id, group_offsets, bias;
-  DeviceMemory idx, prob, weight, count, total, counts, losses;                  // [T, K] style outputs
-  DeviceMemory scores, ec_tokens, ec_weights, row_map, token_weight, offsets;    // expert choice
-  DeviceMemory dweight, dweight_dense, dlogits, ddifficulty, workspace;
+  DeviceMemory group_id, group_offsets, bias, count, total;
+  DeviceMemory scores, ec_tokens, ec_weights, row_map, token_weight, offsets;  // expert choice
+  DeviceMemory dweight_dense, workspace;
   Set(int e, int seed)
-      : experts(e),
+      : GateBuffers(kTokens, e, kTopK, seed),
         capacity(rv::expert_choice_capacity(kTokens, e, 1.0, kTopK)),
-        logits(kTokens * e * sizeof(Bf16)),
-        difficulty_logit(kTokens * sizeof(Bf16)),
         group_id(kTokens * sizeof(int32_t)),
         group_offsets(3 * sizeof(int32_t)),
         bias(e * sizeof(float)),
-        idx(kTokens * kTopK * sizeof(int32_t)),
-        prob(kTokens * kTopK * sizeof(float)),
-        weight(kTokens * kTopK * sizeof(float)),
         count(kTokens * sizeof(int32_t)),
         total(sizeof(int64_t)),
-        counts(e * sizeof(int32_t)),
-        losses(4 * sizeof(float)),
         scores(kTokens * e * sizeof(float)),
         ec_tokens(e * capacity * sizeof(int32_t)),
         ec_weights(e * capacity * sizeof(float)),
         row_map(kTokens * e * sizeof(int64_t)),
         token_weight(kTokens * e * sizeof(float)),
         offsets((e + 1) * sizeof(int64_t)),
-        dweight(kTokens * kTopK * sizeof(float)),
-        dweight_dense(kTokens * e * sizeof(float)),
-        dlogits(kTokens * e * sizeof(Bf16)),
-        ddifficulty(kTokens * sizeof(Bf16)) {
-    fill_logits<<<1024, 256>>>(logits.as<Bf16>(), kTokens * e, 17u + seed);
-    fill_logits<<<256, 256>>>(difficulty_logit.as<Bf16>(), kTokens, 91u + seed);
+        dweight_dense(kTokens * e * sizeof(float)) {
     fill_groups<<<256, 256>>>(group_id.as<int32_t>(), kTokens, 2);
     const int32_t off[3] = {0, e * 7 / 16, e * 7 / 8};  // two groups of 7E/16, a shared pool of E/8
     MOXE_BENCH_CUDA(cudaMemcpy(group_offsets.as<void>(), off, sizeof(off), cudaMemcpyHostToDevice));
     MOXE_BENCH_CUDA(cudaMemset(bias.as<void>(), 0, bias.bytes()));
-    MOXE_BENCH_CUDA(cudaMemset(dweight.as<void>(), 0x3c, dweight.bytes()));
     MOXE_BENCH_CUDA(cudaMemset(dweight_dense.as<void>(), 0x3c, dweight_dense.bytes()));
-    std::size_t ws = std::max({moxe::router::gate_forward_workspace_size(gate_fwd()),
-                               moxe::router::gate_backward_workspace_size(gate_bwd()),
+    std::size_t ws = std::max({moxe::router::gate_forward_workspace_size(gate_forward()),
+                               moxe::router::gate_backward_workspace_size(gate_backward()),
                                rv::topp_forward_workspace_size(topp()),
                                rv::expert_choice_forward_workspace_size(expert_choice()),
                                rv::sigmoid_bias_forward_workspace_size(sigmoid())});
     workspace = DeviceMemory(std::max<std::size_t>(ws, 1));
     MOXE_BENCH_CUDA(cudaDeviceSynchronize());
   }
-  moxe::router::GateForwardParams<Bf16, float> gate_fwd() const {
-    moxe::router::GateForwardParams<Bf16, float> p{};
-    p.dims = {kTokens, experts, experts / 2, kTopK};
-    p.logits = logits.as<Bf16>();
-    p.difficulty_logit = difficulty_logit.as<Bf16>();
-    p.topk_idx = idx.as<int32_t>();
-    p.topk_prob = prob.as<float>();
-    p.topk_weight = weight.as<float>();
-    p.expert_counts = counts.as<int32_t>();
-    p.losses = losses.as<float>();
-    return p;
-  }
-  moxe::router::GateBackwardParams<Bf16, float> gate_bwd() const {
-    moxe::router::GateBackwardParams<Bf16, float> b{};
-    b.fwd = gate_fwd();
-    b.dweight = dweight.as<float>();
-    b.c_z = 1e-3f;
-    b.c_lb = 1e-2f;
-    b.c_d = 1e-2f;
-    b.c_g = 1e-2f;
-    b.dlogits = dlogits.as<Bf16>();
-    b.ddifficulty_logit = ddifficulty.as<Bf16>();
-    return b;
-  }
   rv::TopPForwardParams<Bf16, float> topp() const {
-    return {{kTokens, experts, kTopK}, logits.as<Bf16>(), 0.9f, idx.as<int32_t>(), prob.as<float>(),
-            weight.as<float>(), count.as<int32_t>(), total.as<int64_t>()};
+    return {{kTokens, experts, kTopK}, logits.as<Bf16>(), 0.9f, topk_idx.as<int32_t>(), topk_prob.as<float>(),
+            topk_weight.as<float>(), count.as<int32_t>(), total.as<int64_t>()};
   }
   rv::ExpertChoiceForwardParams<Bf16, float> expert_choice() const {
     return {{kTokens, experts, capacity}, logits.as<Bf16>(), nullptr, ec_tokens.as<int32_t>(), ec_weights.as<float>(),
@@ -123,11 +75,11 @@ struct Set {
   }
   rv::GroupRestrictedForwardParams<Bf16, float> group_restricted() const {
     return {{kTokens, experts, kTopK, 2, experts * 7 / 8, experts}, logits.as<Bf16>(), group_id.as<int32_t>(),
-            group_offsets.as<int32_t>(), true, idx.as<int32_t>(), prob.as<float>(), weight.as<float>()};
+            group_offsets.as<int32_t>(), true, topk_idx.as<int32_t>(), topk_prob.as<float>(), topk_weight.as<float>()};
   }
   rv::SigmoidBiasForwardParams<Bf16, float> sigmoid() const {
-    return {{kTokens, experts, kTopK, 8, 4}, logits.as<Bf16>(), bias.as<float>(), 2.5f, true, idx.as<int32_t>(),
-            prob.as<float>(), weight.as<float>(), counts.as<int32_t>()};
+    return {{kTokens, experts, kTopK, 8, 4}, logits.as<Bf16>(), bias.as<float>(), 2.5f, true, topk_idx.as<int32_t>(),
+            topk_prob.as<float>(), topk_weight.as<float>(), counts.as<int32_t>()};
   }
 };
 
@@ -145,24 +97,7 @@ std::vector<Set>& sets_for(int e) {
 /// Times `launch(set, stream)` over rotating sets (inputs past L2).
 template <class Launch>
 void run(benchmark::State& state, double bytes, Launch launch) {
-  const int e = int(state.range(0));
-  auto& sets = sets_for(e);
-  cudaStream_t stream;
-  MOXE_BENCH_CUDA(cudaStreamCreate(&stream));
-  EventTimer timer;
-  std::size_t i = 0;
-  for (auto _ : state) {
-    Set& s = sets[i++ % sets.size()];
-    timer.start(stream);
-    const moxe::Status st = launch(s, stream);
-    state.SetIterationTime(timer.stop_seconds(stream));
-    if (st != moxe::Status::ok) {
-      state.SkipWithError(moxe::to_string(st));
-      break;
-    }
-  }
-  moxe::bench::set_counters(state, bytes, 0);
-  MOXE_BENCH_CUDA(cudaStreamDestroy(stream));
+  moxe::bench::time_rotating(state, sets_for(int(state.range(0))), bytes, launch);
 }
 
 // minimum traffic, bytes per token
@@ -172,15 +107,15 @@ double slots_bytes() { return kTopK * 12.0; }  // idx + prob + weight (or their 
 void BM_gate_forward(benchmark::State& state) {
   const int e = int(state.range(0));
   run(state, kTokens * (logits_bytes(e) + 2.0 + slots_bytes()), [](Set& s, cudaStream_t st) {
-    return moxe::router::gate_forward(s.gate_fwd(), s.workspace.as<void>(), s.workspace.bytes(), st);
+    return moxe::router::gate_forward(s.gate_forward(), s.workspace.as<void>(), s.workspace.bytes(), st);
   });
 }
 void BM_gate_backward(benchmark::State& state) {
   const int e = int(state.range(0));
   for (auto& s : sets_for(e))
-    (void)moxe::router::gate_forward(s.gate_fwd(), s.workspace.as<void>(), s.workspace.bytes(), nullptr);
+    (void)moxe::router::gate_forward(s.gate_forward(), s.workspace.as<void>(), s.workspace.bytes(), nullptr);
   run(state, kTokens * (2 * logits_bytes(e) + 4.0 + slots_bytes()), [](Set& s, cudaStream_t st) {
-    return moxe::router::gate_backward(s.gate_bwd(), s.workspace.as<void>(), s.workspace.bytes(), st);
+    return moxe::router::gate_backward(s.gate_backward(), s.workspace.as<void>(), s.workspace.bytes(), st);
   });
 }
 void BM_topp_forward(benchmark::State& state) {

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <numeric>
 
+#include "backward_check.cuh"
 #include "device_check.hpp"
 #include "device_utils.cuh"
 #include "graph_capture.cuh"
@@ -23,9 +24,6 @@ namespace rv = moxe::router::variants;
 namespace rvr = moxe::router::variants::reference;
 
 namespace {
-
-template <class T>
-double tolerance() { return std::is_same_v<T, float> ? 2e-5 : 1e-2; }
 
 template <class T>
 void check_expert_choice(mt::Rng& rng, int64_t T_, int E, int64_t C, bool all_equal = false) {
@@ -94,18 +92,11 @@ void check_expert_choice(mt::Rng& rng, int64_t T_, int E, int64_t C, bool all_eq
   CHECK(mv::bitwise_equal(dmap.download(), map));
   CHECK(mv::bitwise_equal(dtw.download(), tw));
 
-  std::vector<double> want(T_ * E);
-  auto rp = prob.params();
+  const auto rp = prob.params();
   std::copy(map.begin(), map.end(), prob.row_map.begin());
-  REQUIRE(rvr::expert_choice_backward(rv::ExpertChoiceBackwardParams<double, double>{rp, prob.dweight.data(),
-                                                                                     want.data()}) == Status::ok);
-  mt::DeviceBuffer<float> ddw(mt::convert_to<float>(prob.dweight));
-  rv::ExpertChoiceBackwardParams<T, float> b{p, ddw.get(), dgrad.get()};
-  REQUIRE(rv::expert_choice_backward(b, nullptr, 0, nullptr) == Status::ok);
-  const auto got_grad = dgrad.download();
-  CHECK(mt::rel_error(mt::convert_to_double(got_grad), want) < tolerance<T>());
-  REQUIRE(rv::expert_choice_backward(b, nullptr, 0, nullptr) == Status::ok);
-  CHECK(mv::bitwise_equal(dgrad.download(), got_grad));
+  mv::check_backward<rv::ExpertChoiceBackwardParams>(
+      rp, p, prob.dweight, dgrad, [](const auto& b) { return rvr::expert_choice_backward(b); },
+      [](const auto& b) { return rv::expert_choice_backward(b, nullptr, 0, nullptr); });
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 
+#include "backward_check.cuh"
 #include "device_check.hpp"
 #include "device_utils.cuh"
 #include "graph_capture.cuh"
@@ -20,9 +21,6 @@ namespace rv = moxe::router::variants;
 namespace rvr = moxe::router::variants::reference;
 
 namespace {
-
-template <class T>
-double tolerance() { return std::is_same_v<T, float> ? 2e-5 : 1e-2; }
 
 template <class T>
 void check_group_restricted(mt::Rng& rng, int64_t T_, int E, int K, std::vector<int32_t> offsets, int sb, int se,
@@ -65,19 +63,7 @@ void check_group_restricted(mt::Rng& rng, int64_t T_, int E, int K, std::vector<
     CHECK(int(groups_used.size()) <= topk_groups);
     if (!same) {
       CAPTURE(t);
-      std::vector<double> pa(E), gs;
-      rvr::detail::masked_softmax(prob.logits.data() + t * E, E, allowed, pa.data());
-      for (int g = 0; g < n_groups; ++g) {
-        moxe::router::detail::Top2<double> t2;
-        int count = 0;
-        for (int e = g * (E / n_groups); e < (g + 1) * (E / n_groups); ++e)
-          if (allowed[e]) {
-            t2.add(pa[e]);
-            ++count;
-          }
-        if (count > 0) gs.push_back(moxe::router::variants::detail::allowed_group_score(t2.first, t2.second, count));
-      }
-      CHECK((mv::ambiguous_order(za) || mv::ambiguous_order(gs)));
+      CHECK((mv::ambiguous_order(za) || mv::ambiguous_order(prob.group_scores(t))));
       continue;
     }
     for (int j = 0; j < K; ++j) CHECK(std::abs(got_weight[t * K + j] - prob.topk_weight[t * K + j]) <= 1e-5);
@@ -91,18 +77,11 @@ void check_group_restricted(mt::Rng& rng, int64_t T_, int E, int K, std::vector<
           Status::ok);
   CHECK(mv::bitwise_equal(dweight.download(), got_weight));
 
-  std::vector<double> want(T_ * E);
-  auto rp = prob.params();
+  const auto rp = prob.params();
   std::copy(got_idx.begin(), got_idx.end(), prob.topk_idx.begin());
-  REQUIRE(rvr::group_restricted_backward(rv::GroupRestrictedBackwardParams<double, double>{rp, prob.dweight.data(),
-                                                                                           want.data()}) == Status::ok);
-  mt::DeviceBuffer<float> ddw(mt::convert_to<float>(prob.dweight));
-  rv::GroupRestrictedBackwardParams<T, float> b{p, ddw.get(), dgrad.get()};
-  REQUIRE(rv::group_restricted_backward(b, nullptr, 0, nullptr) == Status::ok);
-  const auto got_grad = dgrad.download();
-  CHECK(mt::rel_error(mt::convert_to_double(got_grad), want) < tolerance<T>());
-  REQUIRE(rv::group_restricted_backward(b, nullptr, 0, nullptr) == Status::ok);
-  CHECK(mv::bitwise_equal(dgrad.download(), got_grad));
+  mv::check_backward<rv::GroupRestrictedBackwardParams>(
+      rp, p, prob.dweight, dgrad, [](const auto& b) { return rvr::group_restricted_backward(b); },
+      [](const auto& b) { return rv::group_restricted_backward(b, nullptr, 0, nullptr); });
 }
 
 }  // namespace

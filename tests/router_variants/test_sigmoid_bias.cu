@@ -5,6 +5,7 @@
 
 #include <algorithm>
 
+#include "backward_check.cuh"
 #include "device_check.hpp"
 #include "device_utils.cuh"
 #include "graph_capture.cuh"
@@ -20,9 +21,6 @@ namespace rv = moxe::router::variants;
 namespace rvr = moxe::router::variants::reference;
 
 namespace {
-
-template <class T>
-double tolerance() { return std::is_same_v<T, float> ? 2e-5 : 1e-2; }
 
 template <class T>
 void check_sigmoid_bias(mt::Rng& rng, int64_t T_, int E, int K, int G, int TG, bool renorm) {
@@ -48,7 +46,6 @@ void check_sigmoid_bias(mt::Rng& rng, int64_t T_, int E, int K, int G, int TG, b
   const auto got_weight = dweight.download();
   const auto got_counts = dcounts.download();
   std::vector<int32_t> counts(E, 0);
-  const int size = E / G;
   for (int64_t t = 0; t < T_; ++t) {
     bool same = true;
     for (int j = 0; j < K; ++j) {
@@ -59,14 +56,8 @@ void check_sigmoid_bias(mt::Rng& rng, int64_t T_, int E, int K, int G, int TG, b
     }
     if (!same) {
       CAPTURE(t);
-      std::vector<double> sel(E), gs(G);
-      for (int e = 0; e < E; ++e) sel[e] = 1.0 / (1.0 + std::exp(-prob.logits[t * E + e])) + prob.bias[e];
-      for (int g = 0; g < G; ++g) {
-        moxe::router::detail::Top2<double> t2;
-        for (int e = g * size; e < (g + 1) * size; ++e) t2.add(sel[e]);
-        gs[g] = t2.group_score(size);
-      }
-      CHECK((mv::ambiguous_order(sel) || mv::ambiguous_order(gs)));
+      const auto sel = prob.keys(t);
+      CHECK((mv::ambiguous_order(sel) || mv::ambiguous_order(prob.group_scores(sel))));
       continue;
     }
     for (int j = 0; j < K; ++j) CHECK(std::abs(got_weight[t * K + j] - prob.topk_weight[t * K + j]) <= 3e-5);
@@ -80,18 +71,11 @@ void check_sigmoid_bias(mt::Rng& rng, int64_t T_, int E, int K, int G, int TG, b
           Status::ok);
   CHECK(dcounts.download() == got_counts);
 
-  std::vector<double> want(T_ * E);
-  auto rp = prob.params();
+  const auto rp = prob.params();
   std::copy(got_idx.begin(), got_idx.end(), prob.topk_idx.begin());
-  REQUIRE(rvr::sigmoid_bias_backward(rv::SigmoidBiasBackwardParams<double, double>{rp, prob.dweight.data(),
-                                                                                   want.data()}) == Status::ok);
-  mt::DeviceBuffer<float> ddw(mt::convert_to<float>(prob.dweight));
-  rv::SigmoidBiasBackwardParams<T, float> b{p, ddw.get(), dgrad.get()};
-  REQUIRE(rv::sigmoid_bias_backward(b, nullptr, 0, nullptr) == Status::ok);
-  const auto got_grad = dgrad.download();
-  CHECK(mt::rel_error(mt::convert_to_double(got_grad), want) < tolerance<T>());
-  REQUIRE(rv::sigmoid_bias_backward(b, nullptr, 0, nullptr) == Status::ok);
-  CHECK(mv::bitwise_equal(dgrad.download(), got_grad));
+  mv::check_backward<rv::SigmoidBiasBackwardParams>(
+      rp, p, prob.dweight, dgrad, [](const auto& b) { return rvr::sigmoid_bias_backward(b); },
+      [](const auto& b) { return rv::sigmoid_bias_backward(b, nullptr, 0, nullptr); });
 
   // the bias step from the device counts, against the reference on the same counts
   std::vector<double> bias_want = prob.bias;

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 
+#include "backward_check.cuh"
 #include "device_check.hpp"
 #include "device_utils.cuh"
 #include "graph_capture.cuh"
@@ -20,9 +21,6 @@ namespace rv = moxe::router::variants;
 namespace rvr = moxe::router::variants::reference;
 
 namespace {
-
-template <class T>
-double tolerance() { return std::is_same_v<T, float> ? 2e-5 : 1e-2; }
 
 /// Whether the reference's top-p selection of token t is within a hair of changing.
 bool topp_ambiguous(const std::vector<double>& z, int64_t t, int E, int max_k, double top_p) {
@@ -95,16 +93,10 @@ void check_topp(mt::Rng& rng, int64_t T_, int E, int max_k, double top_p) {
 
   // backward from the device's own selection against the reference on the same selection
   const auto dw = mt::uniform_vector<double>(rng, T_ * K);
-  std::vector<double> want(T_ * E);
-  auto rp = rv::TopPForwardParams<double, double>{{T_, E, K}, z.data(), top_p, const_cast<int32_t*>(got_idx.data())};
-  REQUIRE(rvr::topp_backward(rv::TopPBackwardParams<double, double>{rp, dw.data(), want.data()}) == Status::ok);
-  mt::DeviceBuffer<float> ddw(mt::convert_to<float>(dw));
-  rv::TopPBackwardParams<T, float> b{p, ddw.get(), dgrad.get()};
-  REQUIRE(rv::topp_backward(b, nullptr, 0, nullptr) == Status::ok);
-  const auto got_grad = dgrad.download();
-  CHECK(mt::rel_error(mt::convert_to_double(got_grad), want) < tolerance<T>());
-  REQUIRE(rv::topp_backward(b, nullptr, 0, nullptr) == Status::ok);
-  CHECK(mv::bitwise_equal(dgrad.download(), got_grad));
+  const auto rp = rv::TopPForwardParams<double, double>{{T_, E, K}, z.data(), top_p, const_cast<int32_t*>(got_idx.data())};
+  mv::check_backward<rv::TopPBackwardParams>(
+      rp, p, dw, dgrad, [](const auto& b) { return rvr::topp_backward(b); },
+      [](const auto& b) { return rv::topp_backward(b, nullptr, 0, nullptr); });
 }
 
 }  // namespace

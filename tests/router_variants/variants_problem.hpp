@@ -154,6 +154,24 @@ struct GroupRestrictedProblem {
   std::vector<char> allowed(int64_t t) const {
     return rvr::detail::allowed_experts(dims, group_offsets.data(), group_id[t]);
   }
+  /// The group limit's scores of token t's groups that hold an allowed expert.
+  std::vector<double> group_scores(int64_t t) const {
+    const int E = dims.experts, size = E / dims.n_groups;
+    const auto a = allowed(t);
+    std::vector<double> p(E), scores;
+    rvr::detail::masked_softmax(logits.data() + t * E, E, a, p.data());
+    for (int g = 0; g < dims.n_groups; ++g) {
+      moxe::router::detail::Top2<double> t2;
+      int count = 0;
+      for (int e = g * size; e < (g + 1) * size; ++e)
+        if (a[e]) {
+          t2.add(p[e]);
+          ++count;
+        }
+      if (count > 0) scores.push_back(moxe::router::variants::detail::allowed_group_score(t2.first, t2.second, count));
+    }
+    return scores;
+  }
   bool near_tie() const {
     const int E = dims.experts;
     for (int64_t t = 0; t < dims.tokens; ++t) {
@@ -162,23 +180,7 @@ struct GroupRestrictedProblem {
       for (int e = 0; e < E; ++e)
         if (a[e]) z.push_back(logits[t * E + e]);
       if (has_close_pair(z)) return true;  // softmax is monotone: logit gaps suffice
-      if (dims.n_groups > 1 && dims.topk_groups < dims.n_groups) {  // close group scores
-        std::vector<double> p(E);
-        rvr::detail::masked_softmax(logits.data() + t * E, E, a, p.data());
-        const int size = E / dims.n_groups;
-        std::vector<double> scores;
-        for (int g = 0; g < dims.n_groups; ++g) {
-          moxe::router::detail::Top2<double> t2;
-          int count = 0;
-          for (int e = g * size; e < (g + 1) * size; ++e)
-            if (a[e]) {
-              t2.add(p[e]);
-              ++count;
-            }
-          if (count > 0) scores.push_back(moxe::router::variants::detail::allowed_group_score(t2.first, t2.second, count));
-        }
-        if (has_close_pair(scores)) return true;
-      }
+      if (dims.n_groups > 1 && dims.topk_groups < dims.n_groups && has_close_pair(group_scores(t))) return true;
     }
     return false;
   }
@@ -211,19 +213,30 @@ struct SigmoidBiasProblem {
     forward();
     return dot(topk_weight, dweight);
   }
+  /// Selection scores s + bias of token t.
+  std::vector<double> keys(int64_t t) const {
+    const int E = dims.experts;
+    std::vector<double> sel(E);
+    for (int e = 0; e < E; ++e) sel[e] = 1.0 / (1.0 + std::exp(-logits[t * E + e])) + bias[e];
+    return sel;
+  }
+  /// The group limit's scores (top-2 sums) of the selection scores.
+  std::vector<double> group_scores(const std::vector<double>& sel) const {
+    const int G = dims.n_groups, size = dims.experts / G;
+    std::vector<double> gs(G);
+    for (int g = 0; g < G; ++g) {
+      moxe::router::detail::Top2<double> t2;
+      for (int e = g * size; e < (g + 1) * size; ++e) t2.add(sel[e]);
+      gs[g] = t2.group_score(size);
+    }
+    return gs;
+  }
   /// Close selection scores s + bias, or close group scores.
   bool near_tie() const {
-    const int E = dims.experts, G = dims.n_groups, size = E / G;
     for (int64_t t = 0; t < dims.tokens; ++t) {
-      std::vector<double> sel(E), gs(G);
-      for (int e = 0; e < E; ++e) sel[e] = 1.0 / (1.0 + std::exp(-logits[t * E + e])) + bias[e];
+      const auto sel = keys(t);
       if (has_close_pair(sel)) return true;
-      for (int g = 0; g < G; ++g) {
-        moxe::router::detail::Top2<double> t2;
-        for (int e = g * size; e < (g + 1) * size; ++e) t2.add(sel[e]);
-        gs[g] = t2.group_score(size);
-      }
-      if (G > 1 && has_close_pair(gs)) return true;
+      if (dims.n_groups > 1 && has_close_pair(group_scores(sel))) return true;
     }
     return false;
   }

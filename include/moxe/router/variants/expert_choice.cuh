@@ -187,17 +187,11 @@ __global__ void __launch_bounds__(kScoreThreads)
 template <class T, int kLanes, int kPerLane>
 __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
     ec_backward_kernel(const __grid_constant__ ExpertChoiceBackwardParams<T, float> b) {
-  using Group = LaneGroup<kLanes>;
   const auto& p = b.fwd;
-  const Group g;
+  const LaneGroup<kLanes> g;
   const int E = p.dims.experts;
-  const int64_t T_ = p.dims.tokens;
-  const int warp = threadIdx.x / kWarpSize;
   const uint32_t padding = router::detail::padding_bits<kLanes, kPerLane>(g, E);
-  const int64_t step = int64_t(gridDim.x) * kRowWarps * Group::kGroups;
-  for (int64_t base = (int64_t(blockIdx.x) * kRowWarps + warp) * Group::kGroups; base < T_; base += step) {
-    const int64_t t = base + g.group;
-    const bool valid = t < T_;
+  for_each_token(g, p.dims.tokens, [&](int64_t t, bool valid) {
     float v[kPerLane], gp[kPerLane];
     load_row<T, kLanes, kPerLane>(g, p.logits + (valid ? t : 0) * E, E, valid, v);
     row_softmax<kLanes, kPerLane>(g, v, padding);
@@ -208,15 +202,8 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
       gp[j] = (valid && e < E && p.row_map[t * E + e] >= 0) ? b.dweight[t * E + e] : 0.f;
       dot += v[j] * gp[j];
     }
-    dot = g.sum(dot);
-    if (valid) {
-      MOXE_PRAGMA_UNROLL
-      for (int j = 0; j < kPerLane; ++j) {
-        const int e = g.element(j);
-        if (e < E) b.dlogits[t * E + e] = from_float<T>(router::detail::softmax_grad(v[j], gp[j], dot, 0.f));
-      }
-    }
-  }
+    write_softmax_grad_row<T, kLanes, kPerLane>(g, v, gp, dot, padding, E, valid, b.dlogits + (valid ? t : 0) * E);
+  });
 }
 
 template <class T>
@@ -271,11 +258,9 @@ Status expert_choice_backward(const ExpertChoiceBackwardParams<T, float>& b, voi
   MOXE_RETURN_IF_ERROR(validate(b));
   if (b.fwd.dims.experts > kMaxExperts || b.fwd.dims.tokens > INT32_MAX) return Status::unsupported;
   const int grid = detail::token_grid(b.fwd.dims.tokens, b.fwd.dims.experts, false);
-  return router::detail::dispatch_row_shape(b.fwd.dims.experts, [&](auto shape) {
-    using S = decltype(shape);
-    detail::ec_backward_kernel<T, S::kLanes, S::kPerLane><<<grid, detail::kRowThreads, 0, stream>>>(b);
-    return check_launch(stream);
-  });
+  return detail::launch_rows(grid, b.fwd.dims.experts, stream, [](auto shape) {
+    return detail::ec_backward_kernel<T, decltype(shape)::kLanes, decltype(shape)::kPerLane>;
+  }, b);
 }
 
 }  // namespace moxe::router::variants

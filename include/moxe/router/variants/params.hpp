@@ -249,13 +249,9 @@ inline Status validate_group_offsets(const int32_t* offsets, int num_groups, int
   return Status::ok;
 }
 
+/// The selection is moxe::router::topk's (group-limited top-k of s + bias): its checks.
 inline Status validate_dims(const SigmoidBiasDims& d) {
-  MOXE_REQUIRE(d.tokens > 0 && d.experts > 0);
-  MOXE_REQUIRE(d.top_k >= 1 && d.top_k <= d.experts);
-  MOXE_REQUIRE(d.n_groups >= 1 && d.experts % d.n_groups == 0);
-  MOXE_REQUIRE(d.topk_groups >= 1 && d.topk_groups <= d.n_groups);
-  MOXE_REQUIRE(static_cast<int64_t>(d.topk_groups) * (d.experts / d.n_groups) >= d.top_k);
-  return Status::ok;
+  return router::validate_dims(TopKDims{d.tokens, d.experts, d.top_k, d.n_groups, d.topk_groups});
 }
 
 template <class T, class Acc>

@@ -21,6 +21,7 @@
 #include "moxe/core/workspace.hpp"
 #include "moxe/router/detail/gate_math.hpp"
 #include "moxe/router/variants/detail/device.cuh"
+#include "moxe/router/variants/detail/group_limit.cuh"
 #include "moxe/router/variants/detail/variant_math.hpp"
 #include "moxe/router/variants/params.hpp"
 
@@ -32,33 +33,31 @@ template <class T, int kLanes, int kPerLane>
 __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
     sigmoid_bias_forward_kernel(const __grid_constant__ SigmoidBiasForwardParams<T, float> p, int64_t* block_counts) {
   using Group = LaneGroup<kLanes>;
+  using Limit = GroupLimit<kLanes, kPerLane>;
   constexpr int kGroups = Group::kGroups;
-  constexpr int kMaxE = kLanes * kPerLane;
-  __shared__ float row_smem[kRowWarps][kGroups][kMaxE];    // keys, then kept-group flags
-  __shared__ float score_smem[kRowWarps][kGroups][kMaxE];  // group scores
+  __shared__ typename Limit::TempStorage limit_storage;
+  // separate arrays, not a SlotStorage: for E <= 8 slot_value is write-only and drops out
   __shared__ float slot_value[kRowWarps][kGroups][kMaxTopK];
   __shared__ int slot_index[kRowWarps][kGroups][kMaxTopK];
   __shared__ float slot_score[kRowWarps][kGroups][kMaxTopK];
   __shared__ int counts[kMaxExperts];
   const Group g;
-  const int warp = threadIdx.x / kWarpSize;
   const int E = p.dims.experts, K = p.dims.top_k;
-  const int n_groups = p.dims.n_groups, group_size = E / n_groups;
-  const bool limited = n_groups > 1 && p.dims.topk_groups < n_groups;
-  const int64_t T_ = p.dims.tokens;
   if (block_counts != nullptr) {
     for (int e = threadIdx.x; e < E; e += kRowThreads) counts[e] = 0;
     __syncthreads();
   }
-  float* row = row_smem[warp][g.group];
-  float* gscore = score_smem[warp][g.group];
+  const Limit limit(limit_storage, g, E, p.dims.n_groups, p.dims.topk_groups);
+  const int warp = threadIdx.x / kWarpSize;
   float* sslot = slot_score[warp][g.group];
   const TopKSlots slots{slot_value[warp][g.group], slot_index[warp][g.group]};
   const uint32_t padding = router::detail::padding_bits<kLanes, kPerLane>(g, E);
-  const int64_t step = int64_t(gridDim.x) * kRowWarps * kGroups;
-  for (int64_t base = (int64_t(blockIdx.x) * kRowWarps + warp) * kGroups; base < T_; base += step) {
-    const int64_t t = base + g.group;
-    const bool valid = t < T_;
+  const auto group_score = [](const float* keys, int size) {
+    router::detail::Top2<float> t2;
+    for (int i = 0; i < size; ++i) t2.add(keys[i]);
+    return t2.group_score(size);
+  };
+  for_each_token(g, p.dims.tokens, [&](int64_t t, bool valid) {
     const T* logits = p.logits + (valid ? t : 0) * E;
     float key[kPerLane];
     MOXE_PRAGMA_UNROLL
@@ -66,33 +65,10 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
       const int e = g.element(j);
       key[j] = 0.f;
       if (valid && e < E) key[j] = math::sigmoid(to_float(logits[e])) + (p.bias != nullptr ? p.bias[e] : 0.f);
-      if (key[j] != key[j]) key[j] = -math::infinity<float>();
     }
+    nan_to_neg_inf(key);
     uint32_t taken = padding;
-    if (limited) {  // uniform over the grid
-      MOXE_PRAGMA_UNROLL
-      for (int j = 0; j < kPerLane; ++j)
-        if (g.element(j) < E) row[g.element(j)] = key[j];
-      __syncwarp();
-      for (int gi = g.lane; gi < n_groups; gi += kLanes) {
-        router::detail::Top2<float> t2;
-        for (int e = gi * group_size; e < (gi + 1) * group_size; ++e) t2.add(row[e]);
-        gscore[gi] = t2.group_score(group_size);
-      }
-      __syncwarp();
-      for (int gi = g.lane; gi < n_groups; gi += kLanes) {
-        int before = 0;
-        for (int o = 0; o < n_groups; ++o) before += router::detail::ranks_before(gscore[o], o, gscore[gi], gi);
-        row[gi] = before < p.dims.topk_groups ? 1.f : 0.f;
-      }
-      __syncwarp();
-      MOXE_PRAGMA_UNROLL
-      for (int j = 0; j < kPerLane; ++j) {
-        const int e = g.element(j);
-        if (e < E && row[e / group_size] == 0.f) taken |= 1u << j;
-      }
-      __syncwarp();
-    }
+    limit.exclude_unkept([&](int j) { return key[j]; }, group_score, taken);
     router::detail::group_topk<kLanes, kPerLane>(g, key, taken, K, slots);
     if (valid)
       for (int r = g.lane; r < K; r += kLanes) sslot[r] = math::sigmoid(to_float(logits[slots.index[r]]));
@@ -110,7 +86,7 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
       }
     }
     __syncwarp();
-  }
+  });
   if (block_counts != nullptr) {
     __syncthreads();
     for (int e = threadIdx.x; e < E; e += kRowThreads) block_counts[int64_t(blockIdx.x) * E + e] = counts[e];
@@ -120,20 +96,13 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
 template <class T, int kLanes, int kPerLane>
 __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
     sigmoid_bias_backward_kernel(const __grid_constant__ SigmoidBiasBackwardParams<T, float> b) {
-  using Group = LaneGroup<kLanes>;
-  constexpr int kGroups = Group::kGroups;
-  __shared__ float slot_value[kRowWarps][kGroups][kMaxTopK];
-  __shared__ int slot_index[kRowWarps][kGroups][kMaxTopK];
+  const LaneGroup<kLanes> g;
+  __shared__ SlotStorage<LaneGroup<kLanes>::kGroups> slot_storage;
   const auto& p = b.fwd;
-  const Group g;
-  const int warp = threadIdx.x / kWarpSize;
   const int E = p.dims.experts, K = p.dims.top_k;
-  float* value = slot_value[warp][g.group];
-  int* index = slot_index[warp][g.group];
-  const int64_t step = int64_t(gridDim.x) * kRowWarps * kGroups;
-  for (int64_t base = (int64_t(blockIdx.x) * kRowWarps + warp) * kGroups; base < p.dims.tokens; base += step) {
-    const int64_t t = base + g.group;
-    if (t < p.dims.tokens) {
+  const TopKSlots grad = slot_storage.of(g.group);  // per chosen slot: dz and the expert
+  for_each_token(g, p.dims.tokens, [&](int64_t t, bool valid) {
+    if (valid) {
       const int32_t* idx = p.topk_idx + t * K;
       const T* row = p.logits + t * E;
       float sum = 0.f;
@@ -146,14 +115,14 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
       for (int r = g.lane; r < K; r += kLanes) {
         const bool ok = idx[r] >= 0 && idx[r] < E;
         const float s = ok ? math::sigmoid(to_float(row[idx[r]])) : 0.f;
-        value[r] = ok ? sigmoid_weight_grad(s, b.dweight[t * K + r], u_dot, inv, p.routed_scaling, p.renormalize) : 0.f;
-        index[r] = ok ? idx[r] : -1;
+        grad.value[r] = ok ? sigmoid_weight_grad(s, b.dweight[t * K + r], u_dot, inv, p.routed_scaling, p.renormalize) : 0.f;
+        grad.index[r] = ok ? idx[r] : -1;
       }
     }
     __syncwarp();
-    if (t < p.dims.tokens) write_sparse_row<T, kLanes, kPerLane>(g, value, index, K, E, b.dlogits + t * E);
+    if (valid) write_sparse_row<T, kLanes, kPerLane>(g, grad.value, grad.index, K, E, b.dlogits + t * E);
     __syncwarp();
-  }
+  });
 }
 
 inline constexpr int kBiasThreads = 256;
@@ -194,12 +163,9 @@ Status sigmoid_bias_forward(const SigmoidBiasForwardParams<T, float>& p, void* w
   int64_t* block_counts = detail::carve_sigmoid_scratch(c, p);
   if (!c.fits()) return Status::workspace_too_small;
   const int grid = detail::token_grid(p.dims.tokens, p.dims.experts, p.expert_counts != nullptr);
-  MOXE_RETURN_IF_ERROR(router::detail::dispatch_row_shape(p.dims.experts, [&](auto shape) {
-    using S = decltype(shape);
-    detail::sigmoid_bias_forward_kernel<T, S::kLanes, S::kPerLane>
-        <<<grid, detail::kRowThreads, 0, stream>>>(p, block_counts);
-    return check_launch(stream);
-  }));
+  MOXE_RETURN_IF_ERROR(detail::launch_rows(grid, p.dims.experts, stream, [](auto shape) {
+    return detail::sigmoid_bias_forward_kernel<T, decltype(shape)::kLanes, decltype(shape)::kPerLane>;
+  }, p, block_counts));
   if (p.expert_counts == nullptr) return Status::ok;
   detail::sum_partials_kernel<int32_t><<<1, 256, 0, stream>>>(block_counts, grid, p.dims.experts, p.expert_counts);
   return check_launch(stream);
@@ -217,11 +183,9 @@ Status sigmoid_bias_backward(const SigmoidBiasBackwardParams<T, float>& b, void*
   MOXE_RETURN_IF_ERROR(validate(b));
   if (b.fwd.dims.experts > kMaxExperts || b.fwd.dims.top_k > kMaxTopK) return Status::unsupported;
   const int grid = detail::token_grid(b.fwd.dims.tokens, b.fwd.dims.experts, false);
-  return router::detail::dispatch_row_shape(b.fwd.dims.experts, [&](auto shape) {
-    using S = decltype(shape);
-    detail::sigmoid_bias_backward_kernel<T, S::kLanes, S::kPerLane><<<grid, detail::kRowThreads, 0, stream>>>(b);
-    return check_launch(stream);
-  });
+  return detail::launch_rows(grid, b.fwd.dims.experts, stream, [](auto shape) {
+    return detail::sigmoid_bias_backward_kernel<T, decltype(shape)::kLanes, decltype(shape)::kPerLane>;
+  }, b);
 }
 
 inline std::size_t bias_update_workspace_size(const BiasUpdateParams<float>&) { return 0; }

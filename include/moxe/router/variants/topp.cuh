@@ -29,22 +29,14 @@ namespace detail {
 template <class T, int kLanes, int kPerLane>
 __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
     topp_forward_kernel(const __grid_constant__ TopPForwardParams<T, float> p, int64_t* block_counts) {
-  using Group = LaneGroup<kLanes>;
-  constexpr int kGroups = Group::kGroups;
-  __shared__ float slot_value[kRowWarps][kGroups][kMaxTopK];
-  __shared__ int slot_index[kRowWarps][kGroups][kMaxTopK];
+  const LaneGroup<kLanes> g;
+  __shared__ SlotStorage<LaneGroup<kLanes>::kGroups> slot_storage;
   __shared__ int64_t warp_counts[kRowWarps];
-  const Group g;
-  const int warp = threadIdx.x / kWarpSize;
   const int E = p.dims.experts, K = p.dims.max_k;
-  const int64_t T_ = p.dims.tokens;
-  const TopKSlots slots{slot_value[warp][g.group], slot_index[warp][g.group]};
+  const TopKSlots slots = slot_storage.of(g.group);
   const uint32_t padding = router::detail::padding_bits<kLanes, kPerLane>(g, E);
   int64_t my_count = 0;
-  const int64_t step = int64_t(gridDim.x) * kRowWarps * kGroups;
-  for (int64_t base = (int64_t(blockIdx.x) * kRowWarps + warp) * kGroups; base < T_; base += step) {
-    const int64_t t = base + g.group;
-    const bool valid = t < T_;
+  for_each_token(g, p.dims.tokens, [&](int64_t t, bool valid) {
     float v[kPerLane];
     load_row<T, kLanes, kPerLane>(g, p.logits + (valid ? t : 0) * E, E, valid, v);
     row_softmax<kLanes, kPerLane>(g, v, padding);
@@ -52,25 +44,17 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
     router::detail::group_topk<kLanes, kPerLane>(g, v, padding, K, slots);
     if (valid) {
       const int n = topp_count(slots.value, K, p.top_p);
-      float sum = 0.f;
-      for (int r = 0; r < n; ++r) sum += slots.value[r];
-      const float inv = 1.f / sum;
-      for (int r = g.lane; r < K; r += kLanes) {
-        const bool used = r < n;
-        p.topk_idx[t * K + r] = used ? slots.index[r] : -1;
-        if (p.topk_prob != nullptr) p.topk_prob[t * K + r] = used ? slots.value[r] : 0.f;
-        p.topk_weight[t * K + r] = used ? slots.value[r] * inv : 0.f;
-      }
+      write_chosen_prefix(g, slots, n, K, /*renormalize=*/true, t, p.topk_idx, p.topk_prob, p.topk_weight);
       if (g.lane == 0) {
         if (p.expert_count != nullptr) p.expert_count[t] = n;
         my_count += n;
       }
     }
     __syncwarp();
-  }
+  });
   if (block_counts != nullptr) {
     my_count = warp_sum(my_count);  // fixed order: lanes, then warps
-    if (threadIdx.x % kWarpSize == 0) warp_counts[warp] = my_count;
+    if (threadIdx.x % kWarpSize == 0) warp_counts[threadIdx.x / kWarpSize] = my_count;
     __syncthreads();
     if (threadIdx.x == 0) {
       int64_t s = 0;
@@ -106,11 +90,9 @@ Status topp_forward(const TopPForwardParams<T, float>& p, void* workspace, std::
   int64_t* block_counts = detail::carve_topp_scratch(c, p);
   if (!c.fits()) return Status::workspace_too_small;
   const int grid = detail::token_grid(p.dims.tokens, p.dims.experts, p.total_count != nullptr);
-  MOXE_RETURN_IF_ERROR(router::detail::dispatch_row_shape(p.dims.experts, [&](auto shape) {
-    using S = decltype(shape);
-    detail::topp_forward_kernel<T, S::kLanes, S::kPerLane><<<grid, detail::kRowThreads, 0, stream>>>(p, block_counts);
-    return check_launch(stream);
-  }));
+  MOXE_RETURN_IF_ERROR(detail::launch_rows(grid, p.dims.experts, stream, [](auto shape) {
+    return detail::topp_forward_kernel<T, decltype(shape)::kLanes, decltype(shape)::kPerLane>;
+  }, p, block_counts));
   if (p.total_count == nullptr) return Status::ok;
   detail::sum_partials_kernel<int64_t><<<1, 256, 0, stream>>>(block_counts, grid, 1, p.total_count);
   return check_launch(stream);

@@ -1,6 +1,7 @@
 // moxe::router::variants: device pieces shared by the variant kernels: the per-token lane
-// layout (moxe::router's LaneGroup and row shapes), a row's softmax in registers, the
-// sparse row write of a backward, and deterministic integer partial-sum reductions.
+// layout (moxe::router's LaneGroup and row shapes) with its token loop, slot storage and
+// launch, a row's softmax in registers, the sparse row write of a backward, and
+// deterministic integer partial-sum reductions.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -8,9 +9,12 @@
 #include <cstdint>
 
 #include "moxe/core/config.hpp"
+#include "moxe/core/launch.cuh"
 #include "moxe/core/math.hpp"
 #include "moxe/core/numeric.cuh"
 #include "moxe/core/reduce.cuh"
+#include "moxe/core/status.hpp"
+#include "moxe/router/detail/gate_math.hpp"
 #include "moxe/router/detail/lane_group.cuh"
 #include "moxe/router/entropy.cuh"
 
@@ -28,6 +32,30 @@ inline constexpr int kRowMinBlocks = 4;
 /// Blocks of the count-producing kernels are capped so that their per-block partials
 /// (one row of counts each) stay small; the kernels loop over the remaining tokens.
 inline constexpr int kMaxCountBlocks = 1024;
+
+/// Grid-stride loop over the tokens, one per group of lanes: body(t, valid) with valid =
+/// t < tokens. Every lane of the warp runs every round, so the body may sync the warp.
+template <int kLanes, class Body>
+MOXE_DEVICE MOXE_FORCEINLINE void for_each_token(const LaneGroup<kLanes>& g, int64_t tokens, Body&& body) {
+  constexpr int kGroups = LaneGroup<kLanes>::kGroups;
+  const int warp = threadIdx.x / kWarpSize;
+  const int64_t step = int64_t(gridDim.x) * kRowWarps * kGroups;
+  for (int64_t base = (int64_t(blockIdx.x) * kRowWarps + warp) * kGroups; base < tokens; base += step)
+    body(base + g.group, base + g.group < tokens);
+}
+
+/// Top-k slots of every group of lanes of a block; the kernel puts it in shared memory.
+template <int kGroups>
+struct SlotStorage {
+  float value[kRowWarps][kGroups][kMaxTopK];
+  int index[kRowWarps][kGroups][kMaxTopK];
+
+  /// The slots of the calling thread's group of lanes.
+  MOXE_DEVICE MOXE_FORCEINLINE TopKSlots of(int group) {
+    const int warp = threadIdx.x / kWarpSize;
+    return {value[warp][group], index[warp][group]};
+  }
+};
 
 /// Loads one token's row into registers as float (padding and invalid tokens: -inf).
 template <class T, int kLanes, int kPerLane>
@@ -78,10 +106,55 @@ MOXE_DEVICE MOXE_FORCEINLINE void write_sparse_row(const LaneGroup<kLanes>& g, c
   }
 }
 
+/// Writes a token's dz = p (gp - <p, gp>) (0 where excluded) from p = softmax, gp (the
+/// gradient wrt p) in registers and the lane's part of <p, gp> (summed over j in order).
+/// All lanes of the warp call it; invalid tokens write nothing.
+template <class T, int kLanes, int kPerLane>
+MOXE_DEVICE MOXE_FORCEINLINE void write_softmax_grad_row(const LaneGroup<kLanes>& g, const float (&p)[kPerLane],
+                                                         const float (&gp)[kPerLane], float lane_dot,
+                                                         uint32_t excluded, int experts, bool valid, T* out) {
+  const float dot = g.sum(lane_dot);
+  if (!valid) return;
+  MOXE_PRAGMA_UNROLL
+  for (int j = 0; j < kPerLane; ++j) {
+    const int e = g.element(j);
+    if (e < experts)
+      out[e] = from_float<T>(((excluded >> j) & 1u) ? 0.f : router::detail::softmax_grad(p[j], gp[j], dot, 0.f));
+  }
+}
+
+/// Writes token t's k output slots ([T, k] rows) from its sorted top-k slots: the first n
+/// chosen, with weight p / (sum of the n) when renormalising, else p; the rest -1 / 0.
+/// prob is optional.
+template <int kLanes>
+MOXE_DEVICE MOXE_FORCEINLINE void write_chosen_prefix(const LaneGroup<kLanes>& g, TopKSlots slots, int n, int k,
+                                                      bool renormalize, int64_t t, int32_t* idx, float* prob,
+                                                      float* weight) {
+  float sum = 0.f;
+  for (int r = 0; r < n; ++r) sum += slots.value[r];
+  const float inv = 1.f / sum;
+  for (int r = g.lane; r < k; r += kLanes) {
+    const bool used = r < n;
+    idx[t * k + r] = used ? slots.index[r] : -1;
+    if (prob != nullptr) prob[t * k + r] = used ? slots.value[r] : 0.f;
+    weight[t * k + r] = used ? (renormalize ? slots.value[r] * inv : slots.value[r]) : 0.f;
+  }
+}
+
 /// Grid of a per-token kernel (capped when the kernel writes per-block partials).
 inline int token_grid(int64_t tokens, int experts, bool capped) {
   const int grid = router::detail::row_grid(tokens, experts, kRowWarps);
   return capped && grid > kMaxCountBlocks ? kMaxCountBlocks : grid;
+}
+
+/// Launches kernel_for(shape), a per-token kernel for moxe::router's row shape of
+/// `experts`, on `grid` blocks of kRowThreads with `args`; the launch's status.
+template <class KernelFor, class... Args>
+Status launch_rows(int grid, int experts, cudaStream_t stream, KernelFor kernel_for, const Args&... args) {
+  return router::detail::dispatch_row_shape(experts, [&](auto shape) {
+    kernel_for(shape)<<<grid, kRowThreads, 0, stream>>>(args...);
+    return check_launch(stream);
+  });
 }
 
 /// out[i] = sum over blocks b of partials[b * n + i], in block order (one block, any n).

@@ -20,18 +20,11 @@ template <class T, int kLanes, int kPerLane>
 __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
     renormalised_backward_kernel(const int32_t* topk_idx, const T* logits, const float* dweight, int64_t tokens,
                                  int experts, int k, T* dlogits) {
-  using Group = LaneGroup<kLanes>;
-  constexpr int kGroups = Group::kGroups;
-  __shared__ float slot_value[kRowWarps][kGroups][kMaxTopK];
-  __shared__ int slot_index[kRowWarps][kGroups][kMaxTopK];
-  const Group g;
-  const int warp = threadIdx.x / kWarpSize;
-  float* value = slot_value[warp][g.group];
-  int* index = slot_index[warp][g.group];
-  const int64_t step = int64_t(gridDim.x) * kRowWarps * kGroups;
-  for (int64_t base = (int64_t(blockIdx.x) * kRowWarps + warp) * kGroups; base < tokens; base += step) {
-    const int64_t t = base + g.group;
-    if (t < tokens) {
+  const LaneGroup<kLanes> g;
+  __shared__ SlotStorage<LaneGroup<kLanes>::kGroups> slot_storage;
+  const TopKSlots grad = slot_storage.of(g.group);  // per chosen slot: dz and the expert
+  for_each_token(g, tokens, [&](int64_t t, bool valid) {
+    if (valid) {
       // w = softmax of the chosen logits: every lane computes it (k <= 32 reads, cached)
       const int32_t* idx = topk_idx + t * k;
       const T* row = logits + t * experts;
@@ -48,27 +41,23 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
       for (int r = g.lane; r < k; r += kLanes) {
         const bool ok = idx[r] >= 0 && idx[r] < experts;
         const float w = ok ? math::exp(to_float(row[idx[r]]) - m) * inv : 0.f;
-        value[r] = ok ? renormalised_softmax_grad(w, dweight[t * k + r], w_dot) : 0.f;
-        index[r] = ok ? idx[r] : -1;
+        grad.value[r] = ok ? renormalised_softmax_grad(w, dweight[t * k + r], w_dot) : 0.f;
+        grad.index[r] = ok ? idx[r] : -1;
       }
     }
     __syncwarp();
-    if (t < tokens) write_sparse_row<T, kLanes, kPerLane>(g, value, index, k, experts, dlogits + t * experts);
+    if (valid) write_sparse_row<T, kLanes, kPerLane>(g, grad.value, grad.index, k, experts, dlogits + t * experts);
     __syncwarp();
-  }
+  });
 }
 
 /// Launches the renormalised backward for any row shape.
 template <class T>
 Status launch_renormalised_backward(const int32_t* idx, const T* logits, const float* dweight, int64_t tokens,
                                     int experts, int k, T* dlogits, cudaStream_t stream) {
-  const int grid = token_grid(tokens, experts, false);
-  return router::detail::dispatch_row_shape(experts, [&](auto shape) {
-    using S = decltype(shape);
-    renormalised_backward_kernel<T, S::kLanes, S::kPerLane>
-        <<<grid, kRowThreads, 0, stream>>>(idx, logits, dweight, tokens, experts, k, dlogits);
-    return check_launch(stream);
-  });
+  return launch_rows(token_grid(tokens, experts, false), experts, stream, [](auto shape) {
+    return renormalised_backward_kernel<T, decltype(shape)::kLanes, decltype(shape)::kPerLane>;
+  }, idx, logits, dweight, tokens, experts, k, dlogits);
 }
 
 }  // namespace moxe::router::variants::detail
