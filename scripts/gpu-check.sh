@@ -4,10 +4,14 @@
 # racecheck), run the benchmarks with the measured ceilings, and leave logs and a short
 # summary under $OUT (or ./gpu-check-out).
 #
-#   scripts/gather-carry.sh           # here, once: doctest + Google Benchmark source
-#   scripts/gpu-check.sh [--quick]    # there, with .carry carried along
+#   scripts/gather-carry.sh                      # here, once: doctest + Google Benchmark source
+#   scripts/gpu-check.sh [--quick] [phases...]   # there, with .carry carried along
 #
-# --quick skips racecheck and runs the benchmarks with a short minimum time.
+# Phases (default: all, in this order): test, examples, sanitize, bench, torch. The build
+# always runs first and is incremental, so a long check can be split over several calls of
+# a time-limited machine, e.g. `gpu-check.sh test examples` then `gpu-check.sh sanitize`.
+# --quick skips racecheck, caps each sanitizer run at 60 s and runs the benchmarks with a
+# short minimum time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -15,7 +19,16 @@ out=${OUT:-$root/gpu-check-out}
 mkdir -p "$out"
 logs=$(mktemp -d)
 quick=0
-[ "${1:-}" = "--quick" ] && quick=1
+phases=()
+for arg in "$@"; do
+  case $arg in
+    --quick) quick=1 ;;
+    test | examples | sanitize | bench | torch) phases+=("$arg") ;;
+    *) echo "usage: $0 [--quick] [test|examples|sanitize|bench|torch ...]" >&2; exit 2 ;;
+  esac
+done
+[ ${#phases[@]} -eq 0 ] && phases=(test examples sanitize bench torch)
+want() { [[ " ${phases[*]} " == *" $1 "* ]]; }
 jobs=$(nproc)
 summary=$out/summary.md
 : >"$summary"
@@ -60,24 +73,40 @@ if [ $build_rc -ne 0 ]; then
 fi
 
 # ---- tests ------------------------------------------------------------------------------
-(cd "$build" && ctest --output-on-failure -j 4 --timeout 900) >"$logs/ctest.log" 2>&1
-say "ctest: $(grep -E 'tests passed|tests failed' "$logs/ctest.log" | tail -1)"
-grep -E "\(Failed\)|\(Timeout\)|\(SEGFAULT\)|\(Subprocess aborted\)|Not Run" "$logs/ctest.log" | sed 's/^/  /' | tee -a "$summary"
+if want test; then
+  (cd "$build" && ctest --output-on-failure -j 4 --timeout 900) >"$logs/ctest.log" 2>&1
+  say "ctest: $(grep -E 'tests passed|tests failed' "$logs/ctest.log" | tail -1)"
+  grep -E "\(Failed\)|\(Timeout\)|\(SEGFAULT\)|\(Subprocess aborted\)|Not Run" "$logs/ctest.log" | sed 's/^/  /' | tee -a "$summary"
+fi
+
+# ---- examples: the per-family programs and the full layer (device vs host, timings) ------
+if want examples; then
+  for exe in "$build"/examples/*/*; do
+    [ -f "$exe" ] && [ -x "$exe" ] || continue
+    name=$(basename "$exe")
+    timeout 420 "$exe" >"$logs/example-$name.log" 2>&1
+    say "example $name: rc=$?"
+  done
+  [ -f "$logs/example-moxe_layer.log" ] && tail -40 "$logs/example-moxe_layer.log" | sed 's/^/    /' >>"$summary"
+fi
 
 # ---- compute-sanitizer on the device tests ---------------------------------------------
-tools="memcheck"
-[ $quick -eq 0 ] && tools="memcheck racecheck"
+tools=""
+want sanitize && tools="memcheck"
+want sanitize && [ $quick -eq 0 ] && tools="memcheck racecheck"
+limit=300
+[ $quick -eq 1 ] && limit=60
 for tool in $tools; do
   for exe in "$build"/tests/test_gpu_*; do
     [ -x "$exe" ] || continue
     name=$(basename "$exe")
-    timeout 300 compute-sanitizer --tool "$tool" --error-exitcode 99 "$exe" \
+    timeout $limit compute-sanitizer --tool "$tool" --error-exitcode 99 "$exe" \
       >"$logs/sanitizer-$tool-$name.log" 2>&1
     rc=$?
     case $rc in
       0) status=clean ;;
       99) status="ERRORS" ;;
-      124) status="timeout (300 s)" ;;
+      124) status="timeout ($limit s)" ;;
       *) status="test failed (rc=$rc)" ;;
     esac
     say "compute-sanitizer $tool $name: $status"
@@ -87,7 +116,9 @@ done
 # ---- benchmarks -------------------------------------------------------------------------
 min_time=0.5
 [ $quick -eq 1 ] && min_time=0.1
-if [ -x "$build/benchmarks/bench_ceilings" ]; then
+if ! want bench; then
+  :
+elif [ -x "$build/benchmarks/bench_ceilings" ]; then
   "$build/benchmarks/bench_ceilings" --benchmark_format=json --benchmark_out="$logs/bench_ceilings.json" \
     --benchmark_out_format=json --benchmark_min_time=${min_time}s >"$logs/bench_ceilings.txt" 2>&1
   read -r bw tflops < <(python3 - "$logs/bench_ceilings.json" <<'PY'
@@ -127,7 +158,9 @@ else
 fi
 
 # ---- the PyTorch extension (torch is on the GPU machine) ---------------------------------
-if python3 -c "import torch" >/dev/null 2>&1; then
+if ! want torch; then
+  :
+elif python3 -c "import torch" >/dev/null 2>&1; then
   examples/torch_extension/run_tests.sh "$logs/torch_extension" >"$logs/torch_extension.log" 2>&1
   say "torch extension: rc=$? ($(grep -E "passed|failed|skipped" "$logs/torch_extension.log" | tail -1))"
 else
