@@ -727,12 +727,47 @@ struct ExpertCache {
   Vec out;              // [n, D]
 };
 
-inline Status mlstm_expert_forward(const LayerConfig& c, const MlstmExpertWeights& w, const double* x, int64_t n,
-                                   CellGrid grid, ExpertCache& k) {
-  const int64_t D = c.d_model, NH = c.heads;
+// Both expert kinds wrap their cell alike: x -> layer norm -> cell -> group norm -> down
+// projection + x. These helpers are the shared ends; W is either expert's weights.
+
+/// k.x = x; k.xn = layer_norm(x).
+template <class W>
+void expert_input_forward(const LayerConfig& c, const W& w, const double* x, int64_t n, ExpertCache& k) {
+  const int64_t D = c.d_model;
   k.x.assign(x, x + n * D);
   k.xn.assign(n * D, 0.0);
   ops::layer_norm_forward(x, n, D, w.norm_w.data(), w.norm_b.data(), c.norm_eps, k.xn.data(), k.norm);
+}
+
+/// k.out = down(group_norm(k.h)) + x.
+template <class W>
+void expert_output_forward(const LayerConfig& c, const W& w, const double* x, int64_t n, ExpertCache& k) {
+  const int64_t D = c.d_model;
+  k.hn.assign(n * D, 0.0);
+  ops::group_norm_forward(k.h.data(), n, c.heads, c.head_dim(), w.out_norm_w.data(), nullptr, c.norm_eps,
+                          k.hn.data(), k.out_norm);
+  k.out.assign(n * D, 0.0);
+  ops::linear_forward(k.hn.data(), n, D, w.w_down.data(), w.b_down.data(), D, k.out.data());
+  for (int64_t i = 0; i < n * D; ++i) k.out[i] += x[i];
+}
+
+/// dx += dout (the residual); returns dh, the gradient at the cell output k.h.
+template <class W>
+Vec expert_output_backward(const LayerConfig& c, const W& w, const ExpertCache& k, const double* dout, double* dx,
+                           W& g) {
+  const int64_t D = c.d_model, n = int64_t(k.x.size()) / D;
+  for (int64_t i = 0; i < n * D; ++i) dx[i] += dout[i];
+  Vec dhn(n * D, 0.0), dh(n * D, 0.0);
+  ops::linear_backward(k.hn.data(), n, D, w.w_down.data(), D, dout, dhn.data(), g.w_down.data(), g.b_down.data());
+  ops::group_norm_backward(dhn.data(), n, c.heads, c.head_dim(), w.out_norm_w.data(), k.out_norm, dh.data(),
+                           g.out_norm_w.data(), nullptr);
+  return dh;
+}
+
+inline Status mlstm_expert_forward(const LayerConfig& c, const MlstmExpertWeights& w, const double* x, int64_t n,
+                                   CellGrid grid, ExpertCache& k) {
+  const int64_t D = c.d_model, NH = c.heads;
+  expert_input_forward(c, w, x, n, k);
   k.proj.assign(n * 3 * D, 0.0);
   ops::linear_forward(k.xn.data(), n, D, w.w_qkv.data(), nullptr, 3 * D, k.proj.data());
   k.gates.assign(n * 2 * NH, 0.0);
@@ -740,23 +775,14 @@ inline Status mlstm_expert_forward(const LayerConfig& c, const MlstmExpertWeight
   k.h.assign(n * D, 0.0);
   MOXE_RETURN_IF_ERROR(mlstm_rows_forward(k.proj.data(), 3 * D, 0, D, 2 * D, k.gates.data(), std::move(grid), NH,
                                           c.head_dim(), k.mcell, k.h.data()));
-  k.hn.assign(n * D, 0.0);
-  ops::group_norm_forward(k.h.data(), n, NH, c.head_dim(), w.out_norm_w.data(), nullptr, c.norm_eps, k.hn.data(),
-                          k.out_norm);
-  k.out.assign(n * D, 0.0);
-  ops::linear_forward(k.hn.data(), n, D, w.w_down.data(), w.b_down.data(), D, k.out.data());
-  for (int64_t i = 0; i < n * D; ++i) k.out[i] += x[i];
+  expert_output_forward(c, w, x, n, k);
   return Status::ok;
 }
 
 inline Status mlstm_expert_backward(const LayerConfig& c, const MlstmExpertWeights& w, const ExpertCache& k,
                                     const double* dout, double* dx, MlstmExpertWeights& g) {
   const int64_t D = c.d_model, NH = c.heads, n = int64_t(k.x.size()) / D;
-  for (int64_t i = 0; i < n * D; ++i) dx[i] += dout[i];
-  Vec dhn(n * D, 0.0), dh(n * D, 0.0);
-  ops::linear_backward(k.hn.data(), n, D, w.w_down.data(), D, dout, dhn.data(), g.w_down.data(), g.b_down.data());
-  ops::group_norm_backward(dhn.data(), n, NH, c.head_dim(), w.out_norm_w.data(), k.out_norm, dh.data(),
-                           g.out_norm_w.data(), nullptr);
+  const Vec dh = expert_output_backward(c, w, k, dout, dx, g);
   Vec dproj(n * 3 * D, 0.0), dgates(n * 2 * NH, 0.0);
   MOXE_RETURN_IF_ERROR(mlstm_rows_backward(k.mcell, dh.data(), dproj.data(), 3 * D, 0, D, 2 * D, dgates.data()));
   Vec dxn(n * D, 0.0);
@@ -770,31 +796,20 @@ inline Status mlstm_expert_backward(const LayerConfig& c, const MlstmExpertWeigh
 inline Status slstm_expert_forward(const LayerConfig& c, const SlstmExpertWeights& w, const double* x, int64_t n,
                                    CellGrid grid, ExpertCache& k) {
   const int64_t D = c.d_model, NH = c.heads;
-  k.x.assign(x, x + n * D);
-  k.xn.assign(n * D, 0.0);
-  ops::layer_norm_forward(x, n, D, w.norm_w.data(), w.norm_b.data(), c.norm_eps, k.xn.data(), k.norm);
+  expert_input_forward(c, w, x, n, k);
   k.proj.assign(n * 4 * D, 0.0);
   ops::linear_forward(k.xn.data(), n, D, w.w_x.data(), nullptr, 4 * D, k.proj.data());
   k.h.assign(n * D, 0.0);
   MOXE_RETURN_IF_ERROR(slstm_rows_forward(k.proj.data(), w.r.data(), w.bias.data(), std::move(grid), NH,
                                           c.head_dim(), k.scell, k.h.data()));
-  k.hn.assign(n * D, 0.0);
-  ops::group_norm_forward(k.h.data(), n, NH, c.head_dim(), w.out_norm_w.data(), nullptr, c.norm_eps, k.hn.data(),
-                          k.out_norm);
-  k.out.assign(n * D, 0.0);
-  ops::linear_forward(k.hn.data(), n, D, w.w_down.data(), w.b_down.data(), D, k.out.data());
-  for (int64_t i = 0; i < n * D; ++i) k.out[i] += x[i];
+  expert_output_forward(c, w, x, n, k);
   return Status::ok;
 }
 
 inline Status slstm_expert_backward(const LayerConfig& c, const SlstmExpertWeights& w, const ExpertCache& k,
                                     const double* dout, double* dx, SlstmExpertWeights& g) {
-  const int64_t D = c.d_model, NH = c.heads, n = int64_t(k.x.size()) / D;
-  for (int64_t i = 0; i < n * D; ++i) dx[i] += dout[i];
-  Vec dhn(n * D, 0.0), dh(n * D, 0.0);
-  ops::linear_backward(k.hn.data(), n, D, w.w_down.data(), D, dout, dhn.data(), g.w_down.data(), g.b_down.data());
-  ops::group_norm_backward(dhn.data(), n, NH, c.head_dim(), w.out_norm_w.data(), k.out_norm, dh.data(),
-                           g.out_norm_w.data(), nullptr);
+  const int64_t D = c.d_model, n = int64_t(k.x.size()) / D;
+  const Vec dh = expert_output_backward(c, w, k, dout, dx, g);
   Vec dproj(n * 4 * D, 0.0);
   MOXE_RETURN_IF_ERROR(slstm_rows_backward(k.scell, dh.data(), dproj.data(), g.r.data(), g.bias.data()));
   Vec dxn(n * D, 0.0);

@@ -237,27 +237,23 @@ TEST_CASE("moxe layer (host): gradients match finite differences, a wider layer 
 TEST_CASE("moxe layer (host): gradients match finite differences, shared experts") {
   // always-on experts beside the routed ones: y = x3 + combine + sum_s (f_s(u) - u)
   using moxe_layer::SharedExpertKind;
+  auto with_shared = [](ExpertMode mode, int count, SharedExpertKind kind) {
+    LayerConfig c = tiny_config(mode);
+    c.shared_experts = count;
+    c.shared_expert_kind = kind;
+    return c;
+  };
   SUBCASE("one mLSTM shared expert, per-token") {
-    LayerConfig c = tiny_config(ExpertMode::per_token);
-    c.shared_experts = 1;
-    check_gradients(c);
+    check_gradients(with_shared(ExpertMode::per_token, 1, SharedExpertKind::mlstm));
   }
   SUBCASE("one sLSTM shared expert, stateful") {
-    LayerConfig c = tiny_config(ExpertMode::stateful);
-    c.shared_experts = 1;
-    c.shared_expert_kind = SharedExpertKind::slstm;
-    check_gradients(c);
+    check_gradients(with_shared(ExpertMode::stateful, 1, SharedExpertKind::slstm));
   }
   SUBCASE("two mLSTM shared experts, stateful") {
-    LayerConfig c = tiny_config(ExpertMode::stateful);
-    c.shared_experts = 2;
-    check_gradients(c);
+    check_gradients(with_shared(ExpertMode::stateful, 2, SharedExpertKind::mlstm));
   }
   SUBCASE("two sLSTM shared experts, per-token") {
-    LayerConfig c = tiny_config(ExpertMode::per_token);
-    c.shared_experts = 2;
-    c.shared_expert_kind = SharedExpertKind::slstm;
-    check_gradients(c);
+    check_gradients(with_shared(ExpertMode::per_token, 2, SharedExpertKind::slstm));
   }
 }
 

@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "device_utils.cuh"
+#include "loss_routing.hpp"
 #include "moxe/loss/balance.cuh"
 #include "moxe/loss/reference.hpp"
 #include "test_utils.hpp"
@@ -14,24 +15,9 @@
 using moxe::Status;
 namespace mt = moxe::test;
 namespace lr = moxe::loss::reference;
+using moxe::test::Routing;
 
 namespace {
-
-struct Routing {
-  std::vector<double> probs;
-  std::vector<int32_t> idx;
-  Routing(mt::Rng& rng, int64_t T, int E, int K) : probs(T * E), idx(T * K) {
-    for (int64_t t = 0; t < T; ++t) {
-      double s = 0;
-      for (int e = 0; e < E; ++e) s += probs[t * E + e] = std::exp(rng.normal());
-      for (int e = 0; e < E; ++e) probs[t * E + e] /= s;
-      std::vector<int> order(E);
-      std::iota(order.begin(), order.end(), 0);
-      std::shuffle(order.begin(), order.end(), rng.engine());
-      for (int k = 0; k < K; ++k) idx[t * K + k] = order[k];
-    }
-  }
-};
 
 template <class F>
 Status run(std::size_t bytes, F&& f) {

@@ -5,33 +5,14 @@
 #include <cmath>
 #include <numeric>
 
+#include "loss_routing.hpp"
 #include "moxe/loss/reference.hpp"
 #include "test_utils.hpp"
 
 using moxe::Status;
 namespace mt = moxe::test;
 namespace lr = moxe::loss::reference;
-
-namespace {
-
-/// Random row-stochastic probs [T, E] and a distinct-expert top-k of them.
-struct Routing {
-  std::vector<double> probs;
-  std::vector<int32_t> idx;
-  Routing(mt::Rng& rng, int T, int E, int K) : probs(T * E), idx(T * K) {
-    for (int t = 0; t < T; ++t) {
-      double s = 0;
-      for (int e = 0; e < E; ++e) s += probs[t * E + e] = std::exp(rng.normal());
-      for (int e = 0; e < E; ++e) probs[t * E + e] /= s;
-      std::vector<int> order(E);
-      std::iota(order.begin(), order.end(), 0);
-      std::shuffle(order.begin(), order.end(), rng.engine());
-      for (int k = 0; k < K; ++k) idx[t * K + k] = order[k];
-    }
-  }
-};
-
-}  // namespace
+using moxe::test::Routing;
 
 TEST_CASE("z-loss: value and gradient") {
   mt::Rng rng(mt::fresh_seed());

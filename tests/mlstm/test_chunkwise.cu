@@ -449,28 +449,36 @@ void run_case(const Case& cs, moxe::test::Rng& rng) {
   check_against_reference<T>(dev.run(), ref, cs);
 }
 
-std::vector<Case> cases() {
-  std::vector<Case> out;
-  auto add = [&](int64_t b, int64_t nh, int64_t s, int64_t dqk, int64_t dv, int chunk, bool init) {
-    Case c;
-    c.batch = b;
-    c.heads = nh;
-    c.seq_len = s;
-    c.dqk = dqk;
-    c.dv = dv;
-    c.chunk_size = chunk;
-    c.init_states = init;
-    c.upstream = init;
-    out.push_back(c);
-  };
-  add(2, 2, 1, 16, 16, 16, false);    // S = 1
-  add(1, 2, 7, 16, 16, 16, true);     // S = 7, initial states
-  add(2, 1, 100, 64, 64, 64, false);  // S not a multiple of the chunk
-  add(1, 2, 45, 64, 64, 32, true);
-  add(1, 1, 33, 128, 256, 16, true);  // the largest head dims
-  add(1, 1, 130, 16, 32, 128, false);
-  return out;
+/// A case of these shapes; `init` gives it both initial states and upstream state gradients.
+Case shaped(int64_t b, int64_t nh, int64_t s, int64_t dqk, int64_t dv, int chunk, bool init) {
+  Case c;
+  c.batch = b;
+  c.heads = nh;
+  c.seq_len = s;
+  c.dqk = dqk;
+  c.dv = dv;
+  c.chunk_size = chunk;
+  c.init_states = init;
+  c.upstream = init;
+  return c;
 }
+
+std::vector<Case> cases() {
+  return {
+      shaped(2, 2, 1, 16, 16, 16, false),    // S = 1
+      shaped(1, 2, 7, 16, 16, 16, true),     // S = 7, initial states
+      shaped(2, 1, 100, 64, 64, 64, false),  // S not a multiple of the chunk
+      shaped(1, 2, 45, 64, 64, 32, true),
+      shaped(1, 1, 33, 128, 256, 16, true),  // the largest head dims
+      shaped(1, 1, 130, 16, 32, 128, false),
+  };
+}
+
+/// The fields every run writes (n and dn0 aside), for bitwise and poison checks.
+using ResultsField = std::vector<double> Results::*;
+constexpr ResultsField kWrittenFields[] = {
+    &Results::h,  &Results::c,  &Results::m,  &Results::dq,  &Results::dk,
+    &Results::dv, &Results::di, &Results::df, &Results::dc0, &Results::dm0};
 
 }  // namespace
 
@@ -485,15 +493,9 @@ TEST_CASE_TEMPLATE("chunkwise device: large gates", T, float, __nv_bfloat16) {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
-  Case cs;
-  cs.seq_len = 80;
-  cs.dqk = 32;
-  cs.dv = 48;
-  cs.chunk_size = 32;
+  Case cs = shaped(1, 2, 80, 32, 48, 32, true);
   cs.igate_range = 12.0;
   cs.tol_scale = 20.0;
-  cs.init_states = true;
-  cs.upstream = true;
   run_case<T>(cs, rng);
 }
 
@@ -503,15 +505,8 @@ TEST_CASE_TEMPLATE("chunkwise device: segments == reference and == segments one 
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
   for (bool init : {false, true}) {
-    Case cs;
-    cs.seq_len = 90;
-    cs.heads = 2;
-    cs.dqk = 32;
-    cs.dv = 16;
-    cs.chunk_size = 16;
+    Case cs = shaped(1, 2, 90, 32, 16, 16, init);
     cs.offsets = {0, 1, 18, 18, 57, 90};  // lengths 1, 17, 0, 39, 33
-    cs.init_states = init;
-    cs.upstream = init;
     const Inputs in = make_inputs<T>(cs, rng);
     const Reference ref = reference(in);
     Device<T> dev(in);
@@ -561,18 +556,16 @@ TEST_CASE_TEMPLATE("chunkwise device: segments == reference and == segments one 
       Device<T> dev_one(part);
       const Results alone = dev_one.run();
       using moxe::test::rel_error;
-      auto seg_rows = [&](const std::vector<double>& v, int64_t width) { return rows_of(v, width); };
-      auto seg_slots = [&](const std::vector<double>& v, int64_t width) { return slots_of(v, width); };
       constexpr double kSame = 1e-6;  // same arithmetic; allow for contraction differences
-      CHECK(rel_error(seg_rows(got.h, cs.dv), alone.h) < kSame);
-      CHECK(rel_error(seg_slots(got.c, cs.dqk * cs.dv), alone.c) < kSame);
-      CHECK(rel_error(seg_slots(got.m, 1), alone.m) < kSame);
-      CHECK(rel_error(seg_rows(got.dq, cs.dqk), alone.dq) < kSame);
-      CHECK(rel_error(seg_rows(got.dk, cs.dqk), alone.dk) < kSame);
-      CHECK(rel_error(seg_rows(got.dv, cs.dv), alone.dv) < kSame);
-      CHECK(rel_error(seg_rows(got.di, 1), alone.di) < kSame);
-      CHECK(rel_error(seg_rows(got.df, 1), alone.df) < kSame);
-      if (init) CHECK(rel_error(seg_slots(got.dm0, 1), alone.dm0) < kSame);
+      CHECK(rel_error(rows_of(got.h, cs.dv), alone.h) < kSame);
+      CHECK(rel_error(slots_of(got.c, cs.dqk * cs.dv), alone.c) < kSame);
+      CHECK(rel_error(slots_of(got.m, 1), alone.m) < kSame);
+      CHECK(rel_error(rows_of(got.dq, cs.dqk), alone.dq) < kSame);
+      CHECK(rel_error(rows_of(got.dk, cs.dqk), alone.dk) < kSame);
+      CHECK(rel_error(rows_of(got.dv, cs.dv), alone.dv) < kSame);
+      CHECK(rel_error(rows_of(got.di, 1), alone.di) < kSame);
+      CHECK(rel_error(rows_of(got.df, 1), alone.df) < kSame);
+      if (init) CHECK(rel_error(slots_of(got.dm0, 1), alone.dm0) < kSame);
     }
   }
 }
@@ -583,13 +576,7 @@ TEST_CASE("chunkwise device: many segments (the device chunk table near its boun
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
-  Case cs;
-  cs.heads = 2;
-  cs.dqk = 16;
-  cs.dv = 32;
-  cs.chunk_size = 16;
-  cs.init_states = true;
-  cs.upstream = true;
+  Case cs = shaped(1, 2, 0, 16, 32, 16, true);  // seq_len: the segments' total, below
   // lengths cycle through 17 (two chunks), 1, 0 and 32: S = 750, 60 segments, 75 chunks in
   // a table bounded by ceil(S / 16) + 60 = 107, against 47 chunks without segments
   cs.offsets = {0};
@@ -603,13 +590,7 @@ TEST_CASE_TEMPLATE("chunkwise device: the per-element fallback == reference", T,
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
-  Case cs;
-  cs.seq_len = 45;
-  cs.dqk = 32;
-  cs.dv = 16;
-  cs.chunk_size = 16;
-  cs.init_states = true;
-  cs.upstream = true;
+  const Case cs = shaped(1, 2, 45, 32, 16, 16, true);
   const Inputs in = make_inputs<T>(cs, rng);
   const Reference ref = reference(in);
   Device<T> dev(in);
@@ -621,14 +602,7 @@ TEST_CASE("chunkwise device: misaligned workspace, determinism") {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
-  Case cs;
-  cs.batch = 2;
-  cs.seq_len = 50;
-  cs.dqk = 32;
-  cs.dv = 32;
-  cs.chunk_size = 16;
-  cs.init_states = true;
-  cs.upstream = true;
+  const Case cs = shaped(2, 2, 50, 32, 32, 16, true);
   const Inputs in = make_inputs<__nv_bfloat16>(cs, rng);
   const Reference ref = reference(in);
   Device<__nv_bfloat16> dev(in);
@@ -636,25 +610,12 @@ TEST_CASE("chunkwise device: misaligned workspace, determinism") {
   check_against_reference<__nv_bfloat16>(a, ref, cs);
   const Results b = dev.run(/*misaligned=*/false);
   // bitwise equal run to run
-  CHECK(a.h == b.h);
-  CHECK(a.c == b.c);
-  CHECK(a.m == b.m);
-  CHECK(a.dq == b.dq);
-  CHECK(a.dk == b.dk);
-  CHECK(a.dv == b.dv);
-  CHECK(a.di == b.di);
-  CHECK(a.df == b.df);
-  CHECK(a.dc0 == b.dc0);
-  CHECK(a.dm0 == b.dm0);
+  for (auto field : kWrittenFields) CHECK(a.*field == b.*field);
 }
 
 TEST_CASE("chunkwise device: graph capture replays the same results") {
   moxe::test::Rng rng(moxe::test::fresh_seed());
-  Case cs;
-  cs.seq_len = 40;
-  cs.dqk = 16;
-  cs.dv = 32;
-  cs.chunk_size = 32;
+  const Case cs = shaped(1, 2, 40, 16, 32, 32, false);
   const Inputs in = make_inputs<float>(cs, rng);
   Device<float> dev(in);
   const Results direct = dev.run();
@@ -688,9 +649,7 @@ TEST_CASE("chunkwise device: graph capture replays the same results") {
 
 TEST_CASE("chunkwise device: bad input returns a status, launches nothing, writes nothing") {
   moxe::test::Rng rng(7);
-  Case cs;
-  cs.init_states = true;
-  cs.upstream = true;
+  const Case cs = shaped(1, 2, 7, 16, 16, 16, true);
   const Inputs in = make_inputs<float>(cs, rng);
   Device<float> dev(in);
   dev.poison();
@@ -755,6 +714,6 @@ TEST_CASE("chunkwise device: bad input returns a status, launches nothing, write
 
   MOXE_TEST_CUDA(cudaDeviceSynchronize());
   const Results r = dev.download();
-  for (const auto* v : {&r.h, &r.c, &r.m, &r.dq, &r.dk, &r.dv, &r.di, &r.df, &r.dc0, &r.dm0})
-    for (double x : *v) CHECK(std::isnan(x));
+  for (auto field : kWrittenFields)
+    for (double x : r.*field) CHECK(std::isnan(x));
 }

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <numeric>
 #include <vector>
 
@@ -13,6 +14,29 @@
 #include "test_utils.hpp"
 
 namespace moxe::test {
+
+/// GateForwardParams P over a gate's buffers, named as P names them (host vectors here, device
+/// buffers in test_gate.cu); `ptr` gives a buffer's element pointer.
+template <class P, class Buffers, class Ptr>
+P gate_forward_params(Buffers& b, Ptr ptr) {
+  P p{};
+  p.dims = b.dims;
+  p.logits = ptr(b.logits);
+  p.difficulty_logit = b.head ? ptr(b.difficulty_logit) : nullptr;
+  p.modulation = b.modulation;
+  p.gamma = b.gamma;
+  p.tau = b.tau;
+  p.probs = ptr(b.probs);
+  p.lse = ptr(b.lse);
+  p.entropy = ptr(b.entropy);
+  p.difficulty = ptr(b.difficulty);
+  p.topk_idx = ptr(b.topk_idx);
+  p.topk_prob = ptr(b.topk_prob);
+  p.topk_weight = ptr(b.topk_weight);
+  p.expert_counts = ptr(b.expert_counts);
+  p.losses = ptr(b.losses);
+  return p;
+}
 
 struct GateProblem {
   router::GateDims dims{};
@@ -54,23 +78,7 @@ struct GateProblem {
   }
 
   router::GateForwardParams<double, double> forward_params() {
-    router::GateForwardParams<double, double> p{};
-    p.dims = dims;
-    p.logits = logits.data();
-    p.difficulty_logit = head ? difficulty_logit.data() : nullptr;
-    p.modulation = modulation;
-    p.gamma = gamma;
-    p.tau = tau;
-    p.probs = probs.data();
-    p.lse = lse.data();
-    p.entropy = entropy.data();
-    p.difficulty = difficulty.data();
-    p.topk_idx = topk_idx.data();
-    p.topk_prob = topk_prob.data();
-    p.topk_weight = topk_weight.data();
-    p.expert_counts = expert_counts.data();
-    p.losses = losses.data();
-    return p;
+    return gate_forward_params<router::GateForwardParams<double, double>>(*this, [](auto& v) { return v.data(); });
   }
 
   Status forward() { return router::reference::gate_forward(forward_params()); }
@@ -194,6 +202,17 @@ inline std::vector<size_t> sample_coords(Rng& rng, size_t n, size_t max_count) {
   std::shuffle(c.begin(), c.end(), rng.engine());
   c.resize(max_count);
   return c;
+}
+
+/// rel_error of the analytic gradient `grad` of f against central differences at up to
+/// max_coords random coordinates of x (x restored afterwards).
+inline double sampled_gradient_error(Rng& rng, const std::function<double()>& f, std::vector<double>& x,
+                                     const std::vector<double>& grad, size_t max_coords) {
+  const auto coords = sample_coords(rng, x.size(), max_coords);
+  const auto fd = finite_difference_at(f, x, coords);
+  std::vector<double> an(coords.size());
+  for (size_t i = 0; i < coords.size(); ++i) an[i] = grad[coords[i]];
+  return rel_error(an, fd);
 }
 
 }  // namespace moxe::test

@@ -59,23 +59,8 @@ struct DeviceGate {
   }
 
   moxe::router::GateForwardParams<T, float> fwd() const {
-    moxe::router::GateForwardParams<T, float> p{};
-    p.dims = dims;
-    p.logits = logits.get();
-    p.difficulty_logit = head ? difficulty_logit.get() : nullptr;
-    p.modulation = modulation;
-    p.gamma = gamma;
-    p.tau = tau;
-    p.probs = probs.get();
-    p.lse = lse.get();
-    p.entropy = entropy.get();
-    p.difficulty = difficulty.get();
-    p.topk_idx = topk_idx.get();
-    p.topk_prob = topk_prob.get();
-    p.topk_weight = topk_weight.get();
-    p.expert_counts = expert_counts.get();
-    p.losses = losses.get();
-    return p;
+    return mt::gate_forward_params<moxe::router::GateForwardParams<T, float>>(*this,
+                                                                              [](const auto& b) { return b.get(); });
   }
 
   moxe::router::GateBackwardParams<T, float> bwd(const mt::GateProblem& g) const {
