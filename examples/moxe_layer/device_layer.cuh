@@ -60,7 +60,10 @@ class DeviceArena {
   Status allocate(U*& p, int64_t count) {
     void* raw = nullptr;
     const std::size_t bytes = sizeof(U) * static_cast<std::size_t>(std::max<int64_t>(count, 1));
-    MOXE_LAYER_CUDA_TRY(cudaMalloc(&raw, bytes));
+    if (cudaMalloc(&raw, bytes) != cudaSuccess) {
+      (void)cudaGetLastError();  // an out-of-memory is not sticky: leave no stale error for check_launch
+      return Status::cuda_error;
+    }
     blocks_.push_back(raw);
     bytes_ += bytes;
     p = static_cast<U*>(raw);
@@ -146,6 +149,13 @@ class DeviceLayer {
     if (host_segments_) cudaFreeHost(host_segments_);
   }
 
+  /// Rows of length-1 mLSTM sequences (per token) per chunkwise call: the chunkwise
+  /// workspace holds a DQK x (DV + 1) state per sequence and head, so one call over all
+  /// T * K rows would need tens of GiB (and arrays past 2^32 elements) at a real size. Set
+  /// before init() (the workspace is sized for it); main.cu's comparison makes it small so
+  /// that several slices run.
+  int64_t mlstm_slice_rows = 4096;
+
   /// Uploads the weights, allocates every buffer and workspace, and binds the layer to
   /// `stream` (its cuBLAS handle too).
   Status init(const LayerConfig& c, const LayerWeights& w, cudaStream_t stream);
@@ -166,6 +176,7 @@ class DeviceLayer {
   const T* u() const { return u_; }            ///< [T, D] the gate's input LN(x3)
   const T* x3() const { return x3_; }          ///< [T, D] the mixer's output
   const T* combine() const { return combine_; }  ///< [T, D] the weighted expert mixture
+  const int32_t* topk_idx() const { return topk_idx_; }  ///< [T, K] the gate's chosen experts
   std::size_t device_bytes() const { return arena_.bytes(); }
 
   /// Rows routed to expert e in the last forward (from the synchronised offsets).
@@ -204,6 +215,56 @@ class DeviceLayer {
     return ms * 1e-3;
   }
 
+  /// The mLSTM chunk size of a cell over sequences of `seq` tokens: length-1 sequences (per
+  /// token) take the smallest chunk, which shrinks the per-chunk score tiles of the workspace
+  /// (one chunk per sequence either way); longer sequences the launcher's default.
+  static int mlstm_chunk_size(int64_t seq) { return seq == 1 ? 16 : 64; }
+
+  /// chunkwise_forward, with length-1 sequences (batch-major [rows, NH, 1, D]) run in slices
+  /// of mlstm_slice_rows rows (see there).
+  Status mlstm_cell_forward(const moxe::mlstm::ForwardParams<T, float>& p) {
+    const int64_t rows = p.dims.batch, H = p.dims.heads, DQK = p.dims.dqk, DV = p.dims.dv;
+    if (p.num_segments > 0 || p.dims.seq_len != 1 || rows <= mlstm_slice_rows)
+      return moxe::mlstm::chunkwise_forward(p, workspace_, workspace_bytes_, stream_);
+    for (int64_t r0 = 0; r0 < rows; r0 += mlstm_slice_rows) {
+      moxe::mlstm::ForwardParams<T, float> s = p;
+      s.dims.batch = std::min(mlstm_slice_rows, rows - r0);
+      s.q = p.q + r0 * H * DQK;
+      s.k = p.k + r0 * H * DQK;
+      s.v = p.v + r0 * H * DV;
+      s.igate = p.igate + r0 * H;
+      s.fgate = p.fgate + r0 * H;
+      s.h = p.h + r0 * H * DV;
+      MOXE_RETURN_IF_ERROR(moxe::mlstm::chunkwise_forward(s, workspace_, workspace_bytes_, stream_));
+    }
+    return Status::ok;
+  }
+  /// chunkwise_backward, sliced as mlstm_cell_forward.
+  Status mlstm_cell_backward(const moxe::mlstm::BackwardParams<T, float>& b) {
+    const moxe::mlstm::ForwardParams<T, float>& p = b.fwd;
+    const int64_t rows = p.dims.batch, H = p.dims.heads, DQK = p.dims.dqk, DV = p.dims.dv;
+    if (p.num_segments > 0 || p.dims.seq_len != 1 || rows <= mlstm_slice_rows)
+      return moxe::mlstm::chunkwise_backward(b, workspace_, workspace_bytes_, stream_);
+    for (int64_t r0 = 0; r0 < rows; r0 += mlstm_slice_rows) {
+      moxe::mlstm::BackwardParams<T, float> s = b;
+      s.fwd.dims.batch = std::min(mlstm_slice_rows, rows - r0);
+      s.fwd.q = p.q + r0 * H * DQK;
+      s.fwd.k = p.k + r0 * H * DQK;
+      s.fwd.v = p.v + r0 * H * DV;
+      s.fwd.igate = p.igate + r0 * H;
+      s.fwd.fgate = p.fgate + r0 * H;
+      s.fwd.h = p.h == nullptr ? nullptr : p.h + r0 * H * DV;
+      s.dh = b.dh + r0 * H * DV;
+      s.dq = b.dq + r0 * H * DQK;
+      s.dk = b.dk + r0 * H * DQK;
+      s.dv = b.dv + r0 * H * DV;
+      s.digate = b.digate + r0 * H;
+      s.dfgate = b.dfgate + r0 * H;
+      MOXE_RETURN_IF_ERROR(moxe::mlstm::chunkwise_backward(s, workspace_, workspace_bytes_, stream_));
+    }
+    return Status::ok;
+  }
+
   // the cells' parameters (the forward and the backward use the same)
   moxe::mlstm::ForwardParams<T, float> mixer_mlstm_params() const {
     moxe::mlstm::ForwardParams<T, float> p{};
@@ -223,6 +284,7 @@ class DeviceLayer {
     const int64_t rows = expert_offset(c_.mlstm_experts());
     moxe::mlstm::ForwardParams<T, float> p{};
     p.dims = moxe::mlstm::Dims{stateful ? 1 : rows, c_.heads, stateful ? rows : 1, c_.head_dim(), c_.head_dim()};
+    p.chunk_size = mlstm_chunk_size(p.dims.seq_len);
     p.q = e_q_;
     p.k = e_k_;
     p.v = e_v_;
@@ -268,6 +330,7 @@ class DeviceLayer {
     const SharedExpertTape& t = shared_[std::size_t(s)];
     moxe::mlstm::ForwardParams<T, float> p{};
     p.dims = moxe::mlstm::Dims{shared_cell_batch(), c_.heads, shared_cell_seq(), c_.head_dim(), c_.head_dim()};
+    p.chunk_size = mlstm_chunk_size(p.dims.seq_len);
     p.q = t.q;
     p.k = t.k;
     p.v = t.v;
@@ -517,54 +580,49 @@ Status DeviceLayer<T>::init(const LayerConfig& c, const LayerWeights& w, cudaStr
   g.losses = losses_;
 
   // One workspace, the largest any launcher asks for. The cells' sizes depend on the
-  // routing (rows per expert), so they are asked at their bounds: every expert row in one
-  // mLSTM call, and an sLSTM batch of every row (per token) or of B runs of S (stateful).
+  // routing (rows per expert), so they are asked at their bounds, in this expert mode only:
+  // per token, every expert row as a length-1 sequence (mLSTM: slices of mlstm_slice_rows;
+  // sLSTM: a batch of every row) and the shared experts' T length-1 sequences; stateful, every expert row in
+  // one varlen mLSTM call, an sLSTM batch of B runs of at most S, and the shared experts'
+  // B sequences of S. (Per token the mLSTM workspace is the big one: a state per row.)
+  const bool stateful = c.expert_mode == ExpertMode::stateful;
+  MOXE_REQUIRE(mlstm_slice_rows > 0);
   std::size_t ws = 0;
   auto need = [&ws](std::size_t bytes) { ws = std::max(ws, bytes); };
   {
-    moxe::mlstm::ForwardParams<T, float> p{};
-    p.dims = moxe::mlstm::Dims{B, NH, S, c.inner_head_dim(), c.inner_head_dim()};
-    need(moxe::mlstm::chunkwise_forward_workspace_size(p));
-    p.dims = moxe::mlstm::Dims{R, NH, 1, c.head_dim(), c.head_dim()};
-    need(moxe::mlstm::chunkwise_forward_workspace_size(p));
-    p.dims = moxe::mlstm::Dims{1, NH, R, c.head_dim(), c.head_dim()};
-    p.num_segments = Em * B;
-    need(moxe::mlstm::chunkwise_forward_workspace_size(p));
-    moxe::mlstm::BackwardParams<T, float> bp{};
-    bp.fwd = p;
-    need(moxe::mlstm::chunkwise_backward_workspace_size(bp));
-    bp.fwd.num_segments = 0;
-    bp.fwd.dims = moxe::mlstm::Dims{R, NH, 1, c.head_dim(), c.head_dim()};
-    need(moxe::mlstm::chunkwise_backward_workspace_size(bp));
-    bp.fwd.dims = moxe::mlstm::Dims{B, NH, S, c.inner_head_dim(), c.inner_head_dim()};
-    need(moxe::mlstm::chunkwise_backward_workspace_size(bp));
-    // the shared experts' cells: T length-1 sequences, or the B batch sequences
-    for (const auto& dims : {moxe::mlstm::Dims{T_, NH, 1, c.head_dim(), c.head_dim()},
-                             moxe::mlstm::Dims{B, NH, S, c.head_dim(), c.head_dim()}}) {
-      p.num_segments = 0;
+    auto need_mlstm = [&need](const moxe::mlstm::Dims& dims, int64_t num_segments) {
+      moxe::mlstm::ForwardParams<T, float> p{};
       p.dims = dims;
+      p.chunk_size = mlstm_chunk_size(dims.seq_len);
+      p.num_segments = num_segments;
       need(moxe::mlstm::chunkwise_forward_workspace_size(p));
+      moxe::mlstm::BackwardParams<T, float> bp{};
       bp.fwd = p;
       need(moxe::mlstm::chunkwise_backward_workspace_size(bp));
+    };
+    need_mlstm(moxe::mlstm::Dims{B, NH, S, c.inner_head_dim(), c.inner_head_dim()}, 0);  // the mixer
+    if (stateful) {
+      need_mlstm(moxe::mlstm::Dims{1, NH, R, c.head_dim(), c.head_dim()}, Em * B);
+      need_mlstm(moxe::mlstm::Dims{B, NH, S, c.head_dim(), c.head_dim()}, 0);
+    } else {
+      // at most mlstm_slice_rows length-1 sequences per call (mlstm_cell_forward)
+      const int64_t slice = std::min(std::max(R, T_), mlstm_slice_rows);
+      need_mlstm(moxe::mlstm::Dims{slice, NH, 1, c.head_dim(), c.head_dim()}, 0);
     }
   }
   {
-    moxe::slstm::ForwardParams<T, float> p{};
-    p.dims = moxe::slstm::Dims{S, B, NH, c.head_dim()};
-    need(moxe::slstm::sequence_forward_workspace_size(p));
-    p.dims = moxe::slstm::Dims{1, R, NH, c.head_dim()};
-    need(moxe::slstm::sequence_forward_workspace_size(p));
-    moxe::slstm::BackwardParams<T, float> bp{};
-    bp.fwd = p;
-    need(moxe::slstm::sequence_backward_workspace_size(bp));
-    bp.fwd.dims = moxe::slstm::Dims{S, B, NH, c.head_dim()};
-    need(moxe::slstm::sequence_backward_workspace_size(bp));
-    // the shared experts' cells: T length-1 sequences, or the B batch sequences
-    for (const auto& dims : {moxe::slstm::Dims{1, T_, NH, c.head_dim()}, moxe::slstm::Dims{S, B, NH, c.head_dim()}}) {
+    auto need_slstm = [&need](const moxe::slstm::Dims& dims) {
+      moxe::slstm::ForwardParams<T, float> p{};
       p.dims = dims;
       need(moxe::slstm::sequence_forward_workspace_size(p));
+      moxe::slstm::BackwardParams<T, float> bp{};
       bp.fwd = p;
       need(moxe::slstm::sequence_backward_workspace_size(bp));
+    };
+    need_slstm(moxe::slstm::Dims{S, B, NH, c.head_dim()});  // the mixer; stateful experts and shared experts
+    if (!stateful) {
+      need_slstm(moxe::slstm::Dims{1, R, NH, c.head_dim()});
+      need_slstm(moxe::slstm::Dims{1, T_, NH, c.head_dim()});
     }
   }
   need(moxe::router::gate_forward_workspace_size(gate_params_));
@@ -738,10 +796,11 @@ Status DeviceLayer<T>::dispatch() {
 ///   sLSTM expert  ye = xe + W_down MHNorm(sLSTM(W_x LN(xe)))
 /// The mLSTM cell has no weights of its own, so all mLSTM experts' rows (the first
 /// expert_offsets[E/2] rows) run through one chunkwise call: per token as that many
-/// sequences of length 1, stateful as one varlen sequence with a segment per (expert, batch
-/// sequence). Each sLSTM expert has its own recurrent weights r: one call per expert, per
-/// token as a batch of n length-1 sequences (the token rows are already the sLSTM layout),
-/// stateful as a [longest run, B] batch padded at the end, as the host path does.
+/// sequences of length 1 (in slices of mlstm_slice_rows rows), stateful as one varlen
+/// sequence with a segment per (expert, batch sequence). Each sLSTM expert has its own
+/// recurrent weights r: one call per expert, per token as a batch of n length-1 sequences
+/// (the token rows are already the sLSTM layout), stateful as a [longest run, B] batch
+/// padded at the end, as the host path does.
 template <class T>
 Status DeviceLayer<T>::experts() {
   const int64_t B = c_.batch, D = c_.d_model, NH = c_.heads, DH = c_.head_dim();
@@ -772,8 +831,7 @@ Status DeviceLayer<T>::experts() {
     MOXE_RETURN_IF_ERROR(rows_to_mlstm(e_qkv_, 3 * D, 2 * D, cb, cs, NH, DH, e_v_, stream_));
     MOXE_RETURN_IF_ERROR(rows_to_mlstm(e_gates_, 2 * NH, 0, cb, cs, NH, int64_t(1), e_ig_, stream_));
     MOXE_RETURN_IF_ERROR(rows_to_mlstm(e_gates_, 2 * NH, NH, cb, cs, NH, int64_t(1), e_fg_, stream_));
-    MOXE_RETURN_IF_ERROR(
-        moxe::mlstm::chunkwise_forward(expert_mlstm_params(), workspace_, workspace_bytes_, stream_));
+    MOXE_RETURN_IF_ERROR(mlstm_cell_forward(expert_mlstm_params()));
     MOXE_RETURN_IF_ERROR(mlstm_to_rows(e_h_cell_, cb, cs, NH, DH, e_h_, D, 0, stream_));
   }
 
@@ -829,8 +887,7 @@ Status DeviceLayer<T>::shared_experts() {
       MOXE_RETURN_IF_ERROR(rows_to_mlstm(t.proj, 3 * D, 2 * D, cb, cs, NH, DH, t.v, stream_));
       MOXE_RETURN_IF_ERROR(rows_to_mlstm(t.gates, 2 * NH, 0, cb, cs, NH, int64_t(1), t.ig, stream_));
       MOXE_RETURN_IF_ERROR(rows_to_mlstm(t.gates, 2 * NH, NH, cb, cs, NH, int64_t(1), t.fg, stream_));
-      MOXE_RETURN_IF_ERROR(
-          moxe::mlstm::chunkwise_forward(shared_mlstm_params(s), workspace_, workspace_bytes_, stream_));
+      MOXE_RETURN_IF_ERROR(mlstm_cell_forward(shared_mlstm_params(s)));
       MOXE_RETURN_IF_ERROR(mlstm_to_rows(t.h_cell, cb, cs, NH, DH, t.h, D, 0, stream_));
     } else {
       MOXE_RETURN_IF_ERROR(linear(t.xn, D, T_, D, w_(p + "w_x"), nullptr, 4 * D, t.proj, 4 * D));
@@ -954,7 +1011,7 @@ Status DeviceLayer<T>::experts_backward() {
     cell.dv = ed_v_;
     cell.digate = ed_ig_;
     cell.dfgate = ed_fg_;
-    MOXE_RETURN_IF_ERROR(moxe::mlstm::chunkwise_backward(cell, workspace_, workspace_bytes_, stream_));
+    MOXE_RETURN_IF_ERROR(mlstm_cell_backward(cell));
     MOXE_RETURN_IF_ERROR(mlstm_to_rows(ed_q_, cb, cs, NH, DH, ed_qkv_, 3 * D, 0, stream_));
     MOXE_RETURN_IF_ERROR(mlstm_to_rows(ed_k_, cb, cs, NH, DH, ed_qkv_, 3 * D, D, stream_));
     MOXE_RETURN_IF_ERROR(mlstm_to_rows(ed_v_, cb, cs, NH, DH, ed_qkv_, 3 * D, 2 * D, stream_));
@@ -1030,7 +1087,7 @@ Status DeviceLayer<T>::shared_experts_backward() {
       cell.dv = ed_v_;
       cell.digate = ed_ig_;
       cell.dfgate = ed_fg_;
-      MOXE_RETURN_IF_ERROR(moxe::mlstm::chunkwise_backward(cell, workspace_, workspace_bytes_, stream_));
+      MOXE_RETURN_IF_ERROR(mlstm_cell_backward(cell));
       MOXE_RETURN_IF_ERROR(mlstm_to_rows(ed_q_, cb, cs, NH, DH, ed_qkv_, 3 * D, 0, stream_));
       MOXE_RETURN_IF_ERROR(mlstm_to_rows(ed_k_, cb, cs, NH, DH, ed_qkv_, 3 * D, D, stream_));
       MOXE_RETURN_IF_ERROR(mlstm_to_rows(ed_v_, cb, cs, NH, DH, ed_qkv_, 3 * D, 2 * D, stream_));

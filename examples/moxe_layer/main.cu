@@ -7,7 +7,8 @@
 // exactly as the build without CUDA does. With one:
 //   1. the device forward and backward in float at a small layer (head dims 16 and 32, the
 //      smallest the device cells take) in both expert modes, compared with the host path
-//      in double: the mixer output x3, the gate input u, the rows per expert, the combine,
+//      in double: the routing (the same top-k experts per token; the rest assumes it), the
+//      mixer output x3, the gate input u, the rows per expert, the combine,
 //      y, the four losses, dx and the weight gradients, one line each with OK / FAILED
 //      (max relative error per tensor, tolerance 1e-4); then the same with shared experts
 //      (one mLSTM or sLSTM shared expert, in each expert mode);
@@ -131,8 +132,41 @@ int compare(ExpertMode mode, cudaStream_t stream, int shared_experts = 0,
   if (!ok(moxe_layer::backward(c, w, host, dy, host_dx, host_grads), "host backward")) return 1;
 
   DeviceLayer<float> layer;
+  layer.mlstm_slice_rows = 24;  // per token, several length-1 mLSTM slices (the last one partial)
   if (!ok(layer.init(c, w, stream), "device init") || !upload(x, layer.x())) return 1;
   if (!ok(layer.forward(), "device forward") || !ok(cudaStreamSynchronize(stream), "device forward")) return 1;
+
+  // The routing first: every later comparison assumes the same top-k. A token whose k-th and
+  // (k+1)-th probabilities are within float rounding may route differently in float than in
+  // double; the margin says whether a difference is such a tie (then nothing below can be
+  // compared) or a bug.
+  const std::size_t slots = std::size_t(c.tokens() * c.top_k);
+  std::vector<int32_t> device_idx(slots, -1);
+  if (!ok(cudaMemcpy(device_idx.data(), layer.topk_idx(), sizeof(int32_t) * slots, cudaMemcpyDeviceToHost),
+          "download top-k"))
+    return 1;
+  double margin = INFINITY;  // smallest p_(k) - p_(k+1) of the host's probabilities
+  int64_t differing = 0;
+  for (int64_t t = 0; t < c.tokens(); ++t) {
+    std::vector<double> p(host.probs.begin() + t * c.experts, host.probs.begin() + (t + 1) * c.experts);
+    std::sort(p.rbegin(), p.rend());
+    if (c.top_k < c.experts) margin = std::min(margin, p[std::size_t(c.top_k) - 1] - p[std::size_t(c.top_k)]);
+    // the same set of experts (their order only follows the probabilities, and a near-equal
+    // pair of chosen experts may swap places without changing anything downstream)
+    const auto first = std::size_t(t * c.top_k), last = first + std::size_t(c.top_k);
+    std::vector<int32_t> a(device_idx.begin() + first, device_idx.begin() + last);
+    std::vector<int32_t> b(host.topk_idx.begin() + first, host.topk_idx.begin() + last);
+    std::sort(a.begin(), a.end());
+    std::sort(b.begin(), b.end());
+    differing += a != b;
+  }
+  std::printf("  %-26s %s (%lld tokens differ; smallest top-k margin %.2e)\n", "routing (top-k experts)",
+              differing == 0 ? "OK" : "FAILED", (long long)differing, margin);
+  if (differing > 0) {
+    std::printf("  (the comparisons below need the same routing: %s)\n",
+                margin < 1e-5 ? "a near-tie, not necessarily a bug" : "the margin is clear: a bug");
+    return 1;
+  }
   if (!upload(dy, layer.dy())) return 1;
   if (!ok(layer.backward(), "device backward") || !ok(cudaStreamSynchronize(stream), "device backward")) return 1;
 
@@ -187,7 +221,9 @@ int benchmark(const LayerConfig& c, const LayerWeights& w, cudaStream_t stream) 
   DeviceLayer<__nv_bfloat16> layer;
   const moxe::Status st = layer.init(c, w, stream);
   if (st != moxe::Status::ok) {  // e.g. a smaller GPU: not a correctness failure
-    std::printf("  benchmark skipped: init: %s\n", moxe::to_string(st));
+    (void)cudaGetLastError();  // leave no stale error for the next check_launch
+    std::printf("  benchmark (%s experts) skipped: init: %s\n", moxe_layer::to_string(c.expert_mode),
+                moxe::to_string(st));
     return 0;
   }
   std::mt19937_64 gen(7);
