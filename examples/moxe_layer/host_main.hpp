@@ -11,8 +11,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <random>
 #include <string>
+#include <system_error>
+#include <utility>
 #include <vector>
 
 #include "layer_config.hpp"
@@ -115,6 +119,138 @@ inline int run(ExpertMode mode, int shared_experts = 0) {
   std::printf("  gradient check (dx and %zu of %zu weight tensors, finite differences): max rel err %.2e  %s\n",
               tensors, wt.size(), worst, ok ? "OK" : "FAILED");
   return ok ? 0 : 1;
+}
+
+// ---- --dump: the layer's numbers for checks outside C++ ------------------------------------
+
+inline const char* modulation_name(moxe::router::Modulation m) {
+  switch (m) {
+    case moxe::router::Modulation::none: return "none";
+    case moxe::router::Modulation::standard: return "standard";
+    case moxe::router::Modulation::proportional: return "proportional";
+    case moxe::router::Modulation::masked: return "masked";
+  }
+  return "?";
+}
+
+/// One tiny layer, forward and backward in double, written to `dir` for a check outside
+/// C++ (benchmarks/compare_torch.py --check-layer compares its PyTorch eager layer with
+/// them): manifest.json (the configuration, and each tensor's name, offset and size in
+/// doubles) and data.bin (the doubles, native byte order): the input x, the upstream
+/// gradient dy, every weight (w.<name>), the output y, the losses, the top-k experts, dx and
+/// every weight gradient (grad.<name>). Returns false when a file cannot be written.
+inline bool dump_case(const std::string& dir, const LayerConfig& c, std::uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  LayerWeights w = LayerWeights::random(c, gen);
+  const Vec x = random_vector(gen, std::size_t(c.tokens() * c.d_model));
+  const Vec dy = random_vector(gen, x.size());
+  LayerCache cache;
+  Vec dx;
+  LayerWeights grads;
+  if (moxe_layer::forward(c, w, x, cache) != moxe::Status::ok ||
+      moxe_layer::backward(c, w, cache, dy, dx, grads) != moxe::Status::ok)
+    return false;
+
+  std::vector<std::pair<std::string, Vec>> tensors;
+  tensors.emplace_back("x", x);
+  tensors.emplace_back("dy", dy);
+  tensors.emplace_back("y", cache.y);
+  tensors.emplace_back("losses", Vec(cache.losses.begin(), cache.losses.end()));
+  tensors.emplace_back("topk_idx", Vec(cache.topk_idx.begin(), cache.topk_idx.end()));
+  tensors.emplace_back("dx", dx);
+  for (const auto& t : moxe_layer::named_tensors(c, w)) tensors.emplace_back("w." + t.name, *t.value);
+  for (const auto& t : moxe_layer::named_tensors(c, grads)) tensors.emplace_back("grad." + t.name, *t.value);
+
+  std::FILE* data = std::fopen((dir + "/data.bin").c_str(), "wb");
+  std::FILE* manifest = std::fopen((dir + "/manifest.json").c_str(), "w");
+  bool ok = data && manifest;
+  if (ok) {
+    std::fprintf(manifest,
+                 "{\n  \"config\": {\"batch\": %lld, \"seq_len\": %lld, \"d_model\": %lld, \"heads\": %lld, "
+                 "\"mlstm_proj_factor\": %lld, \"ffn_hidden\": %lld, \"conv_width\": %lld, \"experts\": %d, "
+                 "\"top_k\": %d, \"expert_mode\": \"%s\", \"shared_experts\": %d, \"shared_expert_kind\": \"%s\", "
+                 "\"modulation\": \"%s\", \"gamma\": %.17g, \"tau\": %.17g, \"c_z\": %.17g, \"c_lb\": %.17g, "
+                 "\"c_d\": %.17g, \"c_g\": %.17g, \"norm_eps\": %.17g},\n  \"tensors\": [",
+                 (long long)c.batch, (long long)c.seq_len, (long long)c.d_model, (long long)c.heads,
+                 (long long)c.mlstm_proj_factor, (long long)c.ffn_hidden, (long long)c.conv_width, c.experts,
+                 c.top_k, moxe_layer::to_string(c.expert_mode), c.shared_experts,
+                 moxe_layer::to_string(c.shared_expert_kind), modulation_name(c.modulation), c.gamma,
+                 c.tau, c.c_z, c.c_lb, c.c_d, c.c_g, c.norm_eps);
+    std::size_t offset = 0;
+    for (std::size_t i = 0; i < tensors.size() && ok; ++i) {
+      const Vec& v = tensors[i].second;
+      std::fprintf(manifest, "%s\n    {\"name\": \"%s\", \"offset\": %zu, \"size\": %zu}", i ? "," : "",
+                   tensors[i].first.c_str(), offset, v.size());
+      ok = std::fwrite(v.data(), sizeof(double), v.size(), data) == v.size();
+      offset += v.size();
+    }
+    std::fprintf(manifest, "\n  ]\n}\n");
+  }
+  if (data) ok = std::fclose(data) == 0 && ok;
+  if (manifest) ok = std::fclose(manifest) == 0 && ok;
+  return ok;
+}
+
+/// --dump DIR: the tiny layer in both expert modes, with and without shared experts, one
+/// subdirectory of DIR each (created).
+inline const char* const kDumpCases[] = {"per_token", "stateful", "stateful_shared_mlstm", "per_token_shared_slstm"};
+
+inline LayerConfig dump_config(int which) {
+  LayerConfig c;  // tiny defaults
+  c.seq_len = 7;
+  c.expert_mode = which % 2 == 0 ? ExpertMode::per_token : ExpertMode::stateful;
+  if (which >= 2) {
+    c.shared_experts = 1;
+    c.shared_expert_kind = which == 2 ? moxe_layer::SharedExpertKind::mlstm : moxe_layer::SharedExpertKind::slstm;
+  }
+  return c;
+}
+
+inline int dump_cases(const std::string& dir) {
+  int rc = 0;
+  for (int i = 0; i < 4; ++i) {
+    const std::string sub = dir + "/" + kDumpCases[i];
+    std::error_code ec;
+    std::filesystem::create_directories(sub, ec);
+    const bool ok = !ec && dump_case(sub, dump_config(i), 2505 + std::uint64_t(i));
+    std::printf("moxe_layer: dump %s: %s\n", sub.c_str(), ok ? "written" : "FAILED");
+    rc |= ok ? 0 : 1;
+  }
+  return rc;
+}
+
+// ---- the command line ----------------------------------------------------------------------
+
+/// moxe_layer [--dump DIR] [--bench] [--json FILE]
+struct Options {
+  std::string dump_dir;   ///< --dump DIR: write the tiny layers' numbers (dump_cases) and exit
+  bool bench = false;     ///< --bench: the device benchmark only (no comparisons)
+  std::string json_path;  ///< --json FILE: the benchmark's timings as JSON
+  bool valid = true;
+};
+
+inline Options parse_options(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const bool has_value = i + 1 < argc;
+    if (std::strcmp(argv[i], "--dump") == 0 && has_value) {
+      o.dump_dir = argv[++i];
+    } else if (std::strcmp(argv[i], "--json") == 0 && has_value) {
+      o.json_path = argv[++i];
+    } else if (std::strcmp(argv[i], "--bench") == 0) {
+      o.bench = true;
+    } else {
+      o.valid = false;
+    }
+  }
+  if (!o.valid)
+    std::fprintf(stderr,
+                 "usage: moxe_layer [--dump DIR] [--bench] [--json FILE]\n"
+                 "  (none)       host: the reference path; device: device vs host, then the benchmark\n"
+                 "  --dump DIR   write tiny layers' inputs, weights, outputs, gradients (double) under DIR\n"
+                 "  --bench      device only: the benchmark, without the comparisons\n"
+                 "  --json FILE  device: write the benchmark's timings to FILE\n");
+  return o;
 }
 
 /// The host reference path of the example: both expert modes, then the stateful one with a

@@ -81,4 +81,19 @@ struct LayerConfig {
   }
 };
 
+/// The benchmark layer (examples/moxe_layer --bench, benchmarks/compare_torch.py): d_model
+/// 1024, 8 heads (head dim 128; the mixer's mLSTM at 2048 = 8 x 256), ~4/3 d_model FFN as in
+/// xLSTM, E = 8 (4 mLSTM + 4 sLSTM experts), top-2, B = 4, S = 4096 (16384 tokens).
+inline LayerConfig benchmark_config() {
+  LayerConfig c;
+  c.batch = 4;
+  c.seq_len = 4096;
+  c.d_model = 1024;
+  c.heads = 8;
+  c.ffn_hidden = 1344;
+  c.experts = 8;
+  c.top_k = 2;
+  return c;
+}
+
 }  // namespace moxe_layer

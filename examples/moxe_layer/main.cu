@@ -1,10 +1,10 @@
 // moxe_layer, the CUDA build: one MoxE layer (arXiv 2505.01459) on the device, checked
 // against the host reference path, then timed at a realistic size.
 //
-//   ./moxe_layer            (no arguments)
+//   ./moxe_layer [--dump DIR] [--bench] [--json FILE]
 //
 // Without a usable CUDA device it prints so and runs the host reference path (host_main.hpp),
-// exactly as the build without CUDA does. With one:
+// exactly as the build without CUDA does. With one (and no option):
 //   1. the device forward and backward in float at a small layer (head dims 16 and 32, the
 //      smallest the device cells take) in both expert modes, compared with the host path
 //      in double: the routing (the same top-k experts per token; the rest assumes it), the
@@ -14,6 +14,8 @@
 //      (one mLSTM or sLSTM shared expert, in each expert mode);
 //   2. tokens/s of the forward and of forward + backward in bf16 at d_model 1024, 8 heads,
 //      E = 8, top-2, B = 4, S = 4096, with the time of each stage (CUDA events).
+// --bench runs 2. only; --json FILE writes 2.'s timings to FILE (benchmarks/compare_torch.py
+// reads them); --dump DIR writes the host path's numbers of a few tiny layers (host_main.hpp).
 // The exit status is 0 when every comparison passes.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -215,9 +217,42 @@ int compare(ExpertMode mode, cudaStream_t stream, int shared_experts = 0,
   return pass ? 0 : 1;
 }
 
+/// One benchmark's timings (milliseconds, means over the timed iterations).
+struct BenchResult {
+  std::string mode;
+  LayerConfig config;
+  double device_gib = 0.0;
+  std::array<double, moxe_layer::device::kStages> forward_ms{}, backward_ms{};
+  double forward_total_ms = 0.0, backward_total_ms = 0.0;
+};
+
+/// The timings as one JSON document (for benchmarks/compare_torch.py).
+bool write_json(const std::string& path, const char* device, const std::vector<BenchResult>& results) {
+  std::FILE* f = std::fopen(path.c_str(), "w");
+  if (!f) return false;
+  std::fprintf(f, "{\n  \"device\": \"%s\",\n  \"dtype\": \"bf16\",\n  \"results\": [", device);
+  for (std::size_t r = 0; r < results.size(); ++r) {
+    const BenchResult& b = results[r];
+    const LayerConfig& c = b.config;
+    std::fprintf(f,
+                 "%s\n    {\"expert_mode\": \"%s\", \"batch\": %lld, \"seq_len\": %lld, \"d_model\": %lld, "
+                 "\"heads\": %lld, \"ffn_hidden\": %lld, \"experts\": %d, \"top_k\": %d, \"device_gib\": %.3f, "
+                 "\"forward_ms\": %.4f, \"backward_ms\": %.4f, \"stages\": {",
+                 r ? "," : "", b.mode.c_str(), (long long)c.batch, (long long)c.seq_len, (long long)c.d_model,
+                 (long long)c.heads, (long long)c.ffn_hidden, c.experts, c.top_k, b.device_gib, b.forward_total_ms,
+                 b.backward_total_ms);
+    for (int i = 0; i < moxe_layer::device::kStages; ++i)
+      std::fprintf(f, "%s\"%s\": [%.4f, %.4f]", i ? ", " : "", moxe_layer::device::stage_name(i), b.forward_ms[i],
+                   b.backward_ms[i]);
+    std::fprintf(f, "}}");
+  }
+  std::fprintf(f, "\n  ]\n}\n");
+  return std::fclose(f) == 0;
+}
+
 /// 2. Tokens/s of the bf16 forward and forward + backward at a realistic size, with the time
-/// of each stage.
-int benchmark(const LayerConfig& c, const LayerWeights& w, cudaStream_t stream) {
+/// of each stage. Appends the timings to `results` (nothing when the layer does not fit).
+int benchmark(const LayerConfig& c, const LayerWeights& w, cudaStream_t stream, std::vector<BenchResult>& results) {
   DeviceLayer<__nv_bfloat16> layer;
   const moxe::Status st = layer.init(c, w, stream);
   if (st != moxe::Status::ok) {  // e.g. a smaller GPU: not a correctness failure
@@ -260,46 +295,68 @@ int benchmark(const LayerConfig& c, const LayerWeights& w, cudaStream_t stream) 
   std::printf("  %-14s %12.3f %12.3f\n", "total", total * 1e3, back_total * 1e3);
   std::printf("  tokens/s: forward %.0f, forward+backward %.0f\n", double(c.tokens()) / total,
               double(c.tokens()) / (total + back_total));
+  BenchResult r;
+  r.mode = moxe_layer::to_string(c.expert_mode);
+  r.config = c;
+  r.device_gib = double(layer.device_bytes()) / double(1 << 30);
+  for (int i = 0; i < kStages; ++i) {
+    r.forward_ms[i] = seconds[i] * 1e3;
+    r.backward_ms[i] = back_seconds[i] * 1e3;
+  }
+  r.forward_total_ms = total * 1e3;
+  r.backward_total_ms = back_total * 1e3;
+  results.push_back(r);
   return 0;
 }
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  namespace ex = moxe_layer::host_example;
+  const ex::Options opt = ex::parse_options(argc, argv);
+  if (!opt.valid) return 2;
+  if (!opt.dump_dir.empty()) return ex::dump_cases(opt.dump_dir);  // host numbers: no device needed
   if (!device_usable()) {
+    if (opt.bench || !opt.json_path.empty()) {
+      std::printf("moxe_layer: --bench and --json need a usable CUDA device\n");
+      return 2;
+    }
     std::printf("moxe_layer: no usable CUDA device: running the host reference path\n");
-    return moxe_layer::host_example::host_main();
+    return ex::host_main();
   }
   cudaDeviceProp prop{};
   cudaGetDeviceProperties(&prop, 0);
-  std::printf("moxe_layer: one MoxE layer on %s (device forward vs the host reference path)\n", prop.name);
   cudaStream_t stream = nullptr;
   if (!ok(cudaStreamCreate(&stream), "cudaStreamCreate")) return 1;
 
   int rc = 0;
-  rc |= compare(ExpertMode::per_token, stream);
-  rc |= compare(ExpertMode::stateful, stream);
-  // the shared experts' four code paths: (per token, stateful) x (mLSTM, sLSTM)
-  rc |= compare(ExpertMode::per_token, stream, 1, SharedExpertKind::mlstm);
-  rc |= compare(ExpertMode::stateful, stream, 1, SharedExpertKind::slstm);
-  rc |= compare(ExpertMode::per_token, stream, 1, SharedExpertKind::slstm);
-  rc |= compare(ExpertMode::stateful, stream, 2, SharedExpertKind::mlstm);
+  if (!opt.bench) {
+    std::printf("moxe_layer: one MoxE layer on %s (device forward vs the host reference path)\n", prop.name);
+    rc |= compare(ExpertMode::per_token, stream);
+    rc |= compare(ExpertMode::stateful, stream);
+    // the shared experts' four code paths: (per token, stateful) x (mLSTM, sLSTM)
+    rc |= compare(ExpertMode::per_token, stream, 1, SharedExpertKind::mlstm);
+    rc |= compare(ExpertMode::stateful, stream, 1, SharedExpertKind::slstm);
+    rc |= compare(ExpertMode::per_token, stream, 1, SharedExpertKind::slstm);
+    rc |= compare(ExpertMode::stateful, stream, 2, SharedExpertKind::mlstm);
+  } else {
+    std::printf("moxe_layer: the benchmark layer on %s\n", prop.name);
+  }
 
-  LayerConfig big;
-  big.batch = 4;
-  big.seq_len = 4096;
-  big.d_model = 1024;
-  big.heads = 8;            // head dim 128; the mixer mLSTM works at 2048 = 8 x 256
-  big.ffn_hidden = 1344;    // ~4/3 d_model, as xLSTM
-  big.experts = 8;
-  big.top_k = 2;
+  const LayerConfig big = moxe_layer::benchmark_config();
   std::mt19937_64 gen(1024);
   const LayerWeights w = LayerWeights::random(big, gen);
+  std::vector<BenchResult> results;
   for (ExpertMode mode : {ExpertMode::per_token, ExpertMode::stateful}) {
-    big.expert_mode = mode;
-    rc |= benchmark(big, w, stream);
+    LayerConfig c = big;
+    c.expert_mode = mode;
+    rc |= benchmark(c, w, stream, results);
+  }
+  if (!opt.json_path.empty() && !write_json(opt.json_path, prop.name, results)) {
+    std::printf("moxe_layer: cannot write %s\n", opt.json_path.c_str());
+    rc |= 1;
   }
   cudaStreamDestroy(stream);
-  std::printf("moxe_layer: %s\n", rc == 0 ? "all device checks passed" : "SOME DEVICE CHECKS FAILED");
+  if (!opt.bench) std::printf("moxe_layer: %s\n", rc == 0 ? "all device checks passed" : "SOME DEVICE CHECKS FAILED");
   return rc;
 }
