@@ -7,9 +7,13 @@
 #   scripts/gather-carry.sh                      # here, once: doctest + Google Benchmark source
 #   scripts/gpu-check.sh [--quick] [phases...]   # there, with .carry carried along
 #
-# Phases (default: all, in this order): test, examples, sanitize, bench, torch. The build
-# always runs first and is incremental, so a long check can be split over several calls of
-# a time-limited machine, e.g. `gpu-check.sh test examples` then `gpu-check.sh sanitize`.
+# Phases (default: all, in this order): test, examples, sanitize, bench, torch, compare. The
+# build always runs first and is incremental, so a long check can be split over several
+# calls of a time-limited machine, e.g. `gpu-check.sh test examples`, then
+# `gpu-check.sh sanitize`, then `gpu-check.sh bench`, then `gpu-check.sh torch compare`.
+# compare: benchmarks/compare_torch.py (moxe beside PyTorch eager and mlstm_kernels, one
+# table in compare.md; the mlstm_kernels wheel comes from .carry/wheels), after checking
+# its eager layer against the host reference (moxe_layer --dump).
 # --quick skips racecheck, caps each sanitizer run at 60 s and runs the benchmarks with a
 # short minimum time.
 set -uo pipefail
@@ -23,11 +27,11 @@ phases=()
 for arg in "$@"; do
   case $arg in
     --quick) quick=1 ;;
-    test | examples | sanitize | bench | torch) phases+=("$arg") ;;
-    *) echo "usage: $0 [--quick] [test|examples|sanitize|bench|torch ...]" >&2; exit 2 ;;
+    test | examples | sanitize | bench | torch | compare) phases+=("$arg") ;;
+    *) echo "usage: $0 [--quick] [test|examples|sanitize|bench|torch|compare ...]" >&2; exit 2 ;;
   esac
 done
-[ ${#phases[@]} -eq 0 ] && phases=(test examples sanitize bench torch)
+[ ${#phases[@]} -eq 0 ] && phases=(test examples sanitize bench torch compare)
 want() { [[ " ${phases[*]} " == *" $1 "* ]]; }
 jobs=$(nproc)
 summary=$out/summary.md
@@ -165,6 +169,40 @@ elif python3 -c "import torch" >/dev/null 2>&1; then
   say "torch extension: rc=$? ($(grep -E "passed|failed|skipped" "$logs/torch_extension.log" | tail -1))"
 else
   say "torch extension: no torch on this machine: skipped"
+fi
+
+# ---- moxe beside PyTorch eager and mlstm_kernels (benchmarks/compare_torch.py) -------------
+if ! want compare; then
+  :
+elif ! python3 -c "import torch; assert torch.cuda.is_available()" >/dev/null 2>&1; then
+  say "compare: no CUDA-enabled torch on this machine: skipped"
+else
+  if ls "$root"/.carry/wheels/*.whl >/dev/null 2>&1; then
+    site=$(mktemp -d)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
+      "$root"/.carry/wheels/*.whl >"$logs/compare-wheels.log" 2>&1 &&
+      export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} ||
+      say "compare: the carried wheels did not install (see compare-wheels.log)"
+  fi
+  if ! ls examples/torch_extension/moxe_torch/_C*.so >/dev/null 2>&1; then
+    (cd examples/torch_extension && TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=$jobs \
+      python3 setup.py build_ext --inplace) >"$logs/compare-extension-build.log" 2>&1 ||
+      say "compare: the torch extension did not build (see compare-extension-build.log)"
+  fi
+  dump=$(mktemp -d)
+  "$build/examples/moxe_layer/moxe_layer" --dump "$dump" >"$logs/compare-check-layer.log" 2>&1 &&
+    python3 benchmarks/compare_torch.py --check-layer "$dump" >>"$logs/compare-check-layer.log" 2>&1
+  say "compare: eager layer vs the host reference (float64): rc=$? ($(grep -c ': OK' "$logs/compare-check-layer.log") cases OK)"
+  quick_flag=()
+  [ $quick -eq 1 ] && quick_flag=(--quick)
+  timeout 560 python3 benchmarks/compare_torch.py --moxe-layer "$build/examples/moxe_layer/moxe_layer" \
+    --markdown "$out/compare.md" "${quick_flag[@]}" >"$logs/compare.log" 2>&1
+  say "compare: rc=$?"
+  if [ -f "$out/compare.md" ]; then
+    cat "$out/compare.md" >>"$summary"
+  else
+    tail -20 "$logs/compare.log" | sed 's/^/    /' >>"$summary"
+  fi
 fi
 
 tar czf "$out/logs.tar.gz" -C "$logs" . 2>/dev/null
