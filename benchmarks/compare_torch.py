@@ -223,7 +223,8 @@ def section_gate(mt, quick: bool) -> List[Row]:
         def moxe():
             (probs, lse, ent, diff, idx, prob, weight, counts, losses) = mt._C.gate_forward(
                 logits, a, E // 2, K, mod, 1.0, 0.5)
-            return weight, losses, mt._C.gate_backward(logits, a, idx, prob, dw, *coef, E // 2, mod, 1.0, 0.5)
+            return weight, losses, mt._C.gate_backward(logits, a, idx, prob, dw, *coef, None, E // 2, mod, 1.0,
+                                                       0.5)
 
         lg, ag = logits.clone().requires_grad_(), a.clone().requires_grad_()
         coef_t = torch.tensor(coef, device="cuda")

@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "device_utils.cuh"
@@ -180,6 +181,32 @@ TEST_CASE("gate device: two runs give the same bits") {
   const auto da2 = dev.ddifficulty.download();
   CHECK(std::memcmp(dz.data(), dz2.data(), dz.size() * sizeof(dz[0])) == 0);
   CHECK(std::memcmp(da.data(), da2.data(), da.size() * sizeof(da[0])) == 0);
+}
+
+TEST_CASE("gate device: loss coefficients read from device memory give the scalars' bits") {
+  mt::Rng rng(mt::fresh_seed());
+  for (double c_g : {0.01, 0.0}) {  // c_g = 0 through memory must still be exact (the mass pass runs)
+    CAPTURE(c_g);
+    mt::GateProblem g(rng, 777, 16, 8, 2, Modulation::standard);
+    g.c_g = c_g;
+    DeviceGate<__nv_bfloat16> dev(g);
+    REQUIRE(dev.forward() == Status::ok);
+    REQUIRE(dev.backward(g) == Status::ok);
+    const auto dz = dev.dlogits.download();
+    const auto da = dev.ddifficulty.download();
+    dev.dlogits.poison();
+    dev.ddifficulty.poison();
+    mt::DeviceBuffer<float> coefficients(std::vector<float>{float(g.c_z), float(g.c_lb), float(g.c_d), float(g.c_g)});
+    auto b = dev.bwd(g);
+    b.c_z = b.c_lb = b.c_d = b.c_g = std::nanf("");  // ignored when loss_grad is set
+    b.loss_grad = coefficients.get();
+    mt::MisalignedWorkspace ws(moxe::router::gate_backward_workspace_size(b));
+    REQUIRE(moxe::router::gate_backward(b, ws.get(), ws.bytes(), nullptr) == Status::ok);
+    const auto dz2 = dev.dlogits.download();
+    const auto da2 = dev.ddifficulty.download();
+    CHECK(std::memcmp(dz.data(), dz2.data(), dz.size() * sizeof(dz[0])) == 0);
+    CHECK(std::memcmp(da.data(), da2.data(), da.size() * sizeof(da[0])) == 0);
+  }
 }
 
 TEST_CASE("gate device: strided logits with the difficulty column in the same matrix") {

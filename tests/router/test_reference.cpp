@@ -177,6 +177,25 @@ TEST_CASE("gate reference backward equals finite differences: large E, extreme g
   check_gate_gradient(rng, 3, 1, 1, 1, Modulation::proportional, true, 10);
 }
 
+TEST_CASE("gate reference: loss coefficients from memory replace the scalars") {
+  mt::Rng rng(mt::fresh_seed());
+  for (double c_g : {0.01, 0.0}) {
+    CAPTURE(c_g);
+    mt::GateProblem g(rng, 9, 8, 4, 2, Modulation::standard);
+    g.c_g = c_g;
+    REQUIRE(g.forward() == Status::ok);
+    std::vector<double> dz(g.logits.size()), da(std::size_t(g.dims.tokens)), dz2(dz.size()), da2(da.size());
+    REQUIRE(rr::gate_backward(g.backward_params(dz, da)) == Status::ok);
+    const double coefficients[4] = {g.c_z, g.c_lb, g.c_d, g.c_g};
+    auto b = g.backward_params(dz2, da2);
+    b.c_z = b.c_lb = b.c_d = b.c_g = std::nan("");  // ignored when loss_grad is set
+    b.loss_grad = coefficients;
+    REQUIRE(rr::gate_backward(b) == Status::ok);
+    CHECK(dz2 == dz);
+    CHECK(da2 == da);
+  }
+}
+
 TEST_CASE("gate reference rejects bad input and writes nothing") {
   mt::Rng rng(mt::fresh_seed());
   mt::GateProblem g(rng, 3, 8, 4, 2, Modulation::standard);

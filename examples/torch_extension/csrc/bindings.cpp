@@ -30,7 +30,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("top_k"), py::arg("modulation"), py::arg("gamma"), py::arg("tau"));
   m.def("gate_backward", &gate_backward, py::arg("logits"), py::arg("difficulty_logit"), py::arg("topk_idx"),
         py::arg("topk_prob"), py::arg("dweight"), py::arg("c_z"), py::arg("c_lb"), py::arg("c_d"), py::arg("c_g"),
-        py::arg("mlstm_experts"), py::arg("modulation"), py::arg("gamma"), py::arg("tau"));
+        py::arg("dlosses"), py::arg("mlstm_experts"), py::arg("modulation"), py::arg("gamma"), py::arg("tau"));
 
   m.def("routing_map", &routing_map, py::arg("topk_idx"), py::arg("experts"), py::arg("capacity"),
         py::arg("align"));

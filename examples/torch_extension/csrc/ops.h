@@ -60,11 +60,14 @@ std::vector<at::Tensor> gate_forward(const at::Tensor& logits, const OptTensor& 
                                      int64_t mlstm_experts, int64_t top_k, int64_t modulation, double gamma,
                                      double tau);
 
+// The loss coefficients: dlosses (float32 [4] on the device: the upstream gradient of
+// the losses, read by the kernel, no host sync) when given, else c_z, c_lb, c_d, c_g.
 // Returns dlogits [T, E] (contiguous) and ddifficulty_logit [T] (None without the head).
 std::vector<at::Tensor> gate_backward(const at::Tensor& logits, const OptTensor& difficulty_logit,
                                       const at::Tensor& topk_idx, const at::Tensor& topk_prob,
                                       const OptTensor& dweight, double c_z, double c_lb, double c_d, double c_g,
-                                      int64_t mlstm_experts, int64_t modulation, double gamma, double tau);
+                                      const OptTensor& dlosses, int64_t mlstm_experts, int64_t modulation,
+                                      double gamma, double tau);
 
 // ---- dispatch (moxe::dispatch) ------------------------------------------------------------
 // topk_idx [T, K] int32 (expert or -1). capacity -1: no limit. Returns row_map [T, K]

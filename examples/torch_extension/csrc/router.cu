@@ -94,13 +94,15 @@ std::vector<at::Tensor> gate_forward(const at::Tensor& logits, const OptTensor& 
 std::vector<at::Tensor> gate_backward(const at::Tensor& logits, const OptTensor& difficulty_logit,
                                       const at::Tensor& topk_idx, const at::Tensor& topk_prob,
                                       const OptTensor& dweight, double c_z, double c_lb, double c_d, double c_g,
-                                      int64_t mlstm_experts, int64_t modulation, double gamma, double tau) {
+                                      const OptTensor& dlosses, int64_t mlstm_experts, int64_t modulation,
+                                      double gamma, double tau) {
   const GateInputs g = check_gate_inputs(logits, difficulty_logit, mlstm_experts, modulation);
   TORCH_CHECK(topk_idx.dim() == 2, "topk_idx must be [T, K], got ", topk_idx.sizes());
   const int64_t top_k = topk_idx.size(1);
   check_tensor(topk_idx, "topk_idx", at::kInt, logits, {g.tokens, top_k});
   check_tensor(topk_prob, "topk_prob", at::kFloat, logits, {g.tokens, top_k});
   check_optional(dweight, "dweight", at::kFloat, logits, {g.tokens, top_k});
+  check_optional(dlosses, "dlosses", at::kFloat, logits, {4});
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor dlogits = at::empty({g.tokens, g.experts}, logits.options());
   at::Tensor ddifficulty = empty_if(difficulty_logit.has_value(), {g.tokens}, logits.options());
@@ -115,6 +117,7 @@ std::vector<at::Tensor> gate_backward(const at::Tensor& logits, const OptTensor&
     b.c_lb = static_cast<float>(c_lb);
     b.c_d = static_cast<float>(c_d);
     b.c_g = static_cast<float>(c_g);
+    b.loss_grad = ptr<const float>(dlosses);  // read on the device: no host sync
     b.dlogits = ptr<T>(dlogits);
     b.ddifficulty_logit = difficulty_logit.has_value() ? ptr<T>(ddifficulty) : nullptr;
     const Workspace ws = make_workspace(moxe::router::gate_backward_workspace_size(b), logits);

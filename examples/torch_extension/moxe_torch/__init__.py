@@ -205,8 +205,8 @@ class MoxEGate(torch.autograd.Function):
     """moxe::router::gate_forward / gate_backward: gradients reach the logits and the
     difficulty logit through topk_weight and the four losses.
 
-    The backward reads the four loss gradients to the host (the launcher takes them as
-    scalars): one small device-to-host copy when the losses are used, none otherwise.
+    The upstream gradient of the four losses stays on the device: the backward kernel reads
+    it as the loss coefficients (GateBackwardParams::loss_grad), so no host sync.
     """
 
     @staticmethod
@@ -224,10 +224,10 @@ class MoxEGate(torch.autograd.Function):
     def backward(ctx, dweight, dlosses, *unused):
         logits, difficulty_logit, topk_idx, topk_prob = ctx.saved_tensors
         mlstm_experts, modulation, gamma, tau = ctx.config
-        coefficients = [0.0] * 4 if dlosses is None else dlosses.detach().double().cpu().tolist()
+        dlosses = None if dlosses is None else dlosses.detach().float().contiguous()
         dlogits, ddifficulty = _C.gate_backward(
-            logits, difficulty_logit, topk_idx, topk_prob, _contiguous(dweight), *coefficients, mlstm_experts,
-            modulation, gamma, tau)
+            logits, difficulty_logit, topk_idx, topk_prob, _contiguous(dweight), 0.0, 0.0, 0.0, 0.0, dlosses,
+            mlstm_experts, modulation, gamma, tau)
         return dlogits, ddifficulty, None, None, None, None, None
 
 

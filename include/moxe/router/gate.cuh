@@ -381,7 +381,8 @@ __global__ void __launch_bounds__(kGateThreads)
   const float slots = static_cast<float>(T_) * static_cast<float>(K);
   const float inv_t = 1.f / static_cast<float>(T_);
   const float fe = static_cast<float>(E), ft = static_cast<float>(T_);
-  const auto sc = gate_backward_scalars(b.c_z, b.c_g, b.c_d, totals[E] * inv_t, totals[E + 1] * inv_t, T_);
+  const LossCoefficients<float> co = loss_coefficients(b);
+  const auto sc = gate_backward_scalars(co.c_z, co.c_g, co.c_d, totals[E] * inv_t, totals[E + 1] * inv_t, T_);
   const float inv_log = inv_log_experts<float>(E);
   const int64_t step = int64_t(gridDim.x) * kGateWarps * kGroups;
   const int64_t first = (int64_t(blockIdx.x) * kGateWarps + warp) * kGroups;
@@ -404,7 +405,7 @@ __global__ void __launch_bounds__(kGateThreads)
         const int e = idx_k[k];
         if (e < 0 || e >= E) continue;
         const float r = renorm_grad(dw_k != nullptr ? dw_k[k] : 0.f, w_dot, inv_total) +
-                        b.c_lb * loss::detail::load_balance_grad(totals[e] / slots, fe, slots);
+                        co.c_lb * loss::detail::load_balance_grad(totals[e] / slots, fe, slots);
         p_dot_gp += prob_k[k] * r;
         routed_signed += (e < Em ? prob_k[k] : -prob_k[k]) * r;
         if (k % kLanes == g.lane) routed[e] = r;
@@ -527,7 +528,7 @@ Status gate_backward(const GateBackwardParams<T, float>& b, void* workspace, std
   return detail::dispatch_row_shape(E, [&](auto shape) {
     using Shape = decltype(shape);
     detail::gate_batch_kernel<T, Shape::kLanes, Shape::kPerLane><<<s.blocks, detail::kGateThreads, 0, stream>>>(
-        b.fwd, row_stride, diff_step, b.c_g != 0.f, s.partials);
+        b.fwd, row_stride, diff_step, /*need_mass=*/b.loss_grad != nullptr || b.c_g != 0.f, s.partials);
     MOXE_RETURN_IF_ERROR(check_launch(stream));
     loss::detail::launch_column_sum<float>(s.partials, s.blocks, E + 2, s.totals, stream);
     const int grid = detail::token_grid(b.fwd.dims.tokens, detail::gate_tokens_per_block(E));

@@ -51,7 +51,25 @@ struct GateBackwardParams {
   Acc c_z = 0, c_lb = 0, c_d = 0, c_g = 0;
   T* dlogits = nullptr;           // [T, E] contiguous (row stride E), required
   T* ddifficulty_logit = nullptr; // [T] contiguous; required when fwd.difficulty_logit is set
+  /// [4] the coefficients (c_z, c_lb, c_d, c_g) in memory the kernels read (device memory
+  /// for the launchers, host memory for the reference); when set, it replaces the four
+  /// scalars. For autograd: the upstream gradient of the losses tensor stays on the device,
+  /// so the backward needs no host sync.
+  const Acc* loss_grad = nullptr;
 };
+
+/// The four coefficients of a gate backward: *loss_grad when given, else the scalars.
+/// (MOXE_HD: the kernels read them once each.)
+template <class Acc>
+struct LossCoefficients {
+  Acc c_z, c_lb, c_d, c_g;
+};
+
+template <class T, class Acc>
+MOXE_HD inline LossCoefficients<Acc> loss_coefficients(const GateBackwardParams<T, Acc>& b) {
+  if (b.loss_grad != nullptr) return {b.loss_grad[0], b.loss_grad[1], b.loss_grad[2], b.loss_grad[3]};
+  return {b.c_z, b.c_lb, b.c_d, b.c_g};
+}
 
 /// Row stride of the logits in elements.
 inline int64_t logits_row_stride(const GateDims& d, int64_t stride) { return stride > 0 ? stride : d.experts; }

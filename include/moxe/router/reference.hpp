@@ -151,13 +151,14 @@ Status gate_backward(const GateBackwardParams<T, Acc>& b) {
   const int64_t T_ = p.dims.tokens;
   const int E = p.dims.experts, Em = p.dims.mlstm_experts, K = p.dims.top_k;
   const bool head = p.difficulty_logit != nullptr;
+  const LossCoefficients<Acc> co = loss_coefficients(b);
   std::vector<Acc> z(E), load(E, Acc(0)), routed(E, Acc(0));
   // batch quantities: u_e from the saved top-k, P_m and P_s recomputed from the logits
   for (int64_t i = 0; i < T_ * K; ++i) load[p.topk_idx[i]] += p.topk_prob[i];
   const Acc slots = static_cast<Acc>(T_) * static_cast<Acc>(K);
   for (int e = 0; e < E; ++e) load[e] /= slots;
   Acc sum_m = 0, sum_s = 0;
-  if (b.c_g != Acc(0)) {
+  if (co.c_g != Acc(0)) {
     for (int64_t t = 0; t < T_; ++t) {
       const auto st = detail::token_state(p, t, z);
       sum_m += st.sm.mass_m;
@@ -165,7 +166,7 @@ Status gate_backward(const GateBackwardParams<T, Acc>& b) {
     }
   }
   const Acc inv_t = Acc(1) / static_cast<Acc>(T_);
-  const auto sc = rd::gate_backward_scalars(b.c_z, b.c_g, b.c_d, sum_m * inv_t, sum_s * inv_t, T_);
+  const auto sc = rd::gate_backward_scalars(co.c_z, co.c_g, co.c_d, sum_m * inv_t, sum_s * inv_t, T_);
   const Acc inv_log = rd::inv_log_experts<Acc>(E);
   for (int64_t t = 0; t < T_; ++t) {
     const auto st = detail::token_state(p, t, z);
@@ -180,7 +181,7 @@ Status gate_backward(const GateBackwardParams<T, Acc>& b) {
       const int e = idx_k[j];
       const Acc dw = b.dweight ? b.dweight[t * K + j] : Acc(0);
       const Acc r = rd::renorm_grad(dw, w_dot, inv_total) +
-                    b.c_lb * ld::load_balance_grad(load[e], static_cast<Acc>(E), slots);
+                    co.c_lb * ld::load_balance_grad(load[e], static_cast<Acc>(E), slots);
       routed[e] = r;
       p_dot_gp += prob_k[j] * r;
       routed_signed += (e < Em ? prob_k[j] : -prob_k[j]) * r;
