@@ -11,6 +11,7 @@
 
 #include "moxe/mlstm/chunkwise.cuh"
 #include "moxe/mlstm/reference.hpp"
+#include "moxe/mlstm/per_token.cuh"
 #include "moxe/mlstm/step.cuh"
 
 #include "moxe/slstm/reference.hpp"

@@ -1,0 +1,181 @@
+// Host tests of the per-token mLSTM (every position a length-1 sequence from the zero
+// state): its closed form against the recurrent reference at seq_len 1, forward and
+// backward, both branches of the stabiliser and of the normaliser, and its checks.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "moxe/mlstm/per_token.hpp"
+#include "moxe/mlstm/reference.hpp"
+#include "test_utils.hpp"
+
+namespace mlstm = moxe::mlstm;
+namespace mt = moxe::test;
+using moxe::Status;
+
+namespace {
+
+struct Case {
+  int64_t batch, heads, seq, dqk, dv;
+  int64_t rows() const { return batch * heads * seq; }
+};
+
+struct Data {
+  std::vector<double> q, k, v, ig, fg, dh;
+};
+
+/// Random inputs; `small_rows` rows get a tiny q, so that |n.q| < exp(-m) there (the
+/// normaliser's other branch); the gates span both branches of the stabiliser.
+Data draw(mt::Rng& rng, const Case& c) {
+  Data d;
+  d.q = mt::normal_vector<double>(rng, c.rows() * c.dqk);
+  d.k = mt::normal_vector<double>(rng, c.rows() * c.dqk);
+  d.v = mt::normal_vector<double>(rng, c.rows() * c.dv);
+  d.ig = mt::uniform_vector<double>(rng, c.rows(), -6.0, 4.0);
+  d.fg = mt::uniform_vector<double>(rng, c.rows(), -4.0, 6.0);
+  d.dh = mt::normal_vector<double>(rng, c.rows() * c.dv);
+  for (int64_t r = 0; r < c.rows(); r += 3)
+    for (int64_t j = 0; j < c.dqk; ++j) d.q[r * c.dqk + j] *= 1e-4;
+  return d;
+}
+
+mlstm::ForwardParams<double, double> params(const Case& c, Data& d, std::vector<double>& h) {
+  mlstm::ForwardParams<double, double> p{};
+  p.dims = mlstm::Dims{c.batch, c.heads, c.seq, c.dqk, c.dv};
+  p.q = d.q.data();
+  p.k = d.k.data();
+  p.v = d.v.data();
+  p.igate = d.ig.data();
+  p.fgate = d.fg.data();
+  p.h = h.data();
+  return p;
+}
+
+struct Grads {
+  std::vector<double> dq, dk, dv, di, df;
+  explicit Grads(const Case& c)
+      : dq(mt::poisoned<double>(c.rows() * c.dqk)),
+        dk(mt::poisoned<double>(c.rows() * c.dqk)),
+        dv(mt::poisoned<double>(c.rows() * c.dv)),
+        di(mt::poisoned<double>(c.rows())),
+        df(mt::poisoned<double>(c.rows())) {}
+  mlstm::BackwardParams<double, double> params(const mlstm::ForwardParams<double, double>& f, const Data& d) {
+    mlstm::BackwardParams<double, double> b{};
+    b.fwd = f;
+    b.dh = d.dh.data();
+    b.dq = dq.data();
+    b.dk = dk.data();
+    b.dv = dv.data();
+    b.digate = di.data();
+    b.dfgate = df.data();
+    return b;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("per-token mLSTM equals the recurrence at seq_len 1, forward and backward") {
+  mt::Rng rng(mt::fresh_seed());
+  const Case cases[] = {{1, 1, 1, 1, 1}, {2, 3, 5, 16, 16}, {3, 2, 4, 33, 40}, {1, 4, 7, 3, 5}, {2, 1, 9, 128, 64}};
+  for (const Case& c : cases) {
+    CAPTURE(c.rows());
+    CAPTURE(c.dqk);
+    CAPTURE(c.dv);
+    for (double qk_scale : {0.0, 0.3}) {
+      Data d = draw(rng, c);
+      std::vector<double> h = mt::poisoned<double>(c.rows() * c.dv), h_ref(h.size());
+      auto p = params(c, d, h);
+      p.qk_scale = qk_scale;
+      REQUIRE(mlstm::reference::per_token_forward(p) == Status::ok);
+      // the recurrent reference over the same memory seen as rows x (1 head, 1 step)
+      auto pr = p;
+      pr.dims = mlstm::Dims{c.rows(), 1, 1, c.dqk, c.dv};
+      pr.h = h_ref.data();
+      REQUIRE(mlstm::reference::forward(pr) == Status::ok);
+      CHECK(mt::rel_error(h, h_ref) < 1e-13);
+
+      Grads g(c), g_ref(c);
+      REQUIRE(mlstm::reference::per_token_backward(g.params(p, d)) == Status::ok);
+      REQUIRE(mlstm::reference::backward(g_ref.params(pr, d)) == Status::ok);
+      CHECK(mt::rel_error(g.dq, g_ref.dq) < 1e-12);
+      CHECK(mt::rel_error(g.dk, g_ref.dk) < 1e-12);
+      CHECK(mt::rel_error(g.dv, g_ref.dv) < 1e-12);
+      CHECK(mt::rel_error(g.di, g_ref.di) < 1e-12);
+      // dfgate reaches the gate through m only (the forget gate scales the zero state), and
+      // m cancels out of h except through eps and the exp(-m) floor: it is a difference of
+      // terms of the size of digate, so its rounding is measured on that scale.
+      double diff = 0, scale = 0;
+      for (std::size_t r = 0; r < g.df.size(); ++r) {
+        diff += (g.df[r] - g_ref.df[r]) * (g.df[r] - g_ref.df[r]);
+        scale += g_ref.df[r] * g_ref.df[r] + g_ref.di[r] * g_ref.di[r];
+      }
+      CHECK(std::sqrt(diff / scale) < 1e-13);
+    }
+  }
+}
+
+TEST_CASE("per-token mLSTM: both normaliser branches and both stabiliser branches occur") {
+  // the comparison above is only as strong as the branches it visits
+  mt::Rng rng(mt::fresh_seed());
+  const Case c{4, 2, 8, 16, 16};
+  const Data d = draw(rng, c);
+  int floor_branch = 0, dot_branch = 0, m_from_f = 0, m_from_i = 0;
+  for (int64_t r = 0; r < c.rows(); ++r) {
+    double s = 0;
+    for (int64_t j = 0; j < c.dqk; ++j) s += d.q[r * c.dqk + j] * d.k[r * c.dqk + j] / std::sqrt(double(c.dqk));
+    const auto f = mlstm::detail::per_token_scalars(d.ig[r], d.fg[r], s, 1e-6);
+    (std::fabs(f.nq) < std::exp(-f.gate.m) ? floor_branch : dot_branch)++;
+    (f.gate.m_from_decay ? m_from_f : m_from_i)++;
+  }
+  CHECK(floor_branch > 0);
+  CHECK(dot_branch > 0);
+  CHECK(m_from_f > 0);
+  CHECK(m_from_i > 0);
+}
+
+TEST_CASE("per-token mLSTM rejects states and segments, and bad arguments, writing nothing") {
+  mt::Rng rng(mt::fresh_seed());
+  const Case c{1, 2, 3, 4, 4};
+  Data d = draw(rng, c);
+  std::vector<double> h = mt::poisoned<double>(c.rows() * c.dv);
+  std::vector<double> state(c.heads * c.dqk * c.dv, 0.0), nstate(c.heads * c.dqk, 0.0), mstate(c.heads, 0.0);
+  const int64_t offsets[2] = {0, c.seq};
+  auto check_untouched = [&] {
+    for (double x : h) CHECK(std::isnan(x));
+  };
+  auto p = params(c, d, h);
+  auto with_init = p;
+  with_init.c_init = state.data();
+  with_init.n_init = nstate.data();
+  with_init.m_init = mstate.data();
+  CHECK(mlstm::reference::per_token_forward(with_init) == Status::unsupported);
+  auto with_last = p;
+  with_last.c_last = state.data();
+  with_last.n_last = nstate.data();
+  with_last.m_last = mstate.data();
+  CHECK(mlstm::reference::per_token_forward(with_last) == Status::unsupported);
+  auto with_segments = p;
+  with_segments.segment_offsets = offsets;
+  with_segments.num_segments = 1;
+  CHECK(mlstm::reference::per_token_forward(with_segments) == Status::unsupported);
+  auto no_h = p;
+  no_h.h = nullptr;
+  CHECK(mlstm::reference::per_token_forward(no_h) == Status::invalid_argument);
+  auto bad_dims = p;
+  bad_dims.dims.dqk = 0;
+  CHECK(mlstm::reference::per_token_forward(bad_dims) == Status::invalid_argument);
+  check_untouched();
+
+  Grads g(c);
+  auto b = g.params(p, d);
+  b.dc_last = state.data();
+  b.dn_last = nstate.data();
+  b.dm_last = mstate.data();
+  CHECK(mlstm::reference::per_token_backward(b) == Status::unsupported);
+  auto b2 = g.params(p, d);
+  b2.dq = nullptr;
+  CHECK(mlstm::reference::per_token_backward(b2) == Status::invalid_argument);
+  for (double x : g.dv) CHECK(std::isnan(x));
+}
