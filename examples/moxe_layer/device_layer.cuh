@@ -1,7 +1,7 @@
 // One MoxE layer (arXiv 2505.01459) on the DEVICE, forward and backward: the same layer as
 // layer_reference.hpp (read that first: this file follows it stage by stage), composed of
 // moxe's device launchers (slstm::sequence_forward/backward, mlstm::chunkwise_forward/
-// backward, router::gate_forward/backward, dispatch::routing_map / permute / unpermute and
+// backward and per_token_forward/backward, router::gate_forward/backward, dispatch::routing_map / permute / unpermute and
 // their backwards), cuBLAS for the dense projections, and the small kernels of
 // device_ops.cuh.
 //
@@ -41,6 +41,7 @@
 #include "moxe/dispatch/permute.cuh"
 #include "moxe/dispatch/routing_map.cuh"
 #include "moxe/mlstm/chunkwise.cuh"
+#include "moxe/mlstm/per_token.cuh"
 #include "moxe/router/gate.cuh"
 #include "moxe/slstm/sequence.cuh"
 
@@ -149,12 +150,6 @@ class DeviceLayer {
     if (host_segments_) cudaFreeHost(host_segments_);
   }
 
-  /// Rows of length-1 mLSTM sequences (per token) per chunkwise call: the chunkwise
-  /// workspace holds a DQK x (DV + 1) state per sequence and head, so one call over all
-  /// T * K rows would need tens of GiB (and arrays past 2^32 elements) at a real size. Set
-  /// before init() (the workspace is sized for it); main.cu's comparison makes it small so
-  /// that several slices run.
-  int64_t mlstm_slice_rows = 4096;
 
   /// Uploads the weights, allocates every buffer and workspace, and binds the layer to
   /// `stream` (its cuBLAS handle too).
@@ -215,54 +210,22 @@ class DeviceLayer {
     return ms * 1e-3;
   }
 
-  /// The mLSTM chunk size of a cell over sequences of `seq` tokens: length-1 sequences (per
-  /// token) take the smallest chunk, which shrinks the per-chunk score tiles of the workspace
-  /// (one chunk per sequence either way); longer sequences the launcher's default.
+  /// The chunk size of the chunkwise mLSTM cells (length-1 sequences take the per-token
+  /// path, which has no chunks).
   static int mlstm_chunk_size(int64_t seq) { return seq == 1 ? 16 : 64; }
 
-  /// chunkwise_forward, with length-1 sequences (batch-major [rows, NH, 1, D]) run in slices
-  /// of mlstm_slice_rows rows (see there).
+  /// The mLSTM cell: length-1 sequences from the zero state (per token) take the closed
+  /// form of mlstm::per_token_forward (no state per row, no workspace); longer sequences
+  /// and varlen segments the chunkwise path.
   Status mlstm_cell_forward(const moxe::mlstm::ForwardParams<T, float>& p) {
-    const int64_t rows = p.dims.batch, H = p.dims.heads, DQK = p.dims.dqk, DV = p.dims.dv;
-    if (p.num_segments > 0 || p.dims.seq_len != 1 || rows <= mlstm_slice_rows)
-      return moxe::mlstm::chunkwise_forward(p, workspace_, workspace_bytes_, stream_);
-    for (int64_t r0 = 0; r0 < rows; r0 += mlstm_slice_rows) {
-      moxe::mlstm::ForwardParams<T, float> s = p;
-      s.dims.batch = std::min(mlstm_slice_rows, rows - r0);
-      s.q = p.q + r0 * H * DQK;
-      s.k = p.k + r0 * H * DQK;
-      s.v = p.v + r0 * H * DV;
-      s.igate = p.igate + r0 * H;
-      s.fgate = p.fgate + r0 * H;
-      s.h = p.h + r0 * H * DV;
-      MOXE_RETURN_IF_ERROR(moxe::mlstm::chunkwise_forward(s, workspace_, workspace_bytes_, stream_));
-    }
-    return Status::ok;
+    if (p.num_segments == 0 && p.dims.seq_len == 1) return moxe::mlstm::per_token_forward(p, nullptr, 0, stream_);
+    return moxe::mlstm::chunkwise_forward(p, workspace_, workspace_bytes_, stream_);
   }
-  /// chunkwise_backward, sliced as mlstm_cell_forward.
+  /// The backward of mlstm_cell_forward, on the same path.
   Status mlstm_cell_backward(const moxe::mlstm::BackwardParams<T, float>& b) {
-    const moxe::mlstm::ForwardParams<T, float>& p = b.fwd;
-    const int64_t rows = p.dims.batch, H = p.dims.heads, DQK = p.dims.dqk, DV = p.dims.dv;
-    if (p.num_segments > 0 || p.dims.seq_len != 1 || rows <= mlstm_slice_rows)
-      return moxe::mlstm::chunkwise_backward(b, workspace_, workspace_bytes_, stream_);
-    for (int64_t r0 = 0; r0 < rows; r0 += mlstm_slice_rows) {
-      moxe::mlstm::BackwardParams<T, float> s = b;
-      s.fwd.dims.batch = std::min(mlstm_slice_rows, rows - r0);
-      s.fwd.q = p.q + r0 * H * DQK;
-      s.fwd.k = p.k + r0 * H * DQK;
-      s.fwd.v = p.v + r0 * H * DV;
-      s.fwd.igate = p.igate + r0 * H;
-      s.fwd.fgate = p.fgate + r0 * H;
-      s.fwd.h = p.h == nullptr ? nullptr : p.h + r0 * H * DV;
-      s.dh = b.dh + r0 * H * DV;
-      s.dq = b.dq + r0 * H * DQK;
-      s.dk = b.dk + r0 * H * DQK;
-      s.dv = b.dv + r0 * H * DV;
-      s.digate = b.digate + r0 * H;
-      s.dfgate = b.dfgate + r0 * H;
-      MOXE_RETURN_IF_ERROR(moxe::mlstm::chunkwise_backward(s, workspace_, workspace_bytes_, stream_));
-    }
-    return Status::ok;
+    if (b.fwd.num_segments == 0 && b.fwd.dims.seq_len == 1)
+      return moxe::mlstm::per_token_backward(b, nullptr, 0, stream_);
+    return moxe::mlstm::chunkwise_backward(b, workspace_, workspace_bytes_, stream_);
   }
 
   // the cells' parameters (the forward and the backward use the same)
@@ -581,12 +544,11 @@ Status DeviceLayer<T>::init(const LayerConfig& c, const LayerWeights& w, cudaStr
 
   // One workspace, the largest any launcher asks for. The cells' sizes depend on the
   // routing (rows per expert), so they are asked at their bounds, in this expert mode only:
-  // per token, every expert row as a length-1 sequence (mLSTM: slices of mlstm_slice_rows;
-  // sLSTM: a batch of every row) and the shared experts' T length-1 sequences; stateful, every expert row in
-  // one varlen mLSTM call, an sLSTM batch of B runs of at most S, and the shared experts'
-  // B sequences of S. (Per token the mLSTM workspace is the big one: a state per row.)
+  // per token, every expert row as a length-1 sequence (mLSTM: the per-token closed form,
+  // no workspace; sLSTM: a batch of every row) and the shared experts' T length-1
+  // sequences; stateful, every expert row in one varlen mLSTM call, an sLSTM batch of B runs
+  // of at most S, and the shared experts' B sequences of S.
   const bool stateful = c.expert_mode == ExpertMode::stateful;
-  MOXE_REQUIRE(mlstm_slice_rows > 0);
   std::size_t ws = 0;
   auto need = [&ws](std::size_t bytes) { ws = std::max(ws, bytes); };
   {
@@ -604,10 +566,6 @@ Status DeviceLayer<T>::init(const LayerConfig& c, const LayerWeights& w, cudaStr
     if (stateful) {
       need_mlstm(moxe::mlstm::Dims{1, NH, R, c.head_dim(), c.head_dim()}, Em * B);
       need_mlstm(moxe::mlstm::Dims{B, NH, S, c.head_dim(), c.head_dim()}, 0);
-    } else {
-      // at most mlstm_slice_rows length-1 sequences per call (mlstm_cell_forward)
-      const int64_t slice = std::min(std::max(R, T_), mlstm_slice_rows);
-      need_mlstm(moxe::mlstm::Dims{slice, NH, 1, c.head_dim(), c.head_dim()}, 0);
     }
   }
   {
@@ -795,8 +753,8 @@ Status DeviceLayer<T>::dispatch() {
 ///   mLSTM expert  ye = xe + W_down MHNorm(mLSTM(W_qkv LN(xe), W_g LN(xe) + b_g))
 ///   sLSTM expert  ye = xe + W_down MHNorm(sLSTM(W_x LN(xe)))
 /// The mLSTM cell has no weights of its own, so all mLSTM experts' rows (the first
-/// expert_offsets[E/2] rows) run through one chunkwise call: per token as that many
-/// sequences of length 1 (in slices of mlstm_slice_rows rows), stateful as one varlen
+/// expert_offsets[E/2] rows) run through one call: per token mlstm::per_token_forward
+/// (each row a length-1 sequence from the zero state), stateful one chunkwise varlen
 /// sequence with a segment per (expert, batch sequence). Each sLSTM expert has its own
 /// recurrent weights r: one call per expert, per token as a batch of n length-1 sequences
 /// (the token rows are already the sLSTM layout), stateful as a [longest run, B] batch

@@ -134,7 +134,6 @@ int compare(ExpertMode mode, cudaStream_t stream, int shared_experts = 0,
   if (!ok(moxe_layer::backward(c, w, host, dy, host_dx, host_grads), "host backward")) return 1;
 
   DeviceLayer<float> layer;
-  layer.mlstm_slice_rows = 24;  // per token, several length-1 mLSTM slices (the last one partial)
   if (!ok(layer.init(c, w, stream), "device init") || !upload(x, layer.x())) return 1;
   if (!ok(layer.forward(), "device forward") || !ok(cudaStreamSynchronize(stream), "device forward")) return 1;
 
