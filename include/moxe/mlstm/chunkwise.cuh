@@ -55,13 +55,31 @@ __global__ void __launch_bounds__(kChunkwiseThreads)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) phase(i);
 }
 
+/// Whether F is a long sequential loop per index (F::kSequentialPhase): the gate scan and
+/// the stabiliser's gradient recurrence, one (unit, head) per index, thousands of dependent
+/// steps each over rows no other index touches.
+template <class F, class = void>
+struct is_sequential_phase : std::false_type {};
+template <class F>
+struct is_sequential_phase<F, std::void_t<decltype(F::kSequentialPhase)>>
+    : std::integral_constant<bool, F::kSequentialPhase> {};
+
+/// Sequential phases have few indices (U * NH: 128 at B = 8, NH = 16); packed 256 to a
+/// block they would share one multiprocessor, whose load/store unit then serves every
+/// thread's scattered rows in turn. One index per block (up to kSequentialSpread indices;
+/// a block of one thread still takes a warp slot) spreads them over the multiprocessors,
+/// so each runs its chain alone; more indices than that go 32 to a block.
+inline constexpr int64_t kSequentialSpread = 4096;
+
 template <class F>
 Status launch_phase(const F& phase, cudaStream_t stream) {
   const int64_t n = phase.size();
   if (n <= 0) return Status::ok;
-  int64_t blocks = ceil_div<int64_t>(n, kChunkwiseThreads);
+  int threads = kChunkwiseThreads;
+  if constexpr (is_sequential_phase<F>::value) threads = n <= kSequentialSpread ? 1 : kWarpSizeForTiles;
+  int64_t blocks = ceil_div<int64_t>(n, threads);
   if (blocks > kMaxChunkwiseBlocks) blocks = kMaxChunkwiseBlocks;
-  chunkwise_phase_kernel<F><<<static_cast<unsigned>(blocks), kChunkwiseThreads, 0, stream>>>(phase, n);
+  chunkwise_phase_kernel<F><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(phase, n);
   return check_launch(stream);
 }
 

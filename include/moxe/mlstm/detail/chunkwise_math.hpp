@@ -34,7 +34,7 @@ inline constexpr int kMinChunkSize = 16;
 inline constexpr int kMaxChunkSize = 128;
 inline constexpr int kChunkSizeMultiple = 16;
 inline constexpr int kDecayGradParts = 64;  // partial sums per chunk of <dC'_next, C'_prev>
-inline constexpr int kScanBatch = 8;        // gate loads issued together by the gate scan
+inline constexpr int kScanBatch = 16;       // gate loads issued together by the gate scan
 
 MOXE_HD inline bool chunk_size_valid(int chunk_size) {
   return chunk_size >= kMinChunkSize && chunk_size <= kMaxChunkSize &&
@@ -357,6 +357,7 @@ struct BuildChunkTable {
 /// written when given.
 template <class T, class A>
 struct ScanGates {
+  static constexpr bool kSequentialPhase = true;  // launched one index per block (chunkwise.cuh)
   ChunkProblem<T, A> p;
   A* m_last;
   MOXE_HD int64_t size() const { return p.units * p.heads; }
@@ -378,10 +379,12 @@ struct ScanGates {
         // overlap instead of each step waiting for its own
         const int n = len - j0 < kScanBatch ? len - j0 : kScanBatch;
         A ig[kScanBatch], fg[kScanBatch];
+        MOXE_PRAGMA_UNROLL
         for (int t = 0; t < kScanBatch; ++t) {
           ig[t] = t < n ? load_acc<A>(p.igate[row0 + j0 + t]) : A(0);
           fg[t] = t < n ? load_acc<A>(p.fgate[row0 + j0 + t]) : A(0);
         }
+        MOXE_PRAGMA_UNROLL
         for (int t = 0; t < kScanBatch; ++t) {
           if (t >= n) break;
           const int64_t r = row0 + j0 + t;
@@ -842,6 +845,7 @@ struct ChunkGateGradLocal : ChunkBackwardBase<T, A> {
 /// dm_next of each chunk, and dm_init.
 template <class T, class A>
 struct ChunkStabiliserGradRecurrence : ChunkBackwardBase<T, A> {
+  static constexpr bool kSequentialPhase = true;
   MOXE_HD int64_t size() const { return this->p.units * this->p.heads; }
   MOXE_HD void operator()(int64_t slot) const {
     const ChunkProblem<T, A>& p = this->p;
