@@ -37,7 +37,13 @@
 #define MOXE_RESTRICT
 #endif
 
+// Full unrolling where the compiler has the pragma (nvcc, clang); plain C++ compilers of
+// the host headers (g++) get nothing rather than an unknown-pragma warning.
+#if defined(__CUDACC__) || defined(__clang__)
 #define MOXE_PRAGMA_UNROLL _Pragma("unroll")
+#else
+#define MOXE_PRAGMA_UNROLL
+#endif
 
 namespace moxe {
 

@@ -10,7 +10,8 @@
 // the chunkwise and recurrent paths compute at seq_len 1, without a DQK x DV state per
 // position: two dot products and a scale. Backward: the exact gradient through every path
 // (both max branches and eps, ties as the recurrence takes them), from the scalar pieces
-// the recurrence itself uses (detail/cell.hpp).
+// the recurrence itself uses (detail/cell.hpp); on the |n.q| branch of the normaliser the
+// gradient of n.q is the small eps / den^2, computed as such rather than as a difference.
 //
 // This header: the shared scalars, the checks, and the host implementation
 // reference::per_token_forward / per_token_backward (any T, Acc). per_token.cuh: the device.
@@ -60,13 +61,23 @@ struct PerTokenGrad {
 template <class A>
 MOXE_HD MOXE_FORCEINLINE PerTokenGrad<A> per_token_grad(A igate, A fgate, A s, A g, A eps) {
   const PerTokenScalars<A> f = per_token_scalars(igate, fgate, s, eps);
-  // h = nq v / den: through the numerator dnq = g / den; through the denominator
-  // dden = -(nq g) / den^2, then the normaliser's branch (|nq| or exp(-m)).
-  const A dden = -(f.nq * g) / (f.den * f.den);
-  const NormaliserGrad<A> ng = normaliser_backward(f.nq, f.gate.m, dden);
-  const A dnq = g / f.den + ng.ddot;
+  // h = nq v / den, den = max(|nq|, exp(-m)) + eps; the branch is normaliser_backward's.
+  //   |nq| branch:   dh/dnq = v (den - |nq|) / den^2 = v eps / den^2. Written so, not as
+  //                  the difference g / den - |nq| g / den^2 of two nearly equal terms
+  //                  (which loses |nq| / eps of relative precision).
+  //   exp(-m) branch: dh/dnq = v / den, and m moves the floor: dm = nq g exp(-m) / den^2.
+  const A floor = math::exp(-f.gate.m);
+  const A inv_den2 = A(1) / (f.den * f.den);
+  A dnq, dm;
+  if (!(math::abs(f.nq) < floor)) {
+    dnq = g * eps * inv_den2;
+    dm = A(0);
+  } else {
+    dnq = g / f.den;
+    dm = f.nq * g * floor * inv_den2;
+  }
   // nq = a s: a is the gate's i_scale; f_scale multiplies the zero states (no gradient)
-  const GateGrad<A> gg = gate_step_backward(fgate, f.gate, A(0), dnq * s, ng.dm);
+  const GateGrad<A> gg = gate_step_backward(fgate, f.gate, A(0), dnq * s, dm);
   PerTokenGrad<A> r;
   r.h_scale = f.h_scale;
   r.ds = dnq * f.gate.i_scale;
