@@ -37,9 +37,10 @@
 #define MOXE_RESTRICT
 #endif
 
-// Full unrolling where the compiler has the pragma (nvcc, clang); plain C++ compilers of
-// the host headers (g++) get nothing rather than an unknown-pragma warning.
-#if defined(__CUDACC__) || defined(__clang__)
+// Full unrolling in device code (nvcc's device pass) and under clang; host compilers
+// without the pragma (g++, also as nvcc's host pass over MOXE_HD code) get nothing rather
+// than an unknown-pragma warning.
+#if defined(__CUDA_ARCH__) || defined(__clang__)
 #define MOXE_PRAGMA_UNROLL _Pragma("unroll")
 #else
 #define MOXE_PRAGMA_UNROLL
