@@ -86,6 +86,22 @@ Status launch_phase(const F& phase, cudaStream_t stream) {
 inline constexpr int kTileWarps = 4;  // one 16 x 16 output tile per warp
 inline constexpr int kTileThreads = kTileWarps * kWarpSizeForTiles;
 
+/// Which index of an operand is the contiguous one in memory (detail/chunkwise_math.hpp:
+/// Op::kAContiguousX, Op::kBContiguousZ; absent: false). A(x, z) is staged with the lanes
+/// along z, B(z, y) along y, unless the op says the other index is contiguous: then the
+/// lanes run along that one, so that a warp's loads touch two runs of 16 consecutive
+/// elements instead of 16 rows.
+template <class Op, class = void>
+struct a_contiguous_x : std::false_type {};
+template <class Op>
+struct a_contiguous_x<Op, std::void_t<decltype(Op::kAContiguousX)>>
+    : std::integral_constant<bool, Op::kAContiguousX> {};
+template <class Op, class = void>
+struct b_contiguous_z : std::false_type {};
+template <class Op>
+struct b_contiguous_z<Op, std::void_t<decltype(Op::kBContiguousZ)>>
+    : std::integral_constant<bool, Op::kBContiguousZ> {};
+
 /// The device's tile engine (see "tile products" in detail/chunkwise_math.hpp): each warp
 /// computes 16 x 16 output tiles of `op`, staging 16-deep slices of both operands in
 /// shared memory through the op's accessors. kTensorCores: tensor-core MMAs with fp32
@@ -95,7 +111,11 @@ template <class Op, bool kTensorCores>
 __global__ void __launch_bounds__(kTileThreads)
     chunkwise_tile_kernel(const __grid_constant__ Op op, int64_t tiles_per_item, int64_t tiles_n,
                           int64_t total_tiles) {
-  constexpr int kLd = kTensorCores ? kTile : kTile + 1;  // WMMA needs ldm % 4 == 0; FMA avoids conflicts
+  // Row pitch of the staged tiles: WMMA needs ldm % 4 == 0 (20: a warp writing down a
+  // column touches 16 rows in 8 banks, 2-way, rather than 2 banks at a pitch of 16); the
+  // FMA path reads rows and columns, 17 keeps both conflict-free.
+  constexpr int kLd = kTensorCores ? kTile + 4 : kTile + 1;
+  constexpr bool kAX = a_contiguous_x<Op>::value, kBZ = b_contiguous_z<Op>::value;
   __shared__ __align__(32) float a_stage[kTileWarps][kTile * kLd];
   __shared__ __align__(32) float b_stage[kTileWarps][kTile * kLd];
   const int warp = static_cast<int>(threadIdx.x) / kWarpSizeForTiles;
@@ -110,11 +130,15 @@ __global__ void __launch_bounds__(kTileThreads)
     const int64_t rows = op.rows(it), cols = op.cols(it), depth = op.depth(it);
     if (x0 >= rows || y0 >= cols) continue;  // uniform across the warp
 
+    // a_tile[r][c] = A(x0 + r, z0 + c), b_tile[r][c] = B(z0 + r, y0 + c); idx % 16 (the
+    // fast-moving lane index) runs along each operand's contiguous index
     auto stage = [&](int64_t z0) {
       for (int idx = lane; idx < kTile * kTile; idx += kWarpSizeForTiles) {
-        const int r = idx / kTile, c = idx % kTile;
-        a_tile[r * kLd + c] = (x0 + r < rows && z0 + c < depth) ? op.a(it, x0 + r, z0 + c) : 0.f;
-        b_tile[r * kLd + c] = (z0 + r < depth && y0 + c < cols) ? op.b(it, z0 + r, y0 + c) : 0.f;
+        const int hi = idx / kTile, lo = idx % kTile;
+        const int ar = kAX ? lo : hi, ac = kAX ? hi : lo;
+        const int br = kBZ ? lo : hi, bc = kBZ ? hi : lo;
+        a_tile[ar * kLd + ac] = (x0 + ar < rows && z0 + ac < depth) ? op.a(it, x0 + ar, z0 + ac) : 0.f;
+        b_tile[br * kLd + bc] = (z0 + br < depth && y0 + bc < cols) ? op.b(it, z0 + br, y0 + bc) : 0.f;
       }
     };
 

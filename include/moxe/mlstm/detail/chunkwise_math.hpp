@@ -889,6 +889,8 @@ struct ChunkGateGradFinal : ChunkBackwardBase<T, A> {
 // The device computes each 16 x 16 output tile with one warp (operands staged in shared
 // memory 16 deep; tensor cores (TF32) for half and bf16 inputs, fp32 FMA for float inputs);
 // the host (run_tile_product_host) stages and sums the same tiles in the same z order.
+// kAContiguousX / kBContiguousZ (optional, default false) tell the device's staging which
+// index of A(x, z) / B(z, y) is contiguous in memory; they change no value.
 // Concatenated products (two sums in one) pad the first part of z to a multiple of kTile.
 
 inline constexpr int kTile = 16;
@@ -917,6 +919,7 @@ struct TileGradOpBase : TileOpBase<T, A> {
 /// Each chunk's own state: sum_s (E_s k_s) v'_s^T  -> state [DQK][DV+1].
 template <class T, class A>
 struct StateLocalOp : TileOpBase<T, A> {
+  static constexpr bool kAContiguousX = true;  // A(d, s) = E_s k_s[d]
   MOXE_HD int64_t max_rows() const { return this->p.dqk; }
   MOXE_HD int64_t max_cols() const { return this->p.state_cols(); }
   MOXE_HD int64_t rows(const ChunkItem& it) const { return it.len > 0 ? this->p.dqk : 0; }
@@ -935,6 +938,7 @@ struct StateLocalOp : TileOpBase<T, A> {
 /// P_js = (qs_j . k_s) D_js, s <= j (0 above the diagonal).
 template <class T, class A>
 struct ScoresOp : TileOpBase<T, A> {
+  static constexpr bool kBContiguousZ = true;  // B(d, s) = k_s[d]
   MOXE_HD int64_t max_rows() const { return this->p.chunk_size; }
   MOXE_HD int64_t max_cols() const { return this->p.chunk_size; }
   MOXE_HD int64_t rows(const ChunkItem& it) const { return it.len; }
@@ -1015,6 +1019,7 @@ struct NumIntraOp : TileGradOpBase<T, A> {
 /// Each chunk's own share of dC'_prev: sum_j (w_j qs_j) dnum'_j^T  -> dstate [DQK][DV+1].
 template <class T, class A>
 struct DStateLocalOp : TileGradOpBase<T, A> {
+  static constexpr bool kAContiguousX = true;  // A(d, j) = w_j qs_j[d]
   MOXE_HD int64_t max_rows() const { return this->p.dqk; }
   MOXE_HD int64_t max_cols() const { return this->p.state_cols(); }
   MOXE_HD int64_t rows(const ChunkItem& it) const { return it.len > 0 ? this->p.dqk : 0; }
@@ -1033,6 +1038,7 @@ struct DStateLocalOp : TileGradOpBase<T, A> {
 /// dP_js = dnum'_j . v'_s; dS = dP D, dlogD = dP P (0 above the diagonal).
 template <class T, class A>
 struct DScoresOp : TileGradOpBase<T, A> {
+  static constexpr bool kBContiguousZ = true;  // B(e, s) = v'_s[e]
   MOXE_HD int64_t max_rows() const { return this->p.chunk_size; }
   MOXE_HD int64_t max_cols() const { return this->p.chunk_size; }
   MOXE_HD int64_t rows(const ChunkItem& it) const { return it.len; }
@@ -1056,6 +1062,7 @@ struct DScoresOp : TileGradOpBase<T, A> {
 /// dq_j = scale (w_j C'_prev dnum'_j + sum_s dS_js k_s): z = [e (padded) | s].
 template <class T, class A>
 struct DQOp : TileGradOpBase<T, A> {
+  static constexpr bool kBContiguousZ = true;  // B(e, d) = C'_prev[d][e] (most of z; k_s[d] for the rest)
   MOXE_HD int64_t max_rows() const { return this->p.chunk_size; }
   MOXE_HD int64_t max_cols() const { return this->p.dqk; }
   MOXE_HD int64_t rows(const ChunkItem& it) const { return it.len; }
@@ -1085,6 +1092,7 @@ struct DQOp : TileGradOpBase<T, A> {
 /// dcv_s = dC'_next v'_s  -> [rows][DQK] (the state part of dk, before E_s).
 template <class T, class A>
 struct DCVOp : TileGradOpBase<T, A> {
+  static constexpr bool kBContiguousZ = true;  // B(e, d) = dC'_next[d][e]
   MOXE_HD int64_t max_rows() const { return this->p.chunk_size; }
   MOXE_HD int64_t max_cols() const { return this->p.dqk; }
   MOXE_HD int64_t rows(const ChunkItem& it) const { return it.len; }
@@ -1102,6 +1110,7 @@ struct DCVOp : TileGradOpBase<T, A> {
 /// dk_s = sum_j dS_js qs_j + E_s dcv_s.
 template <class T, class A>
 struct DKOp : TileGradOpBase<T, A> {
+  static constexpr bool kAContiguousX = true;  // A(s, j) = dS[j][s]
   MOXE_HD int64_t max_rows() const { return this->p.chunk_size; }
   MOXE_HD int64_t max_cols() const { return this->p.dqk; }
   MOXE_HD int64_t rows(const ChunkItem& it) const { return it.len; }
