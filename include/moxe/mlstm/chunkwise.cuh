@@ -116,6 +116,7 @@ __global__ void __launch_bounds__(kTileThreads)
   // FMA path reads rows and columns, 17 keeps both conflict-free.
   constexpr int kLd = kTensorCores ? kTile + 4 : kTile + 1;
   constexpr bool kAX = a_contiguous_x<Op>::value, kBZ = b_contiguous_z<Op>::value;
+  constexpr bool kAExact = a_exact_tf32<Op>::value, kBExact = b_exact_tf32<Op>::value;
   __shared__ __align__(32) float a_stage[kTileWarps][kTile * kLd];
   __shared__ __align__(32) float b_stage[kTileWarps][kTile * kLd];
   const int warp = static_cast<int>(threadIdx.x) / kWarpSizeForTiles;
@@ -156,20 +157,22 @@ __global__ void __launch_bounds__(kTileThreads)
           // such products and would not survive plain TF32's 2^-11).
           wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa_hi, fa_lo;
           wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fb_hi, fb_lo;
+          // An operand exact in TF32 (kAExact / kBExact) has a zero low part: its split and
+          // the product with it are skipped (the same sum: the skipped products are zeros).
           wmma::load_matrix_sync(fa_hi, a_tile + kk, kLd);        // rows x, columns z = kk..kk+7
           wmma::load_matrix_sync(fb_hi, b_tile + kk * kLd, kLd);  // rows z = kk..kk+7, columns y
           for (int i = 0; i < fa_hi.num_elements; ++i) {
             const float x = fa_hi.x[i], hi = wmma::__float_to_tf32(x);
             fa_hi.x[i] = hi;
-            fa_lo.x[i] = wmma::__float_to_tf32(x - hi);
+            if constexpr (!kAExact) fa_lo.x[i] = wmma::__float_to_tf32(x - hi);
           }
           for (int i = 0; i < fb_hi.num_elements; ++i) {
             const float x = fb_hi.x[i], hi = wmma::__float_to_tf32(x);
             fb_hi.x[i] = hi;
-            fb_lo.x[i] = wmma::__float_to_tf32(x - hi);
+            if constexpr (!kBExact) fb_lo.x[i] = wmma::__float_to_tf32(x - hi);
           }
-          wmma::mma_sync(acc, fa_hi, fb_lo, acc);
-          wmma::mma_sync(acc, fa_lo, fb_hi, acc);
+          if constexpr (!kBExact) wmma::mma_sync(acc, fa_hi, fb_lo, acc);
+          if constexpr (!kAExact) wmma::mma_sync(acc, fa_lo, fb_hi, acc);
           wmma::mma_sync(acc, fa_hi, fb_hi, acc);
         }
         __syncwarp();

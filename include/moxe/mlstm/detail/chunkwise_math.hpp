@@ -232,6 +232,7 @@ struct ChunkProblem {
   MOXE_HD const A* dscores_of(int64_t khi) const { return ws.dscores + khi * chunk_size * chunk_size; }
 
   MOXE_HD A qs(int64_t r, int64_t d) const { return load_acc<A>(q[r * dqk + d]) * scale; }
+  MOXE_HD A query(int64_t r, int64_t d) const { return load_acc<A>(q[r * dqk + d]); }  ///< q unscaled
   MOXE_HD A key(int64_t r, int64_t d) const { return load_acc<A>(k[r * dqk + d]); }
   /// v' = [v | 1]
   MOXE_HD A value_aug(int64_t r, int64_t e) const { return e < dv ? load_acc<A>(v[r * dv + e]) : A(1); }
@@ -473,7 +474,7 @@ struct ChunkStateRecurrence {
 };
 
 /// Per-element variant (MOXE_MLSTM_CHUNKWISE_SIMPLE) of ScoresOp.
-/// [index space K*NH*L*L]: P_js = (qs_j . k_s) D_js for s <= j < len, 0 elsewhere.
+/// [index space K*NH*L*L]: P_js = (q_j . k_s) scale D_js for s <= j < len, 0 elsewhere.
 template <class T, class A>
 struct ChunkScores {
   ChunkProblem<T, A> p;
@@ -486,8 +487,8 @@ struct ChunkScores {
     if (j < len && s <= j) {
       const int64_t rj = p.row(c, h, j), rs = p.row(c, h, s);
       A dot = A(0);
-      for (int64_t d = 0; d < p.dqk; ++d) dot += p.qs(rj, d) * p.key(rs, d);
-      out = dot * p.intra_weight(rj, rs);
+      for (int64_t d = 0; d < p.dqk; ++d) dot += p.query(rj, d) * p.key(rs, d);
+      out = dot * p.scale * p.intra_weight(rj, rs);  // as ScoresOp
     }
     p.ws.scores[i] = out;
   }
@@ -891,6 +892,10 @@ struct ChunkGateGradFinal : ChunkBackwardBase<T, A> {
 // the host (run_tile_product_host) stages and sums the same tiles in the same z order.
 // kAContiguousX / kBContiguousZ (optional, default false) tell the device's staging which
 // index of A(x, z) / B(z, y) is contiguous in memory; they change no value.
+// kAExactTF32 / kBExactTF32 (optional, default false): every value of that operand is an
+// input element as given (half and bf16 values are exact in TF32), so the device's 3xTF32
+// split has a zero low part there and skips its product (adding exact zeros changes no
+// value).
 // Concatenated products (two sums in one) pad the first part of z to a multiple of kTile.
 
 inline constexpr int kTile = 16;
@@ -920,6 +925,7 @@ struct TileGradOpBase : TileOpBase<T, A> {
 template <class T, class A>
 struct StateLocalOp : TileOpBase<T, A> {
   static constexpr bool kAContiguousX = true;  // A(d, s) = E_s k_s[d]
+  static constexpr bool kBExactTF32 = true;    // B = v' (inputs, and the ones column)
   MOXE_HD int64_t max_rows() const { return this->p.dqk; }
   MOXE_HD int64_t max_cols() const { return this->p.state_cols(); }
   MOXE_HD int64_t rows(const ChunkItem& it) const { return it.len > 0 ? this->p.dqk : 0; }
@@ -935,19 +941,21 @@ struct StateLocalOp : TileOpBase<T, A> {
   }
 };
 
-/// P_js = (qs_j . k_s) D_js, s <= j (0 above the diagonal).
+/// P_js = (q_j . k_s) scale D_js, s <= j (0 above the diagonal): the scale is applied to the
+/// dot product, so both operands are inputs as given (exact in TF32: one MMA, not three).
 template <class T, class A>
 struct ScoresOp : TileOpBase<T, A> {
   static constexpr bool kBContiguousZ = true;  // B(d, s) = k_s[d]
+  static constexpr bool kAExactTF32 = true, kBExactTF32 = true;
   MOXE_HD int64_t max_rows() const { return this->p.chunk_size; }
   MOXE_HD int64_t max_cols() const { return this->p.chunk_size; }
   MOXE_HD int64_t rows(const ChunkItem& it) const { return it.len; }
   MOXE_HD int64_t cols(const ChunkItem& it) const { return it.len; }
   MOXE_HD int64_t depth(const ChunkItem&) const { return this->p.dqk; }
-  MOXE_HD A a(const ChunkItem& it, int64_t j, int64_t d) const { return this->p.qs(it.row0 + j, d); }
+  MOXE_HD A a(const ChunkItem& it, int64_t j, int64_t d) const { return this->p.query(it.row0 + j, d); }
   MOXE_HD A b(const ChunkItem& it, int64_t d, int64_t s) const { return this->p.key(it.row0 + s, d); }
   MOXE_HD void epilogue(const ChunkItem& it, int64_t j, int64_t s, A acc) const {
-    const A out = s <= j ? acc * this->p.intra_weight(it.row0 + j, it.row0 + s) : A(0);
+    const A out = s <= j ? acc * this->p.scale * this->p.intra_weight(it.row0 + j, it.row0 + s) : A(0);
     this->p.ws.scores[it.khi * this->p.chunk_size * this->p.chunk_size + j * this->p.chunk_size + s] = out;
   }
 };
@@ -1002,6 +1010,7 @@ struct NumInterOp : TileGradOpBase<T, A> {
 /// num_intra = sum_s P_js v'_s  -> [rows][DV+1]
 template <class T, class A>
 struct NumIntraOp : TileGradOpBase<T, A> {
+  static constexpr bool kBExactTF32 = true;  // B = v'
   MOXE_HD int64_t max_rows() const { return this->p.chunk_size; }
   MOXE_HD int64_t max_cols() const { return this->p.state_cols(); }
   MOXE_HD int64_t rows(const ChunkItem& it) const { return it.len; }
@@ -1039,6 +1048,7 @@ struct DStateLocalOp : TileGradOpBase<T, A> {
 template <class T, class A>
 struct DScoresOp : TileGradOpBase<T, A> {
   static constexpr bool kBContiguousZ = true;  // B(e, s) = v'_s[e]
+  static constexpr bool kBExactTF32 = true;
   MOXE_HD int64_t max_rows() const { return this->p.chunk_size; }
   MOXE_HD int64_t max_cols() const { return this->p.chunk_size; }
   MOXE_HD int64_t rows(const ChunkItem& it) const { return it.len; }
@@ -1092,6 +1102,7 @@ struct DQOp : TileGradOpBase<T, A> {
 /// dcv_s = dC'_next v'_s  -> [rows][DQK] (the state part of dk, before E_s).
 template <class T, class A>
 struct DCVOp : TileGradOpBase<T, A> {
+  static constexpr bool kAExactTF32 = true;  // A = v'
   static constexpr bool kBContiguousZ = true;  // B(e, d) = dC'_next[d][e]
   MOXE_HD int64_t max_rows() const { return this->p.chunk_size; }
   MOXE_HD int64_t max_cols() const { return this->p.dqk; }
@@ -1167,6 +1178,16 @@ template <class Op>
 inline constexpr bool uses_tf32_v =
     !std::is_arithmetic_v<typename Op::Element> && std::is_same_v<typename Op::Acc, float>;
 
+/// Whether an operand is exact in TF32 (Op::kAExactTF32, Op::kBExactTF32; absent: false).
+template <class Op, class = void>
+struct a_exact_tf32 : std::false_type {};
+template <class Op>
+struct a_exact_tf32<Op, std::void_t<decltype(Op::kAExactTF32)>> : std::integral_constant<bool, Op::kAExactTF32> {};
+template <class Op, class = void>
+struct b_exact_tf32 : std::false_type {};
+template <class Op>
+struct b_exact_tf32<Op, std::void_t<decltype(Op::kBExactTF32)>> : std::integral_constant<bool, Op::kBExactTF32> {};
+
 /// x rounded to TF32 (10 mantissa bits, to nearest, ties away from zero), as the device's
 /// conversion to a tensor-core operand does.
 inline float round_to_tf32(float x) {
@@ -1175,6 +1196,33 @@ inline float round_to_tf32(float x) {
   if ((bits & 0x7f800000u) != 0x7f800000u) bits = (bits + 0x1000u) & 0xffffe000u;  // finite only
   std::memcpy(&x, &bits, sizeof bits);
   return x;
+}
+
+/// The host check of an op's kAExactTF32 / kBExactTF32 claims (the device skips the low
+/// TF32 parts of such operands): every value the tiles would stage is a TF32 value.
+template <class Op>
+bool exact_operands_hold_host(const Op& op) {
+  constexpr bool kA = a_exact_tf32<Op>::value, kB = b_exact_tf32<Op>::value;
+  if constexpr (!uses_tf32_v<Op> || (!kA && !kB)) {
+    (void)op;
+    return true;
+  } else {
+    using A = typename Op::Acc;
+    auto exact = [](A x) { return round_to_tf32(x) == x; };
+    for (int64_t item = 0; item < op.items(); ++item) {
+      const ChunkItem it = op.context(item);
+      const int64_t rows = op.rows(it), cols = op.cols(it), depth = op.depth(it);
+      for (int64_t z = 0; z < depth; ++z) {
+        if constexpr (kA)
+          for (int64_t x = 0; x < rows; ++x)
+            if (!exact(op.a(it, x, z))) return false;
+        if constexpr (kB)
+          for (int64_t y = 0; y < cols; ++y)
+            if (!exact(op.b(it, z, y))) return false;
+      }
+    }
+    return true;
+  }
 }
 
 /// The host execution of a tile product: the device's tiles, staged and summed in the
