@@ -236,6 +236,7 @@ struct Device {
   DeviceBuffer<T> q, k, v, ig, fg, dh, h, dq, dk, dv, di, df;
   DeviceBuffer<float> c0, n0, m0, dcl, dnl, dml, c, n, m, dc0, dn0, dm0;
   DeviceBuffer<int64_t> offsets;
+  int64_t batch_per_pass = 0;  // ForwardParams::batch_per_pass
 
   explicit Device(const Inputs& in) : cs(in.cs) {
     using moxe::test::convert_to;
@@ -288,6 +289,7 @@ struct Device {
     p.n_last = n.get();
     p.m_last = m.get();
     p.chunk_size = cs.chunk_size;
+    p.batch_per_pass = batch_per_pass;
     if (!cs.offsets.empty()) {
       p.segment_offsets = offsets.get();
       p.num_segments = int64_t(cs.offsets.size()) - 1;
@@ -611,6 +613,20 @@ TEST_CASE("chunkwise device: misaligned workspace, determinism") {
   const Results b = dev.run(/*misaligned=*/false);
   // bitwise equal run to run
   for (auto field : kWrittenFields) CHECK(a.*field == b.*field);
+}
+
+TEST_CASE("chunkwise device: batch_per_pass gives the same bits in passes") {
+  moxe::test::Rng rng(moxe::test::fresh_seed());
+  const Case cs = shaped(5, 2, 45, 32, 48, 16, true);
+  const Inputs in = make_inputs<__nv_bfloat16>(cs, rng);
+  Device<__nv_bfloat16> dev(in);
+  const Results whole = dev.run();
+  for (int64_t per_pass : {2, 1}) {
+    CAPTURE(per_pass);
+    dev.batch_per_pass = per_pass;
+    const Results passes = dev.run(/*misaligned=*/true);
+    for (auto field : kWrittenFields) CHECK(passes.*field == whole.*field);
+  }
 }
 
 TEST_CASE("chunkwise device: graph capture replays the same results") {

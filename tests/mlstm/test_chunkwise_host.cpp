@@ -309,6 +309,60 @@ TEST_CASE("chunkwise host, both variants of the matrix products (tile products, 
   check_case<false>(seg, rng);
 }
 
+TEST_CASE("chunkwise host: batch_per_pass runs the batch in passes, same bits, smaller workspace") {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  Case cs;
+  cs.batch = 5;
+  cs.seq_len = 37;
+  cs.init_states = true;
+  cs.upstream = true;
+  const Data d = make_data(cs, rng);
+  const auto whole = run_forward(d, [](const auto& p) { return mm::chunkwise_host::forward(p); });
+  const auto gwhole = run_backward(d, [](const auto& p) { return mm::chunkwise_host::backward(p); });
+  auto p0 = forward_params(d);
+  std::size_t previous = mm::chunkwise_host::forward_workspace_size(p0);
+  for (int64_t per_pass : {3, 2, 1}) {  // 3 + 2, 2 + 2 + 1, five passes of one
+    CAPTURE(per_pass);
+    const auto sliced = run_forward(d, [per_pass](const auto& p) {
+      auto s = p;
+      s.batch_per_pass = per_pass;
+      return mm::chunkwise_host::forward(s);
+    });
+    CHECK(sliced.h == whole.h);
+    CHECK(sliced.c == whole.c);
+    CHECK(sliced.n == whole.n);
+    CHECK(sliced.m == whole.m);
+    const auto gsliced = run_backward(d, [per_pass](const auto& p) {
+      auto s = p;
+      s.fwd.batch_per_pass = per_pass;
+      return mm::chunkwise_host::backward(s);
+    });
+    CHECK(gsliced.dq == gwhole.dq);
+    CHECK(gsliced.dk == gwhole.dk);
+    CHECK(gsliced.dv == gwhole.dv);
+    CHECK(gsliced.di == gwhole.di);
+    CHECK(gsliced.df == gwhole.df);
+    CHECK(gsliced.dc0 == gwhole.dc0);
+    CHECK(gsliced.dn0 == gwhole.dn0);
+    CHECK(gsliced.dm0 == gwhole.dm0);
+    auto p = p0;
+    p.batch_per_pass = per_pass;
+    const std::size_t bytes = mm::chunkwise_host::forward_workspace_size(p);
+    CHECK(bytes < previous);
+    previous = bytes;
+  }
+  auto bad = p0;
+  std::vector<double> h = moxe::test::poisoned<double>(whole.h.size());
+  bad.h = h.data();
+  REQUIRE(mm::chunkwise_host::forward(bad) == Status::ok);
+  h = moxe::test::poisoned<double>(whole.h.size());
+  bad.batch_per_pass = -1;
+  CHECK(mm::chunkwise_host::forward(bad) == Status::invalid_argument);
+  for (double x : h) CHECK(std::isnan(x));
+}
+
 TEST_CASE("chunkwise host == reference: stabiliser ties go to the decay (earliest source)") {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);

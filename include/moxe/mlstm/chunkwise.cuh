@@ -251,17 +251,20 @@ struct DeviceRunner {
 
 }  // namespace detail
 
+/// Bytes of workspace chunkwise_forward needs: one pass's (ForwardParams::batch_per_pass).
 template <class T, class Acc>
 std::size_t chunkwise_forward_workspace_size(const ForwardParams<T, Acc>& p) {
   WorkspaceCarver c;
-  detail::carve_chunk_workspace<Acc>(c, p.dims, p.num_segments, p.chunk_size, /*backward=*/false);
+  detail::carve_chunk_workspace<Acc>(c, detail::pass_dims(p), p.num_segments, p.chunk_size, /*backward=*/false);
   return c.required_bytes();
 }
 
+/// Bytes of workspace chunkwise_backward needs: one pass's (ForwardParams::batch_per_pass).
 template <class T, class Acc>
 std::size_t chunkwise_backward_workspace_size(const BackwardParams<T, Acc>& p) {
   WorkspaceCarver c;
-  detail::carve_chunk_workspace<Acc>(c, p.fwd.dims, p.fwd.num_segments, p.fwd.chunk_size, /*backward=*/true);
+  detail::carve_chunk_workspace<Acc>(c, detail::pass_dims(p.fwd), p.fwd.num_segments, p.fwd.chunk_size,
+                                     /*backward=*/true);
   return c.required_bytes();
 }
 
@@ -273,11 +276,16 @@ Status chunkwise_forward_variant(const ForwardParams<T, Acc>& p, void* workspace
                                  cudaStream_t stream) {
   MOXE_RETURN_IF_ERROR(validate_device_chunkwise(p, /*need_h=*/true));
   if (workspace_bytes < chunkwise_forward_workspace_size(p)) return Status::workspace_too_small;
-  WorkspaceCarver carver(workspace, workspace_bytes);
-  const auto ws = carve_chunk_workspace<Acc>(carver, p.dims, p.num_segments, p.chunk_size, false);
-  if (!carver.fits()) return Status::workspace_too_small;
-  const ChunkProblem<T, Acc> cp = make_chunk_problem(p, ws);
-  return run_forward<kTiled>(cp, p.h, p.c_last, p.n_last, p.m_last, DeviceRunner<T>{stream});
+  const int64_t per_pass = pass_batch(p);
+  for (int64_t b0 = 0; b0 < p.dims.batch; b0 += per_pass) {  // one pass unless batch_per_pass
+    const ForwardParams<T, Acc> s = batch_slice(p, b0, math::min(per_pass, p.dims.batch - b0));
+    WorkspaceCarver carver(workspace, workspace_bytes);
+    const auto ws = carve_chunk_workspace<Acc>(carver, s.dims, s.num_segments, s.chunk_size, false);
+    if (!carver.fits()) return Status::workspace_too_small;
+    const ChunkProblem<T, Acc> cp = make_chunk_problem(s, ws);
+    MOXE_RETURN_IF_ERROR(run_forward<kTiled>(cp, s.h, s.c_last, s.n_last, s.m_last, DeviceRunner<T>{stream}));
+  }
+  return Status::ok;
 }
 
 template <bool kTiled, class T, class Acc>
@@ -286,11 +294,16 @@ Status chunkwise_backward_variant(const BackwardParams<T, Acc>& p, void* workspa
   MOXE_RETURN_IF_ERROR(validate(p));
   MOXE_RETURN_IF_ERROR(validate_device_chunkwise(p.fwd, /*need_h=*/false));
   if (workspace_bytes < chunkwise_backward_workspace_size(p)) return Status::workspace_too_small;
-  WorkspaceCarver carver(workspace, workspace_bytes);
-  const auto ws = carve_chunk_workspace<Acc>(carver, p.fwd.dims, p.fwd.num_segments, p.fwd.chunk_size, true);
-  if (!carver.fits()) return Status::workspace_too_small;
-  const ChunkProblem<T, Acc> cp = make_chunk_problem(p.fwd, ws);
-  return run_backward<kTiled>(cp, make_chunk_grad_io(p), DeviceRunner<T>{stream});
+  const int64_t per_pass = pass_batch(p.fwd);
+  for (int64_t b0 = 0; b0 < p.fwd.dims.batch; b0 += per_pass) {  // one pass unless batch_per_pass
+    const BackwardParams<T, Acc> s = batch_slice(p, b0, math::min(per_pass, p.fwd.dims.batch - b0));
+    WorkspaceCarver carver(workspace, workspace_bytes);
+    const auto ws = carve_chunk_workspace<Acc>(carver, s.fwd.dims, s.fwd.num_segments, s.fwd.chunk_size, true);
+    if (!carver.fits()) return Status::workspace_too_small;
+    const ChunkProblem<T, Acc> cp = make_chunk_problem(s.fwd, ws);
+    MOXE_RETURN_IF_ERROR(run_backward<kTiled>(cp, make_chunk_grad_io(s), DeviceRunner<T>{stream}));
+  }
+  return Status::ok;
 }
 
 }  // namespace detail

@@ -6,6 +6,7 @@
 // included). Host C++ only.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <new>
 #include <vector>
@@ -61,14 +62,14 @@ struct HostRunner {
 template <class T, class Acc>
 std::size_t forward_workspace_size(const ForwardParams<T, Acc>& p) {
   WorkspaceCarver c;
-  detail::carve_chunk_workspace<Acc>(c, p.dims, p.num_segments, p.chunk_size, false);
+  detail::carve_chunk_workspace<Acc>(c, detail::pass_dims(p), p.num_segments, p.chunk_size, false);
   return c.required_bytes();
 }
 
 template <class T, class Acc>
 std::size_t backward_workspace_size(const BackwardParams<T, Acc>& p) {
   WorkspaceCarver c;
-  detail::carve_chunk_workspace<Acc>(c, p.fwd.dims, p.fwd.num_segments, p.fwd.chunk_size, true);
+  detail::carve_chunk_workspace<Acc>(c, detail::pass_dims(p.fwd), p.fwd.num_segments, p.fwd.chunk_size, true);
   return c.required_bytes();
 }
 
@@ -79,12 +80,18 @@ Status forward(const ForwardParams<T, Acc>& p) {
   MOXE_RETURN_IF_ERROR(detail::validate_chunkwise(p, /*need_h=*/true));
   MOXE_RETURN_IF_ERROR(impl::validate_segments(p));
   try {
-    std::vector<unsigned char> storage(forward_workspace_size(p), impl::kPoisonByte);
-    WorkspaceCarver c(storage.data(), storage.size());
-    const auto ws = detail::carve_chunk_workspace<Acc>(c, p.dims, p.num_segments, p.chunk_size, false);
-    if (!c.fits()) return Status::workspace_too_small;
-    const detail::ChunkProblem<T, Acc> cp = detail::make_chunk_problem(p, ws);
-    return detail::run_forward<kTiled>(cp, p.h, p.c_last, p.n_last, p.m_last, impl::HostRunner{});
+    std::vector<unsigned char> storage(forward_workspace_size(p));
+    const int64_t per_pass = detail::pass_batch(p);
+    for (int64_t b0 = 0; b0 < p.dims.batch; b0 += per_pass) {  // the device's passes
+      const ForwardParams<T, Acc> s = detail::batch_slice(p, b0, std::min(per_pass, p.dims.batch - b0));
+      std::fill(storage.begin(), storage.end(), impl::kPoisonByte);  // every pass starts unwritten
+      WorkspaceCarver c(storage.data(), storage.size());
+      const auto ws = detail::carve_chunk_workspace<Acc>(c, s.dims, s.num_segments, s.chunk_size, false);
+      if (!c.fits()) return Status::workspace_too_small;
+      const detail::ChunkProblem<T, Acc> cp = detail::make_chunk_problem(s, ws);
+      MOXE_RETURN_IF_ERROR(detail::run_forward<kTiled>(cp, s.h, s.c_last, s.n_last, s.m_last, impl::HostRunner{}));
+    }
+    return Status::ok;
   } catch (const std::bad_alloc&) {
     return Status::unsupported;
   }
@@ -97,14 +104,20 @@ Status backward(const BackwardParams<T, Acc>& p) {
   MOXE_RETURN_IF_ERROR(detail::validate_chunkwise(p.fwd, /*need_h=*/false));
   MOXE_RETURN_IF_ERROR(impl::validate_segments(p.fwd));
   try {
-    std::vector<unsigned char> storage(backward_workspace_size(p), impl::kPoisonByte);
-    WorkspaceCarver c(storage.data(), storage.size());
-    const auto ws =
-        detail::carve_chunk_workspace<Acc>(c, p.fwd.dims, p.fwd.num_segments, p.fwd.chunk_size, true);
-    if (!c.fits()) return Status::workspace_too_small;
-    const detail::ChunkProblem<T, Acc> cp = detail::make_chunk_problem(p.fwd, ws);
-    const detail::ChunkGradIO<T, Acc> io = detail::make_chunk_grad_io(p);
-    return detail::run_backward<kTiled>(cp, io, impl::HostRunner{});
+    std::vector<unsigned char> storage(backward_workspace_size(p));
+    const int64_t per_pass = detail::pass_batch(p.fwd);
+    for (int64_t b0 = 0; b0 < p.fwd.dims.batch; b0 += per_pass) {  // the device's passes
+      const BackwardParams<T, Acc> s = detail::batch_slice(p, b0, std::min(per_pass, p.fwd.dims.batch - b0));
+      std::fill(storage.begin(), storage.end(), impl::kPoisonByte);
+      WorkspaceCarver c(storage.data(), storage.size());
+      const auto ws =
+          detail::carve_chunk_workspace<Acc>(c, s.fwd.dims, s.fwd.num_segments, s.fwd.chunk_size, true);
+      if (!c.fits()) return Status::workspace_too_small;
+      const detail::ChunkProblem<T, Acc> cp = detail::make_chunk_problem(s.fwd, ws);
+      const detail::ChunkGradIO<T, Acc> io = detail::make_chunk_grad_io(s);
+      MOXE_RETURN_IF_ERROR(detail::run_backward<kTiled>(cp, io, impl::HostRunner{}));
+    }
+    return Status::ok;
   } catch (const std::bad_alloc&) {
     return Status::unsupported;
   }

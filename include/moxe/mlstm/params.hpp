@@ -29,6 +29,10 @@ struct ForwardParams {
   int chunk_size = 64;
   const int64_t* segment_offsets = nullptr;  // optional varlen: [num_segments + 1]
   int64_t num_segments = 0;
+  /// Chunkwise launchers: > 0 runs the batch in passes of this many entries, one after the
+  /// other over one workspace sized for a pass (memory / passes, the same results bit for
+  /// bit; no effect with segments). 0: the whole batch in one pass.
+  int64_t batch_per_pass = 0;
 };
 
 template <class T, class Acc = float>
@@ -63,6 +67,7 @@ Status validate(const ForwardParams<T, Acc>& p, bool need_h = true) {
   MOXE_REQUIRE(all_or_none(p.c_init, p.n_init, p.m_init));
   MOXE_REQUIRE(all_or_none(p.c_last, p.n_last, p.m_last));
   MOXE_REQUIRE(p.eps >= Acc(0) && p.qk_scale >= Acc(0));
+  MOXE_REQUIRE(p.batch_per_pass >= 0);
   if (p.segment_offsets != nullptr || p.num_segments != 0) {
     MOXE_REQUIRE(p.segment_offsets != nullptr && p.num_segments > 0 && d.batch == 1);
   }
