@@ -44,7 +44,7 @@ moxe::mlstm::ForwardParams<T, float> forward_params(const MlstmShape& s, const a
                                                     const at::Tensor& fgate, const OptTensor& c_init,
                                                     const OptTensor& n_init, const OptTensor& m_init,
                                                     const OptTensor& segment_offsets, double qk_scale, double eps,
-                                                    int64_t chunk_size) {
+                                                    int64_t chunk_size, int64_t batch_per_pass) {
   moxe::mlstm::ForwardParams<T, float> p{};
   p.dims = moxe::mlstm::Dims{s.batch, s.heads, s.seq_len, s.dqk, s.dv};
   p.q = ptr<const T>(q);
@@ -58,6 +58,7 @@ moxe::mlstm::ForwardParams<T, float> forward_params(const MlstmShape& s, const a
   p.qk_scale = static_cast<float>(qk_scale);
   p.eps = static_cast<float>(eps);
   p.chunk_size = static_cast<int>(chunk_size);
+  p.batch_per_pass = batch_per_pass;
   p.segment_offsets = ptr<const int64_t>(segment_offsets);
   p.num_segments = s.num_segments;
   return p;
@@ -70,7 +71,7 @@ std::vector<at::Tensor> mlstm_chunkwise_forward(const at::Tensor& q, const at::T
                                                 const OptTensor& c_init, const OptTensor& n_init,
                                                 const OptTensor& m_init, const OptTensor& segment_offsets,
                                                 double qk_scale, double eps, int64_t chunk_size,
-                                                bool return_last_states) {
+                                                bool return_last_states, int64_t batch_per_pass) {
   const MlstmShape s = check_mlstm_inputs(q, k, v, igate, fgate, c_init, n_init, m_init, segment_offsets);
   const c10::cuda::CUDAGuard guard(q.device());
   const auto states = q.options().dtype(at::kFloat);
@@ -81,7 +82,7 @@ std::vector<at::Tensor> mlstm_chunkwise_forward(const at::Tensor& q, const at::T
   dispatch_element(q.scalar_type(), "mlstm_chunkwise_forward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto p = forward_params<T>(s, q, k, v, igate, fgate, c_init, n_init, m_init, segment_offsets, qk_scale, eps,
-                               chunk_size);
+                               chunk_size, batch_per_pass);
     p.h = ptr<T>(h);
     if (return_last_states) {
       p.c_last = ptr<float>(c_last);
@@ -101,7 +102,8 @@ std::vector<at::Tensor> mlstm_chunkwise_backward(const at::Tensor& q, const at::
                                                  const OptTensor& m_init, const OptTensor& segment_offsets,
                                                  const at::Tensor& dh, const OptTensor& dc_last,
                                                  const OptTensor& dn_last, const OptTensor& dm_last,
-                                                 double qk_scale, double eps, int64_t chunk_size, bool init_grads) {
+                                                 double qk_scale, double eps, int64_t chunk_size, bool init_grads,
+                                                 int64_t batch_per_pass) {
   const MlstmShape s = check_mlstm_inputs(q, k, v, igate, fgate, c_init, n_init, m_init, segment_offsets);
   check_tensor(dh, "dh", q.scalar_type(), q, {s.batch, s.heads, s.seq_len, s.dv});
   check_all_or_none({&dc_last, &dn_last, &dm_last}, "dc_last, dn_last, dm_last");
@@ -120,7 +122,7 @@ std::vector<at::Tensor> mlstm_chunkwise_backward(const at::Tensor& q, const at::
     using T = typename decltype(tag)::type;
     moxe::mlstm::BackwardParams<T, float> b{};
     b.fwd = forward_params<T>(s, q, k, v, igate, fgate, c_init, n_init, m_init, segment_offsets, qk_scale, eps,
-                              chunk_size);
+                              chunk_size, batch_per_pass);
     b.dh = ptr<const T>(dh);
     b.dc_last = ptr<const float>(dc_last);
     b.dn_last = ptr<const float>(dn_last);

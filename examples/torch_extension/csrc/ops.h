@@ -16,13 +16,14 @@ using OptTensor = std::optional<at::Tensor>;
 // q, k [B, NH, S, DQK]; v [B, NH, S, DV]; igate, fgate [B, NH, S] (float/half/bf16);
 // states float32: c [N, NH, DQK, DV], n [N, NH, DQK], m [N, NH] with N = B, or the number
 // of segments when segment_offsets (int64 [N + 1], batch 1) is given.
+// batch_per_pass > 0: the batch in passes of that many entries (workspace / passes).
 // Returns h, c_last, n_last, m_last (the last three None unless return_last_states).
 std::vector<at::Tensor> mlstm_chunkwise_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const at::Tensor& igate, const at::Tensor& fgate,
                                                 const OptTensor& c_init, const OptTensor& n_init,
                                                 const OptTensor& m_init, const OptTensor& segment_offsets,
                                                 double qk_scale, double eps, int64_t chunk_size,
-                                                bool return_last_states);
+                                                bool return_last_states, int64_t batch_per_pass);
 
 // Returns dq, dk, dv, digate, dfgate, dc_init, dn_init, dm_init (the last three None unless
 // init_grads, which needs the initial states).
@@ -32,7 +33,8 @@ std::vector<at::Tensor> mlstm_chunkwise_backward(const at::Tensor& q, const at::
                                                  const OptTensor& m_init, const OptTensor& segment_offsets,
                                                  const at::Tensor& dh, const OptTensor& dc_last,
                                                  const OptTensor& dn_last, const OptTensor& dm_last,
-                                                 double qk_scale, double eps, int64_t chunk_size, bool init_grads);
+                                                 double qk_scale, double eps, int64_t chunk_size, bool init_grads,
+                                                 int64_t batch_per_pass);
 
 // ---- sLSTM (moxe::slstm::sequence_forward / sequence_backward) --------------------------
 // wx [S, B, 4, NH, DH]; r [NH, 4, DH, DH]; bias [4, NH, DH] (float/half/bf16); states

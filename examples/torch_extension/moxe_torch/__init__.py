@@ -75,12 +75,12 @@ class MLSTMChunkwise(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, igate, fgate, c_init, n_init, m_init, segment_offsets, qk_scale, eps, chunk_size,
-                return_last_states):
+                return_last_states, batch_per_pass):
         h, c_last, n_last, m_last = _C.mlstm_chunkwise_forward(
             q, k, v, igate, fgate, c_init, n_init, m_init, segment_offsets, qk_scale, eps, chunk_size,
-            return_last_states)
+            return_last_states, batch_per_pass)
         ctx.save_for_backward(q, k, v, igate, fgate, c_init, n_init, m_init, segment_offsets)
-        ctx.config = (qk_scale, eps, chunk_size)
+        ctx.config = (qk_scale, eps, chunk_size, batch_per_pass)
         ctx.set_materialize_grads(False)
         if return_last_states:
             ctx.last_shapes = (c_last.shape, n_last.shape, m_last.shape)
@@ -91,21 +91,21 @@ class MLSTMChunkwise(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dh, *dlast):
         q, k, v, igate, fgate, c_init, n_init, m_init, segment_offsets = ctx.saved_tensors
-        qk_scale, eps, chunk_size = ctx.config
+        qk_scale, eps, chunk_size, batch_per_pass = ctx.config
         if dh is None:
             dh = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
         dc_last, dn_last, dm_last = _zeros_for_missing(dlast, ctx.last_shapes, q) if dlast else (None,) * 3
         init_grads = c_init is not None and any(ctx.needs_input_grad[5:8])
         dq, dk, dv, di, df, dc0, dn0, dm0 = _C.mlstm_chunkwise_backward(
             q, k, v, igate, fgate, c_init, n_init, m_init, segment_offsets, dh.contiguous(), dc_last, dn_last,
-            dm_last, qk_scale, eps, chunk_size, init_grads)
-        return dq, dk, dv, di, df, dc0, dn0, dm0, None, None, None, None, None
+            dm_last, qk_scale, eps, chunk_size, init_grads, batch_per_pass)
+        return dq, dk, dv, di, df, dc0, dn0, dm0, None, None, None, None, None, None
 
 
 def mlstm_chunkwise(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tensor,
                     initial_states: Optional[Tuple[Tensor, Tensor, Tensor]] = None, *, qk_scale: float = 0.0,
                     eps: float = 1e-6, chunk_size: int = 64, segment_offsets: Optional[Tensor] = None,
-                    return_last_states: bool = False):
+                    return_last_states: bool = False, batch_per_pass: int = 0):
     """The mLSTM over a sequence, chunkwise (docs/mlstm.md).
 
     q, k [B, NH, S, DQK]; v [B, NH, S, DV]; igate, fgate [B, NH, S] (pre-activations), all
@@ -113,13 +113,15 @@ def mlstm_chunkwise(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tenso
     N = B, or the number of segments when segment_offsets (int64 [N + 1] on the device,
     B = 1; 0 = o[0] <= o[1] <= ... <= o[N] = S, not checked on the host) packs several
     sequences along S. qk_scale 0 means 1/sqrt(DQK).
+    batch_per_pass > 0 runs the batch in passes of that many entries: the same results, the
+    workspace of one pass (less memory, more launches).
     Returns h [B, NH, S, DV], and (C, n, m) after the last step when return_last_states.
     """
     c0, n0, m0 = initial_states if initial_states is not None else (None, None, None)
     out = MLSTMChunkwise.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), igate.contiguous(), fgate.contiguous(), _contiguous(c0),
         _contiguous(n0), _contiguous(m0), _contiguous(segment_offsets), float(qk_scale), float(eps),
-        int(chunk_size), bool(return_last_states))
+        int(chunk_size), bool(return_last_states), int(batch_per_pass))
     if return_last_states:
         h, c, n, m = out
         return h, (c, n, m)
