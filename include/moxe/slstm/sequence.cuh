@@ -60,9 +60,10 @@ struct LaunchPlan {
 };
 
 /// Checks that the kernel can run (shared memory, co-residency for splits > 1) and fills
-/// the plan. Queries the device; launches nothing.
-template <class T, class Kernel>
-Status plan_recurrent(Kernel kernel, const Dims& d, int requested_units, bool backward, LaunchPlan* plan) {
+/// the plan; `kernel_for(units)` is the kernel instance for that many units per block.
+/// Queries the device; launches nothing.
+template <class T, class KernelFor>
+Status plan_recurrent(KernelFor kernel_for, const Dims& d, int requested_units, bool backward, LaunchPlan* plan) {
   int device = 0, optin = 0, sms = 0, coop = 0;
   MOXE_CUDA_TRY(cudaGetDevice(&device));
   MOXE_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
@@ -71,6 +72,8 @@ Status plan_recurrent(Kernel kernel, const Dims& d, int requested_units, bool ba
   const int units = choose_units(d.head_dim, static_cast<int>(sizeof(T)), uses_tensor_cores_v<T>, backward,
                                  static_cast<std::size_t>(optin), requested_units);
   if (units == 0) return Status::unsupported;
+  const auto kernel = kernel_for(units);
+  if (kernel == nullptr) return Status::unsupported;
   plan->units = units;
   plan->splits = static_cast<int>(d.head_dim / units);
   plan->smem = backward ? backward_smem(d.head_dim, units, sizeof(T), uses_tensor_cores_v<T>).bytes
@@ -165,11 +168,10 @@ Status sequence_forward(const ForwardParams<T, Acc>& p, void* workspace, std::si
   MOXE_RETURN_IF_ERROR(detail::check_device_params(p));
   WorkspaceCarver carver(workspace, workspace_bytes);
   if (!carver.fits()) return Status::workspace_too_small;
-  const auto kernel = detail::forward_kernel<T, false>;
+  const auto kernel_for = detail::forward_kernel_for<T, false>;
   detail::LaunchPlan plan;
-  MOXE_RETURN_IF_ERROR(detail::plan_recurrent<T>(kernel, p.dims, p.units_per_block, false, &plan));
+  MOXE_RETURN_IF_ERROR(detail::plan_recurrent<T>(kernel_for, p.dims, p.units_per_block, false, &plan));
   detail::ForwardArgs<T> args = detail::forward_args(p);
-  args.units = plan.units;
   args.splits = plan.splits;
   // an output y that overlaps y_init (e.g. step() with y_out == y in float) needs a group
   // barrier between reading y_init and writing y_0 when a head spans several blocks
@@ -177,7 +179,7 @@ Status sequence_forward(const ForwardParams<T, Acc>& p, void* workspace, std::si
   args.init_barrier = plan.splits > 1 &&
                       detail::ranges_overlap(p.y, static_cast<std::size_t>(p.dims.seq_len) * state_elems * sizeof(T),
                                              p.y_init, state_elems * sizeof(float));
-  return detail::launch_recurrent(kernel, args, plan, stream);
+  return detail::launch_recurrent(kernel_for(plan.units), args, plan, stream);
 }
 
 template <class T, class Acc>
@@ -202,15 +204,14 @@ Status sequence_backward(const BackwardParams<T, Acc>& p, void* workspace, std::
   const detail::BackwardScratch<T> s = detail::carve_backward<T>(carver, d);
   if (!carver.fits()) return Status::workspace_too_small;
 
-  const auto fwd_kernel = detail::forward_kernel<T, true>;
-  const auto bwd_kernel = detail::backward_kernel<T>;
+  const auto fwd_kernel_for = detail::forward_kernel_for<T, true>;
+  const auto bwd_kernel_for = detail::backward_kernel_for<T>;
   detail::LaunchPlan fwd_plan, bwd_plan;
-  MOXE_RETURN_IF_ERROR(detail::plan_recurrent<T>(fwd_kernel, d, p.fwd.units_per_block, false, &fwd_plan));
-  MOXE_RETURN_IF_ERROR(detail::plan_recurrent<T>(bwd_kernel, d, p.fwd.units_per_block, true, &bwd_plan));
+  MOXE_RETURN_IF_ERROR(detail::plan_recurrent<T>(fwd_kernel_for, d, p.fwd.units_per_block, false, &fwd_plan));
+  MOXE_RETURN_IF_ERROR(detail::plan_recurrent<T>(bwd_kernel_for, d, p.fwd.units_per_block, true, &bwd_plan));
 
   // 1. forward replay with tape
   detail::ForwardArgs<T> fa = detail::forward_args(p.fwd);
-  fa.units = fwd_plan.units;
   fa.splits = fwd_plan.splits;
   fa.y = s.y_tape;
   fa.y_last = fa.c_last = fa.n_last = fa.m_last = nullptr;
@@ -218,7 +219,7 @@ Status sequence_backward(const BackwardParams<T, Acc>& p, void* workspace, std::
   fa.tape_c = s.tape_c;
   fa.tape_n = s.tape_n;
   fa.tape_m = s.tape_m;
-  MOXE_RETURN_IF_ERROR(detail::launch_recurrent(fwd_kernel, fa, fwd_plan, stream));
+  MOXE_RETURN_IF_ERROR(detail::launch_recurrent(fwd_kernel_for(fwd_plan.units), fa, fwd_plan, stream));
 
   // 2. backward through time
   detail::BackwardArgs<T> ba{};
@@ -226,7 +227,6 @@ Status sequence_backward(const BackwardParams<T, Acc>& p, void* workspace, std::
   ba.B = d.batch;
   ba.NH = d.heads;
   ba.DH = d.head_dim;
-  ba.units = bwd_plan.units;
   ba.splits = bwd_plan.splits;
   ba.r = p.fwd.r;
   ba.dy = p.dy;
@@ -245,7 +245,7 @@ Status sequence_backward(const BackwardParams<T, Acc>& p, void* workspace, std::
   ba.dc_init = p.dc_init;
   ba.dn_init = p.dn_init;
   ba.dbias_partial = s.dbias_partial;
-  MOXE_RETURN_IF_ERROR(detail::launch_recurrent(bwd_kernel, ba, bwd_plan, stream));
+  MOXE_RETURN_IF_ERROR(detail::launch_recurrent(bwd_kernel_for(bwd_plan.units), ba, bwd_plan, stream));
 
   // 3. dr = sum_t dgates_t y_{t-1}^T (split-K partials, summed in chunk order), dbias
   const detail::DrSplit split = detail::dr_split(d.seq_len, d.batch, d.heads, d.head_dim);

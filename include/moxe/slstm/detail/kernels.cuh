@@ -5,8 +5,10 @@
 //                    tape (raw gates, states) for the backward
 //   backward_kernel  persistent, walks t = S-1..0 with the transposed r slice on chip;
 //                    overwrites the gate tape with dgates, writes dwx, per-row dbias partials
-//   dr_partial_kernel / dr_reduce_kernel / dbias_reduce_kernel   deterministic reductions
+//   dr_partial_kernel / sum_partials_kernel   deterministic reductions
 //
+// The two recurrent kernels take the units per block as a template parameter kU;
+// forward_kernel_for / backward_kernel_for pick the instance at launch.
 // Blocks of one group (splits > 1) exchange y_t / dgates_t through global memory and a
 // cooperative-groups grid barrier; with one block per group a __syncthreads suffices.
 #pragma once
@@ -25,7 +27,7 @@ namespace moxe::slstm::detail {
 template <class T>
 struct ForwardArgs {
   int64_t S, B, NH, DH;
-  int units, splits;
+  int splits;           // blocks per group (DH / units; the units are the kernel's kU)
   int64_t group_begin;  // first group of this launch
   bool init_barrier;    // y overlaps y_init: a group barrier after reading y_init (splits > 1)
   const T* wx;
@@ -41,7 +43,7 @@ struct ForwardArgs {
 template <class T>
 struct BackwardArgs {
   int64_t S, B, NH, DH;
-  int units, splits;
+  int splits;
   int64_t group_begin;
   const T* r;
   const T* dy;
@@ -63,44 +65,102 @@ MOXE_DEVICE MOXE_FORCEINLINE void step_barrier(int splits) {
   }
 }
 
-template <class T, bool kTape>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs<T> a) {
+/// (row, unit) pairs per thread in a block of kU units: pair k of thread tid is
+/// p = tid + k*kThreads, row p / kU, unit p % kU. kU is a multiple of 16, so the
+/// kBatchTile*kU pairs fill every thread's kPairs exactly.
+template <int kU>
+inline constexpr int kPairs = kBatchTile * kU / kThreads;
+
+/// Threads per row when a block walks the [kBatchTile][..] operand tiles row by row.
+inline constexpr int kRowThreads = kThreads / kBatchTile;
+
+/// Where pair k of this thread sits, relative to row b0 and unit j0 of head h: within one
+/// step of [S, B, 4, NH, DH] (gate 0; gate g adds g*H) and of [S, B, NH, DH], and its row
+/// and unit in the block. None of it depends on the step.
+struct PairOffsets {
+  int gate, unit, bl, jl;
+  bool valid;  // b0 + bl < B
+};
+template <int kU>
+MOXE_DEVICE MOXE_FORCEINLINE PairOffsets pair_offsets(int tid, int k, int64_t b0, int64_t B, int H) {
+  const int p = tid + k * kThreads;
+  PairOffsets o;
+  o.bl = p / kU;
+  o.jl = p % kU;
+  o.gate = o.bl * 4 * H + o.jl;
+  o.unit = o.bl * H + o.jl;
+  o.valid = b0 + o.bl < B;
+  return o;
+}
+
+template <class T, int kU, bool kTape>
+__global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<T> a) {
   constexpr bool kTC = uses_tensor_cores_v<T>;
+  constexpr int P = kPairs<kU>;
+  static_assert(kU % 16 == 0 && kU <= kMaxUnits && P * kThreads == kBatchTile * kU, "units per block");
   extern __shared__ __align__(128) unsigned char smem[];
-  const int U = a.units;
   const int64_t DH = a.DH, NH = a.NH, B = a.B, S = a.S;
-  const ForwardSmem L = forward_smem(DH, U, static_cast<int>(sizeof(T)), kTC);
+  const int dh = static_cast<int>(DH), H = static_cast<int>(NH * DH);  // H <= kMaxHeads * kMaxHeadDim
+  const int64_t BH = B * H;
+  const ForwardSmem L = forward_smem(DH, kU, static_cast<int>(sizeof(T)), kTC);
   T* r_s = reinterpret_cast<T*>(smem + L.r_off);
   T* y_s = reinterpret_cast<T*>(smem + L.y_off);
   float* g_s = reinterpret_cast<float*>(smem + L.gates_off);
 
   const int tid = static_cast<int>(threadIdx.x);
-  const BlockTile tile = block_tile(a.group_begin + blockIdx.x, static_cast<int64_t>(blockIdx.y), U, NH);
+  const BlockTile tile = block_tile(a.group_begin + blockIdx.x, static_cast<int64_t>(blockIdx.y), kU, NH);
   const int64_t h = tile.h, b0 = tile.b0, j0 = tile.j0;
 
-  // r rows of this block's units: row n = g*U + jl holds r[h][g][j0 + jl][:]
-  for (int64_t idx = tid; idx < 4LL * U * DH; idx += kThreads) {
-    const int n = static_cast<int>(idx / DH);
-    const int64_t d = idx % DH;
-    const int g = n / U, jl = n % U;
+  // r rows of this block's units: row n = g*kU + jl holds r[h][g][j0 + jl][:]
+  for (int idx = tid; idx < 4 * kU * dh; idx += kThreads) {
+    const int n = idx / dh, d = idx % dh;
+    const int g = n / kU, jl = n % kU;
     r_s[static_cast<size_t>(n) * L.ldr + d] = a.r[r_index(h, g, j0 + jl, d, DH)];
   }
 
-  // (row, unit) pairs of this thread: p = tid + k*kThreads, row p / U, unit p % U
-  const int pairs = kBatchTile * U;
-  float c[kMaxPairsPerThread], n[kMaxPairsPerThread], m[kMaxPairsPerThread], y_last[kMaxPairsPerThread];
+  // (row, unit) pairs of this thread (pair_offsets), at unit_base + t*BH in y and the state
+  // tapes and gate_base + t*4BH in wx and the gate tape
+  const int64_t unit_base = unit_index(0, b0, h, j0, B, NH, DH);
+  const int64_t gate_base = gate_index(0, b0, 0, h, j0, B, NH, DH);
+  PairOffsets po[P];
+  float c[P], n[P], m[P], y_last[P];
   MOXE_PRAGMA_UNROLL
-  for (int k = 0; k < kMaxPairsPerThread; ++k) {
+  for (int k = 0; k < P; ++k) {
+    po[k] = pair_offsets<kU>(tid, k, b0, B, H);
     c[k] = n[k] = m[k] = y_last[k] = 0.f;
-    const int p = tid + k * kThreads;
-    const int64_t b = b0 + p / U;
-    if (p < pairs && b < B && a.c_init != nullptr) {
-      const int64_t u = unit_index(0, b, h, j0 + p % U, B, NH, DH);
+    if (po[k].valid && a.c_init != nullptr) {
+      const int64_t u = unit_base + po[k].unit;
       c[k] = a.c_init[u];
       n[k] = a.n_init[u];
       m[k] = a.m_init[u];
       y_last[k] = a.y_init[u];
     }
+  }
+  // bias of the thread's units, read once; with kU dividing kThreads all pairs of a thread
+  // share one unit
+  constexpr int kBiasUnits = kThreads % kU == 0 ? 1 : P;
+  float bias[kBiasUnits][4];
+  MOXE_PRAGMA_UNROLL
+  for (int k = 0; k < kBiasUnits; ++k) {
+    MOXE_PRAGMA_UNROLL
+    for (int g = 0; g < 4; ++g) bias[k][g] = to_float(a.bias[bias_index(g, h, j0 + po[k].jl, NH, DH)]);
+  }
+
+  // y_{t-1} tile: thread tid loads row tid / kRowThreads, columns tid % kRowThreads + i*kRowThreads
+  const int ld_row = tid / kRowThreads, ld_col = tid % kRowThreads;
+  const bool ld_valid = b0 + ld_row < B;
+  const int64_t ld_base = unit_index(0, b0 + ld_row, h, 0, B, NH, DH);
+
+  // step t's slices of wx, y and the tapes (at gate_base / unit_base), one step further
+  // after each step
+  const T* wx_t = a.wx + gate_base;
+  T* y_t = a.y + unit_base;
+  float *tape_gates_t = nullptr, *tape_c_t = nullptr, *tape_n_t = nullptr, *tape_m_t = nullptr;
+  if constexpr (kTape) {
+    tape_gates_t = a.tape_gates + gate_base;
+    tape_c_t = a.tape_c + unit_base;
+    tape_n_t = a.tape_n + unit_base;
+    tape_m_t = a.tape_m + unit_base;
   }
 
   // With one block per group, y_t goes straight into y_s (the product of step t has read
@@ -108,61 +168,64 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs<T> 
   const bool own_head = a.splits == 1;
   for (int64_t t = 0; t < S; ++t) {
     // y_{t-1} of the whole head for the tile's rows (zeros past the batch)
-    for (int64_t idx = tid; (t == 0 || !own_head) && idx < kBatchTile * DH; idx += kThreads) {
-      const int bl = static_cast<int>(idx / DH);
-      const int64_t d = idx % DH;
-      const int64_t b = b0 + bl;
-      T v = from_float<T>(0.f);
-      if (b < B) {
-        if (t == 0) {
-          if (a.y_init) v = from_float<T>(a.y_init[unit_index(0, b, h, d, B, NH, DH)]);
-        } else {
-          v = load_cg(a.y + unit_index(t - 1, b, h, d, B, NH, DH));
+    if (t == 0 || !own_head) {
+      for (int d = ld_col; d < dh; d += kRowThreads) {
+        T v = from_float<T>(0.f);
+        if (ld_valid) {
+          if (t == 0) {
+            if (a.y_init) v = from_float<T>(a.y_init[ld_base + d]);
+          } else {
+            v = load_cg(a.y + ((t - 1) * BH + ld_base + d));
+          }
         }
+        y_s[ld_row * L.ldy + d] = v;
       }
-      y_s[bl * L.ldy + d] = v;
     }
     // y may overlap y_init (an in-place step with y_out == y): every block of the group
     // has read y_init before any block writes y_0
     if (t == 0 && a.init_barrier) step_barrier(a.splits);
     // this step's input projections, fetched before the product to hide their latency
-    float wx[kMaxPairsPerThread][4];
+    float wx[P][4];
     MOXE_PRAGMA_UNROLL
-    for (int k = 0; k < kMaxPairsPerThread; ++k) {
-      const int p = tid + k * kThreads;
-      const int64_t b = b0 + p / U;
+    for (int k = 0; k < P; ++k) {
       MOXE_PRAGMA_UNROLL
-      for (int g = 0; g < 4; ++g)
-        wx[k][g] = (p < pairs && b < B) ? to_float(a.wx[gate_index(t, b, g, h, j0 + p % U, B, NH, DH)]) : 0.f;
+      for (int g = 0; g < 4; ++g) wx[k][g] = po[k].valid ? to_float(wx_t[po[k].gate + g * H]) : 0.f;
     }
     __syncthreads();
-    block_product<T>(y_s, L.ldy, r_s, L.ldr, g_s, L.ldg, 4 * U, static_cast<int>(DH));
+    block_product<T>(y_s, L.ldy, r_s, L.ldr, g_s, L.ldg, 4 * kU, dh);
     __syncthreads();
     MOXE_PRAGMA_UNROLL
-    for (int k = 0; k < kMaxPairsPerThread; ++k) {
-      const int p = tid + k * kThreads;
-      const int bl = p / U, jl = p % U;
-      const int64_t b = b0 + bl, j = j0 + jl;
-      if (p < pairs && b < B) {
+    for (int k = 0; k < P; ++k) {
+      const int bl = po[k].bl, jl = po[k].jl;
+      if (po[k].valid) {
         float raw[4];
         MOXE_PRAGMA_UNROLL
         for (int g = 0; g < 4; ++g)
-          raw[g] = gate_preactivation(wx[k][g], g_s[bl * L.ldg + g * U + jl], to_float(a.bias[bias_index(g, h, j, NH, DH)]));
+          raw[g] = gate_preactivation(wx[k][g], g_s[bl * L.ldg + g * kU + jl], bias[kBiasUnits == 1 ? 0 : k][g]);
         const CellOut<float> o = cell_forward(GatesRaw<float>{raw[0], raw[1], raw[2], raw[3]}, c[k], n[k], m[k]);
         c[k] = o.c;
         n[k] = o.n;
         m[k] = o.m;
         y_last[k] = o.y;
-        const int64_t u = unit_index(t, b, h, j, B, NH, DH);
-        a.y[u] = from_float<T>(o.y);
-        if (own_head) y_s[bl * L.ldy + j] = from_float<T>(o.y);
+        y_t[po[k].unit] = from_float<T>(o.y);
+        if (own_head) y_s[bl * L.ldy + static_cast<int>(j0) + jl] = from_float<T>(o.y);
         if constexpr (kTape) {
           MOXE_PRAGMA_UNROLL
-          for (int g = 0; g < 4; ++g) a.tape_gates[gate_index(t, b, g, h, j, B, NH, DH)] = raw[g];
-          a.tape_c[u] = o.c;
-          a.tape_n[u] = o.n;
-          a.tape_m[u] = o.m;
+          for (int g = 0; g < 4; ++g) tape_gates_t[po[k].gate + g * H] = raw[g];
+          tape_c_t[po[k].unit] = o.c;
+          tape_n_t[po[k].unit] = o.n;
+          tape_m_t[po[k].unit] = o.m;
         }
+      }
+    }
+    if (t + 1 < S) {
+      wx_t += 4 * BH;
+      y_t += BH;
+      if constexpr (kTape) {
+        tape_gates_t += 4 * BH;
+        tape_c_t += BH;
+        tape_n_t += BH;
+        tape_m_t += BH;
       }
     }
     step_barrier(a.splits);
@@ -170,11 +233,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs<T> 
 
   if (a.y_last != nullptr) {  // after the last barrier: y_init may alias y_last (decoding step)
     MOXE_PRAGMA_UNROLL
-    for (int k = 0; k < kMaxPairsPerThread; ++k) {
-      const int p = tid + k * kThreads;
-      const int64_t b = b0 + p / U;
-      if (p < pairs && b < B) {
-        const int64_t u = unit_index(0, b, h, j0 + p % U, B, NH, DH);
+    for (int k = 0; k < P; ++k) {
+      if (po[k].valid) {
+        const int64_t u = unit_base + po[k].unit;
         a.y_last[u] = y_last[k];
         a.c_last[u] = c[k];
         a.n_last[u] = n[k];
@@ -184,82 +245,101 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardArgs<T> 
   }
 }
 
-/// Loads dgates_t of the group's rows (all 4*DH gate units of head h) into dg_s as T.
+/// Loads dgates_t of the group's rows (all 4*DH gate units of head h) into dg_s as T:
+/// thread tid loads row tid / kRowThreads, columns tid % kRowThreads + i*kRowThreads.
 template <class T>
 MOXE_DEVICE MOXE_FORCEINLINE void load_dgates_tile(const BackwardArgs<T>& a, const BackwardSmem& L, T* dg_s,
                                                    int64_t t, int64_t b0, int64_t h) {
-  const int64_t DH = a.DH, B = a.B, NH = a.NH;
-  for (int64_t idx = threadIdx.x; idx < kBatchTile * 4 * DH; idx += kThreads) {
-    const int bl = static_cast<int>(idx / (4 * DH));
-    const int64_t col = idx % (4 * DH);
-    const int g = static_cast<int>(col / DH);
-    const int64_t j = col % DH;
-    const int64_t b = b0 + bl;
-    const float v = b < B ? load_cg(a.tape_gates + gate_index(t, b, g, h, j, B, NH, DH)) : 0.f;
+  static_assert(kHeadDimStep % kRowThreads == 0, "a row's walk crosses gates at multiples of kRowThreads");
+  const int bl = static_cast<int>(threadIdx.x) / kRowThreads, lane = static_cast<int>(threadIdx.x) % kRowThreads;
+  const int dh = static_cast<int>(a.DH), H = static_cast<int>(a.NH * a.DH);
+  const int64_t b = b0 + bl;
+  const float* src = b < a.B ? a.tape_gates + gate_index(t, b, 0, h, 0, a.B, a.NH, a.DH) : nullptr;
+  // column col = g*DH + j is src[g*H + j]; j runs up to DH, then the next gate starts
+  int j = lane, off = lane;
+  for (int col = lane; col < 4 * dh; col += kRowThreads) {
+    const float v = src != nullptr ? load_cg(src + off) : 0.f;
     dg_s[bl * L.ldk + col] = from_float<T>(v);
+    j += kRowThreads;
+    off += kRowThreads;
+    if (j >= dh) {
+      j -= dh;
+      off += H - dh;
+    }
   }
 }
 
-template <class T>
-__global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardArgs<T> a) {
+template <class T, int kU>
+__global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArgs<T> a) {
   constexpr bool kTC = uses_tensor_cores_v<T>;
+  constexpr int P = kPairs<kU>;
+  static_assert(kU % 16 == 0 && kU <= kMaxUnits && P * kThreads == kBatchTile * kU, "units per block");
   extern __shared__ __align__(128) unsigned char smem[];
-  const int U = a.units;
   const int64_t DH = a.DH, NH = a.NH, B = a.B, S = a.S;
-  const BackwardSmem L = backward_smem(DH, U, static_cast<int>(sizeof(T)), kTC);
+  const int dh = static_cast<int>(DH), H = static_cast<int>(NH * DH);  // H <= kMaxHeads * kMaxHeadDim
+  const int64_t BH = B * H;
+  const BackwardSmem L = backward_smem(DH, kU, static_cast<int>(sizeof(T)), kTC);
   T* rt_s = reinterpret_cast<T*>(smem + L.rt_off);
   T* dg_s = reinterpret_cast<T*>(smem + L.dg_off);
   float* out_s = reinterpret_cast<float*>(smem + L.out_off);
 
   const int tid = static_cast<int>(threadIdx.x);
-  const BlockTile tile = block_tile(a.group_begin + blockIdx.x, static_cast<int64_t>(blockIdx.y), U, NH);
+  const BlockTile tile = block_tile(a.group_begin + blockIdx.x, static_cast<int64_t>(blockIdx.y), kU, NH);
   const int64_t h = tile.h, b0 = tile.b0, j0 = tile.j0;
 
   // transposed slice: row dl, column n = g*DH + j holds r[h][g][j][j0 + dl]
-  for (int64_t idx = tid; idx < 4LL * DH * U; idx += kThreads) {
-    const int64_t col = idx / U;
-    const int dl = static_cast<int>(idx % U);
+  for (int idx = tid; idx < 4 * dh * kU; idx += kThreads) {
+    const int col = idx / kU, dl = idx % kU;
     rt_s[static_cast<size_t>(dl) * L.ldk + col] = a.r[(h * 4 * DH + col) * DH + j0 + dl];
   }
 
   // With one block per group, dgates_t goes straight into dg_s (rows past the batch stay
   // zero); with several, every step reloads dgates_{t+1} of the whole head.
   const bool own_head = a.splits == 1;
-  for (int64_t idx = tid; idx < kBatchTile * static_cast<int64_t>(L.ldk); idx += kThreads) dg_s[idx] = from_float<T>(0.f);
+  for (int idx = tid; idx < kBatchTile * L.ldk; idx += kThreads) dg_s[idx] = from_float<T>(0.f);
   __syncthreads();  // the zeros land before step S-1 writes its dgates into dg_s
 
-  const int pairs = kBatchTile * U;
-  float dc[kMaxPairsPerThread], dn[kMaxPairsPerThread], dm[kMaxPairsPerThread], dbias[kMaxPairsPerThread][4];
+  // (row, unit) pairs of this thread (pair_offsets), at unit_base + t*BH in dy and the state
+  // tapes and gate_base + t*4BH in the gate tape and dwx
+  const int64_t unit_base = unit_index(0, b0, h, j0, B, NH, DH);
+  const int64_t gate_base = gate_index(0, b0, 0, h, j0, B, NH, DH);
+  PairOffsets po[P];
+  float dc[P], dn[P], dm[P], dbias[P][4];
   MOXE_PRAGMA_UNROLL
-  for (int k = 0; k < kMaxPairsPerThread; ++k) {
+  for (int k = 0; k < P; ++k) {
+    po[k] = pair_offsets<kU>(tid, k, b0, B, H);
     dc[k] = dn[k] = dm[k] = 0.f;
     MOXE_PRAGMA_UNROLL
     for (int g = 0; g < 4; ++g) dbias[k][g] = 0.f;
-    const int p = tid + k * kThreads;
-    const int64_t b = b0 + p / U;
-    if (p < pairs && b < B && a.dc_last != nullptr) {
-      const int64_t u = unit_index(0, b, h, j0 + p % U, B, NH, DH);
+    if (po[k].valid && a.dc_last != nullptr) {
+      const int64_t u = unit_base + po[k].unit;
       dc[k] = a.dc_last[u];
       dn[k] = a.dn_last[u];
     }
   }
 
+  // step t's slices of dy, the gate tape and dwx (at unit_base / gate_base) and step t-1's
+  // of the state tapes (used for t > 0), one step back after each step
+  const T* dy_t = a.dy + (unit_base + (S - 1) * BH);
+  float* tape_gates_t = a.tape_gates + (gate_base + (S - 1) * 4 * BH);
+  T* dwx_t = a.dwx + (gate_base + (S - 1) * 4 * BH);
+  const int64_t prev_base = unit_base + (S > 1 ? (S - 2) * BH : 0);
+  const float *tape_c_prev = a.tape_c + prev_base, *tape_n_prev = a.tape_n + prev_base,
+              *tape_m_prev = a.tape_m + prev_base;
+
   for (int64_t t = S - 1; t >= 0; --t) {
     if (t < S - 1) {  // recurrent part of dy_t: r^T dgates_{t+1}, for this block's units
       if (!own_head) load_dgates_tile(a, L, dg_s, t + 1, b0, h);
       __syncthreads();
-      block_product<T>(dg_s, L.ldk, rt_s, L.ldk, out_s, L.ldo, U, static_cast<int>(4 * DH));
+      block_product<T>(dg_s, L.ldk, rt_s, L.ldk, out_s, L.ldo, kU, 4 * dh);
       __syncthreads();
     }
     MOXE_PRAGMA_UNROLL
-    for (int k = 0; k < kMaxPairsPerThread; ++k) {
-      const int p = tid + k * kThreads;
-      const int bl = p / U, jl = p % U;
-      const int64_t b = b0 + bl, j = j0 + jl;
-      if (p < pairs && b < B) {
-        const int64_t u = unit_index(t, b, h, j, B, NH, DH);
-        const int64_t u0 = unit_index(0, b, h, j, B, NH, DH);
-        float dy = to_float(a.dy[u]);
+    for (int k = 0; k < P; ++k) {
+      const int bl = po[k].bl, jl = po[k].jl;
+      if (po[k].valid) {
+        const int64_t u0 = unit_base + po[k].unit;
+        float dy = to_float(dy_t[po[k].unit]);
         if (t < S - 1) {
           dy += out_s[bl * L.ldo + jl];
         } else if (a.dy_last != nullptr) {
@@ -267,13 +347,12 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardArgs<T
         }
         float raw[4];
         MOXE_PRAGMA_UNROLL
-        for (int g = 0; g < 4; ++g) raw[g] = a.tape_gates[gate_index(t, b, g, h, j, B, NH, DH)];
+        for (int g = 0; g < 4; ++g) raw[g] = tape_gates_t[po[k].gate + g * H];
         float c0 = 0.f, n0 = 0.f, m0 = 0.f;
         if (t > 0) {
-          const int64_t up = unit_index(t - 1, b, h, j, B, NH, DH);
-          c0 = a.tape_c[up];
-          n0 = a.tape_n[up];
-          m0 = a.tape_m[up];
+          c0 = tape_c_prev[po[k].unit];
+          n0 = tape_n_prev[po[k].unit];
+          m0 = tape_m_prev[po[k].unit];
         } else if (a.c_init != nullptr) {
           c0 = a.c_init[u0];
           n0 = a.n_init[u0];
@@ -287,13 +366,23 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardArgs<T
         const float d4[4] = {gd.d.i, gd.d.f, gd.d.z, gd.d.o};
         MOXE_PRAGMA_UNROLL
         for (int g = 0; g < 4; ++g) {
-          const int64_t gi = gate_index(t, b, g, h, j, B, NH, DH);
-          a.tape_gates[gi] = d4[g];
-          a.dwx[gi] = from_float<T>(d4[g]);
-          if (own_head) dg_s[bl * L.ldk + g * DH + j] = from_float<T>(d4[g]);
+          const int gi = po[k].gate + g * H;
+          tape_gates_t[gi] = d4[g];
+          dwx_t[gi] = from_float<T>(d4[g]);
+          if (own_head) dg_s[bl * L.ldk + g * dh + static_cast<int>(j0) + jl] = from_float<T>(d4[g]);
           dbias[k][g] += d4[g];
         }
       }
+    }
+    if (t > 0) {
+      dy_t -= BH;
+      tape_gates_t -= 4 * BH;
+      dwx_t -= 4 * BH;
+    }
+    if (t > 1) {
+      tape_c_prev -= BH;
+      tape_n_prev -= BH;
+      tape_m_prev -= BH;
     }
     step_barrier(a.splits);
   }
@@ -302,24 +391,60 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardArgs<T
   if (a.dy_init != nullptr) {
     if (!own_head) load_dgates_tile(a, L, dg_s, 0, b0, h);
     __syncthreads();
-    block_product<T>(dg_s, L.ldk, rt_s, L.ldk, out_s, L.ldo, U, static_cast<int>(4 * DH));
+    block_product<T>(dg_s, L.ldk, rt_s, L.ldk, out_s, L.ldo, kU, 4 * dh);
     __syncthreads();
   }
   MOXE_PRAGMA_UNROLL
-  for (int k = 0; k < kMaxPairsPerThread; ++k) {
-    const int p = tid + k * kThreads;
-    const int bl = p / U, jl = p % U;
-    const int64_t b = b0 + bl, j = j0 + jl;
-    if (p < pairs && b < B) {
-      const int64_t u0 = unit_index(0, b, h, j, B, NH, DH);
+  for (int k = 0; k < P; ++k) {
+    if (po[k].valid) {
+      const int64_t u0 = unit_base + po[k].unit;
       if (a.dy_init != nullptr) {
-        a.dy_init[u0] = out_s[bl * L.ldo + jl];
+        a.dy_init[u0] = out_s[po[k].bl * L.ldo + po[k].jl];
         a.dc_init[u0] = dc[k];
         a.dn_init[u0] = dn[k];
       }
       MOXE_PRAGMA_UNROLL
-      for (int g = 0; g < 4; ++g) a.dbias_partial[gate_index(0, b, g, h, j, B, NH, DH)] = dbias[k][g];
+      for (int g = 0; g < 4; ++g) a.dbias_partial[gate_base + po[k].gate + g * H] = dbias[k][g];
     }
+  }
+}
+
+/// The kernel instances per units per block (a multiple of 16 up to kMaxUnits); null for
+/// any other count.
+template <class T>
+using ForwardKernel = void (*)(ForwardArgs<T>);
+template <class T>
+using BackwardKernel = void (*)(BackwardArgs<T>);
+
+template <class T, bool kTape>
+ForwardKernel<T> forward_kernel_for(int units) {
+  static_assert(kMaxUnits == 128, "one case per multiple of 16 up to kMaxUnits");
+  switch (units) {
+    case 16: return forward_kernel<T, 16, kTape>;
+    case 32: return forward_kernel<T, 32, kTape>;
+    case 48: return forward_kernel<T, 48, kTape>;
+    case 64: return forward_kernel<T, 64, kTape>;
+    case 80: return forward_kernel<T, 80, kTape>;
+    case 96: return forward_kernel<T, 96, kTape>;
+    case 112: return forward_kernel<T, 112, kTape>;
+    case 128: return forward_kernel<T, 128, kTape>;
+    default: return nullptr;
+  }
+}
+
+template <class T>
+BackwardKernel<T> backward_kernel_for(int units) {
+  static_assert(kMaxUnits == 128, "one case per multiple of 16 up to kMaxUnits");
+  switch (units) {
+    case 16: return backward_kernel<T, 16>;
+    case 32: return backward_kernel<T, 32>;
+    case 48: return backward_kernel<T, 48>;
+    case 64: return backward_kernel<T, 64>;
+    case 80: return backward_kernel<T, 80>;
+    case 96: return backward_kernel<T, 96>;
+    case 112: return backward_kernel<T, 112>;
+    case 128: return backward_kernel<T, 128>;
+    default: return nullptr;
   }
 }
 

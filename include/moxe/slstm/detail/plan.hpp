@@ -20,7 +20,6 @@ inline constexpr int kBatchTile = 16;  // batch rows per group: the WMMA M dimen
 inline constexpr int kThreads = 256;   // threads per recurrent block
 inline constexpr int kWarps = kThreads / 32;
 inline constexpr int kMaxUnits = 128;  // units per block at most
-inline constexpr int kMaxPairsPerThread = kBatchTile * kMaxUnits / kThreads;  // (row, unit) pairs
 inline constexpr int kMinHeadDim = 16, kMaxHeadDim = 256, kHeadDimStep = 16;
 inline constexpr int kMaxHeads = 16;
 inline constexpr std::size_t kSmemAlign = 128;
