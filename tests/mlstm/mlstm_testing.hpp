@@ -1,13 +1,29 @@
-// Shared fixtures of the mLSTM step tests (host and device): the shape of one decoding
-// step, its inputs, and the StepParams that point at them.
+// Shared fixtures of the mLSTM tests (host and device): the shape of one decoding step, its
+// inputs, the StepParams that point at them, and the error measure of dfgate.
 #pragma once
 
+#include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
 #include "moxe/mlstm/params.hpp"
 
 namespace moxe::test {
+
+/// ||df - df_ref|| / ||(df_ref, di_ref)||: the error of dfgate on digate's scale. Where m
+/// has a single source (a sequence's first position, a length-1 sequence) dfgate reaches
+/// the gate through m only, which cancels out of h except through eps and the exp(-m)
+/// floor: a difference of terms the size of digate, whose rounding is that size too.
+inline double dfgate_error(const std::vector<double>& df, const std::vector<double>& df_ref,
+                           const std::vector<double>& di_ref) {
+  double diff = 0, scale = 0;
+  for (std::size_t r = 0; r < df.size(); ++r) {
+    diff += (df[r] - df_ref[r]) * (df[r] - df_ref[r]);
+    scale += df_ref[r] * df_ref[r] + di_ref[r] * di_ref[r];
+  }
+  return std::sqrt(diff / scale);  // NaN (an unwritten element) fails any bound
+}
 
 /// The sizes of one decoding step: batch * heads state slots.
 struct StepShape {
