@@ -15,6 +15,7 @@
 #include "moxe/mlstm/step.cuh"
 
 #include "moxe/slstm/reference.hpp"
+#include "moxe/slstm/per_token.cuh"
 #include "moxe/slstm/sequence.cuh"
 #include "moxe/slstm/step.cuh"
 
