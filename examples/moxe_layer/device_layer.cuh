@@ -42,6 +42,7 @@
 #include "moxe/dispatch/routing_map.cuh"
 #include "moxe/mlstm/chunkwise.cuh"
 #include "moxe/mlstm/per_token.cuh"
+#include "moxe/slstm/per_token.cuh"
 #include "moxe/router/gate.cuh"
 #include "moxe/slstm/sequence.cuh"
 
@@ -220,6 +221,19 @@ class DeviceLayer {
   Status mlstm_cell_forward(const moxe::mlstm::ForwardParams<T, float>& p) {
     if (p.num_segments == 0 && p.dims.seq_len == 1) return moxe::mlstm::per_token_forward(p, nullptr, 0, stream_);
     return moxe::mlstm::chunkwise_forward(p, workspace_, workspace_bytes_, stream_);
+  }
+  /// The sLSTM cell: length-1 sequences from the zero state (per token) take the pointwise
+  /// closed form of slstm::per_token_forward (r is not read); longer ones the sequence path.
+  Status slstm_cell_forward(const moxe::slstm::ForwardParams<T, float>& p) {
+    if (p.dims.seq_len == 1 && p.y_init == nullptr)
+      return moxe::slstm::per_token_forward(p, workspace_, workspace_bytes_, stream_);
+    return moxe::slstm::sequence_forward(p, workspace_, workspace_bytes_, stream_);
+  }
+  /// The backward of slstm_cell_forward, on the same path.
+  Status slstm_cell_backward(const moxe::slstm::BackwardParams<T, float>& b) {
+    if (b.fwd.dims.seq_len == 1 && b.fwd.y_init == nullptr && b.dy_init == nullptr && b.dy_last == nullptr)
+      return moxe::slstm::per_token_backward(b, workspace_, workspace_bytes_, stream_);
+    return moxe::slstm::sequence_backward(b, workspace_, workspace_bytes_, stream_);
   }
   /// The backward of mlstm_cell_forward, on the same path.
   Status mlstm_cell_backward(const moxe::mlstm::BackwardParams<T, float>& b) {
@@ -578,9 +592,14 @@ Status DeviceLayer<T>::init(const LayerConfig& c, const LayerWeights& w, cudaStr
       need(moxe::slstm::sequence_backward_workspace_size(bp));
     };
     need_slstm(moxe::slstm::Dims{S, B, NH, c.head_dim()});  // the mixer; stateful experts and shared experts
-    if (!stateful) {
-      need_slstm(moxe::slstm::Dims{1, R, NH, c.head_dim()});
-      need_slstm(moxe::slstm::Dims{1, T_, NH, c.head_dim()});
+    if (!stateful) {  // length-1 sequences: the per-token path (slstm_cell_forward)
+      auto need_per_token = [&need](const moxe::slstm::Dims& dims) {
+        moxe::slstm::BackwardParams<T, float> bp{};
+        bp.fwd.dims = dims;
+        need(moxe::slstm::per_token_backward_workspace_size(bp));
+      };
+      need_per_token(moxe::slstm::Dims{1, R, NH, c.head_dim()});
+      need_per_token(moxe::slstm::Dims{1, T_, NH, c.head_dim()});
     }
   }
   need(moxe::router::gate_forward_workspace_size(gate_params_));
@@ -797,8 +816,7 @@ Status DeviceLayer<T>::experts() {
     const int64_t r0 = expert_offset(e), n = expert_rows(e);
     if (n == 0) continue;
     if (!stateful) {  // n sequences of one token: the rows are the [1, n, 4, NH, DH] layout
-      const auto cell = expert_slstm_params(e, 1, n, e_wx_ + r0 * 4 * D, e_h_ + r0 * D);
-      MOXE_RETURN_IF_ERROR(moxe::slstm::sequence_forward(cell, workspace_, workspace_bytes_, stream_));
+      MOXE_RETURN_IF_ERROR(slstm_cell_forward(expert_slstm_params(e, 1, n, e_wx_ + r0 * 4 * D, e_h_ + r0 * D)));
       continue;
     }
     const int64_t* seg = segments_ + int64_t(e) * B;  // this expert's B + 1 segment offsets
@@ -850,8 +868,7 @@ Status DeviceLayer<T>::shared_experts() {
     } else {
       MOXE_RETURN_IF_ERROR(linear(t.xn, D, T_, D, w_(p + "w_x"), nullptr, 4 * D, t.proj, 4 * D));
       if (stateful) MOXE_RETURN_IF_ERROR(swap_outer(t.proj, B, S, 4 * D, t.wx_cell, stream_));  // [B, S] -> [S, B]
-      MOXE_RETURN_IF_ERROR(
-          moxe::slstm::sequence_forward(shared_slstm_params(s), workspace_, workspace_bytes_, stream_));
+      MOXE_RETURN_IF_ERROR(slstm_cell_forward(shared_slstm_params(s)));
       if (stateful) MOXE_RETURN_IF_ERROR(swap_outer(t.h_cell, S, B, D, t.h, stream_));  // [S, B] -> [B, S]
     }
     MOXE_RETURN_IF_ERROR(
@@ -988,7 +1005,7 @@ Status DeviceLayer<T>::experts_backward() {
       cell.fwd = expert_slstm_params(e, 1, n, e_wx_ + r0 * 4 * D, e_h_ + r0 * D);
       cell.dy = ed_h_ + r0 * D;
       cell.dwx = ed_wx_ + r0 * 4 * D;
-      MOXE_RETURN_IF_ERROR(moxe::slstm::sequence_backward(cell, workspace_, workspace_bytes_, stream_));
+      MOXE_RETURN_IF_ERROR(slstm_cell_backward(cell));
       continue;
     }
     // the padded batch again (the forward's buffer holds the last sLSTM expert's)
@@ -1067,7 +1084,7 @@ Status DeviceLayer<T>::shared_experts_backward() {
         cell.dy = ed_h_;
         cell.dwx = ed_wx_;
       }
-      MOXE_RETURN_IF_ERROR(moxe::slstm::sequence_backward(cell, workspace_, workspace_bytes_, stream_));
+      MOXE_RETURN_IF_ERROR(slstm_cell_backward(cell));
       if (stateful) MOXE_RETURN_IF_ERROR(swap_outer(ed_wx_pad_, S, B, 4 * D, ed_wx_, stream_));
       MOXE_RETURN_IF_ERROR(linear_bwd(t.xn, D, T_, D, p + "w_x", "", 4 * D, ed_wx_, 4 * D, ed_xn_, D, false));
     }
