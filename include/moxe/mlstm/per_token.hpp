@@ -66,15 +66,17 @@ MOXE_HD MOXE_FORCEINLINE PerTokenGrad<A> per_token_grad(A igate, A fgate, A s, A
   //                  the difference g / den - |nq| g / den^2 of two nearly equal terms
   //                  (which loses |nq| / eps of relative precision).
   //   exp(-m) branch: dh/dnq = v / den, and m moves the floor: dm = nq g exp(-m) / den^2.
+  // (Products of ratios, not 1 / den^2: den^2 leaves float's range when eps -> 0 and m is
+  // large.)
   const A floor = math::exp(-f.gate.m);
-  const A inv_den2 = A(1) / (f.den * f.den);
+  const A g_den = g / f.den;
   A dnq, dm;
   if (!(math::abs(f.nq) < floor)) {
-    dnq = g * eps * inv_den2;
+    dnq = g_den * (eps / f.den);
     dm = A(0);
   } else {
-    dnq = g / f.den;
-    dm = f.nq * g * floor * inv_den2;
+    dnq = g_den;
+    dm = f.nq * g_den * (floor / f.den);
   }
   // nq = a s: a is the gate's i_scale; f_scale multiplies the zero states (no gradient)
   const GateGrad<A> gg = gate_step_backward(fgate, f.gate, A(0), dnq * s, dm);
