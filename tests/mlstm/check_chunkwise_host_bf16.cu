@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "device_utils.cuh"
 #include "mlstm_testing.hpp"
 #include "moxe/mlstm/chunkwise_host.hpp"
 #include "moxe/mlstm/reference.hpp"
@@ -26,34 +27,20 @@ using moxe::Status;
 namespace {
 
 template <class T>
-std::vector<T> to_elements(const std::vector<double>& v) {
-  std::vector<T> out(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) out[i] = T(static_cast<float>(v[i]));
-  return out;
-}
-
-template <class T>
-std::vector<double> to_doubles(const std::vector<T>& v) {
-  std::vector<double> out(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) out[i] = static_cast<double>(static_cast<float>(v[i]));
-  return out;
-}
-
-template <class T>
 void check(mt::Rng& rng, int64_t batch, int64_t heads, int64_t seq, int64_t dqk, int64_t dv, int chunk,
            bool check_dqk = true) {
   CAPTURE(seq);
   CAPTURE(chunk);
   const int64_t rows = batch * heads * seq;
   // inputs on T's grid, the same numbers for both paths
-  auto q = to_doubles(to_elements<T>(mt::normal_vector<double>(rng, rows * dqk)));
-  auto k = to_doubles(to_elements<T>(mt::normal_vector<double>(rng, rows * dqk)));
-  auto v = to_doubles(to_elements<T>(mt::normal_vector<double>(rng, rows * dv)));
-  auto ig = to_doubles(to_elements<T>(mt::uniform_vector<double>(rng, rows, -3.0, 3.0)));
-  auto fg = to_doubles(to_elements<T>(mt::uniform_vector<double>(rng, rows, -2.0, 6.0)));
-  auto dh = to_doubles(to_elements<T>(mt::normal_vector<double>(rng, rows * dv)));
-  const auto qe = to_elements<T>(q), ke = to_elements<T>(k), ve = to_elements<T>(v);
-  const auto ige = to_elements<T>(ig), fge = to_elements<T>(fg), dhe = to_elements<T>(dh);
+  auto q = mt::round_through<T>(mt::normal_vector<double>(rng, rows * dqk));
+  auto k = mt::round_through<T>(mt::normal_vector<double>(rng, rows * dqk));
+  auto v = mt::round_through<T>(mt::normal_vector<double>(rng, rows * dv));
+  auto ig = mt::round_through<T>(mt::uniform_vector<double>(rng, rows, -3.0, 3.0));
+  auto fg = mt::round_through<T>(mt::uniform_vector<double>(rng, rows, -2.0, 6.0));
+  auto dh = mt::round_through<T>(mt::normal_vector<double>(rng, rows * dv));
+  const auto qe = mt::convert_to<T>(q), ke = mt::convert_to<T>(k), ve = mt::convert_to<T>(v);
+  const auto ige = mt::convert_to<T>(ig), fge = mt::convert_to<T>(fg), dhe = mt::convert_to<T>(dh);
 
   mlstm::ForwardParams<T, float> p{};
   p.dims = mlstm::Dims{batch, heads, seq, dqk, dv};
@@ -77,7 +64,7 @@ void check(mt::Rng& rng, int64_t batch, int64_t heads, int64_t seq, int64_t dqk,
   std::vector<double> h_ref(rows * dv);
   r.h = h_ref.data();
   REQUIRE(mlstm::reference::forward(r) == Status::ok);
-  CHECK(mt::rel_error(to_doubles(h), h_ref) < 1e-2);  // h rounded to T once
+  CHECK(mt::rel_error(mt::convert_to_double(h), h_ref) < 1e-2);  // h rounded to T once
 
   std::vector<T> dq(rows * dqk), dk(rows * dqk), dvv(rows * dv), di(rows), df(rows);
   mlstm::BackwardParams<T, float> b{};
@@ -100,15 +87,15 @@ void check(mt::Rng& rng, int64_t batch, int64_t heads, int64_t seq, int64_t dqk,
   rb.dfgate = rdf.data();
   REQUIRE(mlstm::reference::backward(rb) == Status::ok);
   if (check_dqk) {
-    CHECK(mt::rel_error(to_doubles(dq), rdq) < 1e-2);
-    CHECK(mt::rel_error(to_doubles(dk), rdk) < 1e-2);
+    CHECK(mt::rel_error(mt::convert_to_double(dq), rdq) < 1e-2);
+    CHECK(mt::rel_error(mt::convert_to_double(dk), rdk) < 1e-2);
   }
-  CHECK(mt::rel_error(to_doubles(dvv), rdv) < 1e-2);
-  CHECK(mt::rel_error(to_doubles(di), rdi) < 1e-2);
+  CHECK(mt::rel_error(mt::convert_to_double(dvv), rdv) < 1e-2);
+  CHECK(mt::rel_error(mt::convert_to_double(di), rdi) < 1e-2);
   if (check_dqk) {
-    CHECK(mt::rel_error(to_doubles(df), rdf) < 1e-2);
+    CHECK(mt::rel_error(mt::convert_to_double(df), rdf) < 1e-2);
   } else {  // length 1: dfgate is a difference of terms the size of digate (mt::dfgate_error)
-    CHECK(mt::dfgate_error(to_doubles(df), rdf, rdi) < 1e-2);
+    CHECK(mt::dfgate_error(mt::convert_to_double(df), rdf, rdi) < 1e-2);
   }
 }
 
