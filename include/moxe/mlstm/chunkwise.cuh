@@ -86,22 +86,6 @@ Status launch_phase(const F& phase, cudaStream_t stream) {
 inline constexpr int kTileWarps = 4;  // one 16 x 16 output tile per warp
 inline constexpr int kTileThreads = kTileWarps * kWarpSizeForTiles;
 
-/// Which index of an operand is the contiguous one in memory (detail/chunkwise_math.hpp:
-/// Op::kAContiguousX, Op::kBContiguousZ; absent: false). A(x, z) is staged with the lanes
-/// along z, B(z, y) along y, unless the op says the other index is contiguous: then the
-/// lanes run along that one, so that a warp's loads touch two runs of 16 consecutive
-/// elements instead of 16 rows.
-template <class Op, class = void>
-struct a_contiguous_x : std::false_type {};
-template <class Op>
-struct a_contiguous_x<Op, std::void_t<decltype(Op::kAContiguousX)>>
-    : std::integral_constant<bool, Op::kAContiguousX> {};
-template <class Op, class = void>
-struct b_contiguous_z : std::false_type {};
-template <class Op>
-struct b_contiguous_z<Op, std::void_t<decltype(Op::kBContiguousZ)>>
-    : std::integral_constant<bool, Op::kBContiguousZ> {};
-
 /// The device's tile engine (see "tile products" in detail/chunkwise_math.hpp): each warp
 /// computes 16 x 16 output tiles of `op`, staging 16-deep slices of both operands in
 /// shared memory through the op's accessors. kTensorCores: tensor-core MMAs with fp32
@@ -115,8 +99,11 @@ __global__ void __launch_bounds__(kTileThreads)
   // column touches 16 rows in 8 banks, 2-way, rather than 2 banks at a pitch of 16); the
   // FMA path reads rows and columns, 17 keeps both conflict-free.
   constexpr int kLd = kTensorCores ? kTile + 4 : kTile + 1;
-  constexpr bool kAX = a_contiguous_x<Op>::value, kBZ = b_contiguous_z<Op>::value;
-  constexpr bool kAExact = a_exact_tf32<Op>::value, kBExact = b_exact_tf32<Op>::value;
+  // the op's hints (TileOpBase): which index of A / B is contiguous (the staging runs its
+  // lanes along it, so a warp's loads touch two runs of 16 elements, not 16 rows), and
+  // which operand is exact in TF32
+  constexpr bool kAX = Op::kAContiguousX, kBZ = Op::kBContiguousZ;
+  constexpr bool kAExact = Op::kAExactTF32, kBExact = Op::kBExactTF32;
   __shared__ __align__(32) float a_stage[kTileWarps][kTile * kLd];
   __shared__ __align__(32) float b_stage[kTileWarps][kTile * kLd];
   const int warp = static_cast<int>(threadIdx.x) / kWarpSizeForTiles;
@@ -276,16 +263,14 @@ Status chunkwise_forward_variant(const ForwardParams<T, Acc>& p, void* workspace
                                  cudaStream_t stream) {
   MOXE_RETURN_IF_ERROR(validate_device_chunkwise(p, /*need_h=*/true));
   if (workspace_bytes < chunkwise_forward_workspace_size(p)) return Status::workspace_too_small;
-  const int64_t per_pass = pass_batch(p);
-  for (int64_t b0 = 0; b0 < p.dims.batch; b0 += per_pass) {  // one pass unless batch_per_pass
-    const ForwardParams<T, Acc> s = batch_slice(p, b0, math::min(per_pass, p.dims.batch - b0));
+  return for_each_batch_pass(p, [&](int64_t b0, int64_t nb) {  // one pass unless batch_per_pass
+    const ForwardParams<T, Acc> s = batch_slice(p, b0, nb);
     WorkspaceCarver carver(workspace, workspace_bytes);
     const auto ws = carve_chunk_workspace<Acc>(carver, s.dims, s.num_segments, s.chunk_size, false);
     if (!carver.fits()) return Status::workspace_too_small;
     const ChunkProblem<T, Acc> cp = make_chunk_problem(s, ws);
-    MOXE_RETURN_IF_ERROR(run_forward<kTiled>(cp, s.h, s.c_last, s.n_last, s.m_last, DeviceRunner<T>{stream}));
-  }
-  return Status::ok;
+    return run_forward<kTiled>(cp, s.h, s.c_last, s.n_last, s.m_last, DeviceRunner<T>{stream});
+  });
 }
 
 template <bool kTiled, class T, class Acc>
@@ -294,16 +279,14 @@ Status chunkwise_backward_variant(const BackwardParams<T, Acc>& p, void* workspa
   MOXE_RETURN_IF_ERROR(validate(p));
   MOXE_RETURN_IF_ERROR(validate_device_chunkwise(p.fwd, /*need_h=*/false));
   if (workspace_bytes < chunkwise_backward_workspace_size(p)) return Status::workspace_too_small;
-  const int64_t per_pass = pass_batch(p.fwd);
-  for (int64_t b0 = 0; b0 < p.fwd.dims.batch; b0 += per_pass) {  // one pass unless batch_per_pass
-    const BackwardParams<T, Acc> s = batch_slice(p, b0, math::min(per_pass, p.fwd.dims.batch - b0));
+  return for_each_batch_pass(p.fwd, [&](int64_t b0, int64_t nb) {  // one pass unless batch_per_pass
+    const BackwardParams<T, Acc> s = batch_slice(p, b0, nb);
     WorkspaceCarver carver(workspace, workspace_bytes);
     const auto ws = carve_chunk_workspace<Acc>(carver, s.fwd.dims, s.fwd.num_segments, s.fwd.chunk_size, true);
     if (!carver.fits()) return Status::workspace_too_small;
     const ChunkProblem<T, Acc> cp = make_chunk_problem(s.fwd, ws);
-    MOXE_RETURN_IF_ERROR(run_backward<kTiled>(cp, make_chunk_grad_io(s), DeviceRunner<T>{stream}));
-  }
-  return Status::ok;
+    return run_backward<kTiled>(cp, make_chunk_grad_io(s), DeviceRunner<T>{stream});
+  });
 }
 
 }  // namespace detail

@@ -81,17 +81,15 @@ Status forward(const ForwardParams<T, Acc>& p) {
   MOXE_RETURN_IF_ERROR(impl::validate_segments(p));
   try {
     std::vector<unsigned char> storage(forward_workspace_size(p));
-    const int64_t per_pass = detail::pass_batch(p);
-    for (int64_t b0 = 0; b0 < p.dims.batch; b0 += per_pass) {  // the device's passes
-      const ForwardParams<T, Acc> s = detail::batch_slice(p, b0, std::min(per_pass, p.dims.batch - b0));
+    return detail::for_each_batch_pass(p, [&](int64_t b0, int64_t nb) {  // the device's passes
+      const ForwardParams<T, Acc> s = detail::batch_slice(p, b0, nb);
       std::fill(storage.begin(), storage.end(), impl::kPoisonByte);  // every pass starts unwritten
       WorkspaceCarver c(storage.data(), storage.size());
       const auto ws = detail::carve_chunk_workspace<Acc>(c, s.dims, s.num_segments, s.chunk_size, false);
       if (!c.fits()) return Status::workspace_too_small;
       const detail::ChunkProblem<T, Acc> cp = detail::make_chunk_problem(s, ws);
-      MOXE_RETURN_IF_ERROR(detail::run_forward<kTiled>(cp, s.h, s.c_last, s.n_last, s.m_last, impl::HostRunner{}));
-    }
-    return Status::ok;
+      return detail::run_forward<kTiled>(cp, s.h, s.c_last, s.n_last, s.m_last, impl::HostRunner{});
+    });
   } catch (const std::bad_alloc&) {
     return Status::unsupported;
   }
@@ -105,19 +103,16 @@ Status backward(const BackwardParams<T, Acc>& p) {
   MOXE_RETURN_IF_ERROR(impl::validate_segments(p.fwd));
   try {
     std::vector<unsigned char> storage(backward_workspace_size(p));
-    const int64_t per_pass = detail::pass_batch(p.fwd);
-    for (int64_t b0 = 0; b0 < p.fwd.dims.batch; b0 += per_pass) {  // the device's passes
-      const BackwardParams<T, Acc> s = detail::batch_slice(p, b0, std::min(per_pass, p.fwd.dims.batch - b0));
+    return detail::for_each_batch_pass(p.fwd, [&](int64_t b0, int64_t nb) {  // the device's passes
+      const BackwardParams<T, Acc> s = detail::batch_slice(p, b0, nb);
       std::fill(storage.begin(), storage.end(), impl::kPoisonByte);
       WorkspaceCarver c(storage.data(), storage.size());
       const auto ws =
           detail::carve_chunk_workspace<Acc>(c, s.fwd.dims, s.fwd.num_segments, s.fwd.chunk_size, true);
       if (!c.fits()) return Status::workspace_too_small;
       const detail::ChunkProblem<T, Acc> cp = detail::make_chunk_problem(s.fwd, ws);
-      const detail::ChunkGradIO<T, Acc> io = detail::make_chunk_grad_io(s);
-      MOXE_RETURN_IF_ERROR(detail::run_backward<kTiled>(cp, io, impl::HostRunner{}));
-    }
-    return Status::ok;
+      return detail::run_backward<kTiled>(cp, detail::make_chunk_grad_io(s), impl::HostRunner{});
+    });
   } catch (const std::bad_alloc&) {
     return Status::unsupported;
   }

@@ -119,6 +119,16 @@ BackwardParams<T, A> batch_slice(const BackwardParams<T, A>& b, int64_t b0, int6
   return s;
 }
 
+/// Runs pass(b0, nb) for the batch passes of p in order (entries [b0, b0 + nb)); the first
+/// status that is not ok stops it.
+template <class T, class A, class Pass>
+Status for_each_batch_pass(const ForwardParams<T, A>& p, Pass&& pass) {
+  const int64_t per_pass = pass_batch(p);
+  for (int64_t b0 = 0; b0 < p.dims.batch; b0 += per_pass)
+    MOXE_RETURN_IF_ERROR(pass(b0, math::min(per_pass, p.dims.batch - b0)));
+  return Status::ok;
+}
+
 /// The checks of the chunkwise algorithm on top of validate(): the chunk size.
 template <class T, class Acc>
 Status validate_chunkwise(const ForwardParams<T, Acc>& p, bool need_h) {
@@ -956,9 +966,9 @@ struct ChunkGateGradFinal : ChunkBackwardBase<T, A> {
 // The device computes each 16 x 16 output tile with one warp (operands staged in shared
 // memory 16 deep; tensor cores (TF32) for half and bf16 inputs, fp32 FMA for float inputs);
 // the host (run_tile_product_host) stages and sums the same tiles in the same z order.
-// kAContiguousX / kBContiguousZ (optional, default false) tell the device's staging which
+// kAContiguousX / kBContiguousZ (default false, TileOpBase) tell the device's staging which
 // index of A(x, z) / B(z, y) is contiguous in memory; they change no value.
-// kAExactTF32 / kBExactTF32 (optional, default false): every value of that operand is an
+// kAExactTF32 / kBExactTF32 (default false, TileOpBase): every value of that operand is an
 // input element as given (half and bf16 values are exact in TF32), so the device's 3xTF32
 // split has a zero low part there and skips its product (adding exact zeros changes no
 // value).
@@ -971,6 +981,9 @@ MOXE_HD inline int64_t pad_to_tile(int64_t n) { return (n + kTile - 1) / kTile *
 template <class T, class A>
 struct TileOpBase {
   static constexpr bool kTileProduct = true;
+  // staging and precision hints (see above); an op that knows better redeclares them
+  static constexpr bool kAContiguousX = false, kBContiguousZ = false;
+  static constexpr bool kAExactTF32 = false, kBExactTF32 = false;
   using Element = T;
   using Acc = A;
   ChunkProblem<T, A> p;
@@ -1244,16 +1257,6 @@ template <class Op>
 inline constexpr bool uses_tf32_v =
     !std::is_arithmetic_v<typename Op::Element> && std::is_same_v<typename Op::Acc, float>;
 
-/// Whether an operand is exact in TF32 (Op::kAExactTF32, Op::kBExactTF32; absent: false).
-template <class Op, class = void>
-struct a_exact_tf32 : std::false_type {};
-template <class Op>
-struct a_exact_tf32<Op, std::void_t<decltype(Op::kAExactTF32)>> : std::integral_constant<bool, Op::kAExactTF32> {};
-template <class Op, class = void>
-struct b_exact_tf32 : std::false_type {};
-template <class Op>
-struct b_exact_tf32<Op, std::void_t<decltype(Op::kBExactTF32)>> : std::integral_constant<bool, Op::kBExactTF32> {};
-
 /// x rounded to TF32 (10 mantissa bits, to nearest, ties away from zero), as the device's
 /// conversion to a tensor-core operand does.
 inline float round_to_tf32(float x) {
@@ -1268,7 +1271,7 @@ inline float round_to_tf32(float x) {
 /// TF32 parts of such operands): every value the tiles would stage is a TF32 value.
 template <class Op>
 bool exact_operands_hold_host(const Op& op) {
-  constexpr bool kA = a_exact_tf32<Op>::value, kB = b_exact_tf32<Op>::value;
+  constexpr bool kA = Op::kAExactTF32, kB = Op::kBExactTF32;
   if constexpr (!uses_tf32_v<Op> || (!kA && !kB)) {
     (void)op;
     return true;
