@@ -53,19 +53,28 @@ MOXE_HD MOXE_FORCEINLINE GatesRaw<A> per_token_gates(A wx_i, A wx_f, A wx_z, A w
 
 namespace reference {
 
+namespace detail_ref {
+
+/// The raw gates of unit u at position r (wx [positions, 4, H], bias [4, H]), in Acc.
+template <class T, class Acc>
+slstm::detail::GatesRaw<Acc> per_token_gates_at(const ForwardParams<T, Acc>& p, int64_t r, int64_t u, int64_t H) {
+  auto acc = [](T x) { return static_cast<Acc>(x); };
+  const T* wx = p.wx + r * 4 * H + u;
+  return slstm::detail::per_token_gates(acc(wx[0]), acc(wx[H]), acc(wx[2 * H]), acc(wx[3 * H]), acc(p.bias[u]),
+                                        acc(p.bias[H + u]), acc(p.bias[2 * H + u]), acc(p.bias[3 * H + u]));
+}
+
+}  // namespace detail_ref
+
 /// y [S, B, NH, DH]: every (t, b) a length-1 sequence from the zero state.
 template <class T, class Acc>
 Status per_token_forward(const ForwardParams<T, Acc>& p) {
   MOXE_RETURN_IF_ERROR(validate_per_token(p, /*need_y=*/true));
   const Dims& d = p.dims;
   const int64_t H = hidden(d), positions = d.seq_len * d.batch;
-  auto acc = [](T x) { return static_cast<Acc>(x); };
   for (int64_t r = 0; r < positions; ++r)
     for (int64_t u = 0; u < H; ++u) {
-      const T* wx = p.wx + r * 4 * H + u;
-      const auto g = detail::per_token_gates(acc(wx[0]), acc(wx[H]), acc(wx[2 * H]), acc(wx[3 * H]),
-                                             acc(p.bias[u]), acc(p.bias[H + u]), acc(p.bias[2 * H + u]),
-                                             acc(p.bias[3 * H + u]));
+      const auto g = detail_ref::per_token_gates_at(p, r, u, H);
       p.y[r * H + u] = static_cast<T>(detail::cell_forward(g, Acc(0), Acc(0), Acc(0)).y);
     }
   return Status::ok;
@@ -78,15 +87,12 @@ Status per_token_backward(const BackwardParams<T, Acc>& b) {
   const ForwardParams<T, Acc>& p = b.fwd;
   const Dims& d = p.dims;
   const int64_t H = hidden(d), positions = d.seq_len * d.batch;
-  auto acc = [](T x) { return static_cast<Acc>(x); };
   for (int64_t u = 0; u < H; ++u) {
     Acc sum[4] = {Acc(0), Acc(0), Acc(0), Acc(0)};
     for (int64_t r = 0; r < positions; ++r) {
-      const T* wx = p.wx + r * 4 * H + u;
-      const auto g = detail::per_token_gates(acc(wx[0]), acc(wx[H]), acc(wx[2 * H]), acc(wx[3 * H]),
-                                             acc(p.bias[u]), acc(p.bias[H + u]), acc(p.bias[2 * H + u]),
-                                             acc(p.bias[3 * H + u]));
-      const auto cg = detail::cell_backward(g, Acc(0), Acc(0), Acc(0), acc(b.dy[r * H + u]), Acc(0), Acc(0), Acc(0));
+      const auto g = detail_ref::per_token_gates_at(p, r, u, H);
+      const auto cg = detail::cell_backward(g, Acc(0), Acc(0), Acc(0), static_cast<Acc>(b.dy[r * H + u]), Acc(0),
+                                            Acc(0), Acc(0));
       const Acc dg[4] = {cg.d.i, cg.d.f, cg.d.z, cg.d.o};
       for (int gate = 0; gate < 4; ++gate) {
         b.dwx[r * 4 * H + gate * H + u] = static_cast<T>(dg[gate]);
