@@ -1,30 +1,93 @@
 // moxe: launch helpers. CUDA errors become moxe::Status; nothing here synchronises unless
 // MOXE_DEBUG_SYNC is defined (and then never while the stream is being captured).
+//
+// Errors are the call's own. Every kernel launch goes through launch_kernel (or
+// launch_cooperative), which takes the error code that this very launch returns: a launcher
+// never reads, reports or clears an error left in the runtime by earlier, unrelated work
+// (CUDA's cudaGetLastError would hand it over as if it were ours). When one of a launcher's
+// own runtime calls fails, the launcher returns Status::cuda_error and clears that error
+// from the runtime's last-error state, so it is reported once, through the Status. Sticky
+// errors (a kernel that faulted earlier in the context) make every later call fail; that
+// is then reported as cuda_error too, as the context can no longer run anything.
+//
+// What a failed launcher may have written: the arguments are checked on the host before
+// anything is enqueued, so invalid input (any non-ok Status other than cuda_error) launches
+// nothing and writes nothing. A launcher that enqueues several kernels and gets cuda_error
+// from the k-th may have enqueued the first k - 1: its workspace and any of its outputs may
+// then hold partial results (its inputs are never written). Treat them as undefined.
 #pragma once
 
 #include <cuda_runtime.h>
+
+#include <cstddef>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 
 #include "moxe/core/config.hpp"
 #include "moxe/core/status.hpp"
 
 namespace moxe {
 
-inline Status from_cuda(cudaError_t e) { return e == cudaSuccess ? Status::ok : Status::cuda_error; }
+/// cudaSuccess -> ok; anything else -> cuda_error, with the error cleared from the
+/// runtime's last-error state (it was this call's, and the Status reports it).
+inline Status from_cuda(cudaError_t e) {
+  if (e == cudaSuccess) return Status::ok;
+  (void)cudaGetLastError();
+  return Status::cuda_error;
+}
 
-/// Check the launch that just happened on `stream`. With MOXE_DEBUG_SYNC defined the
-/// stream is also synchronised (outside graph capture) so asynchronous faults surface at
-/// the launch that caused them.
+/// After the launches of a launcher: with MOXE_DEBUG_SYNC defined the stream is
+/// synchronised (outside graph capture) so asynchronous faults surface at the launcher that
+/// caused them. Otherwise nothing: launch errors were already taken from each launch.
 inline Status check_launch(cudaStream_t stream) {
-  if (cudaGetLastError() != cudaSuccess) return Status::cuda_error;
 #if defined(MOXE_DEBUG_SYNC)
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) return Status::cuda_error;
-  if (capture == cudaStreamCaptureStatusNone && cudaStreamSynchronize(stream) != cudaSuccess)
-    return Status::cuda_error;
+  MOXE_RETURN_IF_ERROR(from_cuda(cudaStreamIsCapturing(stream, &capture)));
+  if (capture == cudaStreamCaptureStatusNone) return from_cuda(cudaStreamSynchronize(stream));
 #else
   (void)stream;
 #endif
   return Status::ok;
+}
+
+namespace detail {
+
+template <class Args, std::size_t... I>
+inline cudaError_t launch_with_tuple(const void* kernel, dim3 grid, dim3 block, std::size_t smem,
+                                     cudaStream_t stream, bool cooperative, Args& args,
+                                     std::index_sequence<I...>) {
+  void* pointers[sizeof...(I) + 1] = {const_cast<void*>(static_cast<const void*>(&std::get<I>(args)))...,
+                                      nullptr};
+  return cooperative ? cudaLaunchCooperativeKernel(kernel, grid, block, pointers, smem, stream)
+                     : cudaLaunchKernel(kernel, grid, block, pointers, smem, stream);
+}
+
+template <class... Params, class... Args>
+inline Status launch_impl(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
+                          bool cooperative, Args&&... args) {
+  static_assert(sizeof...(Params) == sizeof...(Args), "launch_kernel: wrong number of kernel arguments");
+  // each argument converted to the kernel's parameter type, as a <<<>>> call would
+  std::tuple<std::remove_cv_t<std::remove_reference_t<Params>>...> values(std::forward<Args>(args)...);
+  return from_cuda(launch_with_tuple(reinterpret_cast<const void*>(kernel), grid, block, smem, stream, cooperative,
+                                     values, std::index_sequence_for<Params...>{}));
+}
+
+}  // namespace detail
+
+/// kernel<<<grid, block, smem, stream>>>(args...), returning this launch's own error.
+template <class... Params, class... Args>
+inline Status launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
+                            Args&&... args) {
+  return detail::launch_impl(kernel, grid, block, smem, stream, false, std::forward<Args>(args)...);
+}
+
+/// A cooperative launch (all blocks co-resident, grid-wide barriers allowed); capturable
+/// into a CUDA graph (a kernel node with the cooperative attribute, CUDA 12+).
+template <class... Params, class... Args>
+inline Status launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem,
+                                 cudaStream_t stream, Args&&... args) {
+  return detail::launch_impl(kernel, grid, block, smem, stream, true, std::forward<Args>(args)...);
 }
 
 /// Raise a kernel's dynamic shared memory limit when it needs more than the default 48 KB.
@@ -32,10 +95,9 @@ template <class Kernel>
 inline Status set_max_dynamic_smem(Kernel kernel, std::size_t bytes) {
   if (bytes <= 48 * 1024) return Status::ok;
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return Status::cuda_error;
+  MOXE_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&device)));
   int optin = 0;
-  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
-    return Status::cuda_error;
+  MOXE_RETURN_IF_ERROR(from_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)));
   if (bytes > static_cast<std::size_t>(optin)) return Status::unsupported;
   return from_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bytes)));
@@ -44,14 +106,12 @@ inline Status set_max_dynamic_smem(Kernel kernel, std::size_t bytes) {
 /// Number of multiprocessors of the current device (persistent grids size themselves by it).
 inline Status multiprocessor_count(int* count) {
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return Status::cuda_error;
+  MOXE_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&device)));
   return from_cuda(cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device));
 }
 
 }  // namespace moxe
 
-/// Return Status::cuda_error from the enclosing function if a CUDA call fails.
-#define MOXE_CUDA_TRY(expr)                                           \
-  do {                                                                \
-    if ((expr) != cudaSuccess) return ::moxe::Status::cuda_error;     \
-  } while (0)
+/// Return Status::cuda_error from the enclosing function if a CUDA call fails (the error is
+/// this call's: it is cleared from the runtime's last-error state).
+#define MOXE_CUDA_TRY(expr) MOXE_RETURN_IF_ERROR(::moxe::from_cuda(expr))
