@@ -62,10 +62,7 @@ class DeviceArena {
   Status allocate(U*& p, int64_t count) {
     void* raw = nullptr;
     const std::size_t bytes = sizeof(U) * static_cast<std::size_t>(std::max<int64_t>(count, 1));
-    if (cudaMalloc(&raw, bytes) != cudaSuccess) {
-      (void)cudaGetLastError();  // an out-of-memory is not sticky: leave no stale error for check_launch
-      return Status::cuda_error;
-    }
+    MOXE_RETURN_IF_ERROR(moxe::from_cuda(cudaMalloc(&raw, bytes)));
     blocks_.push_back(raw);
     bytes_ += bytes;
     p = static_cast<U*>(raw);

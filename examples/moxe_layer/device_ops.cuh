@@ -102,7 +102,8 @@ Status linear_forward(cublasHandle_t handle, const T* x, int64_t ldx, int64_t ro
                                      cuda_data_type<T>(), int(in), x, cuda_data_type<T>(), int(ldx), &beta, y,
                                      cuda_data_type<T>(), int(ldy), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   if (b != nullptr) {
-    add_bias_kernel<<<grid_for(rows * out), kThreads, 0, stream>>>(y, ldy, rows, out, b);
+    MOXE_RETURN_IF_ERROR(
+        moxe::launch_kernel(add_bias_kernel<T>, grid_for(rows * out), kThreads, 0, stream, y, ldy, rows, out, b));
     return moxe::check_launch(stream);
   }
   return Status::ok;
@@ -139,8 +140,8 @@ template <class T>
 Status group_norm_forward(const T* x, int64_t ldx, int64_t rows, int64_t groups, int64_t size, const T* w,
                           const no_deduce_t<T>* b, float eps, T* y, int64_t ldy, cudaStream_t stream) {
   if (rows == 0) return Status::ok;
-  group_norm_kernel<<<grid_for(rows * groups, kWarpsPerBlock), kThreads, 0, stream>>>(
-      x, ldx, rows, int(groups), int(size), w, b, eps, y, ldy);
+  MOXE_RETURN_IF_ERROR(moxe::launch_kernel(group_norm_kernel<T>, grid_for(rows * groups, kWarpsPerBlock), kThreads, 0,
+                                           stream, x, ldx, rows, int(groups), int(size), w, b, eps, y, ldy));
   return moxe::check_launch(stream);
 }
 
@@ -171,8 +172,8 @@ __global__ void causal_conv_silu_kernel(const T* x, int64_t ldx, int64_t batch, 
 template <class T>
 Status causal_conv_silu_forward(const T* x, int64_t ldx, int64_t batch, int64_t seq, int64_t channels, const T* w,
                                 const T* bias, int64_t width, T* y, cudaStream_t stream) {
-  causal_conv_silu_kernel<<<grid_for(batch * seq * channels), kThreads, 0, stream>>>(x, ldx, batch, seq, channels,
-                                                                                      w, bias, int(width), y);
+  MOXE_RETURN_IF_ERROR(moxe::launch_kernel(causal_conv_silu_kernel<T>, grid_for(batch * seq * channels), kThreads, 0,
+                                           stream, x, ldx, batch, seq, channels, w, bias, int(width), y));
   return moxe::check_launch(stream);
 }
 
@@ -189,7 +190,8 @@ __global__ void gated_gelu_kernel(const T* up, int64_t rows, int64_t f, T* act) 
 
 template <class T>
 Status gated_gelu_forward(const T* up, int64_t rows, int64_t f, T* act, cudaStream_t stream) {
-  gated_gelu_kernel<<<grid_for(rows * f), kThreads, 0, stream>>>(up, rows, f, act);
+  MOXE_RETURN_IF_ERROR(
+      moxe::launch_kernel(gated_gelu_kernel<T>, grid_for(rows * f), kThreads, 0, stream, up, rows, f, act));
   return moxe::check_launch(stream);
 }
 
@@ -208,7 +210,8 @@ __global__ void mlstm_block_output_kernel(const T* hn, const T* xc, const T* ski
 template <class T>
 Status mlstm_block_output(const T* hn, const T* xc, const T* skip, const T* up, int64_t rows, int64_t di, T* o,
                           cudaStream_t stream) {
-  mlstm_block_output_kernel<<<grid_for(rows * di), kThreads, 0, stream>>>(hn, xc, skip, up, rows, di, o);
+  MOXE_RETURN_IF_ERROR(moxe::launch_kernel(mlstm_block_output_kernel<T>, grid_for(rows * di), kThreads, 0, stream, hn,
+                                           xc, skip, up, rows, di, o));
   return moxe::check_launch(stream);
 }
 
@@ -220,7 +223,7 @@ __global__ void add_kernel(const T* a, const T* b, int64_t n, T* y) {
 
 template <class T>
 Status add(const T* a, const T* b, int64_t n, T* y, cudaStream_t stream) {
-  add_kernel<<<grid_for(n), kThreads, 0, stream>>>(a, b, n, y);
+  MOXE_RETURN_IF_ERROR(moxe::launch_kernel(add_kernel<T>, grid_for(n), kThreads, 0, stream, a, b, n, y));
   return moxe::check_launch(stream);
 }
 
@@ -245,16 +248,16 @@ __global__ void rows_cell_kernel(const T* src, T* dst, int64_t ld, int64_t col0,
 template <class T>
 Status rows_to_mlstm(const T* rows, int64_t ld, int64_t col0, int64_t batch, int64_t seq, int64_t heads, int64_t dh,
                      T* cell, cudaStream_t stream) {
-  rows_cell_kernel<T, true><<<grid_for(batch * heads * seq * dh), kThreads, 0, stream>>>(rows, cell, ld, col0, batch,
-                                                                                          seq, heads, dh);
+  MOXE_RETURN_IF_ERROR(moxe::launch_kernel(rows_cell_kernel<T, true>, grid_for(batch * heads * seq * dh), kThreads, 0, stream,
+                                     rows, cell, ld, col0, batch, seq, heads, dh));
   return moxe::check_launch(stream);
 }
 
 template <class T>
 Status mlstm_to_rows(const T* cell, int64_t batch, int64_t seq, int64_t heads, int64_t dh, T* rows, int64_t ld,
                      int64_t col0, cudaStream_t stream) {
-  rows_cell_kernel<T, false><<<grid_for(batch * heads * seq * dh), kThreads, 0, stream>>>(cell, rows, ld, col0,
-                                                                                           batch, seq, heads, dh);
+  MOXE_RETURN_IF_ERROR(moxe::launch_kernel(rows_cell_kernel<T, false>, grid_for(batch * heads * seq * dh), kThreads, 0,
+                                     stream, cell, rows, ld, col0, batch, seq, heads, dh));
   return moxe::check_launch(stream);
 }
 
@@ -270,7 +273,8 @@ __global__ void swap_outer_kernel(const T* src, int64_t outer, int64_t inner, in
 
 template <class T>
 Status swap_outer(const T* src, int64_t outer, int64_t inner, int64_t width, T* dst, cudaStream_t stream) {
-  swap_outer_kernel<<<grid_for(outer * inner * width), kThreads, 0, stream>>>(src, outer, inner, width, dst);
+  MOXE_RETURN_IF_ERROR(moxe::launch_kernel(swap_outer_kernel<T>, grid_for(outer * inner * width), kThreads, 0, stream,
+                                           src, outer, inner, width, dst));
   return moxe::check_launch(stream);
 }
 
@@ -316,11 +320,10 @@ __global__ void segment_offsets_kernel(const Index* expert_offsets, const Index*
 inline Status expert_segments(const int64_t* row_map, const int64_t* expert_offsets, int64_t tokens, int top_k,
                               int64_t seq_len, int experts, int64_t batch, int64_t* sequence_of_row,
                               int64_t* segment_offsets, cudaStream_t stream) {
-  sequence_of_row_kernel<int64_t><<<grid_for(tokens * top_k), kThreads, 0, stream>>>(row_map, tokens, top_k, seq_len,
-                                                                           sequence_of_row);
-  MOXE_RETURN_IF_ERROR(moxe::check_launch(stream));
-  segment_offsets_kernel<int64_t><<<grid_for(experts * batch + 1), kThreads, 0, stream>>>(
-      expert_offsets, sequence_of_row, experts, batch, segment_offsets);
+  MOXE_RETURN_IF_ERROR(moxe::launch_kernel(sequence_of_row_kernel<int64_t>, grid_for(tokens * top_k), kThreads, 0, stream,
+                                     row_map, tokens, top_k, seq_len, sequence_of_row));
+  MOXE_RETURN_IF_ERROR(moxe::launch_kernel(segment_offsets_kernel<int64_t>, grid_for(experts * batch + 1), kThreads, 0,
+                                     stream, expert_offsets, sequence_of_row, experts, batch, segment_offsets));
   return moxe::check_launch(stream);
 }
 
@@ -345,16 +348,16 @@ template <class T>
 Status rows_to_padded(const T* rows, int64_t row0, int64_t n, int64_t width, const int64_t* sequence_of_row,
                       const int64_t* segment_offsets, int64_t batch, int64_t longest, T* cell, cudaStream_t stream) {
   MOXE_LAYER_CUDA_TRY(cudaMemsetAsync(cell, 0, sizeof(T) * longest * batch * width, stream));
-  rows_padded_kernel<T, true><<<grid_for(n * width), kThreads, 0, stream>>>(rows, cell, row0, n, width,
-                                                                             sequence_of_row, segment_offsets, batch);
+  MOXE_RETURN_IF_ERROR(moxe::launch_kernel(rows_padded_kernel<T, true>, grid_for(n * width), kThreads, 0, stream, rows, cell,
+                                     row0, n, width, sequence_of_row, segment_offsets, batch));
   return moxe::check_launch(stream);
 }
 
 template <class T>
 Status padded_to_rows(const T* cell, int64_t row0, int64_t n, int64_t width, const int64_t* sequence_of_row,
                       const int64_t* segment_offsets, int64_t batch, T* rows, cudaStream_t stream) {
-  rows_padded_kernel<T, false><<<grid_for(n * width), kThreads, 0, stream>>>(cell, rows, row0, n, width,
-                                                                              sequence_of_row, segment_offsets, batch);
+  MOXE_RETURN_IF_ERROR(moxe::launch_kernel(rows_padded_kernel<T, false>, grid_for(n * width), kThreads, 0, stream, cell, rows,
+                                     row0, n, width, sequence_of_row, segment_offsets, batch));
   return moxe::check_launch(stream);
 }
 
@@ -407,13 +410,14 @@ __global__ void add_column_partials_kernel(const float* partial, int64_t chunks,
 template <class T, class Term>
 Status column_reduce(const Term& term, int64_t rows, int64_t cols, float* scratch, T* out, cudaStream_t stream) {
   if (rows == 0 || cols == 0) return Status::ok;
-  const int64_t chunks = std::clamp<int64_t>((rows + kReduceRowsPerChunk - 1) / kReduceRowsPerChunk, 1,
-                                             kReduceMaxChunks);
+  const int64_t chunks =
+      std::clamp<int64_t>((rows + kReduceRowsPerChunk - 1) / kReduceRowsPerChunk, 1, kReduceMaxChunks);
   const int64_t chunk_rows = (rows + chunks - 1) / chunks;
   const dim3 grid(grid_for(cols), static_cast<unsigned>((rows + chunk_rows - 1) / chunk_rows));
-  column_partials_kernel<<<grid, kThreads, 0, stream>>>(term, rows, cols, chunk_rows, scratch);
-  MOXE_RETURN_IF_ERROR(moxe::check_launch(stream));
-  add_column_partials_kernel<<<grid_for(cols), kThreads, 0, stream>>>(scratch, int64_t(grid.y), cols, out);
+  MOXE_RETURN_IF_ERROR(moxe::launch_kernel(column_partials_kernel<Term>, grid, kThreads, 0, stream, term, rows, cols,
+                                           chunk_rows, scratch));
+  MOXE_RETURN_IF_ERROR(moxe::launch_kernel(add_column_partials_kernel<T>, grid_for(cols), kThreads, 0, stream, scratch,
+                                           int64_t(grid.y), cols, out));
   return moxe::check_launch(stream);
 }
 
@@ -525,9 +529,9 @@ Status group_norm_backward(const T* x, int64_t ldx, const T* dy, int64_t lddy, i
                            int64_t size, const T* w, float eps, T* dx, int64_t lddx, bool accumulate, T* dw,
                            no_deduce_t<T>* db, float* mean_rstd, float* scratch, cudaStream_t stream) {
   if (rows == 0) return Status::ok;
-  group_norm_backward_kernel<<<grid_for(rows * groups, kWarpsPerBlock), kThreads, 0, stream>>>(
-      x, ldx, dy, lddy, rows, int(groups), int(size), w, eps, dx, lddx, accumulate, mean_rstd);
-  MOXE_RETURN_IF_ERROR(moxe::check_launch(stream));
+  MOXE_RETURN_IF_ERROR(moxe::launch_kernel(group_norm_backward_kernel<T>, grid_for(rows * groups, kWarpsPerBlock),
+                                           kThreads, 0, stream, x, ldx, dy, lddy, rows, int(groups), int(size), w, eps,
+                                           dx, lddx, accumulate, mean_rstd));
   NormParamTerm<T> term{x, ldx, dy, lddy, int(groups), int(size), mean_rstd, true};
   MOXE_RETURN_IF_ERROR(column_reduce(term, rows, groups * size, scratch, dw, stream));
   if (db == nullptr) return Status::ok;
@@ -588,11 +592,10 @@ Status causal_conv_silu_backward(const T* x, int64_t ldx, int64_t batch, int64_t
                                  const T* bias, int64_t width, const T* dact, T* dconv, T* dx, int64_t lddx, T* dw,
                                  T* dbias, float* scratch, cudaStream_t stream) {
   const int64_t n = batch * seq * channels;
-  conv_silu_grad_kernel<<<grid_for(n), kThreads, 0, stream>>>(x, ldx, batch, seq, channels, w, bias, int(width),
-                                                               dact, dconv);
-  MOXE_RETURN_IF_ERROR(moxe::check_launch(stream));
-  conv_input_grad_kernel<<<grid_for(n), kThreads, 0, stream>>>(dconv, batch, seq, channels, w, int(width), dx, lddx);
-  MOXE_RETURN_IF_ERROR(moxe::check_launch(stream));
+  MOXE_RETURN_IF_ERROR(moxe::launch_kernel(conv_silu_grad_kernel<T>, grid_for(n), kThreads, 0, stream, x, ldx, batch,
+                                           seq, channels, w, bias, int(width), dact, dconv));
+  MOXE_RETURN_IF_ERROR(moxe::launch_kernel(conv_input_grad_kernel<T>, grid_for(n), kThreads, 0, stream, dconv, batch,
+                                           seq, channels, w, int(width), dx, lddx));
   MOXE_RETURN_IF_ERROR(column_reduce(ConvWeightTerm<T>{x, ldx, dconv, seq, channels, int(width)}, batch * seq,
                                      channels * width, scratch, dw, stream));
   return column_sums<T>(dconv, channels, nullptr, 0, batch * seq, channels, dbias, scratch, stream);
@@ -611,15 +614,16 @@ __global__ void gated_gelu_backward_kernel(const T* up, const T* dact, int64_t r
 
 template <class T>
 Status gated_gelu_backward(const T* up, const T* dact, int64_t rows, int64_t f, T* dup, cudaStream_t stream) {
-  gated_gelu_backward_kernel<<<grid_for(rows * f), kThreads, 0, stream>>>(up, dact, rows, f, dup);
+  MOXE_RETURN_IF_ERROR(moxe::launch_kernel(gated_gelu_backward_kernel<T>, grid_for(rows * f), kThreads, 0, stream, up,
+                                           dact, rows, f, dup));
   return moxe::check_launch(stream);
 }
 
 /// The backward of mlstm_block_output (writes): dhs = do SiLU(z); dz = do hs SiLU'(z) into
 /// columns [di, 2di) of dup; dxc = dhs skip. (dskip += sum_t dhs xc: column_sums.)
 template <class T>
-__global__ void mlstm_block_output_backward_kernel(const T* hn, const T* xc, const T* skip, const T* up,
-                                                   const T* d_o, int64_t rows, int64_t di, T* dhs, T* dup, T* dxc) {
+__global__ void mlstm_block_output_backward_kernel(const T* hn, const T* xc, const T* skip, const T* up, const T* d_o,
+                                                   int64_t rows, int64_t di, T* dhs, T* dup, T* dxc) {
   for (int64_t i = grid_start(); i < rows * di; i += grid_stride()) {
     const int64_t t = i / di, j = i % di;
     const float z = load(up, t * 2 * di + di + j), d = load(d_o, i);
@@ -634,8 +638,8 @@ __global__ void mlstm_block_output_backward_kernel(const T* hn, const T* xc, con
 template <class T>
 Status mlstm_block_output_backward(const T* hn, const T* xc, const T* skip, const T* up, const T* d_o, int64_t rows,
                                    int64_t di, T* dhs, T* dup, T* dxc, cudaStream_t stream) {
-  mlstm_block_output_backward_kernel<<<grid_for(rows * di), kThreads, 0, stream>>>(hn, xc, skip, up, d_o, rows, di,
-                                                                                   dhs, dup, dxc);
+  MOXE_RETURN_IF_ERROR(moxe::launch_kernel(mlstm_block_output_backward_kernel<T>, grid_for(rows * di), kThreads, 0,
+                                           stream, hn, xc, skip, up, d_o, rows, di, dhs, dup, dxc));
   return moxe::check_launch(stream);
 }
 

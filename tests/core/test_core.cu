@@ -6,7 +6,10 @@
 #include "moxe/core/numeric.cuh"
 #include "moxe/core/reduce.cuh"
 #include "moxe/core/workspace.hpp"
+#include "moxe/loss/balance.cuh"
 #include "test_utils.hpp"
+
+namespace mt = moxe::test;
 
 namespace {
 
@@ -45,6 +48,10 @@ __global__ void vec_copy_kernel(const T* in, T* out, int vectors) {
   }
 }
 
+__global__ void write_kernel(float* out, float value) {
+  if (threadIdx.x == 0) out[0] = value;
+}
+
 }  // namespace
 
 TEST_CASE("block and warp reductions") {
@@ -55,8 +62,8 @@ TEST_CASE("block and warp reductions") {
     sum.poison();
     mx.poison();
     lse.poison();
-    block_reduce_kernel<<<1, kThreads>>>(dx.get(), n, sum.get(), mx.get(), lse.get());
-    REQUIRE(moxe::check_launch(nullptr) == moxe::Status::ok);
+    REQUIRE(moxe::launch_kernel(block_reduce_kernel, 1, kThreads, 0, nullptr, dx.get(), n, sum.get(), mx.get(),
+                                lse.get()) == moxe::Status::ok);
     double ref_sum = 0, ref_max = -INFINITY;
     for (float v : x) { ref_sum += v; ref_max = std::max(ref_max, double(v)); }
     CHECK(sum.download()[0] == doctest::Approx(ref_sum).epsilon(1e-4));
@@ -75,8 +82,8 @@ TEST_CASE_TEMPLATE("Vec16 round trip", T, float, __half, __nv_bfloat16) {
   const auto host = moxe::test::convert_to<T>(moxe::test::uniform_vector<double>(rng, vectors * kPer));
   moxe::test::DeviceBuffer<T> in(host), out(host.size());
   out.poison();
-  vec_copy_kernel<T><<<1, 128>>>(in.get(), out.get(), vectors);
-  REQUIRE(moxe::check_launch(nullptr) == moxe::Status::ok);
+  REQUIRE(moxe::launch_kernel(vec_copy_kernel<T>, 1, 128, 0, nullptr, in.get(), out.get(), vectors) ==
+          moxe::Status::ok);
   const auto got = moxe::test::convert_to_double(out.download());
   const auto want = moxe::test::convert_to_double(host);
   for (std::size_t i = 0; i < got.size(); ++i) CHECK(got[i] == 2 * want[i]);
@@ -89,4 +96,29 @@ TEST_CASE("misaligned workspace helper really is misaligned") {
   float* p = c.carve<float>(100);
   CHECK(c.fits());
   CHECK(moxe::is_aligned(p, moxe::WorkspaceCarver::kAlignment));
+}
+
+TEST_CASE("a launcher reports its own launch errors, never an earlier one") {
+  MOXE_TEST_CUDA(cudaDeviceSynchronize());
+  (void)cudaGetLastError();
+  mt::DeviceBuffer<float> out(1);
+  out.poison();
+  SUBCASE("its own: a bad configuration is cuda_error and stays readable, nothing runs") {
+    // 2048 threads per block: more than any device takes
+    CHECK(moxe::launch_kernel(write_kernel, 1, 2048, 0, nullptr, out.get(), 1.f) == moxe::Status::cuda_error);
+    CHECK(cudaGetLastError() == cudaErrorInvalidConfiguration);
+    CHECK(std::isnan(out.download()[0]));
+  }
+  SUBCASE("an earlier, unrelated error is neither reported nor cleared") {
+    write_kernel<<<1, 2048>>>(out.get(), 1.f);  // the caller's own failed launch, left unchecked
+    const int64_t tokens = 3;
+    mt::DeviceBuffer<float> d(std::vector<float>{0.1f, 0.5f, 0.9f}), h(std::vector<float>{0.2f, 0.2f, 0.2f}), g(3);
+    g.poison();
+    moxe::loss::DifficultyLossBackwardParams<float> b{{tokens, d.get(), h.get(), nullptr}, 1.f, g.get()};
+    CHECK(moxe::loss::difficulty_loss_backward(b, nullptr, 0, nullptr) == moxe::Status::ok);
+    CHECK(cudaGetLastError() == cudaErrorInvalidConfiguration);  // still the caller's to see
+    CHECK(cudaGetLastError() == cudaSuccess);
+    CHECK(std::isfinite(g.download()[0]));
+    CHECK(std::isnan(out.download()[0]));
+  }
 }

@@ -5,10 +5,11 @@
 // launch_cooperative), which takes the error code that this very launch returns: a launcher
 // never reads, reports or clears an error left in the runtime by earlier, unrelated work
 // (CUDA's cudaGetLastError would hand it over as if it were ours). When one of a launcher's
-// own runtime calls fails, the launcher returns Status::cuda_error and clears that error
-// from the runtime's last-error state, so it is reported once, through the Status. Sticky
-// errors (a kernel that faulted earlier in the context) make every later call fail; that
-// is then reported as cuda_error too, as the context can no longer run anything.
+// own runtime calls fails, the launcher returns Status::cuda_error and, as after any failed
+// CUDA call, the runtime's last-error state holds that call's error code, for a caller who
+// wants the detail (cudaGetLastError). Sticky errors (a kernel that faulted earlier in the
+// context) make every later call fail; they are then reported as cuda_error too, as the
+// context can no longer run anything.
 //
 // What a failed launcher may have written: the arguments are checked on the host before
 // anything is enqueued, so invalid input (any non-ok Status other than cuda_error) launches
@@ -29,13 +30,8 @@
 
 namespace moxe {
 
-/// cudaSuccess -> ok; anything else -> cuda_error, with the error cleared from the
-/// runtime's last-error state (it was this call's, and the Status reports it).
-inline Status from_cuda(cudaError_t e) {
-  if (e == cudaSuccess) return Status::ok;
-  (void)cudaGetLastError();
-  return Status::cuda_error;
-}
+/// cudaSuccess -> ok; anything else -> cuda_error.
+inline Status from_cuda(cudaError_t e) { return e == cudaSuccess ? Status::ok : Status::cuda_error; }
 
 /// After the launches of a launcher: with MOXE_DEBUG_SYNC defined the stream is
 /// synchronised (outside graph capture) so asynchronous faults surface at the launcher that
@@ -112,6 +108,5 @@ inline Status multiprocessor_count(int* count) {
 
 }  // namespace moxe
 
-/// Return Status::cuda_error from the enclosing function if a CUDA call fails (the error is
-/// this call's: it is cleared from the runtime's last-error state).
+/// Return Status::cuda_error from the enclosing function if a CUDA call fails.
 #define MOXE_CUDA_TRY(expr) MOXE_RETURN_IF_ERROR(::moxe::from_cuda(expr))

@@ -122,19 +122,14 @@ Status sort_chunks(const SortChunksParams<T>& p, void* workspace, std::size_t wo
   WorkspaceCarver carver(workspace, workspace_bytes);
   const ChunkScratch scratch = carve_chunk_scratch(carver, p.ranks, p.local_experts);
   if (!carver.fits()) return Status::workspace_too_small;
-  chunk_starts_kernel<><<<1, kChunkScanThreads, 0, stream>>>(p.split_sizes, p.ranks, p.local_experts,
-                                                              scratch.rank_major, scratch.expert_major,
-                                                              p.expert_offsets);
-  MOXE_RETURN_IF_ERROR(check_launch(stream));
+  MOXE_RETURN_IF_ERROR(launch_kernel(chunk_starts_kernel<>, 1, kChunkScanThreads, 0, stream, p.split_sizes, p.ranks,
+                                     p.local_experts, scratch.rank_major, scratch.expert_major, p.expert_offsets));
   const dim3 grid(static_cast<unsigned>(p.max_rows < kMaxChunkCopyBlocks ? p.max_rows : kMaxChunkCopyBlocks));
-  if (rows_vectorizable<T>(p.hidden, {p.in, p.out}))
-    sort_chunks_kernel<T, true><<<grid, kChunkCopyThreads, 0, stream>>>(
-        p.in, p.out, p.hidden, p.ranks, p.local_experts, p.max_rows, scratch.rank_major, scratch.expert_major,
-        to_expert_major);
-  else
-    sort_chunks_kernel<T, false><<<grid, kChunkCopyThreads, 0, stream>>>(
-        p.in, p.out, p.hidden, p.ranks, p.local_experts, p.max_rows, scratch.rank_major, scratch.expert_major,
-        to_expert_major);
+  const auto kernel =
+      rows_vectorizable<T>(p.hidden, {p.in, p.out}) ? sort_chunks_kernel<T, true> : sort_chunks_kernel<T, false>;
+  MOXE_RETURN_IF_ERROR(launch_kernel(kernel, grid, kChunkCopyThreads, 0, stream, p.in, p.out, p.hidden, p.ranks,
+                                     p.local_experts, p.max_rows, scratch.rank_major, scratch.expert_major,
+                                     to_expert_major));
   return check_launch(stream);
 }
 
@@ -147,8 +142,8 @@ inline std::size_t send_counts_workspace_size(const SendCountsParams&) { return 
 inline Status send_counts(const SendCountsParams& p, void* /*workspace*/, std::size_t /*workspace_bytes*/,
                           cudaStream_t stream) {
   MOXE_RETURN_IF_ERROR(validate(p));
-  detail::send_counts_kernel<><<<1, 256, 0, stream>>>(p.experts, p.ranks, p.expert_offsets, p.send_counts,
-                                                     p.send_offsets, p.expert_rows);
+  MOXE_RETURN_IF_ERROR(launch_kernel(detail::send_counts_kernel<>, 1, 256, 0, stream, p.experts, p.ranks,
+                                     p.expert_offsets, p.send_counts, p.send_offsets, p.expert_rows));
   return check_launch(stream);
 }
 

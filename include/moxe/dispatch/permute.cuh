@@ -327,7 +327,8 @@ inline Status mark_used_rows(const Dims& d, const int64_t* row_map, uint8_t* use
   const int64_t rows = permuted_rows(d), entries = d.tokens * d.top_k;
   MOXE_CUDA_TRY(cudaMemsetAsync(used, 0, static_cast<std::size_t>(rows), stream));
   const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(entries, kMarkThreads)));
-  mark_used_rows_kernel<><<<grid, kMarkThreads, 0, stream>>>(row_map, entries, rows, used);
+  MOXE_RETURN_IF_ERROR(
+      launch_kernel(mark_used_rows_kernel<>, grid, kMarkThreads, 0, stream, row_map, entries, rows, used));
   return check_launch(stream);
 }
 
@@ -365,12 +366,10 @@ Status permute(const PermuteParams<T>& p, void* workspace, std::size_t workspace
     used = scratch.used;
   }
   const int64_t rows = permuted_rows(d);
-  if (detail::rows_vectorizable<T>(d.hidden, {p.x, p.xp}))
-    detail::permute_kernel<T, true><<<detail::scatter_grid(d), detail::kRowThreads, 0, stream>>>(
-        p.x, p.row_map, p.expert_offsets, used, d.tokens, d.hidden, d.experts, d.top_k, rows, p.xp);
-  else
-    detail::permute_kernel<T, false><<<detail::scatter_grid(d), detail::kRowThreads, 0, stream>>>(
-        p.x, p.row_map, p.expert_offsets, used, d.tokens, d.hidden, d.experts, d.top_k, rows, p.xp);
+  const auto kernel = detail::rows_vectorizable<T>(d.hidden, {p.x, p.xp}) ? detail::permute_kernel<T, true>
+                                                                           : detail::permute_kernel<T, false>;
+  MOXE_RETURN_IF_ERROR(launch_kernel(kernel, detail::scatter_grid(d), detail::kRowThreads, 0, stream, p.x, p.row_map,
+                                     p.expert_offsets, used, d.tokens, d.hidden, d.experts, d.top_k, rows, p.xp));
   return check_launch(stream);
 }
 
@@ -391,12 +390,10 @@ Status permute_backward(const PermuteBackwardParams<T>& p, void* /*workspace*/, 
   const Dims& d = p.dims;
   const dim3 grid(static_cast<unsigned>(d.tokens));
   const int64_t rows = permuted_rows(d);
-  if (detail::rows_vectorizable<T>(d.hidden, {p.dxp, p.dx}))
-    detail::gather_kernel<T, true><<<grid, detail::kRowThreads, 0, stream>>>(
-        p.dxp, p.row_map, nullptr, d.hidden, d.top_k, rows, p.dx);
-  else
-    detail::gather_kernel<T, false><<<grid, detail::kRowThreads, 0, stream>>>(
-        p.dxp, p.row_map, nullptr, d.hidden, d.top_k, rows, p.dx);
+  const auto kernel = detail::rows_vectorizable<T>(d.hidden, {p.dxp, p.dx}) ? detail::gather_kernel<T, true>
+                                                                             : detail::gather_kernel<T, false>;
+  MOXE_RETURN_IF_ERROR(launch_kernel(kernel, grid, detail::kRowThreads, 0, stream, p.dxp, p.row_map,
+                                     nullptr, d.hidden, d.top_k, rows, p.dx));
   return check_launch(stream);
 }
 
@@ -418,12 +415,10 @@ Status unpermute(const UnpermuteParams<T, Acc>& p, void* /*workspace*/, std::siz
   const Dims& d = p.dims;
   const dim3 grid(static_cast<unsigned>(d.tokens));
   const int64_t rows = permuted_rows(d);
-  if (detail::rows_vectorizable<T>(d.hidden, {p.yp, p.y}))
-    detail::gather_kernel<T, true><<<grid, detail::kRowThreads, 0, stream>>>(
-        p.yp, p.row_map, p.weight, d.hidden, d.top_k, rows, p.y);
-  else
-    detail::gather_kernel<T, false><<<grid, detail::kRowThreads, 0, stream>>>(
-        p.yp, p.row_map, p.weight, d.hidden, d.top_k, rows, p.y);
+  const auto kernel = detail::rows_vectorizable<T>(d.hidden, {p.yp, p.y}) ? detail::gather_kernel<T, true>
+                                                                           : detail::gather_kernel<T, false>;
+  MOXE_RETURN_IF_ERROR(launch_kernel(kernel, grid, detail::kRowThreads, 0, stream, p.yp, p.row_map, p.weight, d.hidden,
+                                     d.top_k, rows, p.y));
   return check_launch(stream);
 }
 
@@ -457,14 +452,12 @@ Status unpermute_backward(const UnpermuteBackwardParams<T, Acc>& p, void* worksp
     used = scratch.used;
   }
   const int64_t rows = permuted_rows(d);
-  if (detail::rows_vectorizable<T>(d.hidden, {p.dy, f.yp, p.dyp}))
-    detail::unpermute_backward_kernel<T, true><<<detail::scatter_grid(d), detail::kRowThreads, 0, stream>>>(
-        p.dy, f.yp, f.row_map, f.weight, p.expert_offsets, used, d.tokens, d.hidden, d.experts, d.top_k,
-        rows, p.dyp, p.dweight);
-  else
-    detail::unpermute_backward_kernel<T, false><<<detail::scatter_grid(d), detail::kRowThreads, 0, stream>>>(
-        p.dy, f.yp, f.row_map, f.weight, p.expert_offsets, used, d.tokens, d.hidden, d.experts, d.top_k,
-        rows, p.dyp, p.dweight);
+  const auto kernel = detail::rows_vectorizable<T>(d.hidden, {p.dy, f.yp, p.dyp})
+                          ? detail::unpermute_backward_kernel<T, true>
+                          : detail::unpermute_backward_kernel<T, false>;
+  MOXE_RETURN_IF_ERROR(launch_kernel(kernel, detail::scatter_grid(d), detail::kRowThreads, 0, stream, p.dy, f.yp,
+                                     f.row_map, f.weight, p.expert_offsets, used, d.tokens, d.hidden, d.experts,
+                                     d.top_k, rows, p.dyp, p.dweight));
   return check_launch(stream);
 }
 

@@ -218,15 +218,15 @@ inline Status routing_map(const RoutingMapParams& p, void* workspace, std::size_
   const int64_t tiles = detail::MapTiling::tiles(entries);
   const std::size_t smem = sizeof(int32_t) * detail::MapTiling::kWarps * d.experts;  // <= 32 KiB
   const dim3 grid(static_cast<unsigned>(tiles));
-  detail::map_histogram_kernel<><<<grid, detail::MapTiling::kThreads, smem, stream>>>(
-      p.topk_idx, entries, d.experts, scratch.tile_hist, scratch.tile_invalid);
-  MOXE_RETURN_IF_ERROR(check_launch(stream));
-  detail::map_scan_kernel<><<<1, detail::kMapScanThreads, 0, stream>>>(
-      scratch.tile_hist, scratch.tile_invalid, tiles, d.experts, d.capacity, d.align, p.expert_offsets,
-      p.expert_counts, p.routed_counts, p.dropped_count, p.invalid_count);
-  MOXE_RETURN_IF_ERROR(check_launch(stream));
-  detail::map_rank_kernel<><<<grid, detail::MapTiling::kThreads, smem, stream>>>(
-      p.topk_idx, entries, d.experts, d.capacity, scratch.tile_hist, p.expert_offsets, p.row_map);
+  MOXE_RETURN_IF_ERROR(launch_kernel(detail::map_histogram_kernel<>, grid, detail::MapTiling::kThreads, smem, stream,
+                                     p.topk_idx, entries, d.experts, scratch.tile_hist, scratch.tile_invalid));
+  MOXE_RETURN_IF_ERROR(launch_kernel(detail::map_scan_kernel<>, 1, detail::kMapScanThreads, 0, stream,
+                                     scratch.tile_hist, scratch.tile_invalid, tiles, d.experts, d.capacity, d.align,
+                                     p.expert_offsets, p.expert_counts, p.routed_counts, p.dropped_count,
+                                     p.invalid_count));
+  MOXE_RETURN_IF_ERROR(launch_kernel(detail::map_rank_kernel<>, grid, detail::MapTiling::kThreads, smem, stream,
+                                     p.topk_idx, entries, d.experts, d.capacity, scratch.tile_hist, p.expert_offsets,
+                                     p.row_map));
   return check_launch(stream);
 }
 

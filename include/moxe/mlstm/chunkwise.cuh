@@ -79,7 +79,8 @@ Status launch_phase(const F& phase, cudaStream_t stream) {
   if constexpr (is_sequential_phase<F>::value) threads = n <= kSequentialSpread ? 1 : kWarpSizeForTiles;
   int64_t blocks = ceil_div<int64_t>(n, threads);
   if (blocks > kMaxChunkwiseBlocks) blocks = kMaxChunkwiseBlocks;
-  chunkwise_phase_kernel<F><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(phase, n);
+  MOXE_RETURN_IF_ERROR(
+      launch_kernel(chunkwise_phase_kernel<F>, static_cast<unsigned>(blocks), threads, 0, stream, phase, n));
   return check_launch(stream);
 }
 
@@ -202,8 +203,8 @@ Status launch_tile_product(const Op& op, cudaStream_t stream) {
   int64_t blocks = ceil_div<int64_t>(total, kTileWarps);
   if (blocks > kMaxChunkwiseBlocks) blocks = kMaxChunkwiseBlocks;
   constexpr bool kTensorCores = NumericTraits<T>::is_reduced;
-  chunkwise_tile_kernel<Op, kTensorCores>
-      <<<static_cast<unsigned>(blocks), kTileThreads, 0, stream>>>(op, per_item, tiles_n, total);
+  MOXE_RETURN_IF_ERROR(launch_kernel(chunkwise_tile_kernel<Op, kTensorCores>, static_cast<unsigned>(blocks),
+                                     kTileThreads, 0, stream, op, per_item, tiles_n, total));
   return check_launch(stream);
 }
 

@@ -115,8 +115,9 @@ Status per_token_forward(const ForwardParams<T, Acc>& p, void* workspace, std::s
   (void)workspace_bytes;
   MOXE_RETURN_IF_ERROR(validate_per_token(p, /*need_h=*/true));
   const int64_t rows = p.dims.batch * p.dims.heads * p.dims.seq_len;
-  detail::per_token_forward_kernel<T><<<detail::per_token_blocks(rows), detail::kPerTokenThreads, 0, stream>>>(
-      p, effective_qk_scale(p.qk_scale, p.dims.dqk), rows);
+  MOXE_RETURN_IF_ERROR(launch_kernel(detail::per_token_forward_kernel<T>, detail::per_token_blocks(rows),
+                                     detail::kPerTokenThreads, 0, stream, p, effective_qk_scale(p.qk_scale, p.dims.dqk),
+                                     rows));
   return check_launch(stream);
 }
 
@@ -130,8 +131,9 @@ Status per_token_backward(const BackwardParams<T, Acc>& b, void* workspace, std:
   (void)workspace_bytes;
   MOXE_RETURN_IF_ERROR(validate_per_token(b));
   const int64_t rows = b.fwd.dims.batch * b.fwd.dims.heads * b.fwd.dims.seq_len;
-  detail::per_token_backward_kernel<T><<<detail::per_token_blocks(rows), detail::kPerTokenThreads, 0, stream>>>(
-      b, effective_qk_scale(b.fwd.qk_scale, b.fwd.dims.dqk), rows);
+  MOXE_RETURN_IF_ERROR(launch_kernel(detail::per_token_backward_kernel<T>, detail::per_token_blocks(rows),
+                                     detail::kPerTokenThreads, 0, stream, b,
+                                     effective_qk_scale(b.fwd.qk_scale, b.fwd.dims.dqk), rows));
   return check_launch(stream);
 }
 

@@ -145,7 +145,8 @@ Status step(const StepParams<T, Acc>& p, void* workspace, std::size_t workspace_
 
   const float scale = effective_qk_scale(p.qk_scale, p.dqk);
   const auto blocks = static_cast<unsigned>(p.batch * p.heads);
-  detail::step_kernel<T><<<blocks, detail::StepKernelTraits::kThreads, 0, stream>>>(p, scale);
+  MOXE_RETURN_IF_ERROR(
+      launch_kernel(detail::step_kernel<T>, blocks, detail::StepKernelTraits::kThreads, 0, stream, p, scale));
   return check_launch(stream);
 }
 

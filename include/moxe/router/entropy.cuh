@@ -132,7 +132,8 @@ Status softmax_entropy_forward(const SoftmaxEntropyParams<T, float>& p, void* wo
   const int grid = detail::row_grid(p.dims.tokens, p.dims.experts, detail::kRowWarps);
   return detail::dispatch_row_shape(p.dims.experts, [&](auto shape) {
     using S = decltype(shape);
-    detail::softmax_entropy_forward_kernel<T, S::kLanes, S::kPerLane><<<grid, detail::kRowThreads, 0, stream>>>(p);
+    MOXE_RETURN_IF_ERROR(launch_kernel(detail::softmax_entropy_forward_kernel<T, S::kLanes, S::kPerLane>, grid,
+                                       detail::kRowThreads, 0, stream, p));
     return check_launch(stream);
   });
 }
@@ -151,7 +152,8 @@ Status softmax_entropy_backward(const SoftmaxEntropyBackwardParams<T, float>& b,
   const int grid = detail::row_grid(b.fwd.dims.tokens, b.fwd.dims.experts, detail::kRowWarps);
   return detail::dispatch_row_shape(b.fwd.dims.experts, [&](auto shape) {
     using S = decltype(shape);
-    detail::softmax_entropy_backward_kernel<T, S::kLanes, S::kPerLane><<<grid, detail::kRowThreads, 0, stream>>>(b);
+    MOXE_RETURN_IF_ERROR(launch_kernel(detail::softmax_entropy_backward_kernel<T, S::kLanes, S::kPerLane>, grid,
+                                       detail::kRowThreads, 0, stream, b));
     return check_launch(stream);
   });
 }

@@ -285,22 +285,23 @@ __global__ void __launch_bounds__(kGateThreads)
 inline constexpr int kLossThreads = 256;
 
 /// The four losses from the reduced totals [u_sum(E), sum lse^2, sum (d - H)^2, mass_m, mass_s].
+template <class A>
 __global__ void __launch_bounds__(kLossThreads)
-    gate_losses_kernel(const float* __restrict__ totals, int experts, int64_t tokens, int top_k, float* __restrict__ losses) {
-  using Reduce = BlockAllReduce<float, kLossThreads>;
-  __shared__ Reduce::TempStorage storage;
-  const float slots = static_cast<float>(tokens) * static_cast<float>(top_k);
-  float lb = 0.f;
+    gate_losses_kernel(const A* __restrict__ totals, int experts, int64_t tokens, int top_k, A* __restrict__ losses) {
+  using Reduce = BlockAllReduce<A, kLossThreads>;
+  __shared__ typename Reduce::TempStorage storage;
+  const A slots = static_cast<A>(tokens) * static_cast<A>(top_k);
+  A lb = A(0);
   for (int e = threadIdx.x; e < experts; e += kLossThreads)
-    lb += loss::detail::load_balance_term(totals[e] / slots, static_cast<float>(experts));
+    lb += loss::detail::load_balance_term(totals[e] / slots, static_cast<A>(experts));
   lb = Reduce(storage).sum(lb);
   if (threadIdx.x == 0) {
-    const float inv_t = 1.f / static_cast<float>(tokens);
+    const A inv_t = A(1) / static_cast<A>(tokens);
     losses[0] = totals[experts] * inv_t;
     losses[1] = lb;
     losses[2] = totals[experts + 1] * inv_t;
-    losses[3] = loss::detail::group_loss_term(totals[experts + 2] * inv_t, 2.f) +
-                loss::detail::group_loss_term(totals[experts + 3] * inv_t, 2.f);
+    losses[3] = loss::detail::group_loss_term(totals[experts + 2] * inv_t, A(2)) +
+                loss::detail::group_loss_term(totals[experts + 3] * inv_t, A(2));
   }
 }
 
@@ -493,14 +494,17 @@ Status gate_forward(const GateForwardParams<T, float>& p, void* workspace, std::
   const int64_t diff_step = difficulty_step(p.difficulty_stride);
   MOXE_RETURN_IF_ERROR(detail::dispatch_row_shape(p.dims.experts, [&](auto shape) {
     using Shape = decltype(shape);
-    detail::gate_forward_kernel<T, Shape::kLanes, Shape::kPerLane>
-        <<<s.blocks, detail::kGateThreads, 0, stream>>>(p, row_stride, diff_step, s.partials, s.count_partials);
+    MOXE_RETURN_IF_ERROR(launch_kernel(detail::gate_forward_kernel<T, Shape::kLanes, Shape::kPerLane>, s.blocks,
+                                       detail::kGateThreads, 0, stream, p, row_stride, diff_step, s.partials,
+                                       s.count_partials));
     return check_launch(stream);
   }));
   const int E = p.dims.experts;
-  loss::detail::launch_column_sum<float>(s.partials, s.blocks, E + detail::kGateScalars, s.totals, stream);
-  loss::detail::launch_column_sum<int32_t>(s.count_partials, s.blocks, E, p.expert_counts, stream);
-  detail::gate_losses_kernel<<<1, detail::kLossThreads, 0, stream>>>(s.totals, E, p.dims.tokens, p.dims.top_k, p.losses);
+  MOXE_RETURN_IF_ERROR(
+      loss::detail::launch_column_sum<float>(s.partials, s.blocks, E + detail::kGateScalars, s.totals, stream));
+  MOXE_RETURN_IF_ERROR(loss::detail::launch_column_sum<int32_t>(s.count_partials, s.blocks, E, p.expert_counts, stream));
+  MOXE_RETURN_IF_ERROR(launch_kernel(detail::gate_losses_kernel<float>, 1, detail::kLossThreads, 0, stream, s.totals, E,
+                                     p.dims.tokens, p.dims.top_k, p.losses));
   return check_launch(stream);
 }
 
@@ -527,13 +531,13 @@ Status gate_backward(const GateBackwardParams<T, float>& b, void* workspace, std
   const int E = b.fwd.dims.experts;
   return detail::dispatch_row_shape(E, [&](auto shape) {
     using Shape = decltype(shape);
-    detail::gate_batch_kernel<T, Shape::kLanes, Shape::kPerLane><<<s.blocks, detail::kGateThreads, 0, stream>>>(
-        b.fwd, row_stride, diff_step, /*need_mass=*/b.loss_grad != nullptr || b.c_g != 0.f, s.partials);
-    MOXE_RETURN_IF_ERROR(check_launch(stream));
-    loss::detail::launch_column_sum<float>(s.partials, s.blocks, E + 2, s.totals, stream);
+    MOXE_RETURN_IF_ERROR(launch_kernel(detail::gate_batch_kernel<T, Shape::kLanes, Shape::kPerLane>, s.blocks,
+                                       detail::kGateThreads, 0, stream, b.fwd, row_stride, diff_step,
+                                       /*need_mass=*/b.loss_grad != nullptr || b.c_g != 0.f, s.partials));
+    MOXE_RETURN_IF_ERROR(loss::detail::launch_column_sum<float>(s.partials, s.blocks, E + 2, s.totals, stream));
     const int grid = detail::token_grid(b.fwd.dims.tokens, detail::gate_tokens_per_block(E));
-    detail::gate_backward_kernel<T, Shape::kLanes, Shape::kPerLane>
-        <<<grid, detail::kGateThreads, 0, stream>>>(b, row_stride, diff_step, s.totals);
+    MOXE_RETURN_IF_ERROR(launch_kernel(detail::gate_backward_kernel<T, Shape::kLanes, Shape::kPerLane>, grid,
+                                       detail::kGateThreads, 0, stream, b, row_stride, diff_step, s.totals));
     return check_launch(stream);
   });
 }

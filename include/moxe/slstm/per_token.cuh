@@ -132,8 +132,8 @@ Status per_token_forward(const ForwardParams<T, Acc>& p, void* workspace, std::s
   const int64_t H = hidden(p.dims), count = p.dims.seq_len * p.dims.batch * H;
   int64_t blocks = ceil_div<int64_t>(count, detail::kPerTokenThreads);
   if (blocks > detail::kPerTokenMaxBlocks) blocks = detail::kPerTokenMaxBlocks;
-  detail::per_token_forward_kernel<T>
-      <<<static_cast<unsigned>(blocks), detail::kPerTokenThreads, 0, stream>>>(p, H, count);
+  MOXE_RETURN_IF_ERROR(launch_kernel(detail::per_token_forward_kernel<T>, static_cast<unsigned>(blocks),
+                                     detail::kPerTokenThreads, 0, stream, p, H, count));
   return check_launch(stream);
 }
 
@@ -156,12 +156,12 @@ Status per_token_backward(const BackwardParams<T, Acc>& b, void* workspace, std:
                                 stream));
   const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(H, detail::kPerTokenThreads)),
                   static_cast<unsigned>(k.chunks));
-  detail::per_token_backward_kernel<T>
-      <<<grid, detail::kPerTokenThreads, 0, stream>>>(b, H, positions, k.rows_per_chunk, partial);
-  MOXE_RETURN_IF_ERROR(check_launch(stream));
+  MOXE_RETURN_IF_ERROR(launch_kernel(detail::per_token_backward_kernel<T>, grid, detail::kPerTokenThreads, 0, stream, b,
+                                     H, positions, k.rows_per_chunk, partial));
   const int64_t count = 4 * H;
-  detail::sum_partials_kernel<T><<<static_cast<unsigned>(ceil_div<int64_t>(count, 256)), 256, 0, stream>>>(
-      partial, k.chunks, count, b.dbias);
+  MOXE_RETURN_IF_ERROR(launch_kernel(detail::sum_partials_kernel<T>,
+                                     static_cast<unsigned>(ceil_div<int64_t>(count, 256)), 256, 0, stream, partial,
+                                     k.chunks, count, b.dbias));
   return check_launch(stream);
 }
 

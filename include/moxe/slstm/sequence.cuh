@@ -102,18 +102,10 @@ Status launch_recurrent(Kernel kernel, Args args, const LaunchPlan& plan, cudaSt
     args.group_begin = g0;
     const int64_t count = plan.groups - g0 < plan.groups_per_launch ? plan.groups - g0 : plan.groups_per_launch;
     const dim3 grid(static_cast<unsigned>(count), static_cast<unsigned>(plan.splits));
-    if (plan.splits == 1) {
-      kernel<<<grid, kThreads, plan.smem, stream>>>(args);
-    } else {
-      // Capturable into a CUDA graph (a kernel node with the cooperative attribute, CUDA 12+).
-      void* kernel_args[] = {&args};
-      if (cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid, dim3(kThreads), kernel_args,
-                                      plan.smem, stream) != cudaSuccess) {
-        (void)cudaGetLastError();  // as check_launch: leave no stale error for the caller's next check
-        return Status::cuda_error;
-      }
-    }
-    MOXE_RETURN_IF_ERROR(check_launch(stream));
+    // the blocks of a split head wait for each other: a cooperative launch (capturable into a
+    // CUDA graph as a kernel node with the cooperative attribute, CUDA 12+)
+    MOXE_RETURN_IF_ERROR(plan.splits == 1 ? launch_kernel(kernel, grid, kThreads, plan.smem, stream, args)
+                                          : launch_cooperative(kernel, grid, kThreads, plan.smem, stream, args));
   }
   return Status::ok;
 }
@@ -251,18 +243,17 @@ Status sequence_backward(const BackwardParams<T, Acc>& p, void* workspace, std::
   const detail::DrSplit split = detail::dr_split(d.seq_len, d.batch, d.heads, d.head_dim);
   const int64_t tiles = ((4 * d.head_dim + detail::kDrTile - 1) / detail::kDrTile) *
                         ((d.head_dim + detail::kDrTile - 1) / detail::kDrTile);
-  detail::dr_partial_kernel<T><<<dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(d.heads),
-                                      static_cast<unsigned>(split.chunks)),
-                                 256, 0, stream>>>(s.tape_gates, s.y_tape, p.fwd.y_init, d.seq_len, d.batch, d.heads,
-                                                   d.head_dim, split.chunk_len, s.dr_partial);
-  MOXE_RETURN_IF_ERROR(check_launch(stream));
+  MOXE_RETURN_IF_ERROR(launch_kernel(
+      detail::dr_partial_kernel<T>,
+      dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(d.heads), static_cast<unsigned>(split.chunks)), 256, 0,
+      stream, s.tape_gates, s.y_tape, p.fwd.y_init, d.seq_len, d.batch, d.heads, d.head_dim, split.chunk_len,
+      s.dr_partial));
   const int64_t dr_count = d.heads * 4 * d.head_dim * d.head_dim;
-  detail::sum_partials_kernel<T><<<static_cast<unsigned>((dr_count + 255) / 256), 256, 0, stream>>>(
-      s.dr_partial, split.chunks, dr_count, p.dr);
-  MOXE_RETURN_IF_ERROR(check_launch(stream));
+  MOXE_RETURN_IF_ERROR(launch_kernel(detail::sum_partials_kernel<T>, static_cast<unsigned>((dr_count + 255) / 256), 256,
+                                     0, stream, s.dr_partial, split.chunks, dr_count, p.dr));
   const int64_t bias_count = 4 * d.heads * d.head_dim;
-  detail::sum_partials_kernel<T><<<static_cast<unsigned>((bias_count + 255) / 256), 256, 0, stream>>>(
-      s.dbias_partial, d.batch, bias_count, p.dbias);
+  MOXE_RETURN_IF_ERROR(launch_kernel(detail::sum_partials_kernel<T>, static_cast<unsigned>((bias_count + 255) / 256),
+                                     256, 0, stream, s.dbias_partial, d.batch, bias_count, p.dbias));
   return check_launch(stream);
 }
 

@@ -233,16 +233,16 @@ Status expert_choice_forward(const ExpertChoiceForwardParams<T, float>& p, void*
   MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(detail::ec_scores_kernel<T>, smem));
   const int64_t tiles = ceil_div<int64_t>(p.dims.tokens, detail::kScoreTileTokens);
   if (tiles > INT_MAX) return Status::unsupported;
-  detail::ec_scores_kernel<T><<<static_cast<int>(tiles), detail::kScoreThreads, smem, stream>>>(p, score_t);
-  MOXE_RETURN_IF_ERROR(check_launch(stream));
-  detail::ec_select_kernel<T><<<p.dims.experts, detail::kSelectThreads, 0, stream>>>(p, score_t);
-  MOXE_RETURN_IF_ERROR(check_launch(stream));
+  MOXE_RETURN_IF_ERROR(launch_kernel(detail::ec_scores_kernel<T>, static_cast<int>(tiles), detail::kScoreThreads, smem,
+                                     stream, p, score_t));
+  MOXE_RETURN_IF_ERROR(
+      launch_kernel(detail::ec_select_kernel<T>, p.dims.experts, detail::kSelectThreads, 0, stream, p, score_t));
   if (p.experts_per_token == nullptr) return Status::ok;
   const int64_t warps_needed = p.dims.tokens;
   const int64_t blocks = ceil_div<int64_t>(warps_needed, detail::kScoreThreads / kWarpSize);
   const int grid = static_cast<int>(blocks < (int64_t(1) << 16) ? blocks : (int64_t(1) << 16));
-  detail::ec_count_kernel<int64_t><<<grid, detail::kScoreThreads, 0, stream>>>(p.row_map, p.dims.tokens, p.dims.experts,
-                                                                      p.experts_per_token);
+  MOXE_RETURN_IF_ERROR(launch_kernel(detail::ec_count_kernel<int64_t>, grid, detail::kScoreThreads, 0, stream,
+                                     p.row_map, p.dims.tokens, p.dims.experts, p.experts_per_token));
   return check_launch(stream);
 }
 

@@ -167,7 +167,8 @@ Status sigmoid_bias_forward(const SigmoidBiasForwardParams<T, float>& p, void* w
     return detail::sigmoid_bias_forward_kernel<T, decltype(shape)::kLanes, decltype(shape)::kPerLane>;
   }, p, block_counts));
   if (p.expert_counts == nullptr) return Status::ok;
-  detail::sum_partials_kernel<int32_t><<<1, 256, 0, stream>>>(block_counts, grid, p.dims.experts, p.expert_counts);
+  MOXE_RETURN_IF_ERROR(launch_kernel(detail::sum_partials_kernel<int32_t>, 1, 256, 0, stream, block_counts, grid,
+                                     p.dims.experts, p.expert_counts));
   return check_launch(stream);
 }
 
@@ -196,7 +197,7 @@ inline Status bias_update(const BiasUpdateParams<float>& p, void* workspace, std
   (void)workspace;
   (void)workspace_bytes;
   MOXE_RETURN_IF_ERROR(validate(p));
-  detail::bias_update_kernel<float><<<1, detail::kBiasThreads, 0, stream>>>(p);
+  MOXE_RETURN_IF_ERROR(launch_kernel(detail::bias_update_kernel<float>, 1, detail::kBiasThreads, 0, stream, p));
   return check_launch(stream);
 }
 

@@ -94,7 +94,8 @@ Status topp_forward(const TopPForwardParams<T, float>& p, void* workspace, std::
     return detail::topp_forward_kernel<T, decltype(shape)::kLanes, decltype(shape)::kPerLane>;
   }, p, block_counts));
   if (p.total_count == nullptr) return Status::ok;
-  detail::sum_partials_kernel<int64_t><<<1, 256, 0, stream>>>(block_counts, grid, 1, p.total_count);
+  MOXE_RETURN_IF_ERROR(
+      launch_kernel(detail::sum_partials_kernel<int64_t>, 1, 256, 0, stream, block_counts, grid, 1, p.total_count));
   return check_launch(stream);
 }
 

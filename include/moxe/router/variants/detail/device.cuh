@@ -152,7 +152,7 @@ inline int token_grid(int64_t tokens, int experts, bool capped) {
 template <class KernelFor, class... Args>
 Status launch_rows(int grid, int experts, cudaStream_t stream, KernelFor kernel_for, const Args&... args) {
   return router::detail::dispatch_row_shape(experts, [&](auto shape) {
-    kernel_for(shape)<<<grid, kRowThreads, 0, stream>>>(args...);
+    MOXE_RETURN_IF_ERROR(launch_kernel(kernel_for(shape), grid, kRowThreads, 0, stream, args...));
     return check_launch(stream);
   });
 }
