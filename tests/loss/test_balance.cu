@@ -179,3 +179,144 @@ TEST_CASE("device losses reject bad input and a small workspace") {
   MOXE_TEST_CUDA(cudaDeviceSynchronize());
   CHECK(std::isnan(loss.download()[0]));
 }
+
+TEST_CASE("device losses: -1 and corrupt slots skipped, upstream gradient read from device memory") {
+  mt::Rng rng(mt::fresh_seed());
+  const int64_t tokens = 45;
+  const int E = 9, K = 3;
+  Routing r(rng, tokens, E, K);
+  for (int64_t t = 0; t < tokens; t += 4) r.idx[t * K + t % K] = -1;
+  for (int64_t t = 1; t < tokens; t += 7) r.idx[t * K + (t + 1) % K] = (t % 2) ? E : -123456;
+  const auto probs = mt::round_through<float>(r.probs);
+  mt::DeviceBuffer<float> dprobs(mt::convert_to<float>(probs)), loss(1), grad(probs.size());
+  mt::DeviceBuffer<float> upstream(std::vector<float>{-0.625f});
+  mt::DeviceBuffer<int32_t> didx(r.idx);
+  const moxe::loss::Dims dims{tokens, E, K};
+  std::vector<double> gwant(probs.size());
+  double want = 0;
+
+  moxe::loss::LoadBalanceParams<double> lb_ref{dims, probs.data(), r.idx.data(), &want};
+  REQUIRE(lr::load_balance(lb_ref) == Status::ok);
+  REQUIRE(lr::load_balance_backward(moxe::loss::LoadBalanceBackwardParams<double>{lb_ref, -0.625, gwant.data()}) ==
+          Status::ok);
+  moxe::loss::LoadBalanceParams<float> lb{dims, dprobs.get(), didx.get(), loss.get()};
+  loss.poison();
+  REQUIRE(run(moxe::loss::load_balance_workspace_size(lb), [&](void* w, std::size_t b) {
+            return moxe::loss::load_balance(lb, w, b, nullptr);
+          }) == Status::ok);
+  CHECK(loss.download()[0] == doctest::Approx(want).epsilon(1e-5));
+  moxe::loss::LoadBalanceBackwardParams<float> lbb{lb, 99.f, grad.get()};
+  lbb.loss_grad = upstream.get();  // replaces the 99
+  grad.poison();
+  REQUIRE(run(moxe::loss::load_balance_backward_workspace_size(lbb), [&](void* w, std::size_t b) {
+            return moxe::loss::load_balance_backward(lbb, w, b, nullptr);
+          }) == Status::ok);
+  CHECK(mt::rel_error(grad.download(), gwant) < 1e-5);
+
+  moxe::loss::SwitchLoadBalanceParams<double> sw_ref{dims, probs.data(), r.idx.data(), &want};
+  REQUIRE(lr::switch_load_balance(sw_ref) == Status::ok);
+  REQUIRE(lr::switch_load_balance_backward(
+              moxe::loss::SwitchLoadBalanceBackwardParams<double>{sw_ref, -0.625, gwant.data()}) == Status::ok);
+  moxe::loss::SwitchLoadBalanceParams<float> sw{dims, dprobs.get(), didx.get(), loss.get()};
+  loss.poison();
+  REQUIRE(run(moxe::loss::switch_load_balance_workspace_size(sw), [&](void* w, std::size_t b) {
+            return moxe::loss::switch_load_balance(sw, w, b, nullptr);
+          }) == Status::ok);
+  CHECK(loss.download()[0] == doctest::Approx(want).epsilon(1e-5));
+  moxe::loss::SwitchLoadBalanceBackwardParams<float> swb{sw, 99.f, grad.get()};
+  swb.loss_grad = upstream.get();
+  grad.poison();
+  REQUIRE(run(moxe::loss::switch_load_balance_backward_workspace_size(swb), [&](void* w, std::size_t b) {
+            return moxe::loss::switch_load_balance_backward(swb, w, b, nullptr);
+          }) == Status::ok);
+  CHECK(mt::rel_error(grad.download(), gwant) < 1e-5);
+
+  // z-loss and difficulty loss with the upstream gradient in device memory
+  const auto z = mt::round_through<float>(mt::normal_vector<double>(rng, tokens * E));
+  moxe::loss::ZLossParams<double, double> z_ref{{tokens, E}, z.data(), &want};
+  REQUIRE(lr::z_loss_backward(moxe::loss::ZLossBackwardParams<double, double>{z_ref, -0.625, gwant.data()}) ==
+          Status::ok);
+  mt::DeviceBuffer<float> dz(mt::convert_to<float>(z));
+  moxe::loss::ZLossBackwardParams<float> zb{{{tokens, E}, dz.get(), loss.get()}, 99.f, grad.get()};
+  zb.loss_grad = upstream.get();
+  grad.poison();
+  REQUIRE(moxe::loss::z_loss_backward(zb, nullptr, 0, nullptr) == Status::ok);
+  CHECK(mt::rel_error(grad.download(), gwant) < 1e-5);
+  const auto d = mt::round_through<float>(mt::uniform_vector<double>(rng, tokens, 0, 1));
+  const auto h = mt::round_through<float>(mt::uniform_vector<double>(rng, tokens, 0, 1));
+  std::vector<double> gd(tokens);
+  moxe::loss::DifficultyLossParams<double> d_ref{tokens, d.data(), h.data(), &want};
+  REQUIRE(lr::difficulty_loss_backward(moxe::loss::DifficultyLossBackwardParams<double>{d_ref, -0.625, gd.data()}) ==
+          Status::ok);
+  mt::DeviceBuffer<float> dd(mt::convert_to<float>(d)), dh(mt::convert_to<float>(h)), gdd(tokens);
+  moxe::loss::DifficultyLossBackwardParams<float> db{{tokens, dd.get(), dh.get(), loss.get()}, 99.f, gdd.get()};
+  db.loss_grad = upstream.get();
+  gdd.poison();
+  REQUIRE(moxe::loss::difficulty_loss_backward(db, nullptr, 0, nullptr) == Status::ok);
+  CHECK(mt::rel_error(gdd.download(), gd) < 1e-6);
+}
+
+TEST_CASE("group balance on the device reads corrupt offsets as their clamped running maximum") {
+  mt::Rng rng(mt::fresh_seed());
+  const int64_t tokens = 13;
+  const int E = 8;
+  Routing r(rng, tokens, E, 1);
+  const auto probs = mt::round_through<float>(r.probs);
+  mt::DeviceBuffer<float> dprobs(mt::convert_to<float>(probs)), loss(1), grad(probs.size());
+  mt::DeviceBuffer<float> upstream(std::vector<float>{0.75f});
+  // what the device reads (running maximum of the offsets clamped to [0, E]) is a valid
+  // partition whenever it starts at 0 and ends at E: the reference of that partition is
+  // the expected result
+  const std::vector<std::pair<std::vector<int32_t>, std::vector<int32_t>>> cases = {
+      {{0, 5, 3, 8}, {0, 5, 5, 8}},        // a decreasing offset: an empty group
+      {{-3, 2, 100}, {0, 2, 8}},           // out of range: clamped
+      {{0, 7, -1, 8}, {0, 7, 7, 8}},       // negative in the middle
+      {{0, 9, 9, 9, 8}, {0, 8, 8, 8, 8}},  // past the end: empty trailing groups
+  };
+  for (const auto& [corrupt, effective] : cases) {
+    const int G = static_cast<int>(corrupt.size()) - 1;
+    CAPTURE(G);
+    double want = 0;
+    std::vector<double> mwant(G), gwant(probs.size());
+    moxe::loss::GroupBalanceParams<double> ref{{tokens, E}, G, effective.data(), probs.data(), &want, mwant.data()};
+    REQUIRE(lr::group_balance(ref) == Status::ok);
+    REQUIRE(lr::group_balance_backward(moxe::loss::GroupBalanceBackwardParams<double>{ref, 0.75, gwant.data()}) ==
+            Status::ok);
+    mt::DeviceBuffer<int32_t> doffsets(corrupt);
+    mt::DeviceBuffer<float> mass(G);
+    mass.poison();
+    loss.poison();
+    moxe::loss::GroupBalanceParams<float> gb{{tokens, E}, G, doffsets.get(), dprobs.get(), loss.get(), mass.get()};
+    REQUIRE(run(moxe::loss::group_balance_workspace_size(gb), [&](void* w, std::size_t b) {
+              return moxe::loss::group_balance(gb, w, b, nullptr);
+            }) == Status::ok);
+    CHECK(loss.download()[0] == doctest::Approx(want).epsilon(1e-5).scale(1e-6));
+    CHECK(mt::rel_error(mass.download(), mwant) < 1e-6);
+    moxe::loss::GroupBalanceBackwardParams<float> gbb{gb, 99.f, grad.get()};
+    gbb.loss_grad = upstream.get();
+    grad.poison();
+    REQUIRE(run(moxe::loss::group_balance_backward_workspace_size(gbb), [&](void* w, std::size_t b) {
+              return moxe::loss::group_balance_backward(gbb, w, b, nullptr);
+            }) == Status::ok);
+    CHECK(mt::rel_error(grad.download(), gwant) < 1e-5);
+  }
+  // offsets that do not start at 0: experts before the first offset are in no group (no
+  // mass, zero gradient)
+  const std::vector<int32_t> late = {3, 5, 8};
+  mt::DeviceBuffer<int32_t> doffsets(late);
+  mt::DeviceBuffer<float> mass(2);
+  moxe::loss::GroupBalanceParams<float> gb{{tokens, E}, 2, doffsets.get(), dprobs.get(), loss.get(), mass.get()};
+  moxe::loss::GroupBalanceBackwardParams<float> gbb{gb, 1.f, grad.get()};
+  grad.poison();
+  REQUIRE(run(moxe::loss::group_balance_backward_workspace_size(gbb), [&](void* w, std::size_t b) {
+            return moxe::loss::group_balance_backward(gbb, w, b, nullptr);
+          }) == Status::ok);
+  const auto g = grad.download();
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int e = 0; e < 3; ++e) CHECK(g[t * E + e] == 0.f);
+  double m0 = 0;
+  for (int64_t t = 0; t < tokens; ++t) m0 += probs[t * E + 3] + probs[t * E + 4];
+  m0 /= tokens;
+  const double g0 = std::log(2 * m0 + 1e-8) + 2 * m0 / (2 * m0 + 1e-8);
+  CHECK(g[3] == doctest::Approx(g0 / tokens).epsilon(1e-5));
+}

@@ -154,3 +154,80 @@ TEST_CASE("loss references reject bad input") {
   moxe::loss::ZLossParams<double, double> z{{2, 0}, probs.data(), &loss};
   CHECK(lr::z_loss(z) == Status::invalid_argument);
 }
+
+TEST_CASE("-1 and out-of-range slots are skipped by the routed losses") {
+  mt::Rng rng(mt::fresh_seed());
+  const int T = 6, E = 5, K = 3;
+  Routing r(rng, T, E, K);
+  // drop some slots: -1 (not routed) and corrupt values outside [0, E)
+  r.idx[1] = -1;
+  r.idx[4] = E;
+  r.idx[9] = -7;
+  std::vector<int32_t> kept = r.idx;
+  double loss = NAN;
+  std::vector<double> load(E);
+  moxe::loss::LoadBalanceParams<double> p{{T, E, K}, r.probs.data(), kept.data(), &loss, load.data()};
+  REQUIRE(lr::load_balance(p) == Status::ok);
+  double want = 0;
+  for (int e = 0; e < E; ++e) {
+    double u = 0;
+    for (int i = 0; i < T * K; ++i)
+      if (kept[i] == e) u += r.probs[(i / K) * E + e];
+    u /= T * K;  // the slots keep their share of the denominator
+    CHECK(load[e] == doctest::Approx(u));
+    want += (u - 1.0 / E) * (u - 1.0 / E);
+  }
+  CHECK(loss == doctest::Approx(want).epsilon(1e-12));
+  std::vector<double> dp(T * E);
+  REQUIRE(lr::load_balance_backward(moxe::loss::LoadBalanceBackwardParams<double>{p, 0.8, dp.data()}) == Status::ok);
+  auto f = [&] { lr::load_balance(p); return 0.8 * loss; };
+  CHECK(mt::gradient_error(f, r.probs, dp) < 1e-7);
+
+  moxe::loss::SwitchLoadBalanceParams<double> s{{T, E, K}, r.probs.data(), kept.data(), &loss};
+  REQUIRE(lr::switch_load_balance(s) == Status::ok);
+  double swant = 0;
+  for (int e = 0; e < E; ++e) {
+    double fe = 0, P = 0;
+    for (int i = 0; i < T * K; ++i) fe += kept[i] == e;
+    for (int t = 0; t < T; ++t) P += r.probs[t * E + e];
+    swant += E * (fe / (T * K)) * (P / T);
+  }
+  CHECK(loss == doctest::Approx(swant).epsilon(1e-12));
+}
+
+TEST_CASE("loss backwards read the upstream gradient from memory when loss_grad is set") {
+  mt::Rng rng(mt::fresh_seed());
+  const int T = 4, E = 6, K = 2;
+  Routing r(rng, T, E, K);
+  auto z = mt::normal_vector<double>(rng, T * E);
+  auto d = mt::uniform_vector<double>(rng, T, 0, 1), h = mt::uniform_vector<double>(rng, T, 0, 1);
+  std::vector<int32_t> offsets = {0, 2, 6};
+  double loss = 0, upstream = -1.7;
+  std::vector<double> by_scalar(T * E), by_pointer(T * E), d2(T), h2(T);
+  auto same = [&](auto params, auto backward) {
+    params.dloss = upstream;
+    params.loss_grad = nullptr;
+    REQUIRE(backward(params) == Status::ok);
+    const auto first = by_scalar = by_pointer;
+    params.dloss = 123.0;  // ignored
+    params.loss_grad = &upstream;
+    REQUIRE(backward(params) == Status::ok);
+    CHECK(by_pointer == first);
+  };
+  moxe::loss::ZLossParams<double, double> zp{{T, E}, z.data(), &loss};
+  same(moxe::loss::ZLossBackwardParams<double, double>{zp, 0, by_pointer.data()},
+       [](const auto& b) { return lr::z_loss_backward(b); });
+  moxe::loss::LoadBalanceParams<double> lp{{T, E, K}, r.probs.data(), r.idx.data(), &loss};
+  same(moxe::loss::LoadBalanceBackwardParams<double>{lp, 0, by_pointer.data()},
+       [](const auto& b) { return lr::load_balance_backward(b); });
+  moxe::loss::SwitchLoadBalanceParams<double> sp{{T, E, K}, r.probs.data(), r.idx.data(), &loss};
+  same(moxe::loss::SwitchLoadBalanceBackwardParams<double>{sp, 0, by_pointer.data()},
+       [](const auto& b) { return lr::switch_load_balance_backward(b); });
+  moxe::loss::GroupBalanceParams<double> gp{{T, E}, 2, offsets.data(), r.probs.data(), &loss};
+  same(moxe::loss::GroupBalanceBackwardParams<double>{gp, 0, by_pointer.data()},
+       [](const auto& b) { return lr::group_balance_backward(b); });
+  moxe::loss::DifficultyLossParams<double> dp{T, d.data(), h.data(), &loss};
+  by_pointer.assign(T, 0.0);
+  same(moxe::loss::DifficultyLossBackwardParams<double>{dp, 0, by_pointer.data()},
+       [](const auto& b) { return lr::difficulty_loss_backward(b); });
+}

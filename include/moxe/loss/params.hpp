@@ -1,6 +1,9 @@
 // moxe::loss: parameter structs of the routing losses (docs/loss.md). Each loss is a
-// scalar; the backward takes its upstream gradient `dloss` (a host scalar) and writes the
-// gradient of dloss * L with respect to the inputs.
+// scalar; the backward takes its upstream gradient, either `dloss` (a host scalar) or
+// `loss_grad` (a pointer to it, device memory for the launchers, host memory for the
+// references; when set it replaces dloss, so an autograd backward whose upstream gradient
+// lives on the device needs no host sync), and writes the gradient of dloss * L with
+// respect to the inputs.
 //
 // Layouts: logits [T, E] (T element type), probs [T, E] (Acc), topk_idx [T, K] int32 with
 // distinct experts per token, difficulty and entropy [T] (Acc).
@@ -31,6 +34,7 @@ struct ZLossBackwardParams {
   ZLossParams<T, Acc> fwd;  // logits used
   Acc dloss;
   T* dlogits;               // [T, E]
+  const Acc* loss_grad = nullptr;  // [1] upstream gradient in memory; replaces dloss when set
 };
 
 /// MoxE load balance: u_e = (sum of probs[t, e] over the (t, k) routed to e) / (T K),
@@ -48,6 +52,7 @@ struct LoadBalanceBackwardParams {
   LoadBalanceParams<Acc> fwd;  // probs, topk_idx used
   Acc dloss;
   Acc* dprobs;                 // [T, E]
+  const Acc* loss_grad = nullptr;  // [1] upstream gradient in memory; replaces dloss when set
 };
 
 /// Switch load balance: L = E * sum_e f_e P_e, f_e = (routed (t, k) slots of e) / (T K)
@@ -64,6 +69,7 @@ struct SwitchLoadBalanceBackwardParams {
   SwitchLoadBalanceParams<Acc> fwd;
   Acc dloss;
   Acc* dprobs;             // [T, E]
+  const Acc* loss_grad = nullptr;  // [1] upstream gradient in memory; replaces dloss when set
 };
 
 /// Group balance (KL to uniform over G groups, MoxE's L_g when G = 2):
@@ -84,6 +90,7 @@ struct GroupBalanceBackwardParams {
   GroupBalanceParams<Acc> fwd;
   Acc dloss;
   Acc* dprobs;                   // [T, E]
+  const Acc* loss_grad = nullptr;  // [1] upstream gradient in memory; replaces dloss when set
 };
 
 /// Difficulty loss L_d = mean_t (d_t - H_t)^2.
@@ -100,6 +107,7 @@ struct DifficultyLossBackwardParams {
   Acc dloss;
   Acc* ddifficulty = nullptr;  // [T] (optional)
   Acc* dentropy = nullptr;     // [T] (optional)
+  const Acc* loss_grad = nullptr;  // [1] upstream gradient in memory; replaces dloss when set
 };
 
 inline Status validate_dims(const Dims& d, bool routed) {

@@ -26,7 +26,7 @@ std::vector<Acc> routed_load(const Dims& d, const Acc* probs, const int32_t* top
   for (int64_t t = 0; t < d.tokens; ++t)
     for (int k = 0; k < d.top_k; ++k) {
       const int e = topk_idx[t * d.top_k + k];
-      u[e] += probs[t * d.experts + e];
+      if (e >= 0 && e < d.experts) u[e] += probs[t * d.experts + e];  // -1: not routed
     }
   const Acc slots = static_cast<Acc>(d.tokens) * static_cast<Acc>(d.top_k);
   for (auto& x : u) x /= slots;
@@ -37,7 +37,8 @@ std::vector<Acc> routed_load(const Dims& d, const Acc* probs, const int32_t* top
 template <class Acc>
 std::vector<Acc> routed_fraction(const Dims& d, const int32_t* topk_idx) {
   std::vector<int64_t> c(d.experts, 0);
-  for (int64_t i = 0; i < d.tokens * d.top_k; ++i) c[topk_idx[i]] += 1;
+  for (int64_t i = 0; i < d.tokens * d.top_k; ++i)
+    if (topk_idx[i] >= 0 && topk_idx[i] < d.experts) c[topk_idx[i]] += 1;
   std::vector<Acc> f(d.experts);
   const Acc slots = static_cast<Acc>(d.tokens) * static_cast<Acc>(d.top_k);
   for (int e = 0; e < d.experts; ++e) f[e] = static_cast<Acc>(c[e]) / slots;
@@ -75,11 +76,12 @@ Status z_loss(const ZLossParams<T, Acc>& p) {
 template <class T, class Acc>
 Status z_loss_backward(const ZLossBackwardParams<T, Acc>& b) {
   MOXE_RETURN_IF_ERROR(validate(b));
+  const Acc upstream = loss::detail::upstream_gradient(b.loss_grad, b.dloss);
   const int E = b.fwd.dims.experts;
   for (int64_t t = 0; t < b.fwd.dims.tokens; ++t) {
     const T* row = b.fwd.logits + t * E;
     const Acc lse = detail::row_lse<T, Acc>(row, E);
-    const Acc g = b.dloss * Acc(2) * lse / static_cast<Acc>(b.fwd.dims.tokens);
+    const Acc g = upstream * Acc(2) * lse / static_cast<Acc>(b.fwd.dims.tokens);
     for (int e = 0; e < E; ++e) b.dlogits[t * E + e] = static_cast<T>(g * math::exp(static_cast<Acc>(row[e]) - lse));
   }
   return Status::ok;
@@ -101,6 +103,7 @@ Status load_balance(const LoadBalanceParams<Acc>& p) {
 template <class Acc>
 Status load_balance_backward(const LoadBalanceBackwardParams<Acc>& b) {
   MOXE_RETURN_IF_ERROR(validate(b));
+  const Acc upstream = loss::detail::upstream_gradient(b.loss_grad, b.dloss);
   const auto& d = b.fwd.dims;
   const auto u = detail::routed_load(d, b.fwd.probs, b.fwd.topk_idx);
   const Acc slots = static_cast<Acc>(d.tokens) * static_cast<Acc>(d.top_k);
@@ -108,7 +111,8 @@ Status load_balance_backward(const LoadBalanceBackwardParams<Acc>& b) {
   for (int64_t t = 0; t < d.tokens; ++t)
     for (int k = 0; k < d.top_k; ++k) {
       const int e = b.fwd.topk_idx[t * d.top_k + k];
-      b.dprobs[t * d.experts + e] += b.dloss * loss::detail::load_balance_grad(u[e], static_cast<Acc>(d.experts), slots);
+      if (e < 0 || e >= d.experts) continue;
+      b.dprobs[t * d.experts + e] += upstream * loss::detail::load_balance_grad(u[e], static_cast<Acc>(d.experts), slots);
     }
   return Status::ok;
 }
@@ -131,9 +135,10 @@ Status switch_load_balance(const SwitchLoadBalanceParams<Acc>& p) {
 template <class Acc>
 Status switch_load_balance_backward(const SwitchLoadBalanceBackwardParams<Acc>& b) {
   MOXE_RETURN_IF_ERROR(validate(b));
+  const Acc upstream = loss::detail::upstream_gradient(b.loss_grad, b.dloss);
   const auto& d = b.fwd.dims;
   const auto f = detail::routed_fraction<Acc>(d, b.fwd.topk_idx);
-  const Acc scale = b.dloss * static_cast<Acc>(d.experts) / static_cast<Acc>(d.tokens);
+  const Acc scale = upstream * static_cast<Acc>(d.experts) / static_cast<Acc>(d.tokens);
   for (int64_t t = 0; t < d.tokens; ++t)
     for (int e = 0; e < d.experts; ++e) b.dprobs[t * d.experts + e] = scale * f[e];
   return Status::ok;
@@ -156,11 +161,12 @@ Status group_balance(const GroupBalanceParams<Acc>& p) {
 template <class Acc>
 Status group_balance_backward(const GroupBalanceBackwardParams<Acc>& b) {
   MOXE_RETURN_IF_ERROR(validate(b));
+  const Acc upstream = loss::detail::upstream_gradient(b.loss_grad, b.dloss);
   MOXE_RETURN_IF_ERROR(detail::check_offsets(b.fwd));
   const auto& p = b.fwd;
   const auto m = detail::group_mass(p);
   for (int g = 0; g < p.num_groups; ++g) {
-    const Acc grad = b.dloss * loss::detail::group_loss_term_grad(m[g], static_cast<Acc>(p.num_groups)) /
+    const Acc grad = upstream * loss::detail::group_loss_term_grad(m[g], static_cast<Acc>(p.num_groups)) /
                      static_cast<Acc>(p.dims.tokens);
     for (int64_t t = 0; t < p.dims.tokens; ++t)
       for (int e = p.group_offsets[g]; e < p.group_offsets[g + 1]; ++e) b.dprobs[t * p.dims.experts + e] = grad;
@@ -180,9 +186,10 @@ Status difficulty_loss(const DifficultyLossParams<Acc>& p) {
 template <class Acc>
 Status difficulty_loss_backward(const DifficultyLossBackwardParams<Acc>& b) {
   MOXE_RETURN_IF_ERROR(validate(b));
+  const Acc upstream = loss::detail::upstream_gradient(b.loss_grad, b.dloss);
   const auto& p = b.fwd;
   for (int64_t t = 0; t < p.tokens; ++t) {
-    const Acc g = b.dloss * loss::detail::difficulty_loss_grad(p.difficulty[t], p.entropy[t], static_cast<Acc>(p.tokens));
+    const Acc g = upstream * loss::detail::difficulty_loss_grad(p.difficulty[t], p.entropy[t], static_cast<Acc>(p.tokens));
     if (b.ddifficulty) b.ddifficulty[t] = g;
     if (b.dentropy) b.dentropy[t] = -g;
   }

@@ -7,6 +7,18 @@
 
 namespace moxe::loss::detail {
 
+/// The upstream gradient of a loss: *loss_grad when given (device memory for the launchers,
+/// so an autograd backward needs no host sync), else the scalar.
+template <class A>
+MOXE_HD MOXE_FORCEINLINE A upstream_gradient(const A* loss_grad, A dloss) {
+  return loss_grad != nullptr ? *loss_grad : dloss;
+}
+
+/// A group offset read from memory the host cannot check, clamped to [0, experts].
+MOXE_HD MOXE_FORCEINLINE int clamp_offset(int offset, int experts) {
+  return offset < 0 ? 0 : offset > experts ? experts : offset;
+}
+
 /// eps inside the group-balance logarithm: P log(G P + eps).
 inline constexpr double kGroupLossEps = 1e-8;
 

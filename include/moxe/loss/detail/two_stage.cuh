@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "moxe/core/config.hpp"
+#include "moxe/core/launch.cuh"
 #include "moxe/core/reduce.cuh"
 
 namespace moxe::loss::detail {
@@ -49,9 +50,9 @@ __global__ void __launch_bounds__(kColumnSumThreads)
 }
 
 template <class V>
-inline void launch_column_sum(const V* partials, int rows, int width, V* out, cudaStream_t stream) {
+inline Status launch_column_sum(const V* partials, int rows, int width, V* out, cudaStream_t stream) {
   const int blocks = (width + kColumnSumColumns - 1) / kColumnSumColumns;
-  column_sum_kernel<V><<<blocks, kColumnSumThreads, 0, stream>>>(partials, rows, width, out);
+  return launch_kernel(column_sum_kernel<V>, blocks, kColumnSumThreads, 0, stream, partials, rows, width, out);
 }
 
 /// Number of stage-one blocks for `work_items` items handled `per_block` at a time, at
