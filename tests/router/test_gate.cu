@@ -350,3 +350,27 @@ TEST_CASE("gate device: a NaN or +inf logit routes to K distinct experts in rang
       CHECK(routed == 19 * K);
     }
 }
+
+TEST_CASE("gate device backward skips -1 and corrupt top-k slots, as the reference") {
+  mt::Rng rng(mt::fresh_seed());
+  for (int E : {6, 64}) {
+    CAPTURE(E);
+    mt::GateProblem g(rng, 29, E, E / 2, 3, Modulation::standard, true, 2.0);
+    REQUIRE(g.forward() == Status::ok);
+    DeviceGate<float> dev(g);
+    REQUIRE(dev.forward() == Status::ok);
+    // drop slots after the forward: -1 (not routed) and corrupt indices far out of range
+    auto idx = dev.topk_idx.download();
+    for (std::size_t i = 0; i < idx.size(); i += 4) idx[i] = -1;
+    for (std::size_t i = 2; i < idx.size(); i += 7) idx[i] = (i % 2) ? E + 100000 : -100000;
+    g.topk_idx.assign(idx.begin(), idx.end());
+    dev.topk_idx.upload(idx);
+    dev.dlogits.poison();
+    dev.ddifficulty.poison();
+    REQUIRE(dev.backward(g) == Status::ok);
+    std::vector<double> dz(g.logits.size()), da(g.dims.tokens);
+    REQUIRE(moxe::router::reference::gate_backward(g.backward_params(dz, da)) == Status::ok);
+    CHECK(mt::rel_error(mt::convert_to_double(dev.dlogits.download()), dz) < 1e-4);
+    CHECK(mt::rel_error(mt::convert_to_double(dev.ddifficulty.download()), da) < 1e-4);
+  }
+}

@@ -107,6 +107,39 @@ TEST_CASE_TEMPLATE("top-k device matches the reference: both algorithms, any E a
   check_topk<T>(rng, 41, 64, 4, 1, 1, false);
 }
 
+TEST_CASE_TEMPLATE("top-k device backward skips -1 and corrupt slots, as the reference", T, float, __nv_bfloat16) {
+  mt::Rng rng(mt::fresh_seed());
+  for (int E : {5, 64, 300}) {
+    CAPTURE(E);
+    const int64_t T_ = 37;
+    const int K = 4;
+    const auto s = mt::round_through<T>(mt::uniform_vector<double>(rng, T_ * E, 0.1, 1.0));
+    std::vector<int32_t> idx(T_ * K);
+    for (int64_t t = 0; t < T_; ++t) {
+      std::vector<int> order(E);
+      std::iota(order.begin(), order.end(), 0);
+      std::shuffle(order.begin(), order.end(), rng.engine());
+      for (int k = 0; k < K; ++k) idx[t * K + k] = order[k];
+      // every third token loses a slot (-1), every fifth gets a corrupt one (far out of range)
+      if (t % 3 == 0) idx[t * K + t % K] = -1;
+      if (t % 5 == 0) idx[t * K + (t + 1) % K] = (t % 2) ? E + 1000000 : -1000000;
+    }
+    const auto gw = mt::uniform_vector<double>(rng, T_ * K), gv = mt::uniform_vector<double>(rng, T_ * K);
+    moxe::router::TopKParams<double, double> rp{{T_, E, K}, s.data(), idx.data()};
+    std::vector<double> want(T_ * E);
+    REQUIRE(rr::topk_backward(moxe::router::TopKBackwardParams<double, double>{rp, gw.data(), gv.data(), want.data()}) ==
+            Status::ok);
+    mt::DeviceBuffer<T> ds(mt::convert_to<T>(s)), dgrad(T_ * E);
+    mt::DeviceBuffer<int32_t> didx(idx);
+    mt::DeviceBuffer<float> bgw(mt::convert_to<float>(gw)), bgv(mt::convert_to<float>(gv));
+    dgrad.poison();
+    moxe::router::TopKParams<T, float> p{{T_, E, K}, ds.get(), didx.get()};
+    moxe::router::TopKBackwardParams<T, float> b{p, bgw.get(), bgv.get(), dgrad.get()};
+    REQUIRE(moxe::router::topk_backward(b, nullptr, 0, nullptr) == Status::ok);
+    CHECK(mt::rel_error(mt::convert_to_double(dgrad.download()), want) < tolerance<T>());
+  }
+}
+
 TEST_CASE("top-k device: exact ties go to the lower index in both algorithms") {
   for (int K : {4, 20}) {
     std::vector<float> s(3 * 40, 0.5f);

@@ -325,6 +325,35 @@ TEST_CASE("top-k reference: order, ties, group-limited routing, gradient") {
         CHECK(mt::sampled_gradient_error(rng, f, s, ds, 64) < 1e-6);
       }
   }
+  SUBCASE("backward skips slots outside [0, E): the weights renormalise over the routed slots") {
+    const int T = 3, E = 7, K = 4;
+    auto s = mt::uniform_vector<double>(rng, T * E, 0.1, 1.0);
+    // token 0: slot 1 not routed (-1); token 1: a corrupt slot (E + 3) and -1; token 2: all valid
+    const std::vector<int32_t> idx = {4, -1, 0, 6, 2, E + 3, -1, 5, 1, 3, 0, 6};
+    const auto dw = mt::uniform_vector<double>(rng, T * K), dv = mt::uniform_vector<double>(rng, T * K);
+    std::vector<int32_t> idx_copy = idx;
+    moxe::router::TopKParams<double, double> p{{T, E, K}, s.data(), idx_copy.data()};
+    std::vector<double> ds(T * E, NAN);
+    moxe::router::TopKBackwardParams<double, double> b{p, dw.data(), dv.data(), ds.data()};
+    REQUIRE(rr::topk_backward(b) == Status::ok);
+    // the function it differentiates: w_k = s_{idx_k} / sum over routed slots, value_k = s_{idx_k}
+    auto f = [&] {
+      double total = 0;
+      for (int t = 0; t < T; ++t) {
+        double sum = 0;
+        for (int k = 0; k < K; ++k)
+          if (idx[t * K + k] >= 0 && idx[t * K + k] < E) sum += s[t * E + idx[t * K + k]];
+        for (int k = 0; k < K; ++k) {
+          const int e = idx[t * K + k];
+          if (e < 0 || e >= E) continue;
+          total += s[t * E + e] / sum * dw[t * K + k] + s[t * E + e] * dv[t * K + k];
+        }
+      }
+      return total;
+    };
+    CHECK(mt::gradient_error(f, s, ds) < 1e-7);
+    CHECK(idx_copy == idx);
+  }
   SUBCASE("ties to the lower index") {
     std::vector<double> s(2 * 10, 0.5);
     s[10 + 7] = 0.9;

@@ -154,7 +154,10 @@ Status gate_backward(const GateBackwardParams<T, Acc>& b) {
   const LossCoefficients<Acc> co = loss_coefficients(b);
   std::vector<Acc> z(E), load(E, Acc(0)), routed(E, Acc(0));
   // batch quantities: u_e from the saved top-k, P_m and P_s recomputed from the logits
-  for (int64_t i = 0; i < T_ * K; ++i) load[p.topk_idx[i]] += p.topk_prob[i];
+  // slots outside [0, E) (-1: not routed) add to no load and get no gradient (as the kernels)
+  auto routed_slot = [E](int32_t e) { return e >= 0 && e < E; };
+  for (int64_t i = 0; i < T_ * K; ++i)
+    if (routed_slot(p.topk_idx[i])) load[p.topk_idx[i]] += p.topk_prob[i];
   const Acc slots = static_cast<Acc>(T_) * static_cast<Acc>(K);
   for (int e = 0; e < E; ++e) load[e] /= slots;
   Acc sum_m = 0, sum_s = 0;
@@ -179,6 +182,7 @@ Status gate_backward(const GateBackwardParams<T, Acc>& b) {
     Acc p_dot_gp = st.sm.mass_m * sc.g_m + st.sm.mass_s * sc.g_s, routed_signed = 0;
     for (int j = 0; j < K; ++j) {
       const int e = idx_k[j];
+      if (!routed_slot(e)) continue;
       const Acc dw = b.dweight ? b.dweight[t * K + j] : Acc(0);
       const Acc r = rd::renorm_grad(dw, w_dot, inv_total) +
                     co.c_lb * ld::load_balance_grad(load[e], static_cast<Acc>(E), slots);
@@ -204,7 +208,8 @@ Status gate_backward(const GateBackwardParams<T, Acc>& b) {
       if (head) g += q * (g_h * rd::entropy_term_grad_log(q, z[e] - st.sm.log_sum) - q_dot_hq);
       out[e] = static_cast<T>(g);
     }
-    for (int j = 0; j < K; ++j) routed[idx_k[j]] = Acc(0);
+    for (int j = 0; j < K; ++j)
+      if (routed_slot(idx_k[j])) routed[idx_k[j]] = Acc(0);
     if (head) {
       const Acc ds = rd::shift_grad(st.sm.mass_m, st.sm.mass_s, sc.g_m, sc.g_s, p_dot_gp, g_lse, routed_signed);
       const Acc dd = sc.g_d * ld::difficulty_loss_grad(st.d, st.h, static_cast<Acc>(T_)) +
@@ -298,12 +303,18 @@ Status topk_backward(const TopKBackwardParams<T, Acc>& b) {
     const int32_t* idx = p.topk_idx + t * K;
     T* out = b.dscores + t * E;
     for (int e = 0; e < E; ++e) out[e] = static_cast<T>(Acc(0));
+    // slots outside [0, E) (-1: not routed) are skipped; the renormalisation is over the
+    // routed slots
+    auto routed = [&](int j) { return idx[j] >= 0 && idx[j] < E; };
     Acc total = 0, w_dot = 0;
-    for (int j = 0; j < K; ++j) total += static_cast<Acc>(p.scores[t * E + idx[j]]);
+    for (int j = 0; j < K; ++j)
+      if (routed(j)) total += static_cast<Acc>(p.scores[t * E + idx[j]]);
     const Acc inv_total = Acc(1) / total;
     if (b.dweight)
-      for (int j = 0; j < K; ++j) w_dot += static_cast<Acc>(p.scores[t * E + idx[j]]) * inv_total * b.dweight[t * K + j];
+      for (int j = 0; j < K; ++j)
+        if (routed(j)) w_dot += static_cast<Acc>(p.scores[t * E + idx[j]]) * inv_total * b.dweight[t * K + j];
     for (int j = 0; j < K; ++j) {
+      if (!routed(j)) continue;
       const Acc dw = b.dweight ? b.dweight[t * K + j] : Acc(0);
       Acc g = p.renormalize ? router::detail::renorm_grad(dw, w_dot, inv_total) : dw;
       if (b.dvalue) g += b.dvalue[t * K + j];

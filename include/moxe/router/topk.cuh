@@ -120,11 +120,15 @@ __global__ void __launch_bounds__(kTopKThreads)
     if (valid) {
       const int32_t* idx = p.topk_idx + t * K;
       const T* scores = p.scores + t * E;
+      // slots outside [0, E) (-1: not routed) are skipped: no score is read for them, and
+      // the renormalisation is over the routed slots
       float total = 0.f, w_dot = 0.f;
-      for (int k = 0; k < K; ++k) total += to_float(scores[idx[k]]);
+      for (int k = 0; k < K; ++k)
+        if (idx[k] >= 0 && idx[k] < E) total += to_float(scores[idx[k]]);
       const float inv_total = 1.f / total;
       if (b.dweight != nullptr && p.renormalize)
-        for (int k = 0; k < K; ++k) w_dot += to_float(scores[idx[k]]) * inv_total * b.dweight[t * K + k];
+        for (int k = 0; k < K; ++k)
+          if (idx[k] >= 0 && idx[k] < E) w_dot += to_float(scores[idx[k]]) * inv_total * b.dweight[t * K + k];
       for (int k = g.lane; k < K; k += kLanes) {
         const int e = idx[k];
         if (e < 0 || e >= E) continue;
@@ -167,7 +171,8 @@ Status topk_forward(const TopKParams<T, float>& p, void* workspace, std::size_t 
   const int grid = detail::row_grid(p.dims.tokens, p.dims.experts, detail::kTopKWarps);
   return detail::dispatch_row_shape(p.dims.experts, [&](auto shape) {
     using S = decltype(shape);
-    detail::topk_forward_kernel<T, S::kLanes, S::kPerLane><<<grid, detail::kTopKThreads, 0, stream>>>(p);
+    MOXE_RETURN_IF_ERROR(
+        launch_kernel(detail::topk_forward_kernel<T, S::kLanes, S::kPerLane>, grid, detail::kTopKThreads, 0, stream, p));
     return check_launch(stream);
   });
 }
@@ -186,7 +191,8 @@ Status topk_backward(const TopKBackwardParams<T, float>& b, void* workspace, std
   const int grid = detail::row_grid(b.fwd.dims.tokens, b.fwd.dims.experts, detail::kTopKWarps);
   return detail::dispatch_row_shape(b.fwd.dims.experts, [&](auto shape) {
     using S = decltype(shape);
-    detail::topk_backward_kernel<T, S::kLanes, S::kPerLane><<<grid, detail::kTopKThreads, 0, stream>>>(b);
+    MOXE_RETURN_IF_ERROR(launch_kernel(detail::topk_backward_kernel<T, S::kLanes, S::kPerLane>, grid,
+                                       detail::kTopKThreads, 0, stream, b));
     return check_launch(stream);
   });
 }
