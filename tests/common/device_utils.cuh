@@ -102,12 +102,14 @@ std::vector<double> round_through(const std::vector<double>& v) {
 }
 
 /// A workspace whose base pointer is deliberately misaligned by `offset` bytes (one byte
-/// by default), to check that launchers align what they carve themselves.
+/// by default), to check that launchers align what they carve themselves. Every byte is
+/// 0xFF: NaN as float, half and bf16 (and -1 as a signed integer), so a kernel that reads
+/// scratch before writing it gets NaN into its result and fails the comparison.
 class MisalignedWorkspace {
  public:
   explicit MisalignedWorkspace(std::size_t bytes, std::size_t offset = 1)
       : storage_(bytes + offset + 1), offset_(offset), bytes_(bytes) {
-    storage_.fill_bytes(0xA5);  // garbage, not zeros
+    storage_.poison();
   }
   void* get() const { return bytes_ ? static_cast<void*>(storage_.get() + offset_) : nullptr; }
   std::size_t bytes() const { return bytes_; }

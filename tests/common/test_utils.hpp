@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <random>
@@ -14,11 +16,20 @@
 namespace moxe::test {
 
 /// A fresh seed per run (so every run draws new inputs) unless MOXE_TEST_SEED pins one.
-/// Tests log it with INFO so a failure can be replayed.
-inline std::uint64_t fresh_seed() {
-  if (const char* s = std::getenv("MOXE_TEST_SEED")) return std::strtoull(s, nullptr, 10);
-  std::random_device rd;
-  return (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
+/// Every seed is printed with the place that drew it, so a failure can be replayed with
+/// MOXE_TEST_SEED=<seed> (ctest shows the output of a failing test).
+inline std::uint64_t fresh_seed(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  std::uint64_t seed = 0;
+  if (const char* s = std::getenv("MOXE_TEST_SEED")) {
+    seed = std::strtoull(s, nullptr, 10);
+  } else {
+    std::random_device rd;
+    seed = (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
+  }
+  const char* base = std::strrchr(file, '/');
+  std::printf("[seed] %llu  %s:%d  (MOXE_TEST_SEED=%llu replays it)\n", static_cast<unsigned long long>(seed),
+              base != nullptr ? base + 1 : file, line, static_cast<unsigned long long>(seed));
+  return seed;
 }
 
 class Rng {
