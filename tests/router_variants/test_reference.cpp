@@ -42,70 +42,87 @@ double fd_error(P& prob, const std::vector<double>& analytic) {
 
 // ---- top-p ------------------------------------------------------------------------------
 
-TEST_CASE("top-p reference: gradient equals finite differences") {
+TEST_CASE("top-p reference: gradient equals finite differences, weights p and renormalised") {
   const auto seed = mt::fresh_seed();
   INFO("seed " << seed);
   mt::Rng rng(seed);
   struct Case { int64_t T; int E, max_k; double p; };
-  for (const Case c : {Case{5, 4, 4, 0.7}, Case{6, 8, 3, 0.5}, Case{4, 16, 8, 0.9}, Case{3, 33, 5, 0.3},
-                       Case{1, 2, 1, 1.0}, Case{4, 8, 8, 1.0}}) {
-    CAPTURE(c.E);
-    CAPTURE(c.max_k);
-    CAPTURE(c.p);
-    auto prob = mv::draw_away_from_ties<mv::TopPProblem>([&] { return mv::TopPProblem(rng, c.T, c.E, c.max_k, c.p); });
-    REQUIRE(prob.forward() == Status::ok);
-    std::vector<double> dz(c.T * c.E, NAN);
-    rv::TopPBackwardParams<double, double> b{prob.params(), prob.dweight.data(), dz.data()};
-    REQUIRE(prob.forward() == Status::ok);
-    REQUIRE(rvr::topp_backward(b) == Status::ok);
-    REQUIRE(mt::all_finite(dz));
-    CHECK(fd_error(prob, dz) < kFdTolerance);
+  for (bool renorm : {false, true}) {
+    CAPTURE(renorm);
+    for (const Case c : {Case{5, 4, 4, 0.7}, Case{6, 8, 3, 0.5}, Case{4, 16, 8, 0.9}, Case{3, 33, 5, 0.3},
+                         Case{1, 2, 1, 1.0}, Case{4, 8, 8, 1.0}, Case{1, 1, 1, 0.5}}) {
+      CAPTURE(c.E);
+      CAPTURE(c.max_k);
+      CAPTURE(c.p);
+      auto prob = mv::draw_away_from_ties<mv::TopPProblem>(
+          [&] { return mv::TopPProblem(rng, c.T, c.E, c.max_k, c.p, renorm); });
+      REQUIRE(prob.forward() == Status::ok);
+      std::vector<double> dz(c.T * c.E, NAN);
+      rv::TopPBackwardParams<double, double> b{prob.params(), prob.dweight.data(), dz.data()};
+      REQUIRE(prob.forward() == Status::ok);
+      REQUIRE(rvr::topp_backward(b) == Status::ok);
+      REQUIRE(mt::all_finite(dz));
+      CHECK(fd_error(prob, dz) < kFdTolerance);
+    }
   }
 }
 
 TEST_CASE("top-p reference: the chosen set is minimal, reaches p, and is capped") {
   mt::Rng rng(mt::fresh_seed());
-  for (double top_p : {0.1, 0.5, 0.8, 0.95, 1.0})
-    for (int E : {1, 2, 8, 64, 257}) {
-      const int max_k = std::min(E, 6);
-      mv::TopPProblem prob(rng, 9, E, max_k, top_p, 2.0);
-      REQUIRE(prob.forward() == Status::ok);
-      int64_t total = 0;
-      for (int64_t t = 0; t < 9; ++t) {
-        auto sorted = mv::softmax_row(prob.logits.data() + t * E, E);
-        std::sort(sorted.rbegin(), sorted.rend());
-        const int n = prob.expert_count[t];
-        total += n;
-        REQUIRE(n >= 1);
-        REQUIRE(n <= max_k);
-        double cum = 0, wsum = 0;
-        for (int j = 0; j < max_k; ++j) {
-          const int32_t e = prob.topk_idx[t * max_k + j];
-          if (j < n) {
-            REQUIRE(e >= 0);
-            CHECK(prob.topk_prob[t * max_k + j] == doctest::Approx(sorted[j]).epsilon(1e-12));
-            cum += prob.topk_prob[t * max_k + j];
-            wsum += prob.topk_weight[t * max_k + j];
-            if (j + 1 < n) CHECK(cum < top_p);  // minimal: no shorter prefix reaches p
-          } else {
-            CHECK(e == -1);
-            CHECK(prob.topk_weight[t * max_k + j] == 0.0);
-            CHECK(prob.topk_prob[t * max_k + j] == 0.0);
+  for (bool renorm : {false, true})
+    for (double top_p : {0.1, 0.5, 0.8, 0.95, 1.0})
+      for (int E : {1, 2, 8, 64, 257}) {
+        CAPTURE(renorm);
+        const int max_k = std::min(E, 6);
+        mv::TopPProblem prob(rng, 9, E, max_k, top_p, renorm, 2.0);
+        REQUIRE(prob.forward() == Status::ok);
+        int64_t total = 0;
+        for (int64_t t = 0; t < 9; ++t) {
+          auto sorted = mv::softmax_row(prob.logits.data() + t * E, E);
+          std::sort(sorted.rbegin(), sorted.rend());
+          const int n = prob.expert_count[t];
+          total += n;
+          REQUIRE(n >= 1);
+          REQUIRE(n <= max_k);
+          double cum = 0, wsum = 0;
+          for (int j = 0; j < max_k; ++j) {
+            const int32_t e = prob.topk_idx[t * max_k + j];
+            if (j < n) {
+              REQUIRE(e >= 0);
+              CHECK(prob.topk_prob[t * max_k + j] == doctest::Approx(sorted[j]).epsilon(1e-12));
+              cum += prob.topk_prob[t * max_k + j];
+              wsum += prob.topk_weight[t * max_k + j];
+              if (!renorm) CHECK(prob.topk_weight[t * max_k + j] == prob.topk_prob[t * max_k + j]);
+              if (j + 1 < n) CHECK(cum < top_p);  // minimal: no shorter prefix reaches p
+            } else {
+              CHECK(e == -1);
+              CHECK(prob.topk_weight[t * max_k + j] == 0.0);
+              CHECK(prob.topk_prob[t * max_k + j] == 0.0);
+            }
           }
+          CHECK((cum >= top_p || n == max_k));
+          CHECK(wsum == doctest::Approx(renorm ? 1.0 : cum).epsilon(1e-12));
         }
-        CHECK((cum >= top_p || n == max_k));
-        CHECK(wsum == doctest::Approx(1.0).epsilon(1e-12));
+        CHECK(prob.total == total);
       }
-      CHECK(prob.total == total);
-    }
-  SUBCASE("ties go to the lower index") {
+  SUBCASE("ties go to the lower index; weights are p unless renormalised") {
     mv::TopPProblem prob(rng, 2, 8, 8, 0.3);
     std::fill(prob.logits.begin(), prob.logits.end(), 0.5);
     REQUIRE(prob.forward() == Status::ok);
     // p = 1/8 each: three experts reach 0.3 (0.375), lowest indices first
     CHECK(prob.expert_count[0] == 3);
-    for (int j = 0; j < 3; ++j) CHECK(prob.topk_idx[j] == j);
+    for (int j = 0; j < 3; ++j) {
+      CHECK(prob.topk_idx[j] == j);
+      CHECK(prob.topk_weight[j] == doctest::Approx(0.125).epsilon(1e-14));
+    }
     CHECK(prob.topk_idx[3] == -1);
+    prob.renormalize = true;
+    REQUIRE(prob.forward() == Status::ok);
+    for (int j = 0; j < 3; ++j) CHECK(prob.topk_weight[j] == doctest::Approx(1.0 / 3).epsilon(1e-14));
+  }
+  SUBCASE("the default follows the paper: weights are the raw probabilities") {
+    const rv::TopPForwardParams<double, double> defaults{};
+    CHECK_FALSE(defaults.renormalize);
   }
 }
 

@@ -40,11 +40,13 @@ inline std::vector<double> softmax_row(const double* z, int E) {
 struct TopPProblem {
   rv::TopPDims dims;
   double top_p;
+  bool renormalize = false;
   std::vector<double> logits, dweight, topk_prob, topk_weight;
   std::vector<int32_t> topk_idx, expert_count;
   int64_t total = 0;
 
-  TopPProblem(Rng& rng, int64_t T, int E, int max_k, double p, double scale = 1.5) : dims{T, E, max_k}, top_p(p) {
+  TopPProblem(Rng& rng, int64_t T, int E, int max_k, double p, bool renorm = false, double scale = 1.5)
+      : dims{T, E, max_k}, top_p(p), renormalize(renorm) {
     logits = normal_vector<double>(rng, T * E, scale);
     dweight = uniform_vector<double>(rng, T * max_k);
   }
@@ -55,6 +57,7 @@ struct TopPProblem {
     expert_count.assign(dims.tokens, 0);
     rv::TopPForwardParams<double, double> p{dims, logits.data(), top_p, topk_idx.data(), topk_prob.data(),
                                             topk_weight.data(), expert_count.data(), &total};
+    p.renormalize = renormalize;
     return p;
   }
   Status forward() { return rvr::topp_forward(params()); }

@@ -19,9 +19,11 @@ namespace moxe::router::variants {
 // ---- top-p (dynamic-k) ----------------------------------------------------------------
 
 /// Per token: p = softmax(z); the smallest prefix of the experts in descending p (ties to
-/// the lower index) whose cumulative probability reaches top_p, capped at max_k; weights
-/// p / sum(p over the chosen prefix). Slots past the chosen count hold idx -1, prob 0,
-/// weight 0.
+/// the lower index) whose cumulative probability reaches top_p, capped at max_k. Weights
+/// are the chosen p themselves, as in the paper that defines top-p routing (Huang et al.
+/// 2024, "Harder Tasks Need More Experts") and its released code; renormalize = true
+/// gives p / sum(p over the chosen prefix) instead. Slots past the chosen count hold
+/// idx -1, prob 0, weight 0.
 struct TopPDims {
   int64_t tokens;
   int experts, max_k;
@@ -37,6 +39,8 @@ struct TopPForwardParams {
   Acc* topk_weight = nullptr;           // [T, max_k] required
   int32_t* expert_count = nullptr;      // [T] optional: experts chosen per token (1..max_k)
   int64_t* total_count = nullptr;       // [1] optional: sum of expert_count (mean = total / T)
+  bool renormalize = false;             // weight = p (the paper's), or p / sum(p chosen);
+                                        // last, so aggregate initialisers keep their meaning
 };
 
 /// dlogits [T, E] from dweight [T, max_k] (entries of unused slots are ignored).

@@ -53,6 +53,24 @@ void renormalised_backward(const Acc* p, const int32_t* idx, const Acc* dw, int 
     if (idx[j] >= 0) dz[idx[j]] = static_cast<T>(vd::renormalised_softmax_grad(p[idx[j]] * inv, dw[j], w_dot));
 }
 
+/// dz (row of E) of sum_j w_j dw_j with w = p (the chosen probabilities themselves), p the
+/// softmax over the allowed experts (allowed empty: all): dz = p (gp - <p, gp>) on the
+/// allowed experts, 0 elsewhere, gp = dw on the chosen.
+template <class T, class Acc>
+void chosen_softmax_backward(const Acc* p, const int32_t* idx, const Acc* dw, int k, int experts,
+                             const std::vector<char>& allowed, T* dz) {
+  std::vector<Acc> gp(experts, Acc(0));
+  Acc dot = 0;
+  for (int j = 0; j < k; ++j)
+    if (idx[j] >= 0) {
+      gp[idx[j]] = dw[j];
+      dot += p[idx[j]] * dw[j];
+    }
+  for (int e = 0; e < experts; ++e)
+    dz[e] = static_cast<T>((allowed.empty() || allowed[e]) ? router::detail::softmax_grad(p[e], gp[e], dot, Acc(0))
+                                                            : Acc(0));
+}
+
 }  // namespace detail
 
 // ---- top-p ------------------------------------------------------------------------------
@@ -75,7 +93,7 @@ Status topp_forward(const TopPForwardParams<T, Acc>& p) {
       const bool used = j < n;
       p.topk_idx[t * K + j] = used ? idx[j] : -1;
       if (p.topk_prob) p.topk_prob[t * K + j] = used ? sorted[j] : Acc(0);
-      p.topk_weight[t * K + j] = used ? sorted[j] / sum : Acc(0);
+      p.topk_weight[t * K + j] = used ? (p.renormalize ? sorted[j] / sum : sorted[j]) : Acc(0);
     }
     if (p.expert_count) p.expert_count[t] = n;
     total += n;
@@ -91,7 +109,11 @@ Status topp_backward(const TopPBackwardParams<T, Acc>& b) {
   std::vector<Acc> prob(E);
   for (int64_t t = 0; t < b.fwd.dims.tokens; ++t) {
     detail::masked_softmax(b.fwd.logits + t * E, E, {}, prob.data());
-    detail::renormalised_backward(prob.data(), b.fwd.topk_idx + t * K, b.dweight + t * K, K, E, b.dlogits + t * E);
+    if (b.fwd.renormalize)
+      detail::renormalised_backward(prob.data(), b.fwd.topk_idx + t * K, b.dweight + t * K, K, E, b.dlogits + t * E);
+    else
+      detail::chosen_softmax_backward(prob.data(), b.fwd.topk_idx + t * K, b.dweight + t * K, K, E, {},
+                                      b.dlogits + t * E);
   }
   return Status::ok;
 }
@@ -224,7 +246,7 @@ Status group_restricted_backward(const GroupRestrictedBackwardParams<T, Acc>& b)
   const auto& p = b.fwd;
   MOXE_RETURN_IF_ERROR(validate_group_offsets(p.group_offsets, p.dims.num_groups, p.dims.experts));
   const int E = p.dims.experts, K = p.dims.top_k;
-  std::vector<Acc> prob(E), gp(E);
+  std::vector<Acc> prob(E);
   for (int64_t t = 0; t < p.dims.tokens; ++t) {
     const auto allowed = detail::allowed_experts(p.dims, p.group_offsets, p.group_id[t]);
     const int32_t* idx = p.topk_idx + t * K;
@@ -235,19 +257,10 @@ Status group_restricted_backward(const GroupRestrictedBackwardParams<T, Acc>& b)
       continue;
     }
     detail::masked_softmax(p.logits + t * E, E, allowed, prob.data());
-    if (p.renormalize) {
+    if (p.renormalize)
       detail::renormalised_backward(prob.data(), idx, dw, K, E, dz);
-      continue;
-    }
-    std::fill(gp.begin(), gp.end(), Acc(0));
-    Acc dot = 0;
-    for (int j = 0; j < K; ++j)
-      if (idx[j] >= 0) {
-        gp[idx[j]] = dw[j];
-        dot += prob[idx[j]] * dw[j];
-      }
-    for (int e = 0; e < E; ++e)
-      dz[e] = static_cast<T>(allowed[e] ? router::detail::softmax_grad(prob[e], gp[e], dot, Acc(0)) : Acc(0));
+    else
+      detail::chosen_softmax_backward(prob.data(), idx, dw, K, E, allowed, dz);
   }
   return Status::ok;
 }
