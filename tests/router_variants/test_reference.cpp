@@ -539,14 +539,19 @@ uint32_t host_float_key(float x) {
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-/// The kernel's 4-pass 8-bit radix select and stable compaction, sequentially.
+/// detail::select_key on the host: a negative score (a token the expert may not choose)
+/// keys 0, below every score.
+uint32_t host_select_key(float x) { return x < 0.f ? 0u : host_float_key(x); }
+
+/// The kernel's 4-pass 8-bit radix select and stable compaction (detail::select_column),
+/// sequentially.
 std::vector<int64_t> radix_top(const std::vector<float>& col, int64_t C) {
   uint32_t prefix = 0, mask = 0;
   int64_t remaining = C;
   for (int shift = 24; shift >= 0; shift -= 8) {
     std::vector<int32_t> hist(256, 0);
     for (float x : col) {
-      const uint32_t k = host_float_key(x);
+      const uint32_t k = host_select_key(x);
       if ((k & mask) == prefix) ++hist[(k >> shift) & 255u];
     }
     int64_t in_digit = 0;
@@ -558,9 +563,9 @@ std::vector<int64_t> radix_top(const std::vector<float>& col, int64_t C) {
   std::vector<int64_t> out;
   int64_t eq_seen = 0;
   for (int64_t t = 0; t < int64_t(col.size()); ++t) {
-    const uint32_t k = host_float_key(col[t]);
+    const uint32_t k = host_select_key(col[t]);
     const bool eq = k == prefix;
-    if (k > prefix || (eq && eq_seen < remaining)) out.push_back(t);
+    if (k != 0u && (k > prefix || (eq && eq_seen < remaining))) out.push_back(t);
     eq_seen += eq;
   }
   return out;
@@ -570,15 +575,21 @@ std::vector<int64_t> radix_top(const std::vector<float>& col, int64_t C) {
 
 TEST_CASE("expert choice: the radix select + stable compaction equals a stable top-C") {
   mt::Rng rng(mt::fresh_seed());
-  for (int trial = 0; trial < 200; ++trial) {
+  for (int trial = 0; trial < 400; ++trial) {
     const int64_t T = rng.integer(1, 300);
-    const int64_t C = rng.integer(1, T);
     std::vector<float> col(T);
     const int levels = static_cast<int>(rng.integer(1, 50));  // few levels: many exact ties
     for (auto& x : col) x = static_cast<float>(rng.integer(0, levels)) / float(levels) * (trial % 2 ? 1.f : 1e-30f);
     if (trial % 7 == 0) col[0] = -0.f;
-    std::vector<int64_t> order(T);
-    std::iota(order.begin(), order.end(), int64_t(0));
+    // from trial 200 on: tokens the expert may not choose (group-restricted expert choice)
+    if (trial >= 200)
+      for (auto& x : col)
+        if (rng.uniform(0, 1) < 0.4) x = -1.f;
+    std::vector<int64_t> order;
+    for (int64_t t = 0; t < T; ++t)
+      if (!(col[t] < 0.f)) order.push_back(t);
+    if (order.empty()) continue;
+    const int64_t C = rng.integer(1, int64_t(order.size()));
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return col[a] > col[b]; });
     std::vector<int64_t> want(order.begin(), order.begin() + C);
     std::sort(want.begin(), want.end());
