@@ -1,6 +1,7 @@
-// Routing-variant benchmarks beside the fused MoxE gate: top-p, expert choice,
-// group-restricted and sigmoid-with-bias routing, forward and backward, T = 65536 tokens,
-// bf16 logits, E in {64, 256}, k (or max_k) = 8. All are memory bound: bytes/s and
+// Routing-variant benchmarks beside the fused MoxE gate: top-p (raw and renormalised
+// weights), expert choice, group-restricted expert choice (MoMa), group-restricted and
+// sigmoid-with-bias routing, forward and backward, T = 65536 tokens, bf16 logits, E in
+// {64, 256}, k (or max_k) = 8. All are memory bound: bytes/s and
 // frac_copy_bw (with MOXE_COPY_BW_GBPS set) are the figures to read; the byte counts are
 // the minimum traffic of each operation (logits read once, outputs written once).
 #include <cuda_bf16.h>
@@ -11,6 +12,7 @@
 #include "harness.cuh"
 #include "moxe/router/gate.cuh"
 #include "moxe/router/variants/expert_choice.cuh"
+#include "moxe/router/variants/group_expert_choice.cuh"
 #include "moxe/router/variants/group_restricted.cuh"
 #include "moxe/router/variants/sigmoid_bias.cuh"
 #include "moxe/router/variants/topp.cuh"
@@ -36,6 +38,7 @@ struct Set : moxe::bench::GateBuffers {
   int64_t capacity;
   DeviceMemory group_id, group_offsets, bias, count, total;
   DeviceMemory scores, ec_tokens, ec_weights, row_map, token_weight, offsets;  // expert choice
+  DeviceMemory gec_tokens, gec_weights;  // group expert choice (row map, weights, offsets shared)
   DeviceMemory dweight_dense, workspace;
   Set(int e, int seed)
       : GateBuffers(kTokens, e, kTopK, seed),
@@ -51,6 +54,8 @@ struct Set : moxe::bench::GateBuffers {
         row_map(kTokens * e * sizeof(int64_t)),
         token_weight(kTokens * e * sizeof(float)),
         offsets((e + 1) * sizeof(int64_t)),
+        gec_tokens(rv::group_expert_choice_max_rows(gec_dims(e)) * sizeof(int32_t)),
+        gec_weights(rv::group_expert_choice_max_rows(gec_dims(e)) * sizeof(float)),
         dweight_dense(kTokens * e * sizeof(float)) {
     fill_groups<<<256, 256>>>(group_id.as<int32_t>(), kTokens, 2);
     const int32_t off[3] = {0, e * 7 / 16, e * 7 / 8};  // two groups of 7E/16, a shared pool of E/8
@@ -61,6 +66,7 @@ struct Set : moxe::bench::GateBuffers {
                                moxe::router::gate_backward_workspace_size(gate_backward()),
                                rv::topp_forward_workspace_size(topp()),
                                rv::expert_choice_forward_workspace_size(expert_choice()),
+                               rv::group_expert_choice_forward_workspace_size(group_expert_choice()),
                                rv::sigmoid_bias_forward_workspace_size(sigmoid())});
     workspace = DeviceMemory(std::max<std::size_t>(ws, 1));
     MOXE_BENCH_CUDA(cudaDeviceSynchronize());
@@ -72,6 +78,13 @@ struct Set : moxe::bench::GateBuffers {
   rv::ExpertChoiceForwardParams<Bf16, float> expert_choice() const {
     return {{kTokens, experts, capacity}, logits.as<Bf16>(), nullptr, ec_tokens.as<int32_t>(), ec_weights.as<float>(),
             row_map.as<int64_t>(), token_weight.as<float>(), offsets.as<int64_t>(), nullptr};
+  }
+  /// MoMa: two groups of 7E/16 experts, a shared pool of E/8, capacity factor 1, top_k 1.
+  static rv::GroupExpertChoiceDims gec_dims(int e) { return {kTokens, e, 2, e * 7 / 8, e}; }
+  rv::GroupExpertChoiceForwardParams<Bf16, float> group_expert_choice() const {
+    return {gec_dims(experts),       logits.as<Bf16>(),      group_id.as<int32_t>(), group_offsets.as<int32_t>(),
+            rv::ChoiceScore::sigmoid, nullptr,                gec_tokens.as<int32_t>(), gec_weights.as<float>(),
+            row_map.as<int64_t>(),   token_weight.as<float>(), offsets.as<int64_t>(), nullptr};
   }
   rv::GroupRestrictedForwardParams<Bf16, float> group_restricted() const {
     return {{kTokens, experts, kTopK, 2, experts * 7 / 8, experts}, logits.as<Bf16>(), group_id.as<int32_t>(),
@@ -124,11 +137,23 @@ void BM_topp_forward(benchmark::State& state) {
     return rv::topp_forward(s.topp(), s.workspace.as<void>(), s.workspace.bytes(), st);
   });
 }
+// raw weights (the default): the whole logit row in, the whole gradient row out
 void BM_topp_backward(benchmark::State& state) {
   const int e = int(state.range(0));
   for (auto& s : sets_for(e)) (void)rv::topp_forward(s.topp(), s.workspace.as<void>(), s.workspace.bytes(), nullptr);
-  run(state, kTokens * (logits_bytes(e) + kTopK * 8.0), [](Set& s, cudaStream_t st) {
+  run(state, kTokens * (2 * logits_bytes(e) + kTopK * 8.0), [](Set& s, cudaStream_t st) {
     return rv::topp_backward(rv::TopPBackwardParams<Bf16, float>{s.topp(), s.dweight.as<float>(), s.dlogits.as<Bf16>()},
+                             nullptr, 0, st);
+  });
+}
+// renormalised weights: only the chosen logits in
+void BM_topp_backward_renormalized(benchmark::State& state) {
+  const int e = int(state.range(0));
+  for (auto& s : sets_for(e)) (void)rv::topp_forward(s.topp(), s.workspace.as<void>(), s.workspace.bytes(), nullptr);
+  run(state, kTokens * (logits_bytes(e) + kTopK * 8.0), [](Set& s, cudaStream_t st) {
+    auto p = s.topp();
+    p.renormalize = true;
+    return rv::topp_backward(rv::TopPBackwardParams<Bf16, float>{p, s.dweight.as<float>(), s.dlogits.as<Bf16>()},
                              nullptr, 0, st);
   });
 }
@@ -150,6 +175,27 @@ void BM_expert_choice_backward(benchmark::State& state) {
         rv::ExpertChoiceBackwardParams<Bf16, float>{s.expert_choice(), s.dweight_dense.as<float>(),
                                                     s.dlogits.as<Bf16>()},
         nullptr, 0, st);
+  });
+}
+void BM_group_expert_choice_forward(benchmark::State& state) {
+  const int e = int(state.range(0));
+  // as expert choice, plus the group ids read twice; the lists: about 2T rows (two pools)
+  run(state, kTokens * e * (2.0 + 4.0 * 2 + 8.0 + 4.0) + kTokens * 8.0 + 8.0 * 2 * kTokens,
+      [](Set& s, cudaStream_t st) {
+        return rv::group_expert_choice_forward(s.group_expert_choice(), s.workspace.as<void>(), s.workspace.bytes(),
+                                               st);
+      });
+}
+void BM_group_expert_choice_backward(benchmark::State& state) {
+  const int e = int(state.range(0));
+  for (auto& s : sets_for(e))
+    (void)rv::group_expert_choice_forward(s.group_expert_choice(), s.workspace.as<void>(), s.workspace.bytes(),
+                                          nullptr);
+  run(state, kTokens * e * (2.0 + 8.0 + 4.0 + 2.0), [](Set& s, cudaStream_t st) {
+    return rv::group_expert_choice_backward(
+        rv::GroupExpertChoiceBackwardParams<Bf16, float>{s.group_expert_choice(), s.dweight_dense.as<float>(),
+                                                         s.dlogits.as<Bf16>()},
+        nullptr, 0, st);  // sigmoid scores: no workspace
   });
 }
 void BM_group_restricted_forward(benchmark::State& state) {
@@ -203,8 +249,11 @@ BENCHMARK(BM_gate_forward)->Apply(shapes);
 BENCHMARK(BM_gate_backward)->Apply(shapes);
 BENCHMARK(BM_topp_forward)->Apply(shapes);
 BENCHMARK(BM_topp_backward)->Apply(shapes);
+BENCHMARK(BM_topp_backward_renormalized)->Apply(shapes);
 BENCHMARK(BM_expert_choice_forward)->Apply(shapes);
 BENCHMARK(BM_expert_choice_backward)->Apply(shapes);
+BENCHMARK(BM_group_expert_choice_forward)->Apply(shapes);
+BENCHMARK(BM_group_expert_choice_backward)->Apply(shapes);
 BENCHMARK(BM_group_restricted_forward)->Apply(shapes);
 BENCHMARK(BM_group_restricted_backward)->Apply(shapes);
 BENCHMARK(BM_sigmoid_bias_forward)->Apply(shapes);

@@ -24,6 +24,7 @@
 #include "moxe/router/reference.hpp"
 #include "moxe/router/topk.cuh"
 #include "moxe/router/variants/expert_choice.cuh"
+#include "moxe/router/variants/group_expert_choice.cuh"
 #include "moxe/router/variants/group_restricted.cuh"
 #include "moxe/router/variants/reference.hpp"
 #include "moxe/router/variants/sigmoid_bias.cuh"

@@ -42,70 +42,87 @@ double fd_error(P& prob, const std::vector<double>& analytic) {
 
 // ---- top-p ------------------------------------------------------------------------------
 
-TEST_CASE("top-p reference: gradient equals finite differences") {
+TEST_CASE("top-p reference: gradient equals finite differences, weights p and renormalised") {
   const auto seed = mt::fresh_seed();
   INFO("seed " << seed);
   mt::Rng rng(seed);
   struct Case { int64_t T; int E, max_k; double p; };
-  for (const Case c : {Case{5, 4, 4, 0.7}, Case{6, 8, 3, 0.5}, Case{4, 16, 8, 0.9}, Case{3, 33, 5, 0.3},
-                       Case{1, 2, 1, 1.0}, Case{4, 8, 8, 1.0}}) {
-    CAPTURE(c.E);
-    CAPTURE(c.max_k);
-    CAPTURE(c.p);
-    auto prob = mv::draw_away_from_ties<mv::TopPProblem>([&] { return mv::TopPProblem(rng, c.T, c.E, c.max_k, c.p); });
-    REQUIRE(prob.forward() == Status::ok);
-    std::vector<double> dz(c.T * c.E, NAN);
-    rv::TopPBackwardParams<double, double> b{prob.params(), prob.dweight.data(), dz.data()};
-    REQUIRE(prob.forward() == Status::ok);
-    REQUIRE(rvr::topp_backward(b) == Status::ok);
-    REQUIRE(mt::all_finite(dz));
-    CHECK(fd_error(prob, dz) < kFdTolerance);
+  for (bool renorm : {false, true}) {
+    CAPTURE(renorm);
+    for (const Case c : {Case{5, 4, 4, 0.7}, Case{6, 8, 3, 0.5}, Case{4, 16, 8, 0.9}, Case{3, 33, 5, 0.3},
+                         Case{1, 2, 1, 1.0}, Case{4, 8, 8, 1.0}, Case{1, 1, 1, 0.5}}) {
+      CAPTURE(c.E);
+      CAPTURE(c.max_k);
+      CAPTURE(c.p);
+      auto prob = mv::draw_away_from_ties<mv::TopPProblem>(
+          [&] { return mv::TopPProblem(rng, c.T, c.E, c.max_k, c.p, renorm); });
+      REQUIRE(prob.forward() == Status::ok);
+      std::vector<double> dz(c.T * c.E, NAN);
+      rv::TopPBackwardParams<double, double> b{prob.params(), prob.dweight.data(), dz.data()};
+      REQUIRE(prob.forward() == Status::ok);
+      REQUIRE(rvr::topp_backward(b) == Status::ok);
+      REQUIRE(mt::all_finite(dz));
+      CHECK(fd_error(prob, dz) < kFdTolerance);
+    }
   }
 }
 
 TEST_CASE("top-p reference: the chosen set is minimal, reaches p, and is capped") {
   mt::Rng rng(mt::fresh_seed());
-  for (double top_p : {0.1, 0.5, 0.8, 0.95, 1.0})
-    for (int E : {1, 2, 8, 64, 257}) {
-      const int max_k = std::min(E, 6);
-      mv::TopPProblem prob(rng, 9, E, max_k, top_p, 2.0);
-      REQUIRE(prob.forward() == Status::ok);
-      int64_t total = 0;
-      for (int64_t t = 0; t < 9; ++t) {
-        auto sorted = mv::softmax_row(prob.logits.data() + t * E, E);
-        std::sort(sorted.rbegin(), sorted.rend());
-        const int n = prob.expert_count[t];
-        total += n;
-        REQUIRE(n >= 1);
-        REQUIRE(n <= max_k);
-        double cum = 0, wsum = 0;
-        for (int j = 0; j < max_k; ++j) {
-          const int32_t e = prob.topk_idx[t * max_k + j];
-          if (j < n) {
-            REQUIRE(e >= 0);
-            CHECK(prob.topk_prob[t * max_k + j] == doctest::Approx(sorted[j]).epsilon(1e-12));
-            cum += prob.topk_prob[t * max_k + j];
-            wsum += prob.topk_weight[t * max_k + j];
-            if (j + 1 < n) CHECK(cum < top_p);  // minimal: no shorter prefix reaches p
-          } else {
-            CHECK(e == -1);
-            CHECK(prob.topk_weight[t * max_k + j] == 0.0);
-            CHECK(prob.topk_prob[t * max_k + j] == 0.0);
+  for (bool renorm : {false, true})
+    for (double top_p : {0.1, 0.5, 0.8, 0.95, 1.0})
+      for (int E : {1, 2, 8, 64, 257}) {
+        CAPTURE(renorm);
+        const int max_k = std::min(E, 6);
+        mv::TopPProblem prob(rng, 9, E, max_k, top_p, renorm, 2.0);
+        REQUIRE(prob.forward() == Status::ok);
+        int64_t total = 0;
+        for (int64_t t = 0; t < 9; ++t) {
+          auto sorted = mv::softmax_row(prob.logits.data() + t * E, E);
+          std::sort(sorted.rbegin(), sorted.rend());
+          const int n = prob.expert_count[t];
+          total += n;
+          REQUIRE(n >= 1);
+          REQUIRE(n <= max_k);
+          double cum = 0, wsum = 0;
+          for (int j = 0; j < max_k; ++j) {
+            const int32_t e = prob.topk_idx[t * max_k + j];
+            if (j < n) {
+              REQUIRE(e >= 0);
+              CHECK(prob.topk_prob[t * max_k + j] == doctest::Approx(sorted[j]).epsilon(1e-12));
+              cum += prob.topk_prob[t * max_k + j];
+              wsum += prob.topk_weight[t * max_k + j];
+              if (!renorm) CHECK(prob.topk_weight[t * max_k + j] == prob.topk_prob[t * max_k + j]);
+              if (j + 1 < n) CHECK(cum < top_p);  // minimal: no shorter prefix reaches p
+            } else {
+              CHECK(e == -1);
+              CHECK(prob.topk_weight[t * max_k + j] == 0.0);
+              CHECK(prob.topk_prob[t * max_k + j] == 0.0);
+            }
           }
+          CHECK((cum >= top_p || n == max_k));
+          CHECK(wsum == doctest::Approx(renorm ? 1.0 : cum).epsilon(1e-12));
         }
-        CHECK((cum >= top_p || n == max_k));
-        CHECK(wsum == doctest::Approx(1.0).epsilon(1e-12));
+        CHECK(prob.total == total);
       }
-      CHECK(prob.total == total);
-    }
-  SUBCASE("ties go to the lower index") {
+  SUBCASE("ties go to the lower index; weights are p unless renormalised") {
     mv::TopPProblem prob(rng, 2, 8, 8, 0.3);
     std::fill(prob.logits.begin(), prob.logits.end(), 0.5);
     REQUIRE(prob.forward() == Status::ok);
     // p = 1/8 each: three experts reach 0.3 (0.375), lowest indices first
     CHECK(prob.expert_count[0] == 3);
-    for (int j = 0; j < 3; ++j) CHECK(prob.topk_idx[j] == j);
+    for (int j = 0; j < 3; ++j) {
+      CHECK(prob.topk_idx[j] == j);
+      CHECK(prob.topk_weight[j] == doctest::Approx(0.125).epsilon(1e-14));
+    }
     CHECK(prob.topk_idx[3] == -1);
+    prob.renormalize = true;
+    REQUIRE(prob.forward() == Status::ok);
+    for (int j = 0; j < 3; ++j) CHECK(prob.topk_weight[j] == doctest::Approx(1.0 / 3).epsilon(1e-14));
+  }
+  SUBCASE("the default follows the paper: weights are the raw probabilities") {
+    const rv::TopPForwardParams<double, double> defaults{};
+    CHECK_FALSE(defaults.renormalize);
   }
 }
 
@@ -204,6 +221,224 @@ TEST_CASE("expert-choice reference: the row map feeds dispatch unpermute with to
       for (int h = 0; h < H; ++h) want[t * H + h] += prob.expert_weights[e * C + j] * yp[(e * C + j) * H + h];
     }
   CHECK(mt::rel_error(y, want) < 1e-12);
+}
+
+// ---- group-restricted expert choice ---------------------------------------------------------
+
+namespace {
+
+using GecProblem = mv::GroupExpertChoiceProblem;
+
+/// A group-restricted expert-choice case: sizes, groups, capacity rule, and the group ids
+/// of the first tokens (the rest drawn at random).
+struct GecCase {
+  int64_t T;
+  int E;
+  std::vector<int32_t> offsets;
+  int sb, se;
+  int64_t capacity;
+  double factor;
+  int top_k;
+  std::vector<int32_t> first_groups;
+};
+
+GecProblem make_gec(mt::Rng& rng, const GecCase& c, rv::ChoiceScore score) {
+  GecProblem p(rng, c.T, c.E, c.offsets, c.sb, c.se, score, c.capacity, c.factor, c.top_k);
+  for (size_t i = 0; i < c.first_groups.size() && int64_t(i) < c.T; ++i) p.group_id[i] = c.first_groups[i];
+  return p;
+}
+
+const std::vector<GecCase>& gec_cases() {
+  static const std::vector<GecCase> cases{
+      {9, 6, {0, 2, 4}, 4, 6, 0, 1.0, 1, {}},                  // two groups and a shared pool (MoMa + shared)
+      {8, 7, {0, 3, 3, 5}, 0, 0, 2, 1.0, 1, {}},               // group 1 owns no expert; experts 5, 6 in no pool
+      {5, 8, {0, 6, 8}, 0, 0, 0, 1.5, 2, {1, 0, 1, 1, 0}},      // group 0: 6 experts, 2 tokens
+      {1, 3, {0, 3}, 0, 0, 0, 1.0, 1, {}},                     // one token
+      {7, 5, {0, 2, 4}, 4, 5, 0, 1.0, 2, {-1, 0, 7, 0, 0, 0, 0}},  // no group / bad ids; group 1 has no token
+  };
+  return cases;
+}
+
+}  // namespace
+
+TEST_CASE("group expert choice reference: gradient equals finite differences") {
+  const auto seed = mt::fresh_seed();
+  INFO("seed " << seed);
+  mt::Rng rng(seed);
+  for (auto score : {rv::ChoiceScore::sigmoid, rv::ChoiceScore::softmax})
+    for (const GecCase& c : gec_cases()) {
+      CAPTURE(int(score));
+      CAPTURE(c.T);
+      CAPTURE(c.E);
+      auto prob = mv::draw_away_from_ties<GecProblem>([&] { return make_gec(rng, c, score); });
+      REQUIRE(prob.forward() == Status::ok);
+      std::vector<double> dz(c.T * c.E, NAN);
+      rv::GroupExpertChoiceBackwardParams<double, double> b{prob.params(), prob.dweight.data(), dz.data()};
+      REQUIRE(prob.forward() == Status::ok);
+      REQUIRE(rvr::group_expert_choice_backward(b) == Status::ok);
+      REQUIRE(mt::all_finite(dz));
+      CHECK(fd_error(prob, dz) < kFdTolerance);
+    }
+}
+
+namespace {
+
+/// The capacity rule written out independently of detail::pool_capacity.
+int64_t expected_capacity(int64_t n, int experts, const rv::GroupExpertChoiceDims& d) {
+  if (n == 0 || experts == 0) return 0;
+  if (d.capacity > 0) return std::min(d.capacity, n);
+  const double c = std::ceil(d.capacity_factor * double(n) * d.top_k / double(experts));
+  return std::min<int64_t>(n, std::max<int64_t>(1, static_cast<int64_t>(c)));
+}
+
+/// Every defining property of a forward's outputs, from the inputs alone.
+void check_gec_properties(GecProblem& prob) {
+  const auto& d = prob.dims;
+  const int64_t T = d.tokens;
+  const int E = d.experts, G = d.num_groups;
+  // pools: shared first, else the group whose range holds e (ranges are disjoint here)
+  std::vector<int32_t> pool(E, -1);
+  std::vector<int> pool_experts(G + 1, 0);
+  std::vector<int64_t> pool_tokens(G + 1, 0);
+  for (int e = 0; e < E; ++e) {
+    if (e >= d.shared_begin && e < d.shared_end) pool[e] = G;
+    else
+      for (int g = 0; g < G; ++g)
+        if (e >= prob.group_offsets[g] && e < prob.group_offsets[g + 1]) pool[e] = g;
+    if (pool[e] >= 0) ++pool_experts[pool[e]];
+  }
+  for (int64_t t = 0; t < T; ++t)
+    if (prob.group_id[t] >= 0 && prob.group_id[t] < G) ++pool_tokens[prob.group_id[t]];
+  pool_tokens[G] = T;
+  auto sees = [&](int e, int64_t t) {
+    return pool[e] == G || (pool[e] >= 0 && pool[e] == prob.group_id[t]);
+  };
+  CHECK(prob.expert_offsets[0] == 0);
+  std::vector<int> per_token(T, 0);
+  for (int e = 0; e < E; ++e) {
+    CAPTURE(e);
+    const int64_t C = pool[e] < 0 ? 0 : expected_capacity(pool_tokens[pool[e]], pool_experts[pool[e]], d);
+    const int64_t base = prob.expert_offsets[e];
+    REQUIRE(prob.expert_offsets[e + 1] - base == C);
+    std::vector<int64_t> cand;
+    for (int64_t t = 0; t < T; ++t)
+      if (sees(e, t)) cand.push_back(t);
+    std::stable_sort(cand.begin(), cand.end(),
+                     [&](int64_t a, int64_t b) { return prob.scores[a * E + e] > prob.scores[b * E + e]; });
+    std::vector<int64_t> want(cand.begin(), cand.begin() + C);
+    std::sort(want.begin(), want.end());
+    for (int64_t j = 0; j < C; ++j) {
+      const int32_t t = prob.expert_tokens[base + j];
+      CHECK(t == want[j]);
+      CHECK(prob.row_map[t * E + e] == base + j);
+      CHECK(prob.expert_weights[base + j] == prob.scores[t * E + e]);
+      CHECK(prob.token_weight[t * E + e] == prob.scores[t * E + e]);
+      per_token[t] += 1;
+    }
+  }
+  const int64_t total = prob.expert_offsets[E];
+  CHECK(total <= prob.max_rows());
+  for (int64_t r = total; r < prob.max_rows(); ++r) CHECK(prob.expert_tokens[r] == -1);  // untouched
+  int64_t chosen = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    double seen_sum = 0;
+    bool any_seen = false;
+    for (int e = 0; e < E; ++e) {
+      const int64_t i = t * E + e;
+      chosen += prob.row_map[i] >= 0;
+      if (prob.row_map[i] < 0) CHECK(prob.token_weight[i] == 0.0);
+      if (prob.row_map[i] >= 0) CHECK(sees(e, t));  // out-of-group tokens: shared experts only
+      if (!sees(e, t)) CHECK(prob.scores[i] == 0.0);
+      seen_sum += prob.scores[i];
+      any_seen = any_seen || sees(e, t);
+    }
+    if (prob.score == rv::ChoiceScore::softmax && any_seen) CHECK(seen_sum == doctest::Approx(1.0).epsilon(1e-12));
+    CHECK(prob.experts_per_token[t] == per_token[t]);
+  }
+  CHECK(chosen == total);
+}
+
+}  // namespace
+
+TEST_CASE("group expert choice reference: pools, capacities, top-C among the pool's tokens, ties") {
+  const auto seed = mt::fresh_seed();
+  INFO("seed " << seed);
+  mt::Rng rng(seed);
+  for (int trial = 0; trial < 300; ++trial) {
+    const int64_t T = rng.integer(1, 40);
+    const int E = static_cast<int>(rng.integer(1, 12));
+    const int G = static_cast<int>(rng.integer(1, 4));
+    std::vector<int32_t> offsets(G + 1);
+    for (auto& o : offsets) o = static_cast<int32_t>(rng.integer(0, E));
+    std::sort(offsets.begin(), offsets.end());
+    int sb = static_cast<int>(rng.integer(0, E)), se = static_cast<int>(rng.integer(0, E));
+    if (sb > se) std::swap(sb, se);
+    if (trial % 3 == 0) sb = se = 0;
+    const bool fixed = trial % 2 == 0;
+    const auto score = trial % 4 < 2 ? rv::ChoiceScore::sigmoid : rv::ChoiceScore::softmax;
+    GecProblem prob(rng, T, E, offsets, sb, se, score, fixed ? rng.integer(1, 8) : 0, rng.uniform(0.2, 3.0),
+                    static_cast<int>(rng.integer(1, 3)));
+    for (auto& g : prob.group_id) g = static_cast<int32_t>(rng.integer(-1, G));  // G and -1: no group
+    for (auto& z : prob.logits) z = std::round(z * 4) / 4;                        // exact ties happen
+    CAPTURE(trial);
+    CAPTURE(T);
+    CAPTURE(E);
+    CAPTURE(G);
+    REQUIRE(prob.forward() == Status::ok);
+    check_gec_properties(prob);
+  }
+  SUBCASE("MoMa's rule: each expert takes its group's mean load; the shared pool all tokens'") {
+    // 6 text tokens (group 0), 4 image tokens (group 1); 2 experts each; 2 shared experts
+    GecProblem prob(rng, 10, 6, {0, 2, 4}, 4, 6, rv::ChoiceScore::sigmoid);
+    prob.group_id = {0, 1, 0, 0, 1, 0, 1, 0, 1, 0};
+    REQUIRE(prob.forward() == Status::ok);
+    CHECK(prob.expert_offsets == std::vector<int64_t>{0, 3, 6, 8, 10, 15, 20});
+    check_gec_properties(prob);
+  }
+  SUBCASE("all equal scores: each expert takes its first tokens") {
+    GecProblem prob(rng, 9, 4, {0, 2, 4}, 0, 0, rv::ChoiceScore::softmax, 2);
+    std::fill(prob.logits.begin(), prob.logits.end(), 0.25);
+    prob.group_id = {1, 0, 0, 1, 1, 0, 1, 0, 0};
+    REQUIRE(prob.forward() == Status::ok);
+    CHECK(prob.expert_tokens[0] == 1);
+    CHECK(prob.expert_tokens[1] == 2);
+    CHECK(prob.expert_tokens[4] == 0);
+    CHECK(prob.expert_tokens[5] == 3);
+  }
+  SUBCASE("without a shared pool, tokens outside every group are chosen by nobody") {
+    GecProblem prob(rng, 6, 4, {0, 2, 4}, 0, 0, rv::ChoiceScore::sigmoid, 6);
+    prob.group_id = {0, -3, 1, 2, 1, 0};
+    REQUIRE(prob.forward() == Status::ok);
+    for (int e = 0; e < 4; ++e) {
+      CHECK(prob.row_map[1 * 4 + e] == -1);
+      CHECK(prob.row_map[3 * 4 + e] == -1);
+    }
+    CHECK(prob.experts_per_token[1] == 0);
+    CHECK(prob.experts_per_token[0] == 2);
+  }
+}
+
+TEST_CASE("group expert choice reference: one group of every expert is plain expert choice") {
+  const auto seed = mt::fresh_seed();
+  INFO("seed " << seed);
+  mt::Rng rng(seed);
+  for (bool as_shared : {false, true}) {
+    const int64_t T = 23, C = 5;
+    const int E = 6;
+    GecProblem prob(rng, T, E, as_shared ? std::vector<int32_t>{0, 0, 0} : std::vector<int32_t>{0, E},
+                    as_shared ? 0 : 0, as_shared ? E : 0, rv::ChoiceScore::softmax, C);
+    if (as_shared)
+      for (auto& g : prob.group_id) g = static_cast<int32_t>(rng.integer(-2, 3));
+    REQUIRE(prob.forward() == Status::ok);
+    mv::ExpertChoiceProblem ec(rng, T, E, C);
+    ec.logits = prob.logits;
+    REQUIRE(ec.forward() == Status::ok);
+    CHECK(std::vector<int32_t>(prob.expert_tokens.begin(), prob.expert_tokens.begin() + E * C) == ec.expert_tokens);
+    CHECK(prob.row_map == ec.row_map);
+    CHECK(prob.token_weight == ec.token_weight);
+    CHECK(prob.scores == ec.scores);
+    CHECK(prob.expert_offsets == ec.expert_offsets);
+  }
 }
 
 // ---- group-restricted -----------------------------------------------------------------------
@@ -456,6 +691,49 @@ TEST_CASE("variant references: bad input returns a non-ok status and writes noth
     CHECK(std::isnan(prob.topk_weight[0]));
   }
   {
+    GecProblem prob(rng, 3, 4, {0, 2, 4}, 0, 0, rv::ChoiceScore::sigmoid);
+    auto p = prob.params();
+    mt::poison(prob.token_weight);
+    auto bad = p;
+    bad.dims.capacity = -1;
+    CHECK(rvr::group_expert_choice_forward(bad) == Status::invalid_argument);
+    for (double f : {0.0, -1.0, std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity()}) {
+      bad = p;
+      bad.dims.capacity_factor = f;
+      CHECK(rvr::group_expert_choice_forward(bad) == Status::invalid_argument);
+    }
+    bad = p;
+    bad.dims.capacity_factor = 0.0;
+    bad.dims.capacity = 2;  // a given capacity: the factor is not used
+    CHECK(rvr::group_expert_choice_forward(bad) == Status::ok);
+    mt::poison(prob.token_weight);
+    bad = p;
+    bad.dims.top_k = 0;
+    CHECK(rvr::group_expert_choice_forward(bad) == Status::invalid_argument);
+    bad = p;
+    bad.dims.shared_end = 5;
+    CHECK(rvr::group_expert_choice_forward(bad) == Status::invalid_argument);
+    bad = p;
+    bad.expert_offsets = nullptr;
+    CHECK(rvr::group_expert_choice_forward(bad) == Status::invalid_argument);
+    bad = p;
+    bad.group_id = nullptr;
+    CHECK(rvr::group_expert_choice_forward(bad) == Status::invalid_argument);
+    bad = p;
+    bad.score = static_cast<rv::ChoiceScore>(7);
+    CHECK(rvr::group_expert_choice_forward(bad) == Status::invalid_argument);
+    prob.group_offsets = {0, 3, 2};  // decreasing
+    CHECK(rvr::group_expert_choice_forward(p) == Status::invalid_argument);
+    prob.group_offsets = {0, 2, 5};  // past E
+    CHECK(rvr::group_expert_choice_forward(p) == Status::invalid_argument);
+    CHECK(std::all_of(prob.token_weight.begin(), prob.token_weight.end(), [](double x) { return std::isnan(x); }));
+    std::vector<double> dz(12, NAN);
+    rv::GroupExpertChoiceBackwardParams<double, double> b{p, prob.dweight.data(), dz.data()};
+    b.fwd.row_map = nullptr;
+    CHECK(rvr::group_expert_choice_backward(b) == Status::invalid_argument);
+    CHECK(std::isnan(dz[0]));
+  }
+  {
     mv::SigmoidBiasProblem prob(rng, 3, 8, 2, 4, 1);
     auto p = prob.params();
     mt::poison(prob.topk_weight);
@@ -494,6 +772,23 @@ TEST_CASE("variant references in float agree with double") {
                 {{T, E, K}, zf.data(), 0.6f, ifl.data()}, dw.data(), dzf.data()}) == Status::ok);
     CHECK(mt::all_finite(dzf));
   }
+  for (auto score : {rv::ChoiceScore::sigmoid, rv::ChoiceScore::softmax}) {
+    const std::vector<int32_t> gid{0, 1, 1, 0, 2, 0, 1, 1, 0, 0, 1, -1, 0, 1, 0, 1}, off{0, 5, 9};
+    rv::GroupExpertChoiceDims d{T, E, 2, 9, 12};
+    const int64_t rows = rv::group_expert_choice_max_rows(d);
+    std::vector<int32_t> td(rows, -1), tf(rows, -1);
+    std::vector<int64_t> md(T * E), mf(T * E), od(E + 1), of(E + 1);
+    std::vector<double> wd(T * E);
+    std::vector<float> wf(T * E);
+    REQUIRE(rvr::group_expert_choice_forward(rv::GroupExpertChoiceForwardParams<double, double>{
+                d, zr.data(), gid.data(), off.data(), score, nullptr, td.data(), nullptr, md.data(), wd.data(),
+                od.data()}) == Status::ok);
+    REQUIRE(rvr::group_expert_choice_forward(rv::GroupExpertChoiceForwardParams<float, float>{
+                d, zf.data(), gid.data(), off.data(), score, nullptr, tf.data(), nullptr, mf.data(), wf.data(),
+                of.data()}) == Status::ok);
+    CHECK(od == of);
+    CHECK(mt::rel_error(wf, wd) < 1e-5);
+  }
   {
     std::vector<int32_t> id(T * K), ifl(T * K), cd(E), cf(E);
     std::vector<double> wd(T * K), bd(E, 0.0);
@@ -522,14 +817,19 @@ uint32_t host_float_key(float x) {
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-/// The kernel's 4-pass 8-bit radix select and stable compaction, sequentially.
+/// detail::select_key on the host: a negative score (a token the expert may not choose)
+/// keys 0, below every score.
+uint32_t host_select_key(float x) { return x < 0.f ? 0u : host_float_key(x); }
+
+/// The kernel's 4-pass 8-bit radix select and stable compaction (detail::select_column),
+/// sequentially.
 std::vector<int64_t> radix_top(const std::vector<float>& col, int64_t C) {
   uint32_t prefix = 0, mask = 0;
   int64_t remaining = C;
   for (int shift = 24; shift >= 0; shift -= 8) {
     std::vector<int32_t> hist(256, 0);
     for (float x : col) {
-      const uint32_t k = host_float_key(x);
+      const uint32_t k = host_select_key(x);
       if ((k & mask) == prefix) ++hist[(k >> shift) & 255u];
     }
     int64_t in_digit = 0;
@@ -541,9 +841,9 @@ std::vector<int64_t> radix_top(const std::vector<float>& col, int64_t C) {
   std::vector<int64_t> out;
   int64_t eq_seen = 0;
   for (int64_t t = 0; t < int64_t(col.size()); ++t) {
-    const uint32_t k = host_float_key(col[t]);
+    const uint32_t k = host_select_key(col[t]);
     const bool eq = k == prefix;
-    if (k > prefix || (eq && eq_seen < remaining)) out.push_back(t);
+    if (k != 0u && (k > prefix || (eq && eq_seen < remaining))) out.push_back(t);
     eq_seen += eq;
   }
   return out;
@@ -553,15 +853,21 @@ std::vector<int64_t> radix_top(const std::vector<float>& col, int64_t C) {
 
 TEST_CASE("expert choice: the radix select + stable compaction equals a stable top-C") {
   mt::Rng rng(mt::fresh_seed());
-  for (int trial = 0; trial < 200; ++trial) {
+  for (int trial = 0; trial < 400; ++trial) {
     const int64_t T = rng.integer(1, 300);
-    const int64_t C = rng.integer(1, T);
     std::vector<float> col(T);
     const int levels = static_cast<int>(rng.integer(1, 50));  // few levels: many exact ties
     for (auto& x : col) x = static_cast<float>(rng.integer(0, levels)) / float(levels) * (trial % 2 ? 1.f : 1e-30f);
     if (trial % 7 == 0) col[0] = -0.f;
-    std::vector<int64_t> order(T);
-    std::iota(order.begin(), order.end(), int64_t(0));
+    // from trial 200 on: tokens the expert may not choose (group-restricted expert choice)
+    if (trial >= 200)
+      for (auto& x : col)
+        if (rng.uniform(0, 1) < 0.4) x = -1.f;
+    std::vector<int64_t> order;
+    for (int64_t t = 0; t < T; ++t)
+      if (!(col[t] < 0.f)) order.push_back(t);
+    if (order.empty()) continue;
+    const int64_t C = rng.integer(1, int64_t(order.size()));
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return col[a] > col[b]; });
     std::vector<int64_t> want(order.begin(), order.begin() + C);
     std::sort(want.begin(), want.end());

@@ -1,6 +1,6 @@
-// Device tests of top-p routing: forward and backward against the double reference,
-// determinism, poisoned outputs, T = 1 and T off the block size, misaligned workspace,
-// bad input.
+// Device tests of top-p routing: forward and backward against the double reference, with
+// weights p (the default, the paper's) and renormalised, determinism, poisoned outputs,
+// T = 1 and T off the block size, misaligned workspace, bad input.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -37,7 +37,8 @@ bool topp_ambiguous(const std::vector<double>& z, int64_t t, int E, int max_k, d
 }
 
 template <class T>
-void check_topp(mt::Rng& rng, int64_t T_, int E, int max_k, double top_p) {
+void check_topp(mt::Rng& rng, int64_t T_, int E, int max_k, double top_p, bool renorm) {
+  CAPTURE(renorm);
   CAPTURE(T_);
   CAPTURE(E);
   CAPTURE(max_k);
@@ -48,14 +49,15 @@ void check_topp(mt::Rng& rng, int64_t T_, int E, int max_k, double top_p) {
   std::vector<double> prob(T_ * K), weight(T_ * K);
   int64_t total = 0;
   REQUIRE(rvr::topp_forward(rv::TopPForwardParams<double, double>{{T_, E, K}, z.data(), top_p, idx.data(), prob.data(),
-                                                                  weight.data(), count.data(), &total}) == Status::ok);
+                                                                  weight.data(), count.data(), &total, renorm}) ==
+          Status::ok);
   mt::DeviceBuffer<T> dz(mt::convert_to<T>(z)), dgrad(T_ * E);
   mt::DeviceBuffer<int32_t> didx(T_ * K), dcount(T_);
   mt::DeviceBuffer<float> dprob(T_ * K), dweight(T_ * K);
   mt::DeviceBuffer<int64_t> dtotal(1);
   didx.poison(); dcount.poison(); dprob.poison(); dweight.poison(); dtotal.poison(); dgrad.poison();
   rv::TopPForwardParams<T, float> p{{T_, E, K}, dz.get(), float(top_p), didx.get(), dprob.get(), dweight.get(),
-                                    dcount.get(), dtotal.get()};
+                                    dcount.get(), dtotal.get(), renorm};
   mt::MisalignedWorkspace ws(rv::topp_forward_workspace_size(p));
   REQUIRE(rv::topp_forward(p, ws.get(), ws.bytes(), nullptr) == Status::ok);
   const auto got_idx = didx.download();
@@ -93,7 +95,8 @@ void check_topp(mt::Rng& rng, int64_t T_, int E, int max_k, double top_p) {
 
   // backward from the device's own selection against the reference on the same selection
   const auto dw = mt::uniform_vector<double>(rng, T_ * K);
-  const auto rp = rv::TopPForwardParams<double, double>{{T_, E, K}, z.data(), top_p, const_cast<int32_t*>(got_idx.data())};
+  auto rp = rv::TopPForwardParams<double, double>{{T_, E, K}, z.data(), top_p, const_cast<int32_t*>(got_idx.data())};
+  rp.renormalize = renorm;
   mv::check_backward<rv::TopPBackwardParams>(
       rp, p, dw, dgrad, [](const auto& b) { return rvr::topp_backward(b); },
       [](const auto& b) { return rv::topp_backward(b, nullptr, 0, nullptr); });
@@ -105,12 +108,26 @@ TEST_CASE_TEMPLATE("top-p device forward and backward match the reference", T, f
   const auto seed = mt::fresh_seed();
   INFO("seed " << seed);
   mt::Rng rng(seed);
-  check_topp<T>(rng, 1, 8, 4, 0.6);
-  check_topp<T>(rng, 37, 8, 8, 0.9);
-  check_topp<T>(rng, 1000, 64, 8, 0.7);
-  check_topp<T>(rng, 517, 256, 16, 0.5);  // threshold top-k path (k > 8)
-  check_topp<T>(rng, 300, 1000, 32, 0.95);
-  check_topp<T>(rng, 200, 64, 4, 1.0);
+  for (bool renorm : {false, true}) {
+    check_topp<T>(rng, 1000, 64, 8, 0.7, renorm);
+    check_topp<T>(rng, 517, 256, 16, 0.5, renorm);  // threshold top-k path (k > 8)
+    check_topp<T>(rng, 300, 1000, 32, 0.95, renorm);
+    check_topp<T>(rng, 200, 64, 4, 1.0, renorm);
+  }
+}
+
+// Small sizes only (the functional simulator runs this one): T = 1, T off the block size,
+// E = 1, E off the lane layout.
+TEST_CASE_TEMPLATE("top-p device, small sizes: forward and backward match the reference", T, float, __nv_bfloat16) {
+  const auto seed = mt::fresh_seed();
+  INFO("seed " << seed);
+  mt::Rng rng(seed);
+  for (bool renorm : {false, true}) {
+    check_topp<T>(rng, 1, 8, 4, 0.6, renorm);
+    check_topp<T>(rng, 1, 1, 1, 0.5, renorm);
+    check_topp<T>(rng, 37, 8, 8, 0.9, renorm);
+    check_topp<T>(rng, 19, 13, 5, 0.8, renorm);
+  }
 }
 
 TEST_CASE("top-p device: bad input returns non-ok and writes nothing") {

@@ -40,11 +40,13 @@ inline std::vector<double> softmax_row(const double* z, int E) {
 struct TopPProblem {
   rv::TopPDims dims;
   double top_p;
+  bool renormalize = false;
   std::vector<double> logits, dweight, topk_prob, topk_weight;
   std::vector<int32_t> topk_idx, expert_count;
   int64_t total = 0;
 
-  TopPProblem(Rng& rng, int64_t T, int E, int max_k, double p, double scale = 1.5) : dims{T, E, max_k}, top_p(p) {
+  TopPProblem(Rng& rng, int64_t T, int E, int max_k, double p, bool renorm = false, double scale = 1.5)
+      : dims{T, E, max_k}, top_p(p), renormalize(renorm) {
     logits = normal_vector<double>(rng, T * E, scale);
     dweight = uniform_vector<double>(rng, T * max_k);
   }
@@ -55,6 +57,7 @@ struct TopPProblem {
     expert_count.assign(dims.tokens, 0);
     rv::TopPForwardParams<double, double> p{dims, logits.data(), top_p, topk_idx.data(), topk_prob.data(),
                                             topk_weight.data(), expert_count.data(), &total};
+    p.renormalize = renormalize;
     return p;
   }
   Status forward() { return rvr::topp_forward(params()); }
@@ -181,6 +184,73 @@ struct GroupRestrictedProblem {
         if (a[e]) z.push_back(logits[t * E + e]);
       if (has_close_pair(z)) return true;  // softmax is monotone: logit gaps suffice
       if (dims.n_groups > 1 && dims.topk_groups < dims.n_groups && has_close_pair(group_scores(t))) return true;
+    }
+    return false;
+  }
+};
+
+struct GroupExpertChoiceProblem {
+  rv::GroupExpertChoiceDims dims;
+  rv::ChoiceScore score;
+  std::vector<double> logits, dweight, scores, expert_weights, token_weight;
+  std::vector<int32_t> group_id, group_offsets, expert_tokens, experts_per_token;
+  std::vector<int64_t> row_map, expert_offsets;
+
+  /// Group ids drawn uniformly from [0, num_groups) (callers overwrite some).
+  GroupExpertChoiceProblem(Rng& rng, int64_t T, int E, std::vector<int32_t> offsets, int shared_begin, int shared_end,
+                           rv::ChoiceScore s, int64_t capacity = 0, double capacity_factor = 1.0, int top_k = 1,
+                           double scale = 1.5)
+      : dims{T, E, static_cast<int>(offsets.size()) - 1, shared_begin, shared_end, capacity, capacity_factor, top_k},
+        score(s),
+        group_offsets(std::move(offsets)) {
+    logits = normal_vector<double>(rng, T * E, scale);
+    dweight = uniform_vector<double>(rng, T * E);
+    group_id.resize(T);
+    for (auto& g : group_id) g = static_cast<int32_t>(rng.integer(0, dims.num_groups - 1));
+  }
+  int64_t max_rows() const { return rv::group_expert_choice_max_rows(dims); }
+  rv::GroupExpertChoiceForwardParams<double, double> params() {
+    const int64_t T = dims.tokens;
+    const int E = dims.experts;
+    scores.assign(T * E, 0);
+    expert_tokens.assign(max_rows(), -1);
+    expert_weights.assign(max_rows(), 0);
+    row_map.assign(T * E, 0);
+    token_weight.assign(T * E, 0);
+    expert_offsets.assign(E + 1, 0);
+    experts_per_token.assign(T, 0);
+    return {dims,          logits.data(),        group_id.data(),       group_offsets.data(),
+            score,         scores.data(),        expert_tokens.data(),  expert_weights.data(),
+            row_map.data(), token_weight.data(), expert_offsets.data(), experts_per_token.data()};
+  }
+  Status forward() { return rvr::group_expert_choice_forward(params()); }
+  double objective() {
+    forward();
+    return dot(token_weight, dweight);
+  }
+  std::vector<int32_t> pools() const {
+    return rvr::detail::group_choice_layout(dims, group_id.data(), group_offsets.data()).pool;
+  }
+  /// Expert e's candidates (the tokens its pool sees) in the reference's selection order.
+  std::vector<int64_t> ranked_candidates(int e) const {
+    const auto pool = pools();
+    std::vector<int64_t> c;
+    for (int64_t t = 0; t < dims.tokens; ++t)
+      if (moxe::router::variants::detail::pool_sees(pool[e], group_id[t])) c.push_back(t);
+    std::stable_sort(c.begin(), c.end(), [&](int64_t a, int64_t b) {
+      return scores[a * dims.experts + e] > scores[b * dims.experts + e];
+    });
+    return c;
+  }
+  /// Some expert's C-th and (C+1)-th candidate scores are close (after a forward).
+  bool near_tie() {
+    forward();
+    for (int e = 0; e < dims.experts; ++e) {
+      const auto c = ranked_candidates(e);
+      const int64_t C = expert_offsets[e + 1] - expert_offsets[e];
+      if (C > 0 && C < int64_t(c.size()) &&
+          scores[c[C - 1] * dims.experts + e] - scores[c[C] * dims.experts + e] < kTieMargin)
+        return true;
     }
     return false;
   }

@@ -6,11 +6,12 @@
 //      optional scores [T, E] and, through a shared-memory tile, transposed into the
 //      workspace as score_t [E, T] (coalesced both ways); row_map and token_weight rows
 //      are reset (-1, 0).
-//   2. ec_select_kernel: one block per expert over its column of score_t: a 4-pass
-//      8-bit radix select finds the key of the C-th largest score and how many of the
-//      tokens equal to it to take, then a stable block compaction in token order writes
-//      expert_tokens [E, C], expert_weights, row_map[t, e] = e*C + position and
-//      token_weight[t, e] = s (ties to the lower token index).
+//   2. ec_select_kernel: one block per expert over its column of score_t
+//      (detail::select_column): a 4-pass 8-bit radix select finds the key of the C-th
+//      largest score and how many of the tokens equal to it to take, then a stable block
+//      compaction in token order writes expert_tokens [E, C], expert_weights,
+//      row_map[t, e] = e*C + position and token_weight[t, e] = s (ties to the lower token
+//      index).
 //   3. (optional) ec_count_kernel: experts_per_token from the row map.
 // Backward: per token, dz = s (gp - <s, gp>) with gp = dweight on the chosen (t, e).
 #pragma once
@@ -25,6 +26,7 @@
 #include "moxe/core/status.hpp"
 #include "moxe/core/workspace.hpp"
 #include "moxe/router/detail/gate_math.hpp"
+#include "moxe/router/variants/detail/column_select.cuh"
 #include "moxe/router/variants/detail/device.cuh"
 #include "moxe/router/variants/detail/variant_math.hpp"
 #include "moxe/router/variants/params.hpp"
@@ -35,11 +37,6 @@ namespace detail {
 
 inline constexpr int kScoreTileTokens = 32;
 inline constexpr int kScoreThreads = 256;
-inline constexpr int kSelectThreads = 512;
-inline constexpr int kSelectWarps = kSelectThreads / kWarpSize;
-inline constexpr int kSelectUnroll = 4;
-inline constexpr int kRadixBits = 8;
-inline constexpr int kRadixBins = 1 << kRadixBits;
 
 inline std::size_t score_tile_bytes(int experts) {
   return sizeof(float) * kScoreTileTokens * (static_cast<std::size_t>(experts) + 1);
@@ -75,95 +72,19 @@ __global__ void __launch_bounds__(kScoreThreads)
   }
 }
 
-/// Exclusive rank of `flag` among the block's threads (thread order) and the block total.
-MOXE_DEVICE MOXE_FORCEINLINE int block_rank(bool flag, int* warp_totals, int& total) {
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  const unsigned ballot = __ballot_sync(kFullMask, flag);
-  const int rank = __popc(ballot & ((1u << lane) - 1u));
-  if (lane == 0) warp_totals[warp] = __popc(ballot);
-  __syncthreads();
-  int before = 0;
-  total = 0;
-  for (int w = 0; w < kSelectWarps; ++w) {
-    const int c = warp_totals[w];
-    before += w < warp ? c : 0;
-    total += c;
-  }
-  __syncthreads();
-  return before + rank;
-}
-
 template <class T>
 __global__ void __launch_bounds__(kSelectThreads)
     ec_select_kernel(const __grid_constant__ ExpertChoiceForwardParams<T, float> p, const float* score_t) {
-  __shared__ int hist[kRadixBins];
-  __shared__ int warp_totals[kSelectWarps];
-  __shared__ uint32_t s_digit;
-  __shared__ int64_t s_remaining;
+  __shared__ ColumnSelectStorage storage;
   const int e = blockIdx.x, E = p.dims.experts;
   const int64_t T_ = p.dims.tokens, C = effective_capacity(p.dims);
-  const float* col = score_t + int64_t(e) * T_;
-  // radix select: the key of the C-th largest score, and how many equal to it to take
-  uint32_t prefix = 0, mask = 0;
-  int64_t remaining = C;
-  for (int shift = 32 - kRadixBits; shift >= 0; shift -= kRadixBits) {
-    for (int i = threadIdx.x; i < kRadixBins; i += kSelectThreads) hist[i] = 0;
-    __syncthreads();
-    // kSelectUnroll independent loads in flight per thread, then the histogram updates;
-    // the whole block runs every round (past the end a lane adds nothing)
-    for (int64_t start = 0; start < T_; start += int64_t(kSelectThreads) * kSelectUnroll) {
-      float x[kSelectUnroll];
-      MOXE_PRAGMA_UNROLL
-      for (int u = 0; u < kSelectUnroll; ++u) {
-        const int64_t t = start + int64_t(u) * kSelectThreads + threadIdx.x;
-        x[u] = t < T_ ? __ldg(col + t) : 0.f;
-      }
-      MOXE_PRAGMA_UNROLL
-      for (int u = 0; u < kSelectUnroll; ++u) {
-        const bool valid = start + int64_t(u) * kSelectThreads + threadIdx.x < T_;
-        const uint32_t k = router::detail::float_key(x[u]);
-        const int bin = (valid && (k & mask) == prefix) ? int((k >> shift) & (kRadixBins - 1)) : -1;
-        // softmax scores share their top bits: aggregate equal bins over the warp first
-        const unsigned peers = __match_any_sync(kFullMask, bin);
-        if (bin >= 0 && (threadIdx.x % kWarpSize) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
-      }
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int64_t in_digit = 0;
-      s_digit = static_cast<uint32_t>(radix_select_digit(hist, kRadixBins, remaining, in_digit));
-      s_remaining = in_digit;
-    }
-    __syncthreads();
-    prefix |= s_digit << shift;
-    mask |= uint32_t(kRadixBins - 1) << shift;
-    remaining = s_remaining;
-  }
-  const uint32_t tau = prefix;
-  const int64_t need = remaining;  // tokens with key == tau to take, lowest index first
-  // stable compaction in token order
-  int64_t eq_base = 0, sel_base = 0;
-  for (int64_t start = 0; start < T_; start += kSelectThreads) {
-    const int64_t t = start + threadIdx.x;
-    const bool valid = t < T_;
-    const float s = valid ? col[t] : 0.f;
-    const uint32_t k = valid ? router::detail::float_key(s) : 0u;
-    const bool eq = valid && k == tau;
-    int eq_total, sel_total;
-    const int eq_rank = block_rank(eq, warp_totals, eq_total);
-    const bool sel = (valid && k > tau) || (eq && eq_base + eq_rank < need);
-    const int sel_rank = block_rank(sel, warp_totals, sel_total);
-    if (sel && sel_base + sel_rank < C) {  // the bound holds by construction; it guards the writes
-      const int64_t pos = sel_base + sel_rank, row = int64_t(e) * C + pos;
-      p.expert_tokens[row] = static_cast<int32_t>(t);
-      if (p.expert_weights != nullptr) p.expert_weights[row] = s;
-      p.row_map[t * E + e] = row;
-      p.token_weight[t * E + e] = s;
-    }
-    eq_base += eq_total;
-    sel_base += sel_total;
-    if (sel_base >= C) break;  // exactly C are chosen: the rest of the column is not (uniform)
-  }
+  select_column(storage, score_t + int64_t(e) * T_, T_, C, [&](int64_t t, int64_t pos, float s) {
+    const int64_t row = int64_t(e) * C + pos;
+    p.expert_tokens[row] = static_cast<int32_t>(t);
+    if (p.expert_weights != nullptr) p.expert_weights[row] = s;
+    p.row_map[t * E + e] = row;
+    p.token_weight[t * E + e] = s;
+  });
   if (threadIdx.x == 0 && p.expert_offsets != nullptr) {
     p.expert_offsets[e] = int64_t(e) * C;
     if (e == 0) p.expert_offsets[E] = int64_t(E) * C;

@@ -100,16 +100,9 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
     float v[kPerLane], gp[kPerLane];
     load_row<T, kLanes, kPerLane>(g, p.logits + (valid ? t : 0) * E, E, valid, v);
     row_softmax<kLanes, kPerLane>(g, v, excluded);
-    float dot = 0.f;
-    MOXE_PRAGMA_UNROLL
-    for (int j = 0; j < kPerLane; ++j) {
-      gp[j] = 0.f;
-      const int e = g.element(j);
-      if (valid && !((excluded >> j) & 1u))
-        for (int r = 0; r < K; ++r)
-          if (p.topk_idx[t * K + r] == e) gp[j] = b.dweight[t * K + r];
-      dot += v[j] * gp[j];
-    }
+    const int64_t row = valid ? t : 0;
+    const float dot = gather_chosen_gradient<kLanes, kPerLane>(g, p.topk_idx + row * K, b.dweight + row * K, K,
+                                                               excluded, valid, v, gp);
     write_softmax_grad_row<T, kLanes, kPerLane>(g, v, gp, dot, excluded, E, valid, b.dlogits + (valid ? t : 0) * E);
   });
 }

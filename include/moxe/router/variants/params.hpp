@@ -1,6 +1,7 @@
 // moxe::router::variants: parameter structs of the routing variants from the MoE
 // literature (docs/router_variants.md): top-p (dynamic-k) routing, expert-choice routing,
-// group-restricted routing and sigmoid scoring with a selection bias (DeepSeek-V3).
+// group-restricted routing, expert choice inside groups (MoMa) and sigmoid scoring with a
+// selection bias (DeepSeek-V3).
 //
 // Layouts (row-major): logits [T, E] (row stride E), per-token top-k style outputs
 // [T, K] with -1 / 0 in unused slots (moxe::dispatch skips -1), per-expert outputs [E].
@@ -9,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 
 #include "moxe/core/config.hpp"
 #include "moxe/core/status.hpp"
@@ -19,9 +21,11 @@ namespace moxe::router::variants {
 // ---- top-p (dynamic-k) ----------------------------------------------------------------
 
 /// Per token: p = softmax(z); the smallest prefix of the experts in descending p (ties to
-/// the lower index) whose cumulative probability reaches top_p, capped at max_k; weights
-/// p / sum(p over the chosen prefix). Slots past the chosen count hold idx -1, prob 0,
-/// weight 0.
+/// the lower index) whose cumulative probability reaches top_p, capped at max_k. Weights
+/// are the chosen p themselves, as in the paper that defines top-p routing (Huang et al.
+/// 2024, "Harder Tasks Need More Experts") and its released code; renormalize = true
+/// gives p / sum(p over the chosen prefix) instead. Slots past the chosen count hold
+/// idx -1, prob 0, weight 0.
 struct TopPDims {
   int64_t tokens;
   int experts, max_k;
@@ -37,6 +41,8 @@ struct TopPForwardParams {
   Acc* topk_weight = nullptr;           // [T, max_k] required
   int32_t* expert_count = nullptr;      // [T] optional: experts chosen per token (1..max_k)
   int64_t* total_count = nullptr;       // [1] optional: sum of expert_count (mean = total / T)
+  bool renormalize = false;             // weight = p (the paper's), or p / sum(p chosen);
+                                        // last, so aggregate initialisers keep their meaning
 };
 
 /// dlogits [T, E] from dweight [T, max_k] (entries of unused slots are ignored).
@@ -90,6 +96,74 @@ struct ExpertChoiceBackwardParams {
   ExpertChoiceForwardParams<T, Acc> fwd;  // logits and the saved row_map
   const Acc* dweight = nullptr;           // [T, E] required
   T* dlogits = nullptr;                   // [T, E] required
+};
+
+// ---- group-restricted expert choice (MoMa) ----------------------------------------------
+
+/// How an expert-choice router scores a (token, expert) pair.
+enum class ChoiceScore {
+  sigmoid,  // s = sigmoid(z), each pair on its own (MoMa)
+  softmax,  // s = softmax of z over the experts that may choose the token (Zhou et al. 2022)
+};
+
+/// Expert choice inside groups (MoMa, Lin et al. 2024): token t carries a group id g_t (a
+/// modality); expert e belongs to a pool: the shared pool when in [shared_begin,
+/// shared_end), else the lowest group g with e in [group_offsets[g], group_offsets[g+1]),
+/// else none. The shared pool sees every token, a group's pool the tokens of that group,
+/// no pool no token. Each expert takes the C_e tokens of largest score s among those its
+/// pool sees (ties to the lower token index); a token gets 0..E experts. A pool of E_P
+/// experts that sees N_P tokens gives each of its experts (detail::pool_capacity)
+///   C_e = min(capacity, N_P)                                   capacity > 0
+///   C_e = clamp(ceil(capacity_factor * N_P * top_k / E_P), 1, N_P)   capacity == 0
+/// (0 when N_P = 0): MoMa's rule with capacity_factor 1 and top_k 1, each expert the mean
+/// load N_P / E_P of its group. N_P depends on the group ids, so the layout is made on the
+/// device: expert e's rows are [expert_offsets[e], expert_offsets[e+1]).
+struct GroupExpertChoiceDims {
+  int64_t tokens;
+  int experts, num_groups;
+  int shared_begin = 0, shared_end = 0;
+  int64_t capacity = 0;          // > 0: tokens per expert (clamped to what its pool sees)
+  double capacity_factor = 1.0;  // with capacity 0: the factor of the rule above
+  int top_k = 1;                 // with capacity 0: experts per token per pool, on average
+};
+
+/// Rows of expert_tokens / expert_weights that the forward fills at most, for any group
+/// ids and offsets (the total, expert_offsets[E], stays on the device): E * min(C, T) with
+/// a given capacity, else (1 + [shared pool]) * ceil(capacity_factor * T * top_k) + E
+/// (each pool fills at most capacity_factor * N_P * top_k + E_P rows), at most E * T.
+inline int64_t group_expert_choice_max_rows(const GroupExpertChoiceDims& d) {
+  const double all = static_cast<double>(d.experts) * static_cast<double>(d.tokens);
+  if (d.capacity > 0) return static_cast<int64_t>(d.experts) * (d.capacity < d.tokens ? d.capacity : d.tokens);
+  const int pools = d.shared_end > d.shared_begin ? 2 : 1;
+  const double per_pool = d.capacity_factor * static_cast<double>(d.tokens) * d.top_k * (1.0 + 1e-12);
+  const double rows = pools * (per_pool + 1.0) + d.experts;
+  return static_cast<int64_t>(rows < all ? rows : all);
+}
+
+template <class T, class Acc = float>
+struct GroupExpertChoiceForwardParams {
+  GroupExpertChoiceDims dims;
+  const T* logits;                       // [T, E]
+  const int32_t* group_id;               // [T]; an id outside [0, num_groups): no group
+  const int32_t* group_offsets;          // [num_groups + 1], non-decreasing, in [0, E]
+  ChoiceScore score = ChoiceScore::sigmoid;
+  Acc* scores = nullptr;                 // [T, E] optional: s where e's pool sees t, else 0
+  int32_t* expert_tokens = nullptr;      // [max_rows] required: expert e's tokens at rows
+                                         // [off[e], off[e+1]), ascending token index
+  Acc* expert_weights = nullptr;         // [max_rows] optional: s[token, e]
+  int64_t* row_map = nullptr;            // [T, E] required: the row of (t, e), or -1
+  Acc* token_weight = nullptr;           // [T, E] required: s[t, e] where chosen, else 0
+  int64_t* expert_offsets = nullptr;     // [E + 1] required: off[e] = sum of C_e' for e' < e
+  int32_t* experts_per_token = nullptr;  // [T] optional: 0..E
+};
+
+/// dlogits from dweight [T, E] (the gradient of token_weight; unchosen entries ignored).
+template <class T, class Acc = float>
+struct GroupExpertChoiceBackwardParams {
+  GroupExpertChoiceForwardParams<T, Acc> fwd;  // logits, groups, score and the saved row_map
+  const Acc* dweight = nullptr;                // [T, E] required
+  T* dlogits = nullptr;                        // [T, E] required (0 where unchosen: sigmoid;
+                                               // 0 outside the token's experts: softmax)
 };
 
 // ---- group-restricted -----------------------------------------------------------------
@@ -212,6 +286,32 @@ Status validate(const ExpertChoiceForwardParams<T, Acc>& p, bool need_outputs = 
 
 template <class T, class Acc>
 Status validate(const ExpertChoiceBackwardParams<T, Acc>& b) {
+  MOXE_RETURN_IF_ERROR(validate(b.fwd, false));
+  MOXE_REQUIRE(b.fwd.row_map && b.dweight && b.dlogits);
+  return Status::ok;
+}
+
+inline Status validate_dims(const GroupExpertChoiceDims& d) {
+  MOXE_REQUIRE(d.tokens > 0 && d.experts > 0 && d.num_groups >= 1);
+  MOXE_REQUIRE(d.shared_begin >= 0 && d.shared_begin <= d.shared_end && d.shared_end <= d.experts);
+  MOXE_REQUIRE(d.capacity >= 0 && d.top_k >= 1);
+  // the factor matters without a given capacity: positive and finite (rejects NaN too)
+  if (d.capacity == 0)
+    MOXE_REQUIRE(d.capacity_factor > 0.0 && d.capacity_factor <= std::numeric_limits<double>::max());
+  return Status::ok;
+}
+
+template <class T, class Acc>
+Status validate(const GroupExpertChoiceForwardParams<T, Acc>& p, bool need_outputs = true) {
+  MOXE_RETURN_IF_ERROR(validate_dims(p.dims));
+  MOXE_REQUIRE(p.logits && p.group_id && p.group_offsets);
+  MOXE_REQUIRE(p.score == ChoiceScore::sigmoid || p.score == ChoiceScore::softmax);
+  if (need_outputs) MOXE_REQUIRE(p.expert_tokens && p.row_map && p.token_weight && p.expert_offsets);
+  return Status::ok;
+}
+
+template <class T, class Acc>
+Status validate(const GroupExpertChoiceBackwardParams<T, Acc>& b) {
   MOXE_RETURN_IF_ERROR(validate(b.fwd, false));
   MOXE_REQUIRE(b.fwd.row_map && b.dweight && b.dlogits);
   return Status::ok;

@@ -53,6 +53,24 @@ void renormalised_backward(const Acc* p, const int32_t* idx, const Acc* dw, int 
     if (idx[j] >= 0) dz[idx[j]] = static_cast<T>(vd::renormalised_softmax_grad(p[idx[j]] * inv, dw[j], w_dot));
 }
 
+/// dz (row of E) of sum_j w_j dw_j with w = p (the chosen probabilities themselves), p the
+/// softmax over the allowed experts (allowed empty: all): dz = p (gp - <p, gp>) on the
+/// allowed experts, 0 elsewhere, gp = dw on the chosen.
+template <class T, class Acc>
+void chosen_softmax_backward(const Acc* p, const int32_t* idx, const Acc* dw, int k, int experts,
+                             const std::vector<char>& allowed, T* dz) {
+  std::vector<Acc> gp(experts, Acc(0));
+  Acc dot = 0;
+  for (int j = 0; j < k; ++j)
+    if (idx[j] >= 0) {
+      gp[idx[j]] = dw[j];
+      dot += p[idx[j]] * dw[j];
+    }
+  for (int e = 0; e < experts; ++e)
+    dz[e] = static_cast<T>((allowed.empty() || allowed[e]) ? router::detail::softmax_grad(p[e], gp[e], dot, Acc(0))
+                                                            : Acc(0));
+}
+
 }  // namespace detail
 
 // ---- top-p ------------------------------------------------------------------------------
@@ -75,7 +93,7 @@ Status topp_forward(const TopPForwardParams<T, Acc>& p) {
       const bool used = j < n;
       p.topk_idx[t * K + j] = used ? idx[j] : -1;
       if (p.topk_prob) p.topk_prob[t * K + j] = used ? sorted[j] : Acc(0);
-      p.topk_weight[t * K + j] = used ? sorted[j] / sum : Acc(0);
+      p.topk_weight[t * K + j] = used ? (p.renormalize ? sorted[j] / sum : sorted[j]) : Acc(0);
     }
     if (p.expert_count) p.expert_count[t] = n;
     total += n;
@@ -91,7 +109,11 @@ Status topp_backward(const TopPBackwardParams<T, Acc>& b) {
   std::vector<Acc> prob(E);
   for (int64_t t = 0; t < b.fwd.dims.tokens; ++t) {
     detail::masked_softmax(b.fwd.logits + t * E, E, {}, prob.data());
-    detail::renormalised_backward(prob.data(), b.fwd.topk_idx + t * K, b.dweight + t * K, K, E, b.dlogits + t * E);
+    if (b.fwd.renormalize)
+      detail::renormalised_backward(prob.data(), b.fwd.topk_idx + t * K, b.dweight + t * K, K, E, b.dlogits + t * E);
+    else
+      detail::chosen_softmax_backward(prob.data(), b.fwd.topk_idx + t * K, b.dweight + t * K, K, E, {},
+                                      b.dlogits + t * E);
   }
   return Status::ok;
 }
@@ -151,6 +173,146 @@ Status expert_choice_backward(const ExpertChoiceBackwardParams<T, Acc>& b) {
     }
     for (int e = 0; e < E; ++e)
       b.dlogits[t * E + e] = static_cast<T>(router::detail::softmax_grad(s[e], gp[e], dot, Acc(0)));
+  }
+  return Status::ok;
+}
+
+// ---- group-restricted expert choice ---------------------------------------------------------
+
+namespace detail {
+
+/// Each expert's pool (expert_pool) and its rows [offsets[e], offsets[e+1]) (pool_capacity
+/// from the tokens and experts of its pool): the layout the device makes too.
+struct GroupChoiceLayout {
+  std::vector<int32_t> pool;
+  std::vector<int64_t> offsets;
+};
+
+inline GroupChoiceLayout group_choice_layout(const GroupExpertChoiceDims& d, const int32_t* group_id,
+                                             const int32_t* group_offsets) {
+  namespace vd = variants::detail;
+  const int E = d.experts, G = d.num_groups;
+  GroupChoiceLayout l{std::vector<int32_t>(E), std::vector<int64_t>(E + 1, 0)};
+  std::vector<int64_t> group_tokens(G, 0);
+  std::vector<int> group_experts(G, 0);
+  int shared_experts = 0;
+  for (int64_t t = 0; t < d.tokens; ++t)
+    if (group_id[t] >= 0 && group_id[t] < G) ++group_tokens[group_id[t]];
+  for (int e = 0; e < E; ++e) {
+    l.pool[e] = vd::expert_pool(group_offsets, G, E, d.shared_begin, d.shared_end, e);
+    if (l.pool[e] == vd::kSharedPool) ++shared_experts;
+    if (l.pool[e] >= 0) ++group_experts[l.pool[e]];
+  }
+  for (int e = 0; e < E; ++e) {
+    const int32_t pool = l.pool[e];
+    const int64_t n = pool == vd::kSharedPool ? d.tokens : pool >= 0 ? group_tokens[pool] : 0;
+    const int experts = pool == vd::kSharedPool ? shared_experts : pool >= 0 ? group_experts[pool] : 0;
+    l.offsets[e + 1] = l.offsets[e] + vd::pool_capacity(n, experts, d.capacity, d.capacity_factor, d.top_k);
+  }
+  return l;
+}
+
+/// Token t's scores: s = sigmoid(z) or the softmax of z over the experts whose pool sees
+/// the token (seen), 0 for the others; seen is filled too.
+template <class T, class Acc>
+void choice_scores(const T* row, int experts, ChoiceScore score, const std::vector<int32_t>& pool, int32_t group,
+                   std::vector<char>& seen, Acc* s) {
+  bool any = false;
+  for (int e = 0; e < experts; ++e) {
+    seen[e] = variants::detail::pool_sees(pool[e], group) ? 1 : 0;
+    any = any || seen[e];
+  }
+  if (score == ChoiceScore::softmax && any) {
+    masked_softmax(row, experts, seen, s);
+    return;
+  }
+  for (int e = 0; e < experts; ++e)
+    s[e] = seen[e] ? math::sigmoid(static_cast<Acc>(row[e])) : Acc(0);
+}
+
+/// Selection order of expert choice: larger score first (NaN as -inf), then lower token.
+template <class Acc>
+bool chosen_before(Acc a, int64_t ta, Acc b, int64_t tb) {
+  const Acc ka = a != a ? -math::infinity<Acc>() : a, kb = b != b ? -math::infinity<Acc>() : b;
+  return ka > kb || (ka == kb && ta < tb);
+}
+
+}  // namespace detail
+
+template <class T, class Acc>
+Status group_expert_choice_forward(const GroupExpertChoiceForwardParams<T, Acc>& p) {
+  MOXE_RETURN_IF_ERROR(validate(p));
+  MOXE_RETURN_IF_ERROR(validate_group_offsets(p.group_offsets, p.dims.num_groups, p.dims.experts));
+  const int64_t T_ = p.dims.tokens;
+  const int E = p.dims.experts;
+  const auto layout = detail::group_choice_layout(p.dims, p.group_id, p.group_offsets);
+  std::vector<Acc> s(T_ * E);
+  std::vector<char> seen(T_ * E), row_seen(E);
+  for (int64_t t = 0; t < T_; ++t) {
+    detail::choice_scores(p.logits + t * E, E, p.score, layout.pool, p.group_id[t], row_seen, s.data() + t * E);
+    std::copy(row_seen.begin(), row_seen.end(), seen.begin() + t * E);
+  }
+  for (int64_t i = 0; i < T_ * E; ++i) {
+    p.row_map[i] = -1;
+    p.token_weight[i] = Acc(0);
+    if (p.scores) p.scores[i] = s[i];
+  }
+  std::vector<int64_t> candidates;
+  for (int e = 0; e < E; ++e) {
+    const int64_t base = layout.offsets[e], C = layout.offsets[e + 1] - base;
+    candidates.clear();
+    for (int64_t t = 0; t < T_; ++t)
+      if (seen[t * E + e]) candidates.push_back(t);
+    std::partial_sort(candidates.begin(), candidates.begin() + C, candidates.end(), [&](int64_t a, int64_t b) {
+      return detail::chosen_before(s[a * E + e], a, s[b * E + e], b);
+    });
+    std::sort(candidates.begin(), candidates.begin() + C);  // the expert's list in token order
+    for (int64_t j = 0; j < C; ++j) {
+      const int64_t t = candidates[j];
+      p.expert_tokens[base + j] = static_cast<int32_t>(t);
+      if (p.expert_weights) p.expert_weights[base + j] = s[t * E + e];
+      p.row_map[t * E + e] = base + j;
+      p.token_weight[t * E + e] = s[t * E + e];
+    }
+  }
+  std::copy(layout.offsets.begin(), layout.offsets.end(), p.expert_offsets);
+  if (p.experts_per_token)
+    for (int64_t t = 0; t < T_; ++t) {
+      int n = 0;
+      for (int e = 0; e < E; ++e) n += p.row_map[t * E + e] >= 0;
+      p.experts_per_token[t] = n;
+    }
+  return Status::ok;
+}
+
+template <class T, class Acc>
+Status group_expert_choice_backward(const GroupExpertChoiceBackwardParams<T, Acc>& b) {
+  MOXE_RETURN_IF_ERROR(validate(b));
+  const auto& p = b.fwd;
+  MOXE_RETURN_IF_ERROR(validate_group_offsets(p.group_offsets, p.dims.num_groups, p.dims.experts));
+  const int E = p.dims.experts;
+  const auto layout = detail::group_choice_layout(p.dims, p.group_id, p.group_offsets);
+  std::vector<Acc> s(E), gp(E);
+  std::vector<char> seen(E);
+  for (int64_t t = 0; t < p.dims.tokens; ++t) {
+    detail::choice_scores(p.logits + t * E, E, p.score, layout.pool, p.group_id[t], seen, s.data());
+    const int64_t* chosen = p.row_map + t * E;
+    const Acc* dw = b.dweight + t * E;
+    T* dz = b.dlogits + t * E;
+    if (p.score == ChoiceScore::sigmoid) {  // each pair on its own: the row map alone decides
+      for (int e = 0; e < E; ++e) {
+        const Acc se = math::sigmoid(static_cast<Acc>(p.logits[t * E + e]));
+        dz[e] = static_cast<T>(chosen[e] >= 0 ? dw[e] * math::sigmoid_grad_from_output(se) : Acc(0));
+      }
+      continue;
+    }
+    Acc dot = 0;
+    for (int e = 0; e < E; ++e) {
+      gp[e] = seen[e] && chosen[e] >= 0 ? dw[e] : Acc(0);
+      dot += s[e] * gp[e];
+    }
+    for (int e = 0; e < E; ++e)
+      dz[e] = static_cast<T>(seen[e] ? router::detail::softmax_grad(s[e], gp[e], dot, Acc(0)) : Acc(0));
   }
   return Status::ok;
 }
@@ -224,7 +386,7 @@ Status group_restricted_backward(const GroupRestrictedBackwardParams<T, Acc>& b)
   const auto& p = b.fwd;
   MOXE_RETURN_IF_ERROR(validate_group_offsets(p.group_offsets, p.dims.num_groups, p.dims.experts));
   const int E = p.dims.experts, K = p.dims.top_k;
-  std::vector<Acc> prob(E), gp(E);
+  std::vector<Acc> prob(E);
   for (int64_t t = 0; t < p.dims.tokens; ++t) {
     const auto allowed = detail::allowed_experts(p.dims, p.group_offsets, p.group_id[t]);
     const int32_t* idx = p.topk_idx + t * K;
@@ -235,19 +397,10 @@ Status group_restricted_backward(const GroupRestrictedBackwardParams<T, Acc>& b)
       continue;
     }
     detail::masked_softmax(p.logits + t * E, E, allowed, prob.data());
-    if (p.renormalize) {
+    if (p.renormalize)
       detail::renormalised_backward(prob.data(), idx, dw, K, E, dz);
-      continue;
-    }
-    std::fill(gp.begin(), gp.end(), Acc(0));
-    Acc dot = 0;
-    for (int j = 0; j < K; ++j)
-      if (idx[j] >= 0) {
-        gp[idx[j]] = dw[j];
-        dot += prob[idx[j]] * dw[j];
-      }
-    for (int e = 0; e < E; ++e)
-      dz[e] = static_cast<T>(allowed[e] ? router::detail::softmax_grad(prob[e], gp[e], dot, Acc(0)) : Acc(0));
+    else
+      detail::chosen_softmax_backward(prob.data(), idx, dw, K, E, allowed, dz);
   }
   return Status::ok;
 }

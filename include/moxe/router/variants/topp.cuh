@@ -6,8 +6,10 @@
 // then the prefix length from detail::topp_count, the arithmetic the reference runs too.
 // The per-token counts sum into per-block partials and one small block adds them in
 // block order (deterministic, no atomics).
-// Backward: w is the softmax of the chosen logits alone, so it reads only the chosen
-// logits and writes dz = w (dw - <w, dw>) on them, zero elsewhere.
+// Backward: with renormalize (w = p / sum(p chosen)), w is the softmax of the chosen
+// logits alone, so it reads only the chosen logits and writes dz = w (dw - <w, dw>) on
+// them, zero elsewhere. Without (w = p, the default), the full softmax Jacobian:
+// dz = p (gp - <p, gp>) over every expert, gp = dw on the chosen.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -44,7 +46,7 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
     router::detail::group_topk<kLanes, kPerLane>(g, v, padding, K, slots);
     if (valid) {
       const int n = topp_count(slots.value, K, p.top_p);
-      write_chosen_prefix(g, slots, n, K, /*renormalize=*/true, t, p.topk_idx, p.topk_prob, p.topk_weight);
+      write_chosen_prefix(g, slots, n, K, p.renormalize, t, p.topk_idx, p.topk_prob, p.topk_weight);
       if (g.lane == 0) {
         if (p.expert_count != nullptr) p.expert_count[t] = n;
         my_count += n;
@@ -62,6 +64,25 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
       block_counts[blockIdx.x] = s;
     }
   }
+}
+
+/// renormalize = false: dz = p (gp - <p, gp>) over all experts, gp = dw on the chosen.
+template <class T, int kLanes, int kPerLane>
+__global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
+    topp_plain_backward_kernel(const __grid_constant__ TopPBackwardParams<T, float> b) {
+  const auto& p = b.fwd;
+  const LaneGroup<kLanes> g;
+  const int E = p.dims.experts, K = p.dims.max_k;
+  const uint32_t padding = router::detail::padding_bits<kLanes, kPerLane>(g, E);
+  for_each_token(g, p.dims.tokens, [&](int64_t t, bool valid) {
+    const int64_t row = valid ? t : 0;
+    float v[kPerLane], gp[kPerLane];
+    load_row<T, kLanes, kPerLane>(g, p.logits + row * E, E, valid, v);
+    row_softmax<kLanes, kPerLane>(g, v, padding);
+    const float dot = gather_chosen_gradient<kLanes, kPerLane>(g, p.topk_idx + row * K, b.dweight + row * K, K,
+                                                               padding, valid, v, gp);
+    write_softmax_grad_row<T, kLanes, kPerLane>(g, v, gp, dot, padding, E, valid, b.dlogits + row * E);
+  });
 }
 
 /// Scratch of the top-p forward: per-block token counts (only when total_count is wanted).
@@ -110,8 +131,13 @@ Status topp_backward(const TopPBackwardParams<T, float>& b, void* workspace, std
   (void)workspace_bytes;
   MOXE_RETURN_IF_ERROR(validate(b));
   if (b.fwd.dims.experts > kMaxExperts || b.fwd.dims.max_k > kMaxTopK) return Status::unsupported;
-  return detail::launch_renormalised_backward(b.fwd.topk_idx, b.fwd.logits, b.dweight, b.fwd.dims.tokens,
-                                              b.fwd.dims.experts, b.fwd.dims.max_k, b.dlogits, stream);
+  if (b.fwd.renormalize)
+    return detail::launch_renormalised_backward(b.fwd.topk_idx, b.fwd.logits, b.dweight, b.fwd.dims.tokens,
+                                                b.fwd.dims.experts, b.fwd.dims.max_k, b.dlogits, stream);
+  const int grid = detail::token_grid(b.fwd.dims.tokens, b.fwd.dims.experts, false);
+  return detail::launch_rows(grid, b.fwd.dims.experts, stream, [](auto shape) {
+    return detail::topp_plain_backward_kernel<T, decltype(shape)::kLanes, decltype(shape)::kPerLane>;
+  }, b);
 }
 
 }  // namespace moxe::router::variants

@@ -123,6 +123,26 @@ MOXE_DEVICE MOXE_FORCEINLINE void write_softmax_grad_row(const LaneGroup<kLanes>
   }
 }
 
+/// gp[j] = the dweight of token row `idx` / `dweight` (k slots) whose expert is the lane's
+/// element j, 0 where unchosen, excluded or the token invalid; returns the lane's part of
+/// <p, gp> (summed over j in order), for write_softmax_grad_row.
+template <int kLanes, int kPerLane>
+MOXE_DEVICE MOXE_FORCEINLINE float gather_chosen_gradient(const LaneGroup<kLanes>& g, const int32_t* idx,
+                                                          const float* dweight, int k, uint32_t excluded, bool valid,
+                                                          const float (&p)[kPerLane], float (&gp)[kPerLane]) {
+  float lane_dot = 0.f;
+  MOXE_PRAGMA_UNROLL
+  for (int j = 0; j < kPerLane; ++j) {
+    gp[j] = 0.f;
+    const int e = g.element(j);
+    if (valid && !((excluded >> j) & 1u))
+      for (int r = 0; r < k; ++r)
+        if (idx[r] == e) gp[j] = dweight[r];
+    lane_dot += p[j] * gp[j];
+  }
+  return lane_dot;
+}
+
 /// Writes token t's k output slots ([T, k] rows) from its sorted top-k slots: the first n
 /// chosen, with weight p / (sum of the n) when renormalising, else p; the rest -1 / 0.
 /// prob is optional.

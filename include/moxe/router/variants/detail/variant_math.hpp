@@ -75,6 +75,46 @@ MOXE_HD MOXE_FORCEINLINE void group_range(const int32_t* offsets, int num_groups
   }
 }
 
+/// Group-restricted expert choice: the pool of an expert that belongs to no group.
+inline constexpr int32_t kNoPool = -1;
+/// Group-restricted expert choice: the pool of a shared expert (it sees every token).
+inline constexpr int32_t kSharedPool = -2;
+
+/// Group-restricted expert choice: the pool of expert e: kSharedPool in the shared range,
+/// else the lowest group whose range (group_range) holds e, else kNoPool. With valid
+/// (non-decreasing) offsets the group ranges are disjoint and "lowest" never decides.
+MOXE_HD MOXE_FORCEINLINE int32_t expert_pool(const int32_t* offsets, int num_groups, int experts, int shared_lo,
+                                             int shared_hi, int e) {
+  if (e >= shared_lo && e < shared_hi) return kSharedPool;
+  for (int g = 0; g < num_groups; ++g) {
+    int lo, hi;
+    group_range(offsets, num_groups, experts, g, lo, hi);
+    if (e >= lo && e < hi) return g;
+  }
+  return kNoPool;
+}
+
+/// Group-restricted expert choice: whether an expert of `pool` may choose a token of
+/// `group` (a group id outside the valid range never equals a group pool).
+MOXE_HD MOXE_FORCEINLINE bool pool_sees(int32_t pool, int32_t group) {
+  return pool == kSharedPool || (pool >= 0 && pool == group);
+}
+
+/// Group-restricted expert choice: the tokens each expert of a pool of `pool_experts`
+/// experts that sees `pool_tokens` tokens chooses: min(capacity, N) with a given capacity
+/// > 0, else ceil(capacity_factor * N * top_k / pool_experts) clamped to [1, N]; 0 when
+/// N = 0. Double arithmetic, the same on host and device.
+MOXE_HD MOXE_FORCEINLINE int64_t pool_capacity(int64_t pool_tokens, int pool_experts, int64_t capacity,
+                                               double capacity_factor, int top_k) {
+  if (pool_tokens <= 0 || pool_experts <= 0) return 0;
+  if (capacity > 0) return capacity < pool_tokens ? capacity : pool_tokens;
+  const double c = capacity_factor * static_cast<double>(pool_tokens) * top_k / static_cast<double>(pool_experts);
+  if (!(c < static_cast<double>(pool_tokens))) return pool_tokens;  // also NaN
+  int64_t r = static_cast<int64_t>(c);
+  if (static_cast<double>(r) < c) ++r;
+  return r < 1 ? 1 : r;
+}
+
 /// Group-limited routing over a subset of experts: a group's score from the top-2 of its
 /// allowed values (first >= second) and how many it has: first + second, first with one,
 /// -inf with none.
