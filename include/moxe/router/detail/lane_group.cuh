@@ -3,7 +3,7 @@
 // (so a load instruction of the group is contiguous). Group reductions, and the group
 // top-k: k rounds of argmax for small k, a radix threshold search (O(E) per token,
 // independent of k) for large k. Results land sorted (value desc, index asc) in per-group
-// shared-memory slots.
+// shared-memory slots; slots past the untaken elements, when fewer than k, get (-inf, -1).
 //
 // The warp primitives come from a policy (`Warp`, CudaWarp by default: the CUDA
 // intrinsics), and everything else here is plain C++ apart from the MOXE_DEVICE marks, so a
@@ -146,7 +146,10 @@ struct LaneGroup {
   MOXE_DEVICE MOXE_FORCEINLINE int element(int j) const { return j * kLanes + lane; }
 };
 
-/// Top-k slots of one group in shared memory.
+/// Top-k slots of one group in shared memory. A top-k writes slots [0, k): the winners,
+/// value descending and index ascending on ties, each value as it ranks (rank_value: NaN as
+/// -inf; the threshold path, which works on float_key, gives -0 as +0); when fewer than k
+/// elements are untaken, the slots past them get (-inf, -1), an index every consumer skips.
 struct TopKSlots {
   float* value;
   int* index;
@@ -156,11 +159,13 @@ struct TopKSlots {
 template <int kLanes, int kPerLane, class Warp>
 MOXE_DEVICE void topk_rounds(const LaneGroup<kLanes, Warp>& g, const float (&v)[kPerLane], uint32_t taken, int k,
                              TopKSlots slots) {
-  // NaN ranks as -inf and every untaken element ranks before the sentinel (-inf, INT_MAX),
-  // so each round's winner is a real element (a NaN that never won would leave INT_MAX)
+  // NaN ranks as -inf and every untaken element ranks before the sentinel (-inf, kNone),
+  // so each round's winner is a real element while one is left (a NaN that never won would
+  // leave kNone)
+  constexpr int kNone = 0x7fffffff;
   auto local_best = [&](float& bv, int& be) {
     bv = -math::infinity<float>();
-    be = 0x7fffffff;
+    be = kNone;
     MOXE_PRAGMA_UNROLL
     for (int j = 0; j < kPerLane; ++j) {
       const int e = g.element(j);
@@ -188,9 +193,9 @@ MOXE_DEVICE void topk_rounds(const LaneGroup<kLanes, Warp>& g, const float (&v)[
     }
     if (g.lane == 0) {
       slots.value[r] = wv;
-      slots.index[r] = we;
+      slots.index[r] = we == kNone ? -1 : we;  // none left: (-inf, -1)
     }
-    if (we == be && be != 0x7fffffff) {  // the winner is mine: take it and look again
+    if (we == be && be != kNone) {  // the winner is mine: take it and look again
       taken |= 1u << ((we - g.lane) / kLanes);
       local_best(bv, be);
     }
@@ -199,7 +204,8 @@ MOXE_DEVICE void topk_rounds(const LaneGroup<kLanes, Warp>& g, const float (&v)[
 }
 
 /// Threshold (radix) search for the k-th largest key, then a stable compaction and a rank
-/// sort of the k winners: O(32 * kPerLane) per lane for any k <= 32.
+/// sort of the k winners: O(32 * kPerLane) per lane for any k <= 32. With fewer than k
+/// untaken elements the threshold stays 0 and all of them win.
 template <int kLanes, int kPerLane, class Warp>
 MOXE_DEVICE void topk_threshold(const LaneGroup<kLanes, Warp>& g, const float (&v)[kPerLane], uint32_t taken, int k,
                                 TopKSlots slots) {
@@ -233,8 +239,9 @@ MOXE_DEVICE void topk_threshold(const LaneGroup<kLanes, Warp>& g, const float (&
     }
     base += g.count(sel_ballot);
   }
+  const int n = base;  // the winners: k, or the untaken elements when fewer
   Warp::sync();
-  // rank sort of the k (<= 32) winners: value descending, index ascending
+  // rank sort of the n (<= 32) winners: value descending, index ascending
   constexpr int kSlotsPerLane = (kMaxTopK + kLanes - 1) / kLanes;
   float sv[kSlotsPerLane];
   int se[kSlotsPerLane], rank[kSlotsPerLane];
@@ -242,25 +249,31 @@ MOXE_DEVICE void topk_threshold(const LaneGroup<kLanes, Warp>& g, const float (&
   for (int i = 0; i < kSlotsPerLane; ++i) {
     const int r = g.lane + i * kLanes;
     rank[i] = -1;
-    if (r < k) {
+    if (r < n) {
       sv[i] = slots.value[r];
       se[i] = slots.index[r];
       int before = 0;
-      for (int s = 0; s < k; ++s) before += ranks_before(slots.value[s], slots.index[s], sv[i], se[i]);
+      for (int s = 0; s < n; ++s) before += ranks_before(slots.value[s], slots.index[s], sv[i], se[i]);
       rank[i] = before;
     }
   }
   Warp::sync();
   MOXE_PRAGMA_UNROLL
-  for (int i = 0; i < kSlotsPerLane; ++i)
+  for (int i = 0; i < kSlotsPerLane; ++i) {
+    const int r = g.lane + i * kLanes;
     if (rank[i] >= 0) {
       slots.value[rank[i]] = sv[i];
       slots.index[rank[i]] = se[i];
+    } else if (r < k) {  // past the winners
+      slots.value[r] = -math::infinity<float>();
+      slots.index[r] = -1;
     }
+  }
   Warp::sync();
 }
 
-/// The group top-k with the algorithm chosen by k. Every lane of the warp must call it.
+/// The group top-k with the algorithm chosen by k, into slots [0, k) (TopKSlots). Every lane
+/// of the warp must call it, with the same k (<= kMaxTopK).
 template <int kLanes, int kPerLane, class Warp>
 MOXE_DEVICE MOXE_FORCEINLINE void group_topk(const LaneGroup<kLanes, Warp>& g, const float (&v)[kPerLane],
                                              uint32_t taken, int k, TopKSlots slots) {
