@@ -6,24 +6,9 @@
 
 #include "moxe/core/config.hpp"
 #include "moxe/core/math.hpp"
+#include "moxe/core/warp.hpp"  // kWarpSize, kFullMask, SumOp, MaxOp, MinOp
 
 namespace moxe {
-
-inline constexpr int kWarpSize = 32;
-inline constexpr unsigned kFullMask = 0xffffffffu;
-
-struct SumOp {
-  template <class A>
-  MOXE_HD MOXE_FORCEINLINE A operator()(A a, A b) const { return a + b; }
-};
-struct MaxOp {
-  template <class A>
-  MOXE_HD MOXE_FORCEINLINE A operator()(A a, A b) const { return math::max(a, b); }
-};
-struct MinOp {
-  template <class A>
-  MOXE_HD MOXE_FORCEINLINE A operator()(A a, A b) const { return math::min(a, b); }
-};
 
 /// Butterfly all-reduce over the warp (every lane gets the result).
 template <class A, class Op>

@@ -3,6 +3,7 @@
 // detail/gate_math.hpp that the kernels run too.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -17,7 +18,8 @@ namespace moxe::router::reference {
 namespace detail {
 
 /// Top-k of row[0, E) among allowed experts (allowed may be empty: all), descending, ties
-/// to the lower index. NaN ranks as -inf (rank_value), as in the kernels.
+/// to the lower index. NaN ranks as -inf (rank_value), as in the kernels. With fewer than k
+/// allowed experts the remaining slots get -1 (as the device's group top-k).
 template <class A>
 void select_topk(const A* row, int experts, int k, const std::vector<char>& allowed, int32_t* idx_out) {
   std::vector<char> taken(experts, 0);
@@ -28,6 +30,10 @@ void select_topk(const A* row, int experts, int k, const std::vector<char>& allo
       if (best < 0 || router::detail::ranks_before(router::detail::rank_value(row[e]), e,
                                                    router::detail::rank_value(row[best]), best))
         best = e;
+    }
+    if (best < 0) {
+      std::fill(idx_out + j, idx_out + k, -1);
+      return;
     }
     taken[best] = 1;
     idx_out[j] = best;
