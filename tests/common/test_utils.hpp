@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <limits>
 #include <random>
 #include <vector>
@@ -30,6 +31,41 @@ inline std::uint64_t fresh_seed(const char* file = __builtin_FILE(), int line = 
   std::printf("[seed] %llu  %s:%d  (MOXE_TEST_SEED=%llu replays it)\n", static_cast<unsigned long long>(seed),
               base != nullptr ? base + 1 : file, line, static_cast<unsigned long long>(seed));
   return seed;
+}
+
+/// True when the environment variable `name` is set to something other than "" or "0".
+inline bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+}
+
+/// Device tests run at the sizes a functional GPU simulator can afford (MOXE_TEST_SMALL,
+/// set by scripts/sim-check.sh): the same edge cases (sizes not multiples of the tiles,
+/// size 1, multi-block and multi-launch paths at the smallest sizes that reach them), fewer
+/// and smaller of the rest.
+inline bool small_sizes() { return env_flag("MOXE_TEST_SMALL"); }
+
+/// The device tests run on the functional simulator (MOXE_TEST_SIMULATOR, set by
+/// scripts/sim-check.sh), not on a GPU.
+inline bool on_simulator() { return env_flag("MOXE_TEST_SIMULATOR"); }
+
+/// `full` on a GPU, `small` in small-size mode.
+template <class T>
+std::vector<T> sizes(std::initializer_list<T> full, std::initializer_list<T> small) {
+  return small_sizes() ? std::vector<T>(small) : std::vector<T>(full);
+}
+template <class T>
+T size(T full, T small) {
+  return small_sizes() ? small : full;
+}
+
+/// A doctest decorator value: true (skip) on the simulator, after printing why, so that
+/// scripts/sim-check.sh lists every case it does not run with its reason. Use as
+///   TEST_CASE("name" * doctest::skip(moxe::test::skip_on_simulator("reason"))) { ... }
+inline bool skip_on_simulator(const char* reason) {
+  if (!on_simulator()) return false;
+  std::printf("[sim-skip] %s\n", reason);
+  return true;
 }
 
 class Rng {
