@@ -494,7 +494,8 @@ def routing_map(topk_idx: Array, num_experts: int, *, capacity: int = -1, align:
     T, K = topk_idx.shape
     idx = index_dtype()
     results = [_sds((T, K), idx), _sds((num_experts + 1,), idx), _sds((num_experts,), jnp.int32)]
-    out = _call("routing_map", results, topk_idx.astype(jnp.int32), vmap_method="sequential",
+    # integer in, integer out: no gradient (stop_gradient keeps autodiff from asking for one)
+    out = _call("routing_map", results, jax.lax.stop_gradient(topk_idx).astype(jnp.int32), vmap_method="sequential",
                 experts=int(num_experts), capacity=int(capacity), align=int(align))
     return RoutingMap(*out)
 
