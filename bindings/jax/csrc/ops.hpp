@@ -748,19 +748,27 @@ auto unpermute_backward_binding(B base) {
       .template Ret<AnyBuffer>();  // dweight
 }
 
-/// Every handler: (symbol suffix, the body above, its binding). Each platform's file turns
-/// the list into `MoxeJax<Name><Platform>` symbols.
-#define MOXE_JAX_FOR_EACH_HANDLER(X)                                 \
-  X(MlstmForward, mlstm_forward, mlstm_forward_binding)              \
-  X(MlstmBackward, mlstm_backward, mlstm_backward_binding)           \
-  X(SlstmForward, slstm_forward, slstm_forward_binding)              \
-  X(SlstmBackward, slstm_backward, slstm_backward_binding)           \
-  X(GateForward, gate_forward, gate_forward_binding)                 \
-  X(GateBackward, gate_backward, gate_backward_binding)              \
+/// Every handler: (symbol suffix, the body above, its binding), by family. Each platform's
+/// files turn the lists into `MoxeJax<Name><Platform>` symbols.
+#define MOXE_JAX_MLSTM_HANDLERS(X)                         \
+  X(MlstmForward, mlstm_forward, mlstm_forward_binding)    \
+  X(MlstmBackward, mlstm_backward, mlstm_backward_binding)
+#define MOXE_JAX_SLSTM_HANDLERS(X)                         \
+  X(SlstmForward, slstm_forward, slstm_forward_binding)    \
+  X(SlstmBackward, slstm_backward, slstm_backward_binding)
+#define MOXE_JAX_GATE_HANDLERS(X)                          \
+  X(GateForward, gate_forward, gate_forward_binding)       \
+  X(GateBackward, gate_backward, gate_backward_binding)
+#define MOXE_JAX_DISPATCH_HANDLERS(X)                                \
   X(RoutingMap, routing_map, routing_map_binding)                    \
   X(Permute, permute, permute_binding)                               \
   X(PermuteBackward, permute_backward, permute_binding)              \
   X(Unpermute, unpermute, unpermute_binding)                         \
   X(UnpermuteBackward, unpermute_backward, unpermute_backward_binding)
+#define MOXE_JAX_FOR_EACH_HANDLER(X) \
+  MOXE_JAX_MLSTM_HANDLERS(X)         \
+  MOXE_JAX_SLSTM_HANDLERS(X)         \
+  MOXE_JAX_GATE_HANDLERS(X)          \
+  MOXE_JAX_DISPATCH_HANDLERS(X)
 
 }  // namespace moxe_jax

@@ -205,9 +205,14 @@ def test_slstm_check_grads(rng):
 # ---- the gate -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("modulation", list(mx.MODULATIONS))
-@pytest.mark.parametrize("head", [True, False])
-@pytest.mark.parametrize("E,K,Em", [(4, 2, 2), (8, 3, 3), (2, 1, 1), (6, 6, 0)])
+# every modulation with and without a difficulty head, over shapes with E_m even, uneven,
+# 0 and E, k from 1 to E
+GATE_CASES = [("none", True, 4, 2, 2), ("standard", True, 8, 3, 3), ("proportional", True, 2, 1, 1),
+              ("masked", True, 6, 6, 0), ("standard", False, 5, 2, 5), ("masked", False, 4, 2, 2),
+              ("proportional", True, 7, 4, 7), ("standard", True, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("modulation,head,E,K,Em", GATE_CASES)
 def test_gate(rng, modulation, head, E, K, Em):
     T = 11
     logits = normal(rng, T, E, scale=2.0)

@@ -1,8 +1,10 @@
-// moxe_jax: the XLA FFI handlers of platform "CUDA": the moxe device launchers, float32,
+// moxe_jax: the backend of the platform "CUDA" handlers: the moxe device launchers, float32,
 // bfloat16 and float16 (states and router statistics float32), on XLA's stream with scratch
 // from XLA's allocator (no cudaMalloc, no host synchronisation: every launcher is
-// stream-ordered and graph-capture safe). Exported as MoxeJax<Op>Cuda; the Python package
+// stream-ordered and graph-capture safe). The handlers are defined one family per file
+// (cuda_<family>.cu, compiled side by side), exported as MoxeJax<Op>Cuda; the Python package
 // registers each under "moxe_<op>" with platform="CUDA".
+#pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -183,4 +185,3 @@ class DeviceBackend {
       moxe_jax::binding(                                                                                      \
           xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>().Ctx<xla::ffi::ScratchAllocator>()));
 
-MOXE_JAX_FOR_EACH_HANDLER(MOXE_JAX_CUDA_HANDLER)
