@@ -12,7 +12,8 @@
 # 4. pytest over bindings/jax/tests: every op and its gradient against pure-JAX float64
 #    definitions, check_grads, errors, and the Flax layer against the C++ host layer.
 # Exits non-zero when anything fails. Environment: MOXE_JAX_BUILD_DIR (default build-jax),
-# PYTHON (the interpreter that makes the venv, default python3), MOXE_JAX_JOBS (build jobs).
+# PYTHON (the interpreter that makes the venv, default python3), MOXE_JAX_JOBS (build jobs),
+# MOXE_JAX_CUDA=OFF (skip the CUDA handlers even where nvcc is found).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -38,7 +39,7 @@ fi
 
 echo "== build (handlers, package, host moxe_layer)"
 cmake -S "$root" -B "$build/cmake" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  -DMOXE_BUILD_JAX=ON -DMOXE_JAX_PYTHON="$venv/bin/python" \
+  -DMOXE_BUILD_JAX=ON -DMOXE_JAX_PYTHON="$venv/bin/python" -DMOXE_ENABLE_CUDA="${MOXE_JAX_CUDA:-ON}" \
   -DMOXE_BUILD_TESTS=OFF -DMOXE_BUILD_BENCHMARKS=OFF -DMOXE_BUILD_EXAMPLES=OFF >"$build/cmake-configure.log" \
   || { cat "$build/cmake-configure.log"; exit 1; }
 grep "moxe_jax" "$build/cmake-configure.log" || true
