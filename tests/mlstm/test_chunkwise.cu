@@ -1,7 +1,7 @@
 // Device tests of the chunkwise mLSTM (chunkwise.cuh) against the recurrent reference in
 // double: forward with final states, backward with state gradients, partial last chunks,
-// head dims 16..256, segments, a misaligned workspace, bad input, determinism and graph
-// capture. Inputs are drawn fresh each run; outputs are poisoned before every launch.
+// head dims 16..256, segments, extreme gates, a misaligned workspace, bad input,
+// determinism and graph capture. Inputs are drawn fresh each run; outputs are poisoned before every launch.
 #include <doctest/doctest.h>
 
 #include <algorithm>

@@ -1,7 +1,9 @@
 // Host tests of the chunkwise mLSTM algorithm (chunkwise_host.hpp, the functors the device
 // runs): forward, final states and the exact backward equal the recurrent reference in
 // double, for chunk sizes 16..128, sequence lengths that are not multiples of the chunk,
-// large gates, initial states, upstream state gradients and variable-length segments.
+// large gates, initial states, upstream state gradients and variable-length segments; and
+// at extreme gates (resets, absent inputs, m far below and above float's range), in double
+// and in float.
 #include <doctest/doctest.h>
 
 #include <algorithm>

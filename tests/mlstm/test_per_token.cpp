@@ -1,6 +1,7 @@
 // Host tests of the per-token mLSTM (every position a length-1 sequence from the zero
 // state): its closed form against the recurrent reference at seq_len 1, forward and
-// backward, both branches of the stabiliser and of the normaliser, and its checks.
+// backward, both branches of the stabiliser and of the normaliser, extreme gates (also in
+// float against double), and its checks.
 #include <doctest/doctest.h>
 
 #include <cmath>

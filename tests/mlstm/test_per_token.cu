@@ -1,6 +1,7 @@
 // Device tests of moxe::mlstm::per_token_forward / per_token_backward: against the host
 // implementation in double (inputs rounded through T) at head dims below, at and above a
-// warp, size 1 included; poisoned outputs; determinism; bad arguments launch nothing.
+// warp, size 1 included; extreme gates; poisoned outputs; determinism; bad arguments launch
+// nothing.
 #include <doctest/doctest.h>
 
 #include <cmath>

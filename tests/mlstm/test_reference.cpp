@@ -1,6 +1,7 @@
 // Host tests of the mLSTM reference: forward against a naive loop written from the
 // definition, backward against central finite differences (double) for every input,
-// variable-length segments, the decoding step, and input validation.
+// variable-length segments, the decoding step, extreme gates (infinite, and m far outside
+// float's range: finite differences in double, float against double), and input validation.
 #include <doctest/doctest.h>
 
 #include <algorithm>

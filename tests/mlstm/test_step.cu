@@ -1,6 +1,6 @@
 // Device tests of moxe::mlstm::step: against reference::step in double (inputs rounded
-// through T), over several consecutive steps, poisoned outputs, determinism, graph capture,
-// and input validation.
+// through T), over several consecutive steps, at extreme gates and states, poisoned outputs,
+// determinism, graph capture, and input validation.
 #include <doctest/doctest.h>
 
 #include <algorithm>
