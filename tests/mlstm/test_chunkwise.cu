@@ -1,7 +1,7 @@
 // Device tests of the chunkwise mLSTM (chunkwise.cuh) against the recurrent reference in
 // double: forward with final states, backward with state gradients, partial last chunks,
-// head dims 16..256, segments, a misaligned workspace, bad input, determinism and graph
-// capture. Inputs are drawn fresh each run; outputs are poisoned before every launch.
+// head dims 16..256, segments, extreme gates, a misaligned workspace, bad input,
+// determinism and graph capture. Inputs are drawn fresh each run; outputs are poisoned before every launch.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -9,9 +9,11 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "device_utils.cuh"
+#include "mlstm_testing.hpp"
 #include "moxe/mlstm/chunkwise.cuh"
 #include "moxe/mlstm/reference.hpp"
 #include "test_utils.hpp"
@@ -52,6 +54,8 @@ struct Case {
   double tol_scale = 1.0;  // large gates: float rounding of the definition itself grows (the
                            // recurrent reference in float is off by up to ~5e-5 there)
   std::vector<int64_t> offsets;
+  moxe::test::ExtremeGates extreme = moxe::test::ExtremeGates::none;  // (without segments)
+  bool no_source = false;  // with resets: positions with igate = fgate = -inf too
 };
 
 /// Host inputs in double (already rounded through T where the device reads T).
@@ -117,8 +121,18 @@ Inputs make_inputs_once(const Case& cs, moxe::test::Rng& rng) {
   in.q = round_through<T>(moxe::test::normal_vector<double>(rng, in.rows * cs.dqk));
   in.k = round_through<T>(moxe::test::normal_vector<double>(rng, in.rows * cs.dqk));
   in.v = round_through<T>(moxe::test::normal_vector<double>(rng, in.rows * cs.dv));
-  in.ig = round_through<T>(moxe::test::uniform_vector<double>(rng, in.rows, -cs.igate_range, cs.igate_range));
-  in.fg = round_through<T>(moxe::test::uniform_vector<double>(rng, in.rows, -2.0, 6.0));
+  in.ig = moxe::test::uniform_vector<double>(rng, in.rows, -cs.igate_range, cs.igate_range);
+  in.fg = moxe::test::uniform_vector<double>(rng, in.rows, -2.0, 6.0);
+  if (cs.extreme != moxe::test::ExtremeGates::none) {
+    moxe::test::apply_extreme_gates(cs.extreme, rng, cs.batch * cs.heads, cs.seq_len, in.ig, in.fg, cs.no_source);
+    if (cs.extreme == moxe::test::ExtremeGates::high_m) {
+      // m ~ 100: h = num / (|n.qs| + eps); q, k >= 0 keep n.qs away from 0
+      for (auto* v : {&in.q, &in.k})
+        for (double& x : *v) x = std::abs(x);
+    }
+  }
+  in.ig = round_through<T>(in.ig);
+  in.fg = round_through<T>(in.fg);
   in.dh = round_through<T>(moxe::test::normal_vector<double>(rng, in.rows * cs.dv));
   auto as_float = [](std::vector<double> v) {
     for (double& x : v) x = static_cast<double>(static_cast<float>(x));
@@ -501,6 +515,21 @@ TEST_CASE_TEMPLATE("chunkwise device: large gates", T, float, __nv_bfloat16) {
   run_case<T>(cs, rng);
 }
 
+TEST_CASE_TEMPLATE("chunkwise device: extreme gates (resets, no input, exp(-m) beyond float's range)", T, float,
+                   __nv_bfloat16) {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  using moxe::test::ExtremeGates;
+  for (ExtremeGates x : {ExtremeGates::resets, ExtremeGates::low_m, ExtremeGates::high_m}) {
+    INFO("gates " << std::string(moxe::test::name(x)));
+    Case cs = shaped(1, 2, 40, 16, 16, 16, true);
+    cs.extreme = x;
+    cs.no_source = x == ExtremeGates::resets;
+    run_case<T>(cs, rng);
+  }
+}
+
 TEST_CASE_TEMPLATE("chunkwise device: segments == reference and == segments one by one", T, float,
                    __nv_bfloat16) {
   const auto seed = moxe::test::fresh_seed();
@@ -708,6 +737,11 @@ TEST_CASE("chunkwise device: bad input returns a status, launches nothing, write
   p = fp;
   p.num_segments = 2;  // no offsets
   CHECK(fwd(p) == Status::invalid_argument);
+  for (float eps : {0.f, std::nanf("")}) {  // eps = 0: 0 / 0 where n.q = 0 and exp(-m) underflows
+    p = fp;
+    p.eps = eps;
+    CHECK(fwd(p) == Status::invalid_argument);
+  }
   CHECK(mm::chunkwise_forward(fp, ws.get(), fbytes - 1, nullptr) == Status::workspace_too_small);
   CHECK(mm::chunkwise_forward(fp, nullptr, 0, nullptr) == Status::workspace_too_small);
 
@@ -722,6 +756,9 @@ TEST_CASE("chunkwise device: bad input returns a status, launches nothing, write
   CHECK(bwd(b) == Status::invalid_argument);
   b = bp;
   b.fwd.chunk_size = 200;
+  CHECK(bwd(b) == Status::invalid_argument);
+  b = bp;
+  b.fwd.eps = 0.f;
   CHECK(bwd(b) == Status::invalid_argument);
   b = bp;
   b.fwd.dims.dv = 20;

@@ -459,8 +459,8 @@ Status sigmoid_bias_backward(const SigmoidBiasBackwardParams<T, Acc>& b) {
     Acc u_dot = 0;
     for (int j = 0; j < K; ++j) u_dot += math::sigmoid(static_cast<Acc>(p.logits[t * E + idx[j]])) * inv * dw[j];
     for (int j = 0; j < K; ++j) {
-      const Acc s = math::sigmoid(static_cast<Acc>(p.logits[t * E + idx[j]]));
-      dz[idx[j]] = static_cast<T>(vd::sigmoid_weight_grad(s, dw[j], u_dot, inv, p.routed_scaling, p.renormalize));
+      const Acc z = static_cast<Acc>(p.logits[t * E + idx[j]]);
+      dz[idx[j]] = static_cast<T>(vd::sigmoid_weight_grad(z, dw[j], u_dot, inv, p.routed_scaling, p.renormalize));
     }
   }
   return Status::ok;
