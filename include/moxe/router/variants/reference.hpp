@@ -454,11 +454,14 @@ Status sigmoid_bias_backward(const SigmoidBiasBackwardParams<T, Acc>& b) {
     T* dz = b.dlogits + t * E;
     for (int e = 0; e < E; ++e) dz[e] = static_cast<T>(Acc(0));
     Acc sum = 0;
-    for (int j = 0; j < K; ++j) sum += math::sigmoid(static_cast<Acc>(p.logits[t * E + idx[j]]));
+    for (int j = 0; j < K; ++j)
+      if (detail::routed(idx[j], E)) sum += math::sigmoid(static_cast<Acc>(p.logits[t * E + idx[j]]));
     const Acc inv = Acc(1) / sum;
     Acc u_dot = 0;
-    for (int j = 0; j < K; ++j) u_dot += math::sigmoid(static_cast<Acc>(p.logits[t * E + idx[j]])) * inv * dw[j];
+    for (int j = 0; j < K; ++j)
+      if (detail::routed(idx[j], E)) u_dot += math::sigmoid(static_cast<Acc>(p.logits[t * E + idx[j]])) * inv * dw[j];
     for (int j = 0; j < K; ++j) {
+      if (!detail::routed(idx[j], E)) continue;
       const Acc z = static_cast<Acc>(p.logits[t * E + idx[j]]);
       dz[idx[j]] = static_cast<T>(vd::sigmoid_weight_grad(z, dw[j], u_dot, inv, p.routed_scaling, p.renormalize));
     }
