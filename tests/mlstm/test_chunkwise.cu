@@ -603,6 +603,90 @@ TEST_CASE_TEMPLATE("chunkwise device: segments == reference and == segments one 
 
 // float only: with bf16's wider margin around the normaliser's branch switch, inputs this
 // long (1500 steps) nearly always have a step near it (the table logic is the same for all T)
+TEST_CASE_TEMPLATE("chunkwise device: a sequence run as chained calls == the reference run whole", T, float,
+                   __nv_bfloat16) {
+  // truncated BPTT with carried states: each call starts from the final (C, n, m) of the one
+  // before and takes the next one's (dC, dn, dm)_init as its upstream; the calls' pieces put
+  // side by side are checked against the recurrent reference of the whole sequence
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  struct Split {
+    Case cs;
+    std::vector<int64_t> lengths;
+  };
+  const Split splits[] = {
+      {shaped(1, 2, 7, 16, 16, 16, true), {3, 4}},
+      {shaped(2, 1, 40, 16, 32, 16, false), {17, 1, 22}},  // calls across and inside chunks
+  };
+  for (const Split& sp : splits) {
+    Case cs = sp.cs;
+    cs.upstream = true;
+    INFO("B=" << cs.batch << " NH=" << cs.heads << " S=" << cs.seq_len << " calls=" << sp.lengths.size()
+              << " init=" << cs.init_states);
+    const Inputs in = make_inputs<T>(cs, rng);
+    const Reference ref = reference(in);
+    const int64_t slots = in.slots, S = cs.seq_len;
+    auto steps_of = [&](const std::vector<double>& x, int64_t width, int64_t t0, int64_t len) {
+      std::vector<double> out;
+      for (int64_t s = 0; s < slots; ++s)
+        out.insert(out.end(), x.begin() + (s * S + t0) * width, x.begin() + (s * S + t0 + len) * width);
+      return out;
+    };
+    auto place = [&](std::vector<double>& x, const std::vector<double>& part, int64_t width, int64_t t0, int64_t len) {
+      for (int64_t s = 0; s < slots; ++s)
+        std::copy(part.begin() + s * len * width, part.begin() + (s + 1) * len * width,
+                  x.begin() + (s * S + t0) * width);
+    };
+    // the calls' inputs, and their forward in order (the backward of a call needs its
+    // successor's initial-state gradients, so every call runs again below)
+    std::vector<Inputs> parts;
+    std::vector<Results> fwd;
+    int64_t t0 = 0;
+    for (int64_t len : sp.lengths) {
+      Inputs p = in;
+      p.cs.seq_len = len;
+      p.rows = slots * len;
+      p.q = steps_of(in.q, cs.dqk, t0, len);
+      p.k = steps_of(in.k, cs.dqk, t0, len);
+      p.v = steps_of(in.v, cs.dv, t0, len);
+      p.ig = steps_of(in.ig, 1, t0, len);
+      p.fg = steps_of(in.fg, 1, t0, len);
+      p.dh = steps_of(in.dh, cs.dv, t0, len);
+      if (!fwd.empty()) {
+        p.cs.init_states = true;
+        p.c0 = fwd.back().c, p.n0 = fwd.back().n, p.m0 = fwd.back().m;
+      }
+      Device<T> dev(p);
+      fwd.push_back(dev.run());
+      parts.push_back(p);
+      t0 += len;
+    }
+    Results got = ref.exact;  // every field overwritten below
+    got.c = fwd.back().c, got.n = fwd.back().n, got.m = fwd.back().m;
+    for (std::size_t k = parts.size(); k-- > 0;) {
+      Inputs& p = parts[k];
+      int64_t tk = 0;
+      for (std::size_t j = 0; j < k; ++j) tk += sp.lengths[j];
+      const int64_t len = sp.lengths[k];
+      Results g = fwd[k];
+      if (k + 1 < parts.size()) {  // upstream: the next call's initial-state gradients
+        p.dcl = got.dc0, p.dnl = got.dn0, p.dml = got.dm0;
+        Device<T> dev(p);
+        g = dev.run();
+      }
+      place(got.h, g.h, cs.dv, tk, len);
+      place(got.dq, g.dq, cs.dqk, tk, len);
+      place(got.dk, g.dk, cs.dqk, tk, len);
+      place(got.dv, g.dv, cs.dv, tk, len);
+      place(got.di, g.di, 1, tk, len);
+      place(got.df, g.df, 1, tk, len);
+      got.dc0 = g.dc0, got.dn0 = g.dn0, got.dm0 = g.dm0;
+    }
+    check_against_reference<T>(got, ref, cs);
+  }
+}
+
 TEST_CASE("chunkwise device: many segments (the device chunk table near its bound)") {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);

@@ -679,6 +679,112 @@ TEST_CASE("mlstm reference: a tie in the stabiliser sends the gradient to the de
   CHECK(g.df[0] == doctest::Approx(moxe::math::logsigmoid_grad(0.0)));
 }
 
+namespace {
+
+/// Steps [t0, t0 + len) of every (batch, head) sequence of a [B*NH, S, width] tensor.
+std::vector<double> steps_of(const std::vector<double>& x, int64_t slots, int64_t S, int64_t width, int64_t t0,
+                             int64_t len) {
+  std::vector<double> part;
+  for (int64_t s = 0; s < slots; ++s)
+    part.insert(part.end(), x.begin() + (s * S + t0) * width, x.begin() + (s * S + t0 + len) * width);
+  return part;
+}
+
+/// The inverse of steps_of: `part` written back into x.
+void place_steps(std::vector<double>& x, const std::vector<double>& part, int64_t slots, int64_t S, int64_t width,
+                 int64_t t0, int64_t len) {
+  for (int64_t s = 0; s < slots; ++s)
+    std::copy(part.begin() + s * len * width, part.begin() + (s + 1) * len * width, x.begin() + (s * S + t0) * width);
+}
+
+}  // namespace
+
+TEST_CASE("mlstm reference: a sequence run as chained calls equals it run whole") {
+  // truncated BPTT with carried states: each call starts from the final (C, n, m) of the
+  // one before, and takes the next one's (dC, dn, dm)_init as its upstream; random upstream
+  // gradients of the final states
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  Rng rng(seed);
+  Ranges big_gates;
+  big_gates.gate = 8.0;
+  const std::vector<std::vector<int64_t>> splits = {{3, 3}, {1, 5}, {2, 2, 2}, {5, 1}};
+  for (const auto& lengths : splits) {
+    for (bool init : {false, true}) {
+      for (const Ranges& r : {Ranges{}, big_gates}) {
+        CAPTURE(lengths.size());
+        CAPTURE(lengths[0]);
+        CAPTURE(init);
+        CAPTURE(r.gate);
+        const mlstm::Dims dims{2, 2, 6, 3, 4};
+        const int64_t slots = dims.batch * dims.heads, S = dims.seq_len;
+        const Problem p = make_problem(rng, dims, init, r);
+        const Cotangents ct = make_cotangents(rng, p);
+        const Outputs whole = run_forward(p);
+        const Grads gwhole = run_backward(p, ct);
+
+        std::vector<Problem> parts;
+        std::vector<Outputs> outs;
+        int64_t t0 = 0;
+        for (int64_t len : lengths) {
+          Problem q = p;
+          q.dims.seq_len = len;
+          q.q = steps_of(p.q, slots, S, dims.dqk, t0, len);
+          q.k = steps_of(p.k, slots, S, dims.dqk, t0, len);
+          q.v = steps_of(p.v, slots, S, dims.dv, t0, len);
+          q.igate = steps_of(p.igate, slots, S, 1, t0, len);
+          q.fgate = steps_of(p.fgate, slots, S, 1, t0, len);
+          if (!outs.empty()) {
+            q.with_init = true;
+            q.c0 = outs.back().c, q.n0 = outs.back().n, q.m0 = outs.back().m;
+          }
+          parts.push_back(q);
+          outs.push_back(run_forward(q));
+          t0 += len;
+        }
+        std::vector<double> h(whole.h.size());
+        for (std::size_t k = 0, t = 0; k < parts.size(); t += std::size_t(lengths[k]), ++k)
+          place_steps(h, outs[k].h, slots, S, dims.dv, int64_t(t), lengths[k]);
+        CHECK(moxe::test::rel_error(h, whole.h) < 1e-13);
+        CHECK(moxe::test::rel_error(outs.back().c, whole.c) < 1e-13);
+        CHECK(moxe::test::rel_error(outs.back().n, whole.n) < 1e-13);
+        CHECK(moxe::test::rel_error(outs.back().m, whole.m) < 1e-13);
+
+        Grads chained = gwhole;  // every entry overwritten below
+        Grads next;
+        for (std::size_t k = parts.size(); k-- > 0;) {
+          const int64_t len = lengths[k];
+          int64_t tk = 0;
+          for (std::size_t j = 0; j < k; ++j) tk += lengths[j];
+          Cotangents ck;
+          ck.dh = steps_of(ct.dh, slots, S, dims.dv, tk, len);
+          if (k + 1 == parts.size()) {
+            ck.dc = ct.dc, ck.dn = ct.dn, ck.dm = ct.dm;
+          } else {
+            ck.dc = next.dc0, ck.dn = next.dn0, ck.dm = next.dm0;
+          }
+          next = run_backward(parts[k], ck);
+          place_steps(chained.dq, next.dq, slots, S, dims.dqk, tk, len);
+          place_steps(chained.dk, next.dk, slots, S, dims.dqk, tk, len);
+          place_steps(chained.dv, next.dv, slots, S, dims.dv, tk, len);
+          place_steps(chained.di, next.di, slots, S, 1, tk, len);
+          place_steps(chained.df, next.df, slots, S, 1, tk, len);
+        }
+        CHECK(moxe::test::rel_error(chained.dq, gwhole.dq) < 1e-12);
+        CHECK(moxe::test::rel_error(chained.dk, gwhole.dk) < 1e-12);
+        CHECK(moxe::test::rel_error(chained.dv, gwhole.dv) < 1e-12);
+        CHECK(moxe::test::rel_error(chained.di, gwhole.di) < 1e-12);
+        CHECK(moxe::test::rel_error(chained.df, gwhole.df) < 1e-12);
+        if (init) {
+          CHECK(moxe::test::rel_error(next.dc0, gwhole.dc0) < 1e-12);
+          CHECK(moxe::test::rel_error(next.dn0, gwhole.dn0) < 1e-12);
+          CHECK(moxe::test::rel_error(next.dm0, gwhole.dm0) < 1e-12);
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("mlstm reference varlen segments equal each segment run alone") {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
