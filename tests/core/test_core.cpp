@@ -37,6 +37,25 @@ TEST_CASE("math: gradients of the activations match finite differences") {
   }
 }
 
+TEST_CASE("math: sigmoid_grad from x is exact to rounding where y (1 - y) is not") {
+  auto rel = [](double a, double b) { return std::abs(a - b) / std::abs(b); };
+  for (double x : {-40.0, -16.0, -5.0, 0.0, 0.3, 5.0, 10.0, 16.0, 20.0, 40.0}) {
+    CAPTURE(x);
+    const double e = std::exp(-std::abs(x)), exact = e / ((1 + e) * (1 + e));
+    CHECK(rel(m::sigmoid_grad(x), exact) < 1e-15);
+    CHECK(rel(double(m::sigmoid_grad(static_cast<float>(x))), exact) < 1e-6);
+    // central differences of sigmoid at -|x| (sigmoid' is even; there sigmoid is exact to
+    // rounding relative to its size, near 1 it is not)
+    const double xn = -std::abs(x), h = 1e-5;
+    CHECK(rel(m::sigmoid_grad(x), (m::sigmoid(xn + h) - m::sigmoid(xn - h)) / (2 * h)) < 1e-9);
+  }
+  // from the rounded output in float: ~1e-3 off at x = 10, no digit left at 17
+  CHECK(rel(m::sigmoid_grad_from_output(m::sigmoid(10.f)), m::sigmoid_grad(10.0)) > 1e-4);
+  CHECK(rel(m::sigmoid_grad_from_output(m::sigmoid(17.f)), m::sigmoid_grad(17.0)) > 0.1);
+  CHECK(m::sigmoid_grad(std::numeric_limits<double>::infinity()) == 0.0);
+  CHECK(m::sigmoid_grad(-std::numeric_limits<double>::infinity()) == 0.0);
+}
+
 TEST_CASE("math: MaxSum is an exact, order-independent log-sum-exp") {
   moxe::test::Rng rng(moxe::test::fresh_seed());
   const auto xs = moxe::test::uniform_vector<double>(rng, 37, -50, 50);

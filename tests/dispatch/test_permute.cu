@@ -26,6 +26,7 @@ using moxe::dispatch::testing::Map;
 using moxe::dispatch::testing::random_topk;
 using moxe::test::DeviceBuffer;
 using moxe::test::MisalignedWorkspace;
+namespace mt = moxe::test;
 
 namespace {
 
@@ -220,12 +221,23 @@ TEST_CASE("routing map: device equals the reference bitwise") {
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
   struct Case { int64_t tokens; int experts, top_k; int64_t capacity; int align; double unrouted; int hot; };
-  const Case cases[] = {
-      {1, 4, 2, -1, 1, 0.0, 0},          {3, 2, 1, -1, 1, 0.0, 0},          {511, 8, 8, -1, 1, 0.0, 0},
-      {3001, 64, 8, -1, 16, 0.1, 0},     {4097, 128, 4, 100, 8, 0.0, 0},    {2000, 1024, 32, 50, 1, 0.02, 0},
-      {9000, 16, 2, 1500, 4, 0.0, 3},    {12345, 256, 8, -1, 128, 0.0, 0},  {700, 5, 1, -1, 1, 0.0, 1},
-      {65536, 256, 8, -1, 1, 0.0, 0},    {333, 32, 6, 0, 4, 0.0, 0},
-  };
+  // Small mode keeps every configuration at the fewest tiles (MapTiling::kTileItems = 4096
+  // entries) that reach its path: T = 1, a single partial tile, two tiles with a partial
+  // last one (unrouted slots, align 16 and 128, binding capacities, E = 1024 with K = 32,
+  // hot experts), capacity 0, and 17 tiles for the scan's second batch of 16 tiles.
+  const auto cases = mt::sizes<Case>(
+      {
+          {1, 4, 2, -1, 1, 0.0, 0},          {3, 2, 1, -1, 1, 0.0, 0},          {511, 8, 8, -1, 1, 0.0, 0},
+          {3001, 64, 8, -1, 16, 0.1, 0},     {4097, 128, 4, 100, 8, 0.0, 0},    {2000, 1024, 32, 50, 1, 0.02, 0},
+          {9000, 16, 2, 1500, 4, 0.0, 3},    {12345, 256, 8, -1, 128, 0.0, 0},  {700, 5, 1, -1, 1, 0.0, 1},
+          {65536, 256, 8, -1, 1, 0.0, 0},    {333, 32, 6, 0, 4, 0.0, 0},
+      },
+      {
+          {1, 4, 2, -1, 1, 0.0, 0},          {3, 2, 1, -1, 1, 0.0, 0},          {511, 8, 8, -1, 1, 0.0, 0},
+          {601, 64, 8, -1, 16, 0.1, 0},      {1100, 128, 4, 25, 8, 0.0, 0},     {130, 1024, 32, 3, 1, 0.02, 0},
+          {2100, 16, 2, 300, 4, 0.0, 3},     {700, 256, 8, -1, 128, 0.0, 0},    {700, 5, 1, -1, 1, 0.0, 1},
+          {8193, 256, 8, -1, 1, 0.0, 0},     {333, 32, 6, 0, 4, 0.0, 0},
+      });
   for (const Case& c : cases) {
     const md::Dims d{c.tokens, 1, c.experts, c.top_k, c.capacity, c.align};
     INFO("T=" << c.tokens << " E=" << c.experts << " K=" << c.top_k << " cap=" << c.capacity << " align=" << c.align);
@@ -241,7 +253,8 @@ TEST_CASE("routing map: device equals the reference bitwise") {
 
 TEST_CASE("routing map: invalid indices are treated as -1 and counted, never written out of bounds") {
   moxe::test::Rng rng(moxe::test::fresh_seed());
-  const md::Dims d{5000, 1, 40, 4, 300, 2};
+  // small: two tiles, the capacity still binding (about 150 entries per expert)
+  const md::Dims d = mt::size(md::Dims{5000, 1, 40, 4, 300, 2}, md::Dims{1500, 1, 40, 4, 100, 2});
   auto idx = random_topk(rng, d);
   auto clean = idx;
   int64_t bad = 0;
@@ -303,11 +316,22 @@ TEST_CASE_TEMPLATE("permute, unpermute and their backward passes against the ref
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
   struct Case { int64_t tokens; int hidden, experts, top_k; int64_t capacity; int align; std::size_t misalign; };
-  const Case cases[] = {
-      {1, 64, 4, 2, -1, 1, 0},       {37, 256, 8, 2, -1, 8, 0},     {100, 7, 16, 4, 10, 4, 0},
-      {64, 33, 8, 8, -1, 1, 0},      {50, 1000, 12, 3, -1, 16, 0},  {50, 256, 12, 3, -1, 16, 1},
-      {129, 520, 32, 6, 20, 1, 3},   {16, 128, 1024, 32, -1, 2, 0}, {300, 4096, 8, 2, -1, 1, 0},
-  };
+  // Small mode keeps every configuration with fewer tokens and narrower rows: T = 1, the
+  // scalar path (H = 7, 33, misaligned pointers), ragged vector rows (H = 1000), padding
+  // (align 4, 8, 16), binding capacities, K = E, E = 1024 with K = 32, and one row wide
+  // enough (H = 4104: 513 or 1026 vectors) for a second pass of every kernel's loop over
+  // the row, in every dtype.
+  const auto cases = mt::sizes<Case>(
+      {
+          {1, 64, 4, 2, -1, 1, 0},       {37, 256, 8, 2, -1, 8, 0},     {100, 7, 16, 4, 10, 4, 0},
+          {64, 33, 8, 8, -1, 1, 0},      {50, 1000, 12, 3, -1, 16, 0},  {50, 256, 12, 3, -1, 16, 1},
+          {129, 520, 32, 6, 20, 1, 3},   {16, 128, 1024, 32, -1, 2, 0}, {300, 4096, 8, 2, -1, 1, 0},
+      },
+      {
+          {1, 64, 4, 2, -1, 1, 0},       {9, 136, 8, 2, -1, 8, 0},      {30, 7, 16, 4, 3, 4, 0},
+          {16, 33, 8, 8, -1, 1, 0},      {13, 1000, 12, 3, -1, 16, 0},  {13, 256, 12, 3, -1, 16, 1},
+          {16, 520, 32, 6, 2, 1, 3},     {16, 24, 1024, 32, -1, 2, 0},  {5, 4104, 8, 2, -1, 1, 0},
+      });
   for (const Case& c : cases) {
     const md::Dims d{c.tokens, c.hidden, c.experts, c.top_k, c.capacity, c.align};
     INFO("T=" << c.tokens << " H=" << c.hidden << " E=" << c.experts << " K=" << c.top_k << " cap=" << c.capacity
@@ -319,7 +343,8 @@ TEST_CASE_TEMPLATE("permute, unpermute and their backward passes against the ref
 TEST_CASE("graph capture of the routing map, permute and unpermute") {
   moxe::test::Rng rng(moxe::test::fresh_seed());
   using T = __nv_bfloat16;
-  const md::Dims d{777, 512, 64, 4, -1, 8};
+  // small: one tile of the map, still the row mask (align 8) and the vector path
+  const md::Dims d = mt::size(md::Dims{777, 512, 64, 4, -1, 8}, md::Dims{100, 72, 64, 4, -1, 8});
   const int64_t rows = md::permuted_rows(d), H = d.hidden, TK = d.tokens * d.top_k;
   const auto idx = random_topk(rng, d, 0.05);
   const auto x = moxe::test::round_through<T>(moxe::test::uniform_vector<double>(rng, d.tokens * H));
@@ -405,7 +430,7 @@ TEST_CASE_TEMPLATE("expert parallelism: send counts and the chunk reorder agains
   for (int H : {64, 9}) {
     const int R = 4, L = 6;
     std::vector<int64_t> split(R * L);
-    for (auto& s : split) s = rng.integer(0, 40);
+    for (auto& s : split) s = rng.integer(0, mt::size(40, 5));  // small: ~60 rows, empty chunks likely
     split[5] = 0;  // an empty chunk; the total is summed after, so it counts only real rows
     int64_t total = 0;
     for (int64_t s : split) total += s;
@@ -436,7 +461,9 @@ TEST_CASE_TEMPLATE("expert parallelism: send counts and the chunk reorder agains
   }
 }
 
-TEST_CASE("64-bit row offsets: rows * hidden past 2^31 elements") {
+TEST_CASE("64-bit row offsets: rows * hidden past 2^31 elements" *
+          doctest::skip(mt::skip_on_simulator("dispatch 64-bit row offsets: needs ~7 GB of device memory and "
+                                              "2^31 elements copied each way, far past what a simulator run affords"))) {
   using T = __nv_bfloat16;
   const md::Dims d{16384, 33024, 16, 4};  // permuted rows * hidden = 65536 * 33024 > 2^31
   const int64_t rows = md::permuted_rows(d), H = d.hidden, TK = d.tokens * d.top_k;

@@ -1,7 +1,7 @@
 // Device tests of the chunkwise mLSTM (chunkwise.cuh) against the recurrent reference in
 // double: forward with final states, backward with state gradients, partial last chunks,
-// head dims 16..256, segments, a misaligned workspace, bad input, determinism and graph
-// capture. Inputs are drawn fresh each run; outputs are poisoned before every launch.
+// head dims 16..256, segments, extreme gates, a misaligned workspace, bad input,
+// determinism and graph capture. Inputs are drawn fresh each run; outputs are poisoned before every launch.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -9,9 +9,11 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "device_utils.cuh"
+#include "mlstm_testing.hpp"
 #include "moxe/mlstm/chunkwise.cuh"
 #include "moxe/mlstm/reference.hpp"
 #include "test_utils.hpp"
@@ -52,6 +54,8 @@ struct Case {
   double tol_scale = 1.0;  // large gates: float rounding of the definition itself grows (the
                            // recurrent reference in float is off by up to ~5e-5 there)
   std::vector<int64_t> offsets;
+  moxe::test::ExtremeGates extreme = moxe::test::ExtremeGates::none;  // (without segments)
+  bool no_source = false;  // with resets: positions with igate = fgate = -inf too
 };
 
 /// Host inputs in double (already rounded through T where the device reads T).
@@ -117,8 +121,18 @@ Inputs make_inputs_once(const Case& cs, moxe::test::Rng& rng) {
   in.q = round_through<T>(moxe::test::normal_vector<double>(rng, in.rows * cs.dqk));
   in.k = round_through<T>(moxe::test::normal_vector<double>(rng, in.rows * cs.dqk));
   in.v = round_through<T>(moxe::test::normal_vector<double>(rng, in.rows * cs.dv));
-  in.ig = round_through<T>(moxe::test::uniform_vector<double>(rng, in.rows, -cs.igate_range, cs.igate_range));
-  in.fg = round_through<T>(moxe::test::uniform_vector<double>(rng, in.rows, -2.0, 6.0));
+  in.ig = moxe::test::uniform_vector<double>(rng, in.rows, -cs.igate_range, cs.igate_range);
+  in.fg = moxe::test::uniform_vector<double>(rng, in.rows, -2.0, 6.0);
+  if (cs.extreme != moxe::test::ExtremeGates::none) {
+    moxe::test::apply_extreme_gates(cs.extreme, rng, cs.batch * cs.heads, cs.seq_len, in.ig, in.fg, cs.no_source);
+    if (cs.extreme == moxe::test::ExtremeGates::high_m) {
+      // m ~ 100: h = num / (|n.qs| + eps); q, k >= 0 keep n.qs away from 0
+      for (auto* v : {&in.q, &in.k})
+        for (double& x : *v) x = std::abs(x);
+    }
+  }
+  in.ig = round_through<T>(in.ig);
+  in.fg = round_through<T>(in.fg);
   in.dh = round_through<T>(moxe::test::normal_vector<double>(rng, in.rows * cs.dv));
   auto as_float = [](std::vector<double> v) {
     for (double& x : v) x = static_cast<double>(static_cast<float>(x));
@@ -501,6 +515,21 @@ TEST_CASE_TEMPLATE("chunkwise device: large gates", T, float, __nv_bfloat16) {
   run_case<T>(cs, rng);
 }
 
+TEST_CASE_TEMPLATE("chunkwise device: extreme gates (resets, no input, exp(-m) beyond float's range)", T, float,
+                   __nv_bfloat16) {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  using moxe::test::ExtremeGates;
+  for (ExtremeGates x : {ExtremeGates::resets, ExtremeGates::low_m, ExtremeGates::high_m}) {
+    INFO("gates " << std::string(moxe::test::name(x)));
+    Case cs = shaped(1, 2, 40, 16, 16, 16, true);
+    cs.extreme = x;
+    cs.no_source = x == ExtremeGates::resets;
+    run_case<T>(cs, rng);
+  }
+}
+
 TEST_CASE_TEMPLATE("chunkwise device: segments == reference and == segments one by one", T, float,
                    __nv_bfloat16) {
   const auto seed = moxe::test::fresh_seed();
@@ -574,6 +603,90 @@ TEST_CASE_TEMPLATE("chunkwise device: segments == reference and == segments one 
 
 // float only: with bf16's wider margin around the normaliser's branch switch, inputs this
 // long (1500 steps) nearly always have a step near it (the table logic is the same for all T)
+TEST_CASE_TEMPLATE("chunkwise device: a sequence run as chained calls == the reference run whole", T, float,
+                   __nv_bfloat16) {
+  // truncated BPTT with carried states: each call starts from the final (C, n, m) of the one
+  // before and takes the next one's (dC, dn, dm)_init as its upstream; the calls' pieces put
+  // side by side are checked against the recurrent reference of the whole sequence
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  struct Split {
+    Case cs;
+    std::vector<int64_t> lengths;
+  };
+  const Split splits[] = {
+      {shaped(1, 2, 7, 16, 16, 16, true), {3, 4}},
+      {shaped(2, 1, 40, 16, 32, 16, false), {17, 1, 22}},  // calls across and inside chunks
+  };
+  for (const Split& sp : splits) {
+    Case cs = sp.cs;
+    cs.upstream = true;
+    INFO("B=" << cs.batch << " NH=" << cs.heads << " S=" << cs.seq_len << " calls=" << sp.lengths.size()
+              << " init=" << cs.init_states);
+    const Inputs in = make_inputs<T>(cs, rng);
+    const Reference ref = reference(in);
+    const int64_t slots = in.slots, S = cs.seq_len;
+    auto steps_of = [&](const std::vector<double>& x, int64_t width, int64_t t0, int64_t len) {
+      std::vector<double> out;
+      for (int64_t s = 0; s < slots; ++s)
+        out.insert(out.end(), x.begin() + (s * S + t0) * width, x.begin() + (s * S + t0 + len) * width);
+      return out;
+    };
+    auto place = [&](std::vector<double>& x, const std::vector<double>& part, int64_t width, int64_t t0, int64_t len) {
+      for (int64_t s = 0; s < slots; ++s)
+        std::copy(part.begin() + s * len * width, part.begin() + (s + 1) * len * width,
+                  x.begin() + (s * S + t0) * width);
+    };
+    // the calls' inputs, and their forward in order (the backward of a call needs its
+    // successor's initial-state gradients, so every call runs again below)
+    std::vector<Inputs> parts;
+    std::vector<Results> fwd;
+    int64_t t0 = 0;
+    for (int64_t len : sp.lengths) {
+      Inputs p = in;
+      p.cs.seq_len = len;
+      p.rows = slots * len;
+      p.q = steps_of(in.q, cs.dqk, t0, len);
+      p.k = steps_of(in.k, cs.dqk, t0, len);
+      p.v = steps_of(in.v, cs.dv, t0, len);
+      p.ig = steps_of(in.ig, 1, t0, len);
+      p.fg = steps_of(in.fg, 1, t0, len);
+      p.dh = steps_of(in.dh, cs.dv, t0, len);
+      if (!fwd.empty()) {
+        p.cs.init_states = true;
+        p.c0 = fwd.back().c, p.n0 = fwd.back().n, p.m0 = fwd.back().m;
+      }
+      Device<T> dev(p);
+      fwd.push_back(dev.run());
+      parts.push_back(p);
+      t0 += len;
+    }
+    Results got = ref.exact;  // every field overwritten below
+    got.c = fwd.back().c, got.n = fwd.back().n, got.m = fwd.back().m;
+    for (std::size_t k = parts.size(); k-- > 0;) {
+      Inputs& p = parts[k];
+      int64_t tk = 0;
+      for (std::size_t j = 0; j < k; ++j) tk += sp.lengths[j];
+      const int64_t len = sp.lengths[k];
+      Results g = fwd[k];
+      if (k + 1 < parts.size()) {  // upstream: the next call's initial-state gradients
+        p.dcl = got.dc0, p.dnl = got.dn0, p.dml = got.dm0;
+        Device<T> dev(p);
+        g = dev.run();
+      }
+      place(got.h, g.h, cs.dv, tk, len);
+      place(got.dq, g.dq, cs.dqk, tk, len);
+      place(got.dk, g.dk, cs.dqk, tk, len);
+      place(got.dv, g.dv, cs.dv, tk, len);
+      place(got.di, g.di, 1, tk, len);
+      place(got.df, g.df, 1, tk, len);
+      got.dc0 = g.dc0, got.dn0 = g.dn0, got.dm0 = g.dm0;
+    }
+    check_against_reference<T>(got, ref, cs);
+  }
+}
+
 TEST_CASE("chunkwise device: many segments (the device chunk table near its bound)") {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
@@ -708,6 +821,11 @@ TEST_CASE("chunkwise device: bad input returns a status, launches nothing, write
   p = fp;
   p.num_segments = 2;  // no offsets
   CHECK(fwd(p) == Status::invalid_argument);
+  for (float eps : {0.f, std::nanf("")}) {  // eps = 0: 0 / 0 where n.q = 0 and exp(-m) underflows
+    p = fp;
+    p.eps = eps;
+    CHECK(fwd(p) == Status::invalid_argument);
+  }
   CHECK(mm::chunkwise_forward(fp, ws.get(), fbytes - 1, nullptr) == Status::workspace_too_small);
   CHECK(mm::chunkwise_forward(fp, nullptr, 0, nullptr) == Status::workspace_too_small);
 
@@ -722,6 +840,9 @@ TEST_CASE("chunkwise device: bad input returns a status, launches nothing, write
   CHECK(bwd(b) == Status::invalid_argument);
   b = bp;
   b.fwd.chunk_size = 200;
+  CHECK(bwd(b) == Status::invalid_argument);
+  b = bp;
+  b.fwd.eps = 0.f;
   CHECK(bwd(b) == Status::invalid_argument);
   b = bp;
   b.fwd.dims.dv = 20;

@@ -1,7 +1,9 @@
 // Host tests of the chunkwise mLSTM algorithm (chunkwise_host.hpp, the functors the device
 // runs): forward, final states and the exact backward equal the recurrent reference in
 // double, for chunk sizes 16..128, sequence lengths that are not multiples of the chunk,
-// large gates, initial states, upstream state gradients and variable-length segments.
+// large gates, initial states, upstream state gradients and variable-length segments; and
+// at extreme gates (resets, absent inputs, m far below and above float's range), in double
+// and in float.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -10,6 +12,7 @@
 #include <limits>
 #include <vector>
 
+#include "mlstm_testing.hpp"
 #include "moxe/mlstm/chunkwise_host.hpp"
 #include "moxe/mlstm/reference.hpp"
 #include "test_utils.hpp"
@@ -31,13 +34,35 @@ struct Case {
   double igate_range = 3.0;
   double tol_scale = 1.0;  // large gates: exp() of larger arguments, more rounding to compare
   std::vector<int64_t> offsets;  // empty: no segments
+  moxe::test::ExtremeGates extreme = moxe::test::ExtremeGates::none;  // (without segments)
+  bool no_source = false;  // with resets: positions with igate = fgate = -inf too
 };
 
-struct Data {
+template <class A>
+struct DataOf {
   Case cs;
   int64_t slots = 0;
-  std::vector<double> q, k, v, ig, fg, c0, n0, m0, dh, dcl, dnl, dml;
+  std::vector<A> q, k, v, ig, fg, c0, n0, m0, dh, dcl, dnl, dml;
 };
+using Data = DataOf<double>;
+
+/// The same inputs in float (exactly, when they were drawn on float's grid).
+DataOf<float> in_float(const Data& d) {
+  auto f = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
+  DataOf<float> r;
+  r.cs = d.cs;
+  r.slots = d.slots;
+  r.q = f(d.q), r.k = f(d.k), r.v = f(d.v), r.ig = f(d.ig), r.fg = f(d.fg);
+  r.c0 = f(d.c0), r.n0 = f(d.n0), r.m0 = f(d.m0);
+  r.dh = f(d.dh), r.dcl = f(d.dcl), r.dnl = f(d.dnl), r.dml = f(d.dml);
+  return r;
+}
+
+/// Rounds every input to float's grid (in place), so the float path sees the same numbers.
+void round_to_float(Data& d) {
+  for (auto* v : {&d.q, &d.k, &d.v, &d.ig, &d.fg, &d.c0, &d.n0, &d.m0, &d.dh, &d.dcl, &d.dnl, &d.dml})
+    for (double& x : *v) x = static_cast<double>(static_cast<float>(x));
+}
 
 Data make_data(const Case& cs, moxe::test::Rng& rng) {
   Data d;
@@ -61,11 +86,21 @@ Data make_data(const Case& cs, moxe::test::Rng& rng) {
     d.dnl = moxe::test::normal_vector<double>(rng, d.slots * cs.dqk);
     d.dml = moxe::test::normal_vector<double>(rng, d.slots);
   }
+  if (cs.extreme != moxe::test::ExtremeGates::none) {
+    REQUIRE(cs.offsets.empty());
+    moxe::test::apply_extreme_gates(cs.extreme, rng, cs.batch * cs.heads, cs.seq_len, d.ig, d.fg, cs.no_source);
+    if (cs.extreme == moxe::test::ExtremeGates::high_m) {
+      // m ~ 100: h = num / (|n.qs| + eps); q, k >= 0 keep n.qs away from 0 (well-conditioned)
+      for (auto* v : {&d.q, &d.k})
+        for (double& x : *v) x = std::abs(x);
+    }
+  }
   return d;
 }
 
-mm::ForwardParams<double, double> forward_params(const Data& d) {
-  mm::ForwardParams<double, double> p;
+template <class A>
+mm::ForwardParams<A, A> forward_params(const DataOf<A>& d) {
+  mm::ForwardParams<A, A> p;
   p.dims = mm::Dims{d.cs.batch, d.cs.heads, d.cs.seq_len, d.cs.dqk, d.cs.dv};
   p.q = d.q.data();
   p.k = d.k.data();
@@ -89,37 +124,38 @@ struct ForwardOut {
   std::vector<double> h, c, n, m;
 };
 
-template <class Fn>
-ForwardOut run_forward(const Data& d, Fn fn) {
+/// fn(ForwardParams<A, A>) on the inputs d, outputs poisoned first; returned in double.
+template <class A, class Fn>
+ForwardOut run_forward(const DataOf<A>& d, Fn fn) {
   const int64_t rows = d.cs.batch * d.cs.heads * d.cs.seq_len;
-  ForwardOut o;
-  o.h = moxe::test::poisoned<double>(rows * d.cs.dv);
-  o.c = moxe::test::poisoned<double>(d.slots * d.cs.dqk * d.cs.dv);
-  o.n = moxe::test::poisoned<double>(d.slots * d.cs.dqk);
-  o.m = moxe::test::poisoned<double>(d.slots);
+  std::vector<A> h = moxe::test::poisoned<A>(rows * d.cs.dv);
+  std::vector<A> c = moxe::test::poisoned<A>(d.slots * d.cs.dqk * d.cs.dv);
+  std::vector<A> n = moxe::test::poisoned<A>(d.slots * d.cs.dqk);
+  std::vector<A> m = moxe::test::poisoned<A>(d.slots);
   auto p = forward_params(d);
-  p.h = o.h.data();
-  p.c_last = o.c.data();
-  p.n_last = o.n.data();
-  p.m_last = o.m.data();
+  p.h = h.data();
+  p.c_last = c.data();
+  p.n_last = n.data();
+  p.m_last = m.data();
   REQUIRE(fn(p) == Status::ok);
-  return o;
+  using moxe::test::to_double;
+  return ForwardOut{to_double(h), to_double(c), to_double(n), to_double(m)};
 }
 
 struct BackwardOut {
   std::vector<double> dq, dk, dv, di, df, dc0, dn0, dm0;
 };
 
-template <class Fn>
-BackwardOut run_backward(const Data& d, Fn fn) {
+template <class A, class Fn>
+BackwardOut run_backward(const DataOf<A>& d, Fn fn) {
   const int64_t rows = d.cs.batch * d.cs.heads * d.cs.seq_len;
-  BackwardOut o;
-  o.dq = moxe::test::poisoned<double>(rows * d.cs.dqk);
-  o.dk = moxe::test::poisoned<double>(rows * d.cs.dqk);
-  o.dv = moxe::test::poisoned<double>(rows * d.cs.dv);
-  o.di = moxe::test::poisoned<double>(rows);
-  o.df = moxe::test::poisoned<double>(rows);
-  mm::BackwardParams<double, double> p;
+  DataOf<A> o;  // the gradients, in the input slots of the same names
+  o.q = moxe::test::poisoned<A>(rows * d.cs.dqk);
+  o.k = moxe::test::poisoned<A>(rows * d.cs.dqk);
+  o.v = moxe::test::poisoned<A>(rows * d.cs.dv);
+  o.ig = moxe::test::poisoned<A>(rows);
+  o.fg = moxe::test::poisoned<A>(rows);
+  mm::BackwardParams<A, A> p;
   p.fwd = forward_params(d);
   p.dh = d.dh.data();
   if (d.cs.upstream) {
@@ -127,21 +163,23 @@ BackwardOut run_backward(const Data& d, Fn fn) {
     p.dn_last = d.dnl.data();
     p.dm_last = d.dml.data();
   }
-  p.dq = o.dq.data();
-  p.dk = o.dk.data();
-  p.dv = o.dv.data();
-  p.digate = o.di.data();
-  p.dfgate = o.df.data();
+  p.dq = o.q.data();
+  p.dk = o.k.data();
+  p.dv = o.v.data();
+  p.digate = o.ig.data();
+  p.dfgate = o.fg.data();
   if (d.cs.init_states) {
-    o.dc0 = moxe::test::poisoned<double>(d.slots * d.cs.dqk * d.cs.dv);
-    o.dn0 = moxe::test::poisoned<double>(d.slots * d.cs.dqk);
-    o.dm0 = moxe::test::poisoned<double>(d.slots);
-    p.dc_init = o.dc0.data();
-    p.dn_init = o.dn0.data();
-    p.dm_init = o.dm0.data();
+    o.c0 = moxe::test::poisoned<A>(d.slots * d.cs.dqk * d.cs.dv);
+    o.n0 = moxe::test::poisoned<A>(d.slots * d.cs.dqk);
+    o.m0 = moxe::test::poisoned<A>(d.slots);
+    p.dc_init = o.c0.data();
+    p.dn_init = o.n0.data();
+    p.dm_init = o.m0.data();
   }
   REQUIRE(fn(p) == Status::ok);
-  return o;
+  using moxe::test::to_double;
+  return BackwardOut{to_double(o.q),  to_double(o.k),  to_double(o.v),  to_double(o.ig),
+                     to_double(o.fg), to_double(o.c0), to_double(o.n0), to_double(o.m0)};
 }
 
 double norm(const std::vector<double>& v) {
@@ -194,7 +232,71 @@ void check_case(const Case& cs, moxe::test::Rng& rng) {
   }
 }
 
+/// The chunkwise host path in float (the device's arithmetic for float inputs, fp32 FMAs)
+/// against the recurrent reference in double on the same float inputs: norm-wise within
+/// what float rounding of the definition allows.
+void check_case_float(const Case& cs, moxe::test::Rng& rng) {
+  Data d = make_data(cs, rng);
+  round_to_float(d);
+  const DataOf<float> f = in_float(d);
+  INFO("float: S=" << cs.seq_len << " L=" << cs.chunk_size << " init=" << cs.init_states
+                   << " gates=" << std::string(moxe::test::name(cs.extreme)));
+  const auto ref = run_forward(d, [](const auto& p) { return mm::reference::forward(p); });
+  auto got = run_forward(f, [](const auto& p) { return mm::chunkwise_host::forward(p); });
+  CHECK(rel_error(got.h, ref.h) < 2e-5 * cs.tol_scale);
+  CHECK(rel_error(got.m, ref.m) < 1e-6);
+  // (C, n) are stabilised by m, whose float rounding at |m| ~ 200 is ~1e-5: compare the
+  // memories they stand for, C exp(m), in the reference's scale
+  for (int64_t slot = 0; slot < d.slots; ++slot) {
+    const double shift = std::exp(got.m[slot] - ref.m[slot]);
+    for (int64_t i = 0; i < cs.dqk * cs.dv; ++i) got.c[slot * cs.dqk * cs.dv + i] *= shift;
+    for (int64_t i = 0; i < cs.dqk; ++i) got.n[slot * cs.dqk + i] *= shift;
+  }
+  CHECK(rel_error(got.c, ref.c) < 2e-5 * cs.tol_scale);
+  CHECK(rel_error(got.n, ref.n) < 2e-5 * cs.tol_scale);
+  const auto gref = run_backward(d, [](const auto& p) { return mm::reference::backward(p); });
+  const auto ggot = run_backward(f, [](const auto& p) { return mm::chunkwise_host::backward(p); });
+  const double scale = norm(gref.dq) + norm(gref.dk) + norm(gref.dv) + norm(gref.di) + norm(gref.df);
+  const double tol = 1e-4 * cs.tol_scale;
+  CHECK(grad_error(ggot.dq, gref.dq, scale) < tol);
+  CHECK(grad_error(ggot.dk, gref.dk, scale) < tol);
+  CHECK(grad_error(ggot.dv, gref.dv, scale) < tol);
+  CHECK(grad_error(ggot.di, gref.di, scale) < tol);
+  CHECK(grad_error(ggot.df, gref.df, scale) < tol);
+  if (cs.init_states) {
+    CHECK(grad_error(ggot.dc0, gref.dc0, scale) < tol);
+    CHECK(grad_error(ggot.dn0, gref.dn0, scale) < tol);
+    CHECK(grad_error(ggot.dm0, gref.dm0, scale) < tol);
+  }
+}
+
 }  // namespace
+
+TEST_CASE("chunkwise host == reference at extreme gates: resets, no input, m far below / above float's range") {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  using moxe::test::ExtremeGates;
+  for (ExtremeGates x : {ExtremeGates::resets, ExtremeGates::low_m, ExtremeGates::high_m}) {
+    for (int chunk : {16, 32}) {
+      for (bool no_source : {false, true}) {
+        if (no_source && x != ExtremeGates::resets) continue;
+        CAPTURE(no_source);
+        Case cs;
+        cs.seq_len = 75;  // a partial last chunk
+        cs.chunk_size = chunk;
+        cs.batch = 2;
+        cs.init_states = true;
+        cs.upstream = true;
+        cs.extreme = x;
+        cs.no_source = no_source;
+        check_case(cs, rng);
+        check_case<false>(cs, rng);
+        check_case_float(cs, rng);
+      }
+    }
+  }
+}
 
 TEST_CASE("chunkwise host == recurrent reference: chunk sizes x sequence lengths") {
   const auto seed = moxe::test::fresh_seed();
@@ -411,6 +513,11 @@ TEST_CASE("chunkwise host: bad input returns a status and writes nothing") {
   auto bad = p;
   bad.q = nullptr;
   CHECK(mm::chunkwise_host::forward(bad) == Status::invalid_argument);
+  for (double eps : {0.0, std::nan("")}) {  // eps = 0: 0 / 0 where n.q = 0 and exp(-m) underflows
+    bad = p;
+    bad.eps = eps;
+    CHECK(mm::chunkwise_host::forward(bad) == Status::invalid_argument);
+  }
   std::vector<double> partial(cs.heads * cs.dqk * cs.dv, 0.0);
   bad = p;
   bad.c_init = partial.data();

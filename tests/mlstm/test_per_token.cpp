@@ -1,10 +1,12 @@
 // Host tests of the per-token mLSTM (every position a length-1 sequence from the zero
 // state): its closed form against the recurrent reference at seq_len 1, forward and
-// backward, both branches of the stabiliser and of the normaliser, and its checks.
+// backward, both branches of the stabiliser and of the normaliser, extreme gates (also in
+// float against double), and its checks.
 #include <doctest/doctest.h>
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "mlstm_testing.hpp"
@@ -78,14 +80,20 @@ struct Grads {
 }  // namespace
 
 TEST_CASE("per-token mLSTM equals the recurrence at seq_len 1, forward and backward") {
-  mt::Rng rng(mt::fresh_seed());
+  const auto seed = mt::fresh_seed();
+  INFO("seed " << seed);
+  mt::Rng rng(seed);
   const Case cases[] = {{1, 1, 1, 1, 1}, {2, 3, 5, 16, 16}, {3, 2, 4, 33, 40}, {1, 4, 7, 3, 5}, {2, 1, 9, 128, 64}};
   for (const Case& c : cases) {
     CAPTURE(c.rows());
     CAPTURE(c.dqk);
     CAPTURE(c.dv);
-    for (double qk_scale : {0.0, 0.3}) {
+    for (int variant = 0; variant < 3; ++variant) {
+      const double qk_scale = variant == 1 ? 0.3 : 0.0;
+      const bool extreme = variant == 2;
+      CAPTURE(extreme);
       Data d = draw(rng, c);
+      if (extreme) mt::apply_extreme_rows(rng, d.ig, d.fg);
       std::vector<double> h = mt::poisoned<double>(c.rows() * c.dv), h_ref(h.size());
       auto p = params(c, d, h);
       p.qk_scale = qk_scale;
@@ -110,6 +118,54 @@ TEST_CASE("per-token mLSTM equals the recurrence at seq_len 1, forward and backw
       // dfgate: a difference of terms the size of digate (mt::dfgate_error)
       CHECK(mt::dfgate_error(g.df, g_ref.df, g_ref.di) < 1e-9);
     }
+  }
+}
+
+TEST_CASE("per-token mLSTM in float at extreme gates: finite, and equal to double to rounding") {
+  const auto seed = mt::fresh_seed();
+  INFO("seed " << seed);
+  mt::Rng rng(seed);
+  const Case c{2, 3, 14, 24, 20};
+  Data d = draw(rng, c);
+  // q of ordinary size on every row: at m ~ 100 a tiny q (draw()'s every third row) takes
+  // the |n.q| branch with n.q ~ 1e-4 ~ 100 eps, where the float rounding of the dot
+  // product itself, not the cell, sets the error of the large eps / den^2 gradient
+  d.q = mt::normal_vector<double>(rng, c.rows() * c.dqk);
+  mt::apply_extreme_rows(rng, d.ig, d.fg);
+  for (auto* v : {&d.q, &d.k, &d.v, &d.ig, &d.fg, &d.dh})
+    for (double& x : *v) x = double(float(x));
+  std::vector<double> h = mt::poisoned<double>(c.rows() * c.dv);
+  const auto p = params(c, d, h);
+  REQUIRE(mlstm::reference::per_token_forward(p) == Status::ok);
+  Grads g(c);
+  REQUIRE(mlstm::reference::per_token_backward(g.params(p, d)) == Status::ok);
+
+  auto f32 = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
+  const auto q = f32(d.q), k = f32(d.k), v = f32(d.v), ig = f32(d.ig), fg = f32(d.fg), dh = f32(d.dh);
+  std::vector<float> hf = mt::poisoned<float>(h.size()), dq = mt::poisoned<float>(g.dq.size()),
+                     dk = mt::poisoned<float>(g.dk.size()), dv = mt::poisoned<float>(g.dv.size()),
+                     di = mt::poisoned<float>(g.di.size()), df = mt::poisoned<float>(g.df.size());
+  mlstm::ForwardParams<float, float> pf{};
+  pf.dims = p.dims;
+  pf.q = q.data(), pf.k = k.data(), pf.v = v.data(), pf.igate = ig.data(), pf.fgate = fg.data(), pf.h = hf.data();
+  REQUIRE(mlstm::reference::per_token_forward(pf) == Status::ok);
+  mlstm::BackwardParams<float, float> bf{};
+  bf.fwd = pf;
+  bf.dh = dh.data();
+  bf.dq = dq.data(), bf.dk = dk.data(), bf.dv = dv.data(), bf.digate = di.data(), bf.dfgate = df.data();
+  REQUIRE(mlstm::reference::per_token_backward(bf) == Status::ok);
+  for (const auto* x : {&hf, &dq, &dk, &dv, &di, &df}) CHECK(mt::all_finite(*x));
+  CHECK(mt::rel_error(hf, h) < 1e-5);
+  CHECK(mt::rel_error(dq, g.dq) < 1e-5);
+  CHECK(mt::rel_error(dk, g.dk) < 1e-5);
+  CHECK(mt::rel_error(dv, g.dv) < 1e-5);
+  CHECK(mt::rel_error(di, g.di) < 1e-5);
+  CHECK(mt::dfgate_error(mt::to_double(df), g.df, g.di) < 1e-5);
+  // the limits at infinite gates: the derivative of a gate at +-inf is 0
+  for (int64_t r = 0; r < c.rows(); ++r) {
+    CAPTURE(r);
+    if (std::isinf(d.fg[r])) CHECK(df[r] == 0.f);
+    if (std::isinf(d.ig[r])) CHECK(di[r] == 0.f);
   }
 }
 
@@ -163,6 +219,11 @@ TEST_CASE("per-token mLSTM rejects states and segments, and bad arguments, writi
   auto bad_dims = p;
   bad_dims.dims.dqk = 0;
   CHECK(mlstm::reference::per_token_forward(bad_dims) == Status::invalid_argument);
+  for (double eps : {0.0, -1e-6, std::nan(""), std::numeric_limits<double>::infinity()}) {
+    auto bad_eps = p;
+    bad_eps.eps = eps;
+    CHECK(mlstm::reference::per_token_forward(bad_eps) == Status::invalid_argument);
+  }
   check_untouched();
 
   Grads g(c);
@@ -174,5 +235,8 @@ TEST_CASE("per-token mLSTM rejects states and segments, and bad arguments, writi
   auto b2 = g.params(p, d);
   b2.dq = nullptr;
   CHECK(mlstm::reference::per_token_backward(b2) == Status::invalid_argument);
+  auto b3 = g.params(p, d);
+  b3.fwd.eps = 0.0;
+  CHECK(mlstm::reference::per_token_backward(b3) == Status::invalid_argument);
   for (double x : g.dv) CHECK(std::isnan(x));
 }

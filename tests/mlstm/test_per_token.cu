@@ -1,6 +1,7 @@
 // Device tests of moxe::mlstm::per_token_forward / per_token_backward: against the host
 // implementation in double (inputs rounded through T) at head dims below, at and above a
-// warp, size 1 included; poisoned outputs; determinism; bad arguments launch nothing.
+// warp, size 1 included; extreme gates; poisoned outputs; determinism; bad arguments launch
+// nothing.
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -36,7 +37,8 @@ struct DeviceCase {
   std::vector<double> q, k, v, ig, fg, dh;  // rounded through T
   mt::DeviceBuffer<T> dq_in, dk_in, dv_in, dig_in, dfg_in, ddh_in, h, dq, dk, dv, di, df;
 
-  DeviceCase(mt::Rng& rng, const Case& cs)
+  /// extreme: gates at the edges of the domain (mt::apply_extreme_rows) on most rows
+  DeviceCase(mt::Rng& rng, const Case& cs, bool extreme = false)
       : c(cs),
         q(mt::round_through<T>(mt::normal_vector<double>(rng, cs.rows() * cs.dqk))),
         k(mt::round_through<T>(mt::normal_vector<double>(rng, cs.rows() * cs.dqk))),
@@ -56,6 +58,13 @@ struct DeviceCase {
         dv(cs.rows() * cs.dv),
         di(cs.rows()),
         df(cs.rows()) {
+    if (extreme) {
+      mt::apply_extreme_rows(rng, ig, fg);
+      ig = mt::round_through<T>(ig);
+      fg = mt::round_through<T>(fg);
+      dig_in.upload(mt::convert_to<T>(ig));
+      dfg_in.upload(mt::convert_to<T>(fg));
+    }
     poison();
   }
   void poison() {
@@ -86,11 +95,12 @@ struct DeviceCase {
 };
 
 template <class T>
-void check_case(mt::Rng& rng, const Case& cs) {
+void check_case(mt::Rng& rng, const Case& cs, bool extreme = false) {
   CAPTURE(cs.rows());
   CAPTURE(cs.dqk);
   CAPTURE(cs.dv);
-  DeviceCase<T> d(rng, cs);
+  CAPTURE(extreme);
+  DeviceCase<T> d(rng, cs, extreme);
   REQUIRE(mlstm::per_token_forward(d.fwd(), nullptr, 0, nullptr) == Status::ok);
   REQUIRE(mlstm::per_token_backward(d.bwd(), nullptr, 0, nullptr) == Status::ok);
 
@@ -124,6 +134,13 @@ void check_case(mt::Rng& rng, const Case& cs) {
   CHECK(mt::rel_error(mt::convert_to_double(d.di.download()), di) < tol);
   // dfgate: a difference of terms the size of digate (mt::dfgate_error)
   CHECK(mt::dfgate_error(mt::convert_to_double(d.df.download()), df, di) < tol);
+  if (extreme) {  // the derivative of a gate at +-inf is 0 (the limit)
+    const auto got_di = mt::convert_to_double(d.di.download()), got_df = mt::convert_to_double(d.df.download());
+    for (int64_t r = 0; r < cs.rows(); ++r) {
+      if (std::isinf(d.fg[r])) CHECK(got_df[r] == 0.0);
+      if (std::isinf(d.ig[r])) CHECK(got_di[r] == 0.0);
+    }
+  }
 }
 
 }  // namespace
@@ -134,6 +151,15 @@ TEST_CASE_TEMPLATE("per-token mLSTM on the device matches the host implementatio
   const Case cases[] = {{1, 1, 1, 1, 1}, {2, 3, 5, 16, 16}, {3, 2, 7, 33, 40}, {1, 1, 1000, 128, 128},
                         {5, 4, 3, 256, 96}, {4096, 8, 1, 128, 128}};
   for (const Case& c : cases) check_case<T>(rng, c);
+}
+
+TEST_CASE_TEMPLATE("per-token mLSTM on the device at extreme gates (exp(-m) beyond float's range, infinite gates)",
+                   T, float, __half, __nv_bfloat16) {
+  const auto seed = mt::fresh_seed();
+  INFO("seed " << seed);
+  mt::Rng rng(seed);
+  const Case cases[] = {{1, 1, 14, 1, 1}, {2, 3, 7, 16, 16}, {1, 2, 35, 40, 33}};
+  for (const Case& c : cases) check_case<T>(rng, c, /*extreme=*/true);
 }
 
 TEST_CASE("per-token mLSTM on the device: two runs give the same bits") {

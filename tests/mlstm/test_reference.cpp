@@ -1,6 +1,7 @@
 // Host tests of the mLSTM reference: forward against a naive loop written from the
 // definition, backward against central finite differences (double) for every input,
-// variable-length segments, the decoding step, and input validation.
+// variable-length segments, the decoding step, extreme gates (infinite, and m far outside
+// float's range: finite differences in double, float against double), and input validation.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -116,6 +117,7 @@ Outputs run_forward(const Problem& p) {
 /// which side of max(|n.qs|, exp(-m)) each step took.
 struct Naive {
   Outputs out;
+  std::vector<double> m_row;  // m after each row's step
   int dot_branch = 0, floor_branch = 0;
   double min_den = std::numeric_limits<double>::infinity();  // smallest max(|n.qs|, exp(-m))
   double min_kink = std::numeric_limits<double>::infinity();  // closest approach to a max tie
@@ -152,6 +154,8 @@ Naive naive_forward(const Problem& p) {
           C[a * DV + j] = fs * C[a * DV + j] + is * p.k[t * DQK + a] * p.v[t * DV + j];
       }
       m = m_new;
+      r.m_row.resize(p.tokens());
+      r.m_row[t] = m;
       double dot = 0.0;
       for (int64_t a = 0; a < DQK; ++a) dot += n[a] * p.q[t * DQK + a] * scale;
       const double floor = std::exp(-m);
@@ -381,6 +385,202 @@ TEST_CASE("mlstm reference in float follows the double one") {
   CHECK(moxe::test::rel_error(dm0, g.dm0) < 1e-4);
 }
 
+namespace {
+
+std::vector<float> f32(const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); }
+
+/// The errors of the reference evaluated in float against the reference in double, on the
+/// same (float-representable) inputs: forward outputs and every gradient.
+struct FloatErrors {
+  double h, c, n, m, dq, dk, dv, di, df, dc0, dn0, dm0;
+  bool finite;
+};
+
+FloatErrors float_vs_double(const Problem& p, const Cotangents& ct) {
+  const Outputs ref = run_forward(p);
+  const Grads g = run_backward(p, ct);
+  const auto q = f32(p.q), k = f32(p.k), v = f32(p.v), ig = f32(p.igate), fg = f32(p.fgate);
+  const auto c0 = f32(p.c0), n0 = f32(p.n0), m0 = f32(p.m0);
+  std::vector<float> h(ref.h.size()), c(ref.c.size()), n(ref.n.size()), m(ref.m.size());
+  mlstm::ForwardParams<float> f;
+  f.dims = p.dims;
+  f.q = q.data(); f.k = k.data(); f.v = v.data(); f.igate = ig.data(); f.fgate = fg.data();
+  if (p.with_init) {
+    f.c_init = c0.data(); f.n_init = n0.data(); f.m_init = m0.data();
+  }
+  f.h = h.data(); f.c_last = c.data(); f.n_last = n.data(); f.m_last = m.data();
+  REQUIRE(mlstm::reference::forward(f) == Status::ok);
+  const auto dh = f32(ct.dh), dcl = f32(ct.dc), dnl = f32(ct.dn), dml = f32(ct.dm);
+  std::vector<float> dq(q.size()), dk(k.size()), dv(v.size()), di(ig.size()), df(fg.size());
+  std::vector<float> dc0(c0.size()), dn0(n0.size()), dm0(m0.size());
+  mlstm::BackwardParams<float> b;
+  b.fwd = f;
+  b.dh = dh.data();
+  b.dc_last = dcl.data(); b.dn_last = dnl.data(); b.dm_last = dml.data();
+  b.dq = dq.data(); b.dk = dk.data(); b.dv = dv.data(); b.digate = di.data(); b.dfgate = df.data();
+  if (p.with_init) {
+    b.dc_init = dc0.data(); b.dn_init = dn0.data(); b.dm_init = dm0.data();
+  }
+  REQUIRE(mlstm::reference::backward(b) == Status::ok);
+  using moxe::test::rel_error;
+  FloatErrors e;
+  e.h = rel_error(h, ref.h);
+  e.c = rel_error(c, ref.c);
+  e.n = rel_error(n, ref.n);
+  e.m = rel_error(m, ref.m);
+  e.dq = rel_error(dq, g.dq);
+  e.dk = rel_error(dk, g.dk);
+  e.dv = rel_error(dv, g.dv);
+  e.di = rel_error(di, g.di);
+  e.df = moxe::test::dfgate_error(moxe::test::to_double(df), g.df, g.di);
+  e.dc0 = p.with_init ? rel_error(dc0, g.dc0) : 0.0;
+  e.dn0 = p.with_init ? rel_error(dn0, g.dn0) : 0.0;
+  e.dm0 = p.with_init ? rel_error(dm0, g.dm0) : 0.0;
+  e.finite = moxe::test::all_finite(h) && moxe::test::all_finite(c) && moxe::test::all_finite(n) &&
+             moxe::test::all_finite(dq) && moxe::test::all_finite(dk) && moxe::test::all_finite(dv) &&
+             moxe::test::all_finite(di) && moxe::test::all_finite(df) && moxe::test::all_finite(dc0) &&
+             moxe::test::all_finite(dn0) && moxe::test::all_finite(dm0);
+  return e;
+}
+
+/// Multiplies each row of dh by max(1, exp(-m)) of its step, so that every row's h (of size
+/// exp(m) on the floor branch) weighs ~1 in the loss, tiny as it may be.
+void scale_dh_by_floor(Cotangents& ct, const Problem& p) {
+  const Naive n = naive_forward(p);
+  for (std::size_t row = 0; row < p.tokens(); ++row)
+    for (int64_t j = 0; j < p.dims.dv; ++j) ct.dh[row * p.dims.dv + j] *= std::max(1.0, std::exp(-n.m_row[row]));
+}
+
+/// A problem whose gates follow `x` (moxe::test::apply_extreme_gates) on every slot. With
+/// m ~ 100 the normaliser is |n.qs|: q and k positive keep it away from 0.
+Problem extreme_problem(Rng& rng, mlstm::Dims dims, bool with_init, moxe::test::ExtremeGates x) {
+  Ranges r;
+  if (x == moxe::test::ExtremeGates::high_m) r.q_lo = r.k_lo = 0.2;
+  Problem p = make_problem(rng, dims, with_init, r);
+  moxe::test::apply_extreme_gates(x, rng, dims.batch * dims.heads, dims.seq_len, p.igate, p.fgate);
+  return p;
+}
+
+}  // namespace
+
+TEST_CASE("mlstm reference at extreme gates equals finite differences (double)") {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  Rng rng(seed);
+  using moxe::test::ExtremeGates;
+  for (ExtremeGates x : {ExtremeGates::resets, ExtremeGates::low_m, ExtremeGates::high_m}) {
+    for (bool init : {false, true}) {
+      INFO("gates " << std::string(moxe::test::name(x)) << " init " << init);
+      Problem p = well_conditioned([&] { return extreme_problem(rng, {1, 2, 40, 3, 4}, init, x); });
+      const Naive n = naive_forward(p);
+      if (x == ExtremeGates::low_m) CHECK(*std::min_element(n.m_row.begin(), n.m_row.end()) < -100.0);
+      if (x == ExtremeGates::high_m) CHECK(*std::max_element(n.m_row.begin(), n.m_row.end()) > 95.0);
+      CHECK(moxe::test::rel_error(run_forward(p).h, n.out.h) < 1e-11);
+      Cotangents ct = make_cotangents(rng, p);
+      scale_dh_by_floor(ct, p);  // the rows of tiny h count too
+      check_gradients(p, ct);
+    }
+  }
+}
+
+TEST_CASE("mlstm reference: fgate = -inf is the hard reset of a very negative fgate") {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  Rng rng(seed);
+  Problem p = extreme_problem(rng, {1, 2, 40, 3, 4}, true, moxe::test::ExtremeGates::resets);
+  Problem finite = p;  // -inf -> -800: sigmoid(-800) underflows, the same recurrence
+  for (double& f : finite.fgate)
+    if (f == -std::numeric_limits<double>::infinity()) f = -800.0;
+  for (double& i : finite.igate)
+    if (i == -std::numeric_limits<double>::infinity()) i = -1e4;
+  for (double& f : finite.fgate)
+    if (f == std::numeric_limits<double>::infinity()) f = 800.0;
+  const Outputs a = run_forward(p), b = run_forward(finite);
+  CHECK(a.h == b.h);
+  CHECK(a.c == b.c);
+  CHECK(a.m == b.m);
+  const Cotangents ct = make_cotangents(rng, p);
+  const Grads ga = run_backward(p, ct), gb = run_backward(finite, ct);
+  CHECK(ga.dq == gb.dq);
+  CHECK(ga.dk == gb.dk);
+  CHECK(ga.di == gb.di);
+  CHECK(ga.df == gb.df);
+  CHECK(ga.dm0 == gb.dm0);
+  for (std::size_t r = 0; r < p.fgate.size(); ++r) {
+    CAPTURE(r);
+    // the limits: the gradient of a reset (or of no decay) vanishes like exp(-|f|), that of
+    // an absent input like exp(i)
+    if (std::abs(p.fgate[r]) >= 1e30) CHECK(ga.df[r] == 0.0);
+    if (std::isinf(p.igate[r])) CHECK(ga.di[r] == 0.0);
+  }
+}
+
+TEST_CASE("mlstm reference: a step with no source (igate = fgate = -inf) gives the zero state") {
+  Rng rng(moxe::test::fresh_seed());
+  const double inf = std::numeric_limits<double>::infinity();
+  // two steps, the second without a source: C, n = 0, m = -inf, h = 0
+  Problem p = make_problem(rng, {1, 2, 2, 3, 4}, true);
+  for (int64_t head = 0; head < 2; ++head) {
+    p.igate[head * 2 + 1] = -inf;
+    p.fgate[head * 2 + 1] = -inf;
+  }
+  const Outputs o = run_forward(p);
+  for (double x : o.c) CHECK(x == 0.0);
+  for (double x : o.n) CHECK(x == 0.0);
+  for (double x : o.m) CHECK(x == -inf);
+  for (int64_t head = 0; head < 2; ++head)
+    for (int64_t j = 0; j < 4; ++j) CHECK(o.h[(head * 2 + 1) * 4 + j] == 0.0);
+  // a sequence that starts so (the initial states forgotten) and goes on
+  Problem q = make_problem(rng, {1, 2, 5, 3, 4}, true);
+  for (int64_t head = 0; head < 2; ++head) {
+    q.igate[head * 5] = -inf;
+    q.fgate[head * 5] = -inf;
+  }
+  const Outputs full = run_forward(q);
+  CHECK(moxe::test::all_finite(full.h));
+  CHECK(moxe::test::all_finite(full.c));
+  const Grads g = run_backward(q, make_cotangents(rng, q));
+  for (const auto* v : {&g.dq, &g.dk, &g.dv, &g.di, &g.df, &g.dm0}) CHECK(moxe::test::all_finite(*v));
+  CHECK(g.dc0 == std::vector<double>(g.dc0.size(), 0.0));  // nothing of C_0 survives
+  CHECK(g.dn0 == std::vector<double>(g.dn0.size(), 0.0));
+}
+
+TEST_CASE("mlstm reference in float at extreme gates follows the double one") {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  Rng rng(seed);
+  using moxe::test::ExtremeGates;
+  for (ExtremeGates x : {ExtremeGates::resets, ExtremeGates::low_m, ExtremeGates::high_m}) {
+    INFO("gates " << std::string(moxe::test::name(x)));
+    Problem p = well_conditioned([&] { return extreme_problem(rng, {2, 2, 60, 8, 8}, true, x); });
+    for (auto* v : {&p.q, &p.k, &p.v, &p.igate, &p.fgate, &p.c0, &p.n0, &p.m0})
+      for (double& e : *v) e = double(float(e));
+    const Cotangents ct = make_cotangents(rng, p);
+    const FloatErrors e = float_vs_double(p, ct);
+    CHECK(e.finite);
+    // low_m: h is exp(m) small (subnormal, then 0, in float): norm-wise the rows of ordinary
+    // m carry it. high_m: m ~ 100 has a float ulp of 8e-6, each decay step rounds by that.
+    const double fwd_tol = x == ExtremeGates::high_m ? 1e-4 : 1e-5;
+    CHECK(e.h < fwd_tol);
+    CHECK(e.c < fwd_tol);
+    CHECK(e.n < fwd_tol);
+    CHECK(e.m < 1e-6);
+    for (double err : {e.dq, e.dk, e.dv, e.di, e.df, e.dc0, e.dn0, e.dm0}) CHECK(err < 1e-4);
+  }
+  INFO("exp(-m) near float's limit, dh scaled so that every row's h counts");
+  Problem p = well_conditioned([&] { return make_problem(rng, {1, 2, 9, 8, 8}, true); });
+  for (double& m : p.m0) m = double(float(rng.uniform(-81.0, -79.0)));  // exp(-m) ~ 1e35
+  for (double& i : p.igate) i = double(float(i - 80.0));
+  for (auto* v : {&p.q, &p.k, &p.v, &p.fgate, &p.c0, &p.n0}) for (double& e : *v) e = double(float(e));
+  Cotangents ct = make_cotangents(rng, p);
+  scale_dh_by_floor(ct, p);
+  for (double& x : ct.dh) x = double(float(x));
+  const FloatErrors e = float_vs_double(p, ct);
+  CHECK(e.finite);
+  for (double err : {e.h, e.c, e.n, e.m}) CHECK(err < 1e-5);
+  for (double err : {e.dq, e.dk, e.dv, e.di, e.df, e.dc0, e.dn0, e.dm0}) CHECK(err < 1e-4);
+}
+
 TEST_CASE("mlstm reference backward equals finite differences for every input") {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
@@ -477,6 +677,112 @@ TEST_CASE("mlstm reference: a tie in the stabiliser sends the gradient to the de
   const Grads g = run_backward(p, ct);
   CHECK(g.di[0] == 0.0);
   CHECK(g.df[0] == doctest::Approx(moxe::math::logsigmoid_grad(0.0)));
+}
+
+namespace {
+
+/// Steps [t0, t0 + len) of every (batch, head) sequence of a [B*NH, S, width] tensor.
+std::vector<double> steps_of(const std::vector<double>& x, int64_t slots, int64_t S, int64_t width, int64_t t0,
+                             int64_t len) {
+  std::vector<double> part;
+  for (int64_t s = 0; s < slots; ++s)
+    part.insert(part.end(), x.begin() + (s * S + t0) * width, x.begin() + (s * S + t0 + len) * width);
+  return part;
+}
+
+/// The inverse of steps_of: `part` written back into x.
+void place_steps(std::vector<double>& x, const std::vector<double>& part, int64_t slots, int64_t S, int64_t width,
+                 int64_t t0, int64_t len) {
+  for (int64_t s = 0; s < slots; ++s)
+    std::copy(part.begin() + s * len * width, part.begin() + (s + 1) * len * width, x.begin() + (s * S + t0) * width);
+}
+
+}  // namespace
+
+TEST_CASE("mlstm reference: a sequence run as chained calls equals it run whole") {
+  // truncated BPTT with carried states: each call starts from the final (C, n, m) of the
+  // one before, and takes the next one's (dC, dn, dm)_init as its upstream; random upstream
+  // gradients of the final states
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  Rng rng(seed);
+  Ranges big_gates;
+  big_gates.gate = 8.0;
+  const std::vector<std::vector<int64_t>> splits = {{3, 3}, {1, 5}, {2, 2, 2}, {5, 1}};
+  for (const auto& lengths : splits) {
+    for (bool init : {false, true}) {
+      for (const Ranges& r : {Ranges{}, big_gates}) {
+        CAPTURE(lengths.size());
+        CAPTURE(lengths[0]);
+        CAPTURE(init);
+        CAPTURE(r.gate);
+        const mlstm::Dims dims{2, 2, 6, 3, 4};
+        const int64_t slots = dims.batch * dims.heads, S = dims.seq_len;
+        const Problem p = make_problem(rng, dims, init, r);
+        const Cotangents ct = make_cotangents(rng, p);
+        const Outputs whole = run_forward(p);
+        const Grads gwhole = run_backward(p, ct);
+
+        std::vector<Problem> parts;
+        std::vector<Outputs> outs;
+        int64_t t0 = 0;
+        for (int64_t len : lengths) {
+          Problem q = p;
+          q.dims.seq_len = len;
+          q.q = steps_of(p.q, slots, S, dims.dqk, t0, len);
+          q.k = steps_of(p.k, slots, S, dims.dqk, t0, len);
+          q.v = steps_of(p.v, slots, S, dims.dv, t0, len);
+          q.igate = steps_of(p.igate, slots, S, 1, t0, len);
+          q.fgate = steps_of(p.fgate, slots, S, 1, t0, len);
+          if (!outs.empty()) {
+            q.with_init = true;
+            q.c0 = outs.back().c, q.n0 = outs.back().n, q.m0 = outs.back().m;
+          }
+          parts.push_back(q);
+          outs.push_back(run_forward(q));
+          t0 += len;
+        }
+        std::vector<double> h(whole.h.size());
+        for (std::size_t k = 0, t = 0; k < parts.size(); t += std::size_t(lengths[k]), ++k)
+          place_steps(h, outs[k].h, slots, S, dims.dv, int64_t(t), lengths[k]);
+        CHECK(moxe::test::rel_error(h, whole.h) < 1e-13);
+        CHECK(moxe::test::rel_error(outs.back().c, whole.c) < 1e-13);
+        CHECK(moxe::test::rel_error(outs.back().n, whole.n) < 1e-13);
+        CHECK(moxe::test::rel_error(outs.back().m, whole.m) < 1e-13);
+
+        Grads chained = gwhole;  // every entry overwritten below
+        Grads next;
+        for (std::size_t k = parts.size(); k-- > 0;) {
+          const int64_t len = lengths[k];
+          int64_t tk = 0;
+          for (std::size_t j = 0; j < k; ++j) tk += lengths[j];
+          Cotangents ck;
+          ck.dh = steps_of(ct.dh, slots, S, dims.dv, tk, len);
+          if (k + 1 == parts.size()) {
+            ck.dc = ct.dc, ck.dn = ct.dn, ck.dm = ct.dm;
+          } else {
+            ck.dc = next.dc0, ck.dn = next.dn0, ck.dm = next.dm0;
+          }
+          next = run_backward(parts[k], ck);
+          place_steps(chained.dq, next.dq, slots, S, dims.dqk, tk, len);
+          place_steps(chained.dk, next.dk, slots, S, dims.dqk, tk, len);
+          place_steps(chained.dv, next.dv, slots, S, dims.dv, tk, len);
+          place_steps(chained.di, next.di, slots, S, 1, tk, len);
+          place_steps(chained.df, next.df, slots, S, 1, tk, len);
+        }
+        CHECK(moxe::test::rel_error(chained.dq, gwhole.dq) < 1e-12);
+        CHECK(moxe::test::rel_error(chained.dk, gwhole.dk) < 1e-12);
+        CHECK(moxe::test::rel_error(chained.dv, gwhole.dv) < 1e-12);
+        CHECK(moxe::test::rel_error(chained.di, gwhole.di) < 1e-12);
+        CHECK(moxe::test::rel_error(chained.df, gwhole.df) < 1e-12);
+        if (init) {
+          CHECK(moxe::test::rel_error(next.dc0, gwhole.dc0) < 1e-12);
+          CHECK(moxe::test::rel_error(next.dn0, gwhole.dn0) < 1e-12);
+          CHECK(moxe::test::rel_error(next.dm0, gwhole.dm0) < 1e-12);
+        }
+      }
+    }
+  }
 }
 
 TEST_CASE("mlstm reference varlen segments equal each segment run alone") {
@@ -638,6 +944,10 @@ TEST_CASE("mlstm reference rejects bad input and writes nothing") {
   expect_forward_rejected([](FP& f, Off&) { f.n_init = nullptr; });  // not all or none
   expect_forward_rejected([](FP& f, Off&) { f.m_last = nullptr; });
   expect_forward_rejected([](FP& f, Off&) { f.eps = -1.0; });
+  expect_forward_rejected([](FP& f, Off&) { f.eps = 0.0; });  // 0 / 0 where n.q = 0 and exp(-m) underflows
+  expect_forward_rejected([](FP& f, Off&) { f.eps = std::nan(""); });
+  expect_forward_rejected([](FP& f, Off&) { f.eps = std::numeric_limits<double>::infinity(); });
+  expect_forward_rejected([](FP& f, Off&) { f.qk_scale = std::nan(""); });
   expect_forward_rejected([](FP& f, Off& o) { o[0] = 1; });          // must start at 0
   expect_forward_rejected([](FP& f, Off& o) { o = {0, 4, 3}; f.segment_offsets = o.data(); });
   expect_forward_rejected([](FP& f, Off& o) { o[2] = 4; });          // must end at S
@@ -675,6 +985,8 @@ TEST_CASE("mlstm reference rejects bad input and writes nothing") {
     b.fwd.n_init = nullptr;
     b.fwd.m_init = nullptr;
   });
+  expect_backward_rejected([](BP& b, Off&) { b.fwd.eps = 0.0; });
+  expect_backward_rejected([](BP& b, Off&) { b.fwd.eps = std::nan(""); });
   expect_backward_rejected([](BP& b, Off& o) { o[1] = 6; });
   expect_backward_rejected([](BP& b, Off& o) { o[2] = 6; });
 
@@ -698,6 +1010,8 @@ TEST_CASE("mlstm reference rejects bad input and writes nothing") {
   expect_step_rejected([](SP& b) { b.v = nullptr; });
   expect_step_rejected([](SP& b) { b.heads = 0; });
   expect_step_rejected([](SP& b) { b.qk_scale = -1; });
+  expect_step_rejected([](SP& b) { b.eps = 0.0; });
+  expect_step_rejected([](SP& b) { b.eps = std::nan(""); });
   CHECK(mlstm::reference::step(s) == Status::ok);
   CHECK(moxe::test::all_finite(h));
 }

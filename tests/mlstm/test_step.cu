@@ -1,8 +1,9 @@
 // Device tests of moxe::mlstm::step: against reference::step in double (inputs rounded
-// through T), over several consecutive steps, poisoned outputs, determinism, graph capture,
-// and input validation.
+// through T), over several consecutive steps, at extreme gates and states, poisoned outputs,
+// determinism, graph capture, and input validation.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -104,6 +105,65 @@ TEST_CASE_TEMPLATE("mlstm step matches the reference over consecutive steps", T,
   }
 }
 
+TEST_CASE_TEMPLATE("mlstm step at extreme gates and states matches the reference", T, float, __nv_bfloat16) {
+  // states with exp(-m) beyond float's range (m ~ -100), ordinary, and below it (m ~ 100);
+  // gates with resets, absent inputs, no decay, igate ~ 100 and no source at all
+  // (moxe::test::apply_extreme_rows), the pattern moved by a slot every step
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  const Shape s{2, 7, 16, 32};
+  constexpr double kMUlp = 0x1p-17;  // float's ulp in [64, 128)
+  std::vector<double> c = moxe::test::uniform_vector<double>(rng, s.slots() * s.dqk * s.dv);
+  std::vector<double> n = moxe::test::uniform_vector<double>(rng, s.slots() * s.dqk);
+  std::vector<double> m(s.slots());
+  for (int64_t slot = 0; slot < s.slots(); ++slot) {
+    const double centre = slot % 3 == 0 ? -100.0 : slot % 3 == 1 ? 0.0 : 100.0;
+    m[slot] = rng.uniform(centre - 1.0, centre + 1.0);
+  }
+  c = moxe::test::to_double(to_float_vector(c));
+  n = moxe::test::to_double(to_float_vector(n));
+  m = moxe::test::to_double(to_float_vector(m));
+  DeviceBuffer<float> dc(to_float_vector(c)), dn(to_float_vector(n)), dm(to_float_vector(m));
+  for (int t = 0; t < 4; ++t) {
+    CAPTURE(t);
+    StepInputs in = make_inputs<T>(rng, s);
+    moxe::test::apply_extreme_rows(rng, in.igate, in.fgate);
+    std::rotate(in.igate.begin(), in.igate.begin() + t, in.igate.end());
+    std::rotate(in.fgate.begin(), in.fgate.begin() + t, in.fgate.end());
+    in.igate = moxe::test::round_through<T>(in.igate);
+    in.fgate = moxe::test::round_through<T>(in.fgate);
+    DeviceStep<T> dev(in, s);
+    dev.h.poison();
+    const mlstm::StepParams<T> p = step_params(s, dev, dc.get(), dn.get(), dm.get(), dev.h.get());
+    REQUIRE(mlstm::step(p, nullptr, 0, nullptr) == Status::ok);
+    std::vector<double> h(s.slots() * s.dv);
+    REQUIRE(mlstm::reference::step(step_params(s, in, c.data(), n.data(), m.data(), h.data())) == Status::ok);
+
+    const auto got_h = moxe::test::convert_to_double(dev.h.download());
+    CHECK(moxe::test::all_finite(got_h));
+    CHECK(moxe::test::rel_error(got_h, h) < h_tolerance<T>());
+    // the states against the reference's as the memories they stand for, C exp(m): the
+    // float m rounds by ~4e-6 at |m| ~ 100, a shift common to C and n
+    auto got_c = moxe::test::to_double(dc.download()), got_n = moxe::test::to_double(dn.download());
+    const auto got_m = moxe::test::to_double(dm.download());
+    for (int64_t slot = 0; slot < s.slots(); ++slot) {
+      CAPTURE(slot);
+      if (std::isinf(m[slot])) {
+        CHECK(got_m[slot] == m[slot]);
+        continue;
+      }
+      // m is float: each step may round it by half an ulp of an |m| < 256 in its history
+      CHECK(std::abs(got_m[slot] - m[slot]) <= (t + 1) * kMUlp);
+      const double shift = std::exp(got_m[slot] - m[slot]);
+      for (int64_t i = 0; i < s.dqk * s.dv; ++i) got_c[slot * s.dqk * s.dv + i] *= shift;
+      for (int64_t i = 0; i < s.dqk; ++i) got_n[slot * s.dqk + i] *= shift;
+    }
+    CHECK(moxe::test::rel_error(got_c, c) < 1e-5);
+    CHECK(moxe::test::rel_error(got_n, n) < 1e-5);
+  }
+}
+
 TEST_CASE("mlstm step is deterministic and can be captured in a graph") {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
@@ -177,6 +237,8 @@ TEST_CASE("mlstm step rejects bad input and launches nothing") {
   expect(Status::invalid_argument, [](P& b) { b.batch = 0; });
   expect(Status::invalid_argument, [](P& b) { b.heads = -1; });
   expect(Status::invalid_argument, [](P& b) { b.eps = -1.f; });
+  expect(Status::invalid_argument, [](P& b) { b.eps = 0.f; });
+  expect(Status::invalid_argument, [](P& b) { b.eps = std::nanf(""); });
   expect(Status::unsupported, [](P& b) { b.dqk = 24; });
   expect(Status::unsupported, [](P& b) { b.dv = 8; });
   expect(Status::unsupported, [](P& b) { b.dqk = 272; });

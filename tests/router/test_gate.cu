@@ -92,9 +92,12 @@ struct DeviceGate {
 template <class T>
 double output_tolerance() { return std::is_same_v<T, float> ? 1e-4 : (std::is_same_v<T, __half> ? 2e-3 : 1e-2); }
 
+/// large_difficulty: difficulty logits in [10, 18], where sigmoid'(a) from the rounded
+/// d = sigmoid(a) has lost its digits.
 template <class T>
 void check_against_reference(mt::Rng& rng, int64_t tokens, int experts, int mlstm_experts, int top_k, Modulation m,
-                             bool head = true) {
+                             bool head = true, bool large_difficulty = false) {
+  CAPTURE(large_difficulty);
   CAPTURE(tokens);
   CAPTURE(experts);
   CAPTURE(mlstm_experts);
@@ -103,6 +106,8 @@ void check_against_reference(mt::Rng& rng, int64_t tokens, int experts, int mlst
   CAPTURE(head);
   auto draw = [&] {
     mt::GateProblem g(rng, tokens, experts, mlstm_experts, top_k, m, head, 2.0);
+    if (large_difficulty)
+      for (double& a : g.difficulty_logit) a = rng.uniform(10.0, 18.0);
     // inputs on a bf16 grid; redraw when a selection is a near-tie float could order differently
     g.logits = mt::round_through<__nv_bfloat16>(g.logits);
     g.difficulty_logit = mt::round_through<T>(g.difficulty_logit);
@@ -155,6 +160,12 @@ TEST_CASE_TEMPLATE("gate device forward and backward match the reference", T, fl
   // prefetch of a next token run
   check_against_reference<T>(rng, 8192 + 808, 64, 32, 2, Modulation::standard);
   check_against_reference<T>(rng, 4096 + 99, 200, 100, 2, Modulation::standard);
+}
+
+TEST_CASE_TEMPLATE("gate device: difficulty logits near saturation (sigmoid' from a)", T, float, __nv_bfloat16) {
+  mt::Rng rng(mt::fresh_seed());
+  check_against_reference<T>(rng, 37, 8, 4, 2, Modulation::standard, true, /*large_difficulty=*/true);
+  check_against_reference<T>(rng, 45, 64, 32, 4, Modulation::proportional, true, /*large_difficulty=*/true);
 }
 
 TEST_CASE("gate device with half logits") {

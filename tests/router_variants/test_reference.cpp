@@ -804,6 +804,45 @@ TEST_CASE("variant references in float agree with double") {
   }
 }
 
+TEST_CASE("sigmoid-bias reference in float at large logits agrees with double") {
+  // The chosen experts have the largest logits, where sigmoid'(z) = s (1 - s) from a rounded
+  // s loses digits (z = 10: ~1e-3 relative, z = 16: ~50%); the backward takes it from z.
+  const auto seed = mt::fresh_seed();
+  INFO("seed " << seed);
+  mt::Rng rng(seed);
+  const int64_t T = 24;
+  for (bool renorm : {true, false}) {
+    for (const int E : {16, 128}) {
+      CAPTURE(renorm);
+      CAPTURE(E);
+      const int K = 8;
+      std::vector<double> zr = mt::uniform_vector<double>(rng, T * E, -4.0, 20.0);
+      for (double& z : zr) z = double(float(z));
+      const std::vector<float> zf(zr.begin(), zr.end());
+      const std::vector<double> bias(E, 0.0), dw = mt::uniform_vector<double>(rng, T * K);
+      const std::vector<float> biasf(E, 0.f), dwf(dw.begin(), dw.end());
+      std::vector<int32_t> id(T * K), ifl(T * K);
+      std::vector<double> wd(T * K), dzd(T * E);
+      std::vector<float> wf(T * K), dzf(T * E);
+      const rv::SigmoidBiasDims dims{T, E, K, 1, 1};
+      const rv::SigmoidBiasForwardParams<double, double> pd{dims, zr.data(), bias.data(), 2.5, renorm, id.data(),
+                                                            nullptr, wd.data()};
+      const rv::SigmoidBiasForwardParams<float, float> pf{dims, zf.data(), biasf.data(), 2.5f, renorm, ifl.data(),
+                                                          nullptr, wf.data()};
+      REQUIRE(rvr::sigmoid_bias_forward(pd) == Status::ok);
+      REQUIRE(rvr::sigmoid_bias_forward(pf) == Status::ok);
+      // the backward of the double selection in both (float's s = 1 ties reorder it)
+      auto pf_same = pf;
+      pf_same.topk_idx = id.data();
+      REQUIRE(rvr::sigmoid_bias_backward(rv::SigmoidBiasBackwardParams<double, double>{pd, dw.data(), dzd.data()}) ==
+              Status::ok);
+      REQUIRE(rvr::sigmoid_bias_backward(rv::SigmoidBiasBackwardParams<float, float>{pf_same, dwf.data(), dzf.data()}) ==
+              Status::ok);
+      CHECK(mt::rel_error(dzf, dzd) < 1e-5);
+    }
+  }
+}
+
 // ---- expert choice's device selection algorithm, on the host ----------------------------------
 
 namespace {

@@ -22,14 +22,21 @@ namespace rvr = moxe::router::variants::reference;
 
 namespace {
 
+/// large_logits: logits uniform in [-4, 20] and no bias, so the chosen ones (the largest)
+/// sit where sigmoid'(z) from the rounded s = sigmoid(z) has lost its digits.
 template <class T>
-void check_sigmoid_bias(mt::Rng& rng, int64_t T_, int E, int K, int G, int TG, bool renorm) {
+void check_sigmoid_bias(mt::Rng& rng, int64_t T_, int E, int K, int G, int TG, bool renorm, bool large_logits = false) {
   CAPTURE(T_);
   CAPTURE(E);
   CAPTURE(K);
   CAPTURE(G);
   CAPTURE(renorm);
+  CAPTURE(large_logits);
   mv::SigmoidBiasProblem prob(rng, T_, E, K, G, TG, renorm, 2.0);
+  if (large_logits) {
+    prob.logits = mt::uniform_vector<double>(rng, T_ * E, -4.0, 20.0);
+    prob.bias.assign(E, 0.0);
+  }
   prob.logits = mt::round_through<T>(prob.logits);
   prob.bias = mt::round_through<float>(prob.bias);
   REQUIRE(prob.forward() == Status::ok);
@@ -98,6 +105,16 @@ TEST_CASE_TEMPLATE("sigmoid-bias device forward and backward match the reference
     check_sigmoid_bias<T>(rng, 1000, 256, 8, 8, 4, renorm);  // DeepSeek-V3's shape
     check_sigmoid_bias<T>(rng, 333, 256, 16, 1, 1, renorm);  // threshold top-k (k > 8)
     check_sigmoid_bias<T>(rng, 70, 1024, 32, 16, 8, renorm);
+  }
+}
+
+TEST_CASE_TEMPLATE("sigmoid-bias device backward at large logits (sigmoid' from z)", T, float, __nv_bfloat16) {
+  const auto seed = mt::fresh_seed();
+  INFO("seed " << seed);
+  mt::Rng rng(seed);
+  for (bool renorm : {true, false}) {
+    check_sigmoid_bias<T>(rng, 37, 16, 4, 1, 1, renorm, /*large_logits=*/true);
+    check_sigmoid_bias<T>(rng, 100, 128, 8, 8, 4, renorm, /*large_logits=*/true);
   }
 }
 

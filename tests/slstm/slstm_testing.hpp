@@ -25,7 +25,7 @@ struct SequenceInputs {
   const T *wx, *r, *bias;                         // [S, B, 4, NH, DH], [NH, 4, DH, DH], [4, NH, DH]
   const Acc *y_init, *c_init, *n_init, *m_init;  // [B, NH, DH]
   const T* dy;                                    // [S, B, NH, DH]
-  const Acc *dy_last, *dc_last, *dn_last;         // [B, NH, DH] upstream of the final states
+  const Acc *dy_last, *dc_last, *dn_last, *dm_last;  // [B, NH, DH] upstream of the final states
 };
 
 /// The forward over `in`: y, and the final states when y_last is given.
@@ -56,7 +56,7 @@ template <class T, class Acc>
 slstm::BackwardParams<T, Acc> backward_params(const SequenceInputs<T, Acc>& in, bool upstream,
                                               not_deduced_t<T>* dwx, not_deduced_t<T>* dr, not_deduced_t<T>* dbias,
                                               not_deduced_t<Acc>* dy_init, not_deduced_t<Acc>* dc_init,
-                                              not_deduced_t<Acc>* dn_init) {
+                                              not_deduced_t<Acc>* dn_init, not_deduced_t<Acc>* dm_init) {
   slstm::BackwardParams<T, Acc> b{};
   b.fwd = forward_params(in, nullptr, nullptr, nullptr, nullptr, nullptr);
   b.dy = in.dy;
@@ -64,6 +64,7 @@ slstm::BackwardParams<T, Acc> backward_params(const SequenceInputs<T, Acc>& in, 
     b.dy_last = in.dy_last;
     b.dc_last = in.dc_last;
     b.dn_last = in.dn_last;
+    b.dm_last = in.dm_last;
   }
   b.dwx = dwx;
   b.dr = dr;
@@ -71,6 +72,7 @@ slstm::BackwardParams<T, Acc> backward_params(const SequenceInputs<T, Acc>& in, 
   b.dy_init = dy_init;
   b.dc_init = dc_init;
   b.dn_init = dn_init;
+  b.dm_init = dm_init;
   return b;
 }
 

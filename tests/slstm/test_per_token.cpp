@@ -68,10 +68,10 @@ TEST_CASE("per-token sLSTM equals the sequence reference at seq_len 1, forward a
                         dbias = mt::poisoned<double>(4 * H);
     std::vector<double> dwx_ref(dwx.size()), dr_ref(dr.size()), dbias_ref(dbias.size());
     REQUIRE(sl::reference::per_token_backward(
-                mt::backward_params(in, false, dwx.data(), dr.data(), dbias.data(), nullptr, nullptr, nullptr)) ==
-            Status::ok);
+                mt::backward_params(in, false, dwx.data(), dr.data(), dbias.data(), nullptr, nullptr, nullptr,
+                                    nullptr)) == Status::ok);
     REQUIRE(sl::reference::backward(mt::backward_params(seq, false, dwx_ref.data(), dr_ref.data(), dbias_ref.data(),
-                                                        nullptr, nullptr, nullptr)) == Status::ok);
+                                                        nullptr, nullptr, nullptr, nullptr)) == Status::ok);
     CHECK(mt::rel_error(dwx, dwx_ref) < 1e-13);
     CHECK(mt::rel_error(dbias, dbias_ref) < 1e-13);
     for (double v : dr) CHECK(v == 0.0);
@@ -97,7 +97,7 @@ TEST_CASE("per-token sLSTM rejects states, and bad arguments, writing nothing") 
   for (double v : y) CHECK(std::isnan(v));
   std::vector<double> dwx = mt::poisoned<double>(positions * 4 * H), dr(x.r.size()), dbias(4 * H);
   CHECK(sl::reference::per_token_backward(mt::backward_params(in, false, dwx.data(), dr.data(), dbias.data(),
-                                                              state.data(), state.data(), state.data())) ==
-        Status::unsupported);
+                                                              state.data(), state.data(), state.data(),
+                                                              state.data())) == Status::unsupported);
   for (double v : dwx) CHECK(std::isnan(v));
 }

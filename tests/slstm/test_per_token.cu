@@ -47,7 +47,8 @@ void check_case(mt::Rng& rng, const sl::Dims& d) {
   in.dy = d_dy.get();
   const auto f = mt::forward_params(in, d_y.get(), nullptr, nullptr, nullptr, nullptr);
   REQUIRE(sl::per_token_forward(f, nullptr, 0, nullptr) == Status::ok);
-  const auto b = mt::backward_params(in, false, d_dwx.get(), d_dr.get(), d_dbias.get(), nullptr, nullptr, nullptr);
+  const auto b =
+      mt::backward_params(in, false, d_dwx.get(), d_dr.get(), d_dbias.get(), nullptr, nullptr, nullptr, nullptr);
   mt::MisalignedWorkspace ws(sl::per_token_backward_workspace_size(b));
   REQUIRE(sl::per_token_backward(b, ws.get(), ws.bytes(), nullptr) == Status::ok);
 
@@ -61,8 +62,8 @@ void check_case(mt::Rng& rng, const sl::Dims& d) {
   REQUIRE(sl::reference::per_token_forward(mt::forward_params(hin, y.data(), nullptr, nullptr, nullptr, nullptr)) ==
           Status::ok);
   REQUIRE(sl::reference::per_token_backward(
-              mt::backward_params(hin, false, dwx.data(), dr.data(), dbias.data(), nullptr, nullptr, nullptr)) ==
-          Status::ok);
+              mt::backward_params(hin, false, dwx.data(), dr.data(), dbias.data(), nullptr, nullptr, nullptr,
+                                  nullptr)) == Status::ok);
   const double tol = tolerance<T>();
   CHECK(mt::rel_error(mt::convert_to_double(d_y.download()), y) < tol);
   CHECK(mt::rel_error(mt::convert_to_double(d_dwx.download()), dwx) < tol);
@@ -97,7 +98,7 @@ TEST_CASE("per-token sLSTM on the device: states, a small workspace and bad argu
                               nullptr, 0, nullptr) == Status::unsupported);
   CHECK(sl::per_token_forward(mt::forward_params(in, nullptr, nullptr, nullptr, nullptr, nullptr), nullptr, 0,
                               nullptr) == Status::invalid_argument);
-  const auto b = mt::backward_params(in, false, dwx.get(), dr.get(), dbias.get(), nullptr, nullptr, nullptr);
+  const auto b = mt::backward_params(in, false, dwx.get(), dr.get(), dbias.get(), nullptr, nullptr, nullptr, nullptr);
   const std::size_t need = sl::per_token_backward_workspace_size(b);
   REQUIRE(need > 0);
   mt::DeviceBuffer<unsigned char> small(need - 1);

@@ -10,6 +10,7 @@
 
 #include "moxe/slstm/detail/plan.hpp"
 #include "moxe/slstm/reference.hpp"
+#include "slstm_emulation.hpp"
 #include "slstm_testing.hpp"
 #include "test_utils.hpp"
 
@@ -24,7 +25,7 @@ struct Problem {
   sl::Dims dims;
   std::vector<T> wx, r, bias;
   std::vector<T> y_init, c_init, n_init, m_init;
-  std::vector<T> dy, dy_last, dc_last, dn_last;
+  std::vector<T> dy, dy_last, dc_last, dn_last, dm_last;
   int64_t units() const { return dims.batch * dims.heads * dims.head_dim; }
 };
 
@@ -46,6 +47,7 @@ Problem<T> make_problem(moxe::test::Rng& rng, sl::Dims d, bool with_init, double
   p.dy_last = moxe::test::uniform_vector<T>(rng, U, -1, 1);
   p.dc_last = moxe::test::uniform_vector<T>(rng, U, -1, 1);
   p.dn_last = moxe::test::uniform_vector<T>(rng, U, -1, 1);
+  p.dm_last = moxe::test::uniform_vector<T>(rng, U, -1, 1);
   return p;
 }
 
@@ -60,7 +62,7 @@ moxe::test::SequenceInputs<T, T> inputs_of(const Problem<T>& p) {
   return {p.dims,
           p.wx.data(), p.r.data(), p.bias.data(),
           ptr_or_null(p.y_init), ptr_or_null(p.c_init), ptr_or_null(p.n_init), ptr_or_null(p.m_init),
-          p.dy.data(), p.dy_last.data(), p.dc_last.data(), p.dn_last.data()};
+          p.dy.data(), p.dy_last.data(), p.dc_last.data(), p.dn_last.data(), p.dm_last.data()};
 }
 
 /// The problem in float: every tensor rounded.
@@ -71,6 +73,7 @@ Problem<float> to_float_problem(const Problem<double>& pd) {
   pf.wx = cv(pd.wx), pf.r = cv(pd.r), pf.bias = cv(pd.bias);
   pf.y_init = cv(pd.y_init), pf.c_init = cv(pd.c_init), pf.n_init = cv(pd.n_init), pf.m_init = cv(pd.m_init);
   pf.dy = cv(pd.dy), pf.dy_last = cv(pd.dy_last), pf.dc_last = cv(pd.dc_last), pf.dn_last = cv(pd.dn_last);
+  pf.dm_last = cv(pd.dm_last);
   return pf;
 }
 
@@ -84,6 +87,7 @@ Problem<double> rounded_to_float(const Problem<double>& pd) {
   p.wx = rt(p.wx), p.r = rt(p.r), p.bias = rt(p.bias);
   p.y_init = rt(p.y_init), p.c_init = rt(p.c_init), p.n_init = rt(p.n_init), p.m_init = rt(p.m_init);
   p.dy = rt(p.dy), p.dy_last = rt(p.dy_last), p.dc_last = rt(p.dc_last), p.dn_last = rt(p.dn_last);
+  p.dm_last = rt(p.dm_last);
   return p;
 }
 
@@ -145,18 +149,18 @@ Outputs naive_forward(const Problem<double>& p) {
 }
 
 struct Grads {
-  std::vector<double> dwx, dr, dbias, dy_init, dc_init, dn_init;
+  std::vector<double> dwx, dr, dbias, dy_init, dc_init, dn_init, dm_init;
 };
 
 template <class T>
 Grads run_backward(const Problem<T>& p, bool upstream) {
   const int64_t U = p.units();
-  std::vector<T> dwx(p.wx.size()), dr(p.r.size()), dbias(p.bias.size()), dyi(U), dci(U), dni(U);
+  std::vector<T> dwx(p.wx.size()), dr(p.r.size()), dbias(p.bias.size()), dyi(U), dci(U), dni(U), dmi(U);
   const bool init = !p.y_init.empty();  // initial-state gradients only with initial states
   T* none = nullptr;
-  const sl::BackwardParams<T, T> b =
-      moxe::test::backward_params(inputs_of(p), upstream, dwx.data(), dr.data(), dbias.data(),
-                                  init ? dyi.data() : none, init ? dci.data() : none, init ? dni.data() : none);
+  const sl::BackwardParams<T, T> b = moxe::test::backward_params(
+      inputs_of(p), upstream, dwx.data(), dr.data(), dbias.data(), init ? dyi.data() : none,
+      init ? dci.data() : none, init ? dni.data() : none, init ? dmi.data() : none);
   REQUIRE(sl::reference::backward(b) == Status::ok);
   Grads g;
   g.dwx.assign(dwx.begin(), dwx.end());
@@ -165,6 +169,7 @@ Grads run_backward(const Problem<T>& p, bool upstream) {
   g.dy_init.assign(dyi.begin(), dyi.end());
   g.dc_init.assign(dci.begin(), dci.end());
   g.dn_init.assign(dni.begin(), dni.end());
+  g.dm_init.assign(dmi.begin(), dmi.end());
   return g;
 }
 
@@ -174,7 +179,7 @@ double loss(const Problem<double>& p, bool upstream) {
   double l = moxe::test::dot(o.y, p.dy);
   if (upstream)
     l += moxe::test::dot(o.y_last, p.dy_last) + moxe::test::dot(o.c_last, p.dc_last) +
-         moxe::test::dot(o.n_last, p.dn_last);
+         moxe::test::dot(o.n_last, p.dn_last) + moxe::test::dot(o.m_last, p.dm_last);
   return l;
 }
 
@@ -188,6 +193,7 @@ void check_gradients(Problem<double>& p, bool upstream, double tol) {
     CHECK(moxe::test::gradient_error(f, p.y_init, g.dy_init) < tol);
     CHECK(moxe::test::gradient_error(f, p.c_init, g.dc_init) < tol);
     CHECK(moxe::test::gradient_error(f, p.n_init, g.dn_init) < tol);
+    CHECK(moxe::test::gradient_error(f, p.m_init, g.dm_init) < tol);
   }
 }
 
@@ -245,24 +251,164 @@ TEST_CASE("slstm reference backward matches finite differences") {
   }
 }
 
+namespace {
+
+/// Steps [t0, t0 + len) of `p` as a problem of their own, from the given initial states
+/// (empty: none), with p's dy for those steps; the upstream gradients are set by the caller.
+Problem<double> steps_of(const Problem<double>& p, int64_t t0, int64_t len, const Outputs* before) {
+  const int64_t gate_step = p.dims.batch * 4 * p.dims.heads * p.dims.head_dim, unit_step = p.units();
+  Problem<double> q = p;
+  q.dims.seq_len = len;
+  q.wx.assign(p.wx.begin() + t0 * gate_step, p.wx.begin() + (t0 + len) * gate_step);
+  q.dy.assign(p.dy.begin() + t0 * unit_step, p.dy.begin() + (t0 + len) * unit_step);
+  if (before) {
+    q.y_init = before->y_last, q.c_init = before->c_last;
+    q.n_init = before->n_last, q.m_init = before->m_last;
+  }
+  return q;
+}
+
+/// The sequence `p` run as chained calls of the given lengths: each forward starts from the
+/// final states of the one before, each backward takes the initial-state gradients of the
+/// one after as its upstream (the last one p's upstream). y, the final states, dwx (steps
+/// side by side) and the sums of dr and dbias, and the first call's initial-state gradients.
+struct Chained {
+  Outputs out;
+  Grads grads;
+};
+
+Chained run_chained(const Problem<double>& p, const std::vector<int64_t>& lengths, bool carry_dm = true) {
+  std::vector<Problem<double>> parts;
+  std::vector<Outputs> outs;
+  int64_t t0 = 0;
+  for (int64_t len : lengths) {
+    parts.push_back(steps_of(p, t0, len, outs.empty() ? nullptr : &outs.back()));
+    outs.push_back(run_forward(parts.back()));
+    t0 += len;
+  }
+  REQUIRE(t0 == p.dims.seq_len);
+  Chained ch;
+  ch.out = outs.back();
+  ch.out.y.clear();
+  for (const Outputs& o : outs) ch.out.y.insert(ch.out.y.end(), o.y.begin(), o.y.end());
+  ch.grads.dr.assign(p.r.size(), 0.0);
+  ch.grads.dbias.assign(p.bias.size(), 0.0);
+  std::vector<std::vector<double>> dwx(parts.size());
+  for (std::size_t k = parts.size(); k-- > 0;) {
+    Problem<double>& part = parts[k];
+    if (k + 1 < parts.size()) {  // upstream: the next call's initial-state gradients
+      const Grads& next = ch.grads;
+      part.dy_last = next.dy_init, part.dc_last = next.dc_init, part.dn_last = next.dn_init;
+      part.dm_last = carry_dm ? next.dm_init : std::vector<double>(p.units(), 0.0);
+    }
+    const Grads g = run_backward(part, /*upstream=*/true);
+    dwx[k] = g.dwx;
+    for (std::size_t i = 0; i < g.dr.size(); ++i) ch.grads.dr[i] += g.dr[i];
+    for (std::size_t i = 0; i < g.dbias.size(); ++i) ch.grads.dbias[i] += g.dbias[i];
+    ch.grads.dy_init = g.dy_init, ch.grads.dc_init = g.dc_init, ch.grads.dn_init = g.dn_init;
+    ch.grads.dm_init = g.dm_init;
+  }
+  for (const auto& d : dwx) ch.grads.dwx.insert(ch.grads.dwx.end(), d.begin(), d.end());
+  return ch;
+}
+
+}  // namespace
+
+TEST_CASE("slstm reference: a sequence run as chained calls equals it run whole") {
+  // truncated BPTT with carried states: forward states and every gradient, with random
+  // upstream gradients of the final states (y, c, n, m)
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  const std::vector<std::vector<int64_t>> splits = {{3, 3}, {1, 5}, {2, 2, 2}, {5, 1}, {1, 1, 1, 1, 1, 1}};
+  for (const auto& lengths : splits) {
+    for (bool init : {false, true}) {
+      for (double scale : {1.0, 8.0}) {
+        CAPTURE(lengths.size());
+        CAPTURE(lengths[0]);
+        CAPTURE(init);
+        CAPTURE(scale);
+        const auto p = make_problem<double>(rng, sl::Dims{6, 3, 2, 4}, init, scale);
+        const Outputs whole = run_forward(p);
+        const Grads gwhole = run_backward(p, /*upstream=*/true);
+        const Chained ch = run_chained(p, lengths);
+        CHECK(moxe::test::rel_error(ch.out.y, whole.y) < 1e-14);
+        CHECK(moxe::test::rel_error(ch.out.y_last, whole.y_last) < 1e-14);
+        CHECK(moxe::test::rel_error(ch.out.c_last, whole.c_last) < 1e-14);
+        CHECK(moxe::test::rel_error(ch.out.n_last, whole.n_last) < 1e-14);
+        CHECK(moxe::test::rel_error(ch.out.m_last, whole.m_last) < 1e-14);
+        CHECK(moxe::test::rel_error(ch.grads.dwx, gwhole.dwx) < 1e-13);
+        CHECK(moxe::test::rel_error(ch.grads.dr, gwhole.dr) < 1e-13);
+        CHECK(moxe::test::rel_error(ch.grads.dbias, gwhole.dbias) < 1e-13);
+        if (init) {
+          CHECK(moxe::test::rel_error(ch.grads.dy_init, gwhole.dy_init) < 1e-13);
+          CHECK(moxe::test::rel_error(ch.grads.dc_init, gwhole.dc_init) < 1e-13);
+          CHECK(moxe::test::rel_error(ch.grads.dn_init, gwhole.dn_init) < 1e-13);
+          CHECK(moxe::test::rel_error(ch.grads.dm_init, gwhole.dm_init) < 1e-13);
+        }
+        // without the m gradient at the boundaries the chained gradient is another one
+        const Chained no_dm = run_chained(p, lengths, /*carry_dm=*/false);
+        CHECK(moxe::test::rel_error(no_dm.grads.dwx, gwhole.dwx) > 1e-6);
+      }
+    }
+  }
+}
+
+TEST_CASE("slstm reference: gauge-consistent upstream gradients") {
+  // (c, n, m) -> (c e^d, n e^d, m - d) leaves the sLSTM's true state, hence y, unchanged.
+  // A loss that is invariant to it has dm = dc.c + dn.n per unit; with such upstream
+  // gradients of the final states the backward's initial-state gradients satisfy the same
+  // identity (the carried m gradient never routes anything through the max: its branch
+  // does not matter), so chained calls of gauge-invariant losses stay gauge-consistent.
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  for (double scale : {1.0, 8.0}) {
+    CAPTURE(scale);
+    auto p = make_problem<double>(rng, sl::Dims{7, 3, 2, 4}, true, scale);
+    const Outputs o = run_forward(p);
+    for (int64_t u = 0; u < p.units(); ++u) p.dm_last[u] = p.dc_last[u] * o.c_last[u] + p.dn_last[u] * o.n_last[u];
+    const Grads g = run_backward(p, /*upstream=*/true);
+    std::vector<double> gauge(p.units());
+    for (int64_t u = 0; u < p.units(); ++u) gauge[u] = g.dc_init[u] * p.c_init[u] + g.dn_init[u] * p.n_init[u];
+    CHECK(moxe::test::rel_error(g.dm_init, gauge) < 1e-12);
+    // and y does not move under a gauge transform of the initial states
+    auto shifted = p;
+    const double delta = 0.3;
+    for (int64_t u = 0; u < p.units(); ++u) {
+      shifted.c_init[u] *= std::exp(delta);
+      shifted.n_init[u] *= std::exp(delta);
+      shifted.m_init[u] -= delta;
+    }
+    CHECK(moxe::test::rel_error(run_forward(shifted).y, o.y) < 1e-13);
+  }
+}
+
 TEST_CASE("slstm reference: initial-state gradients at the zero state") {
   // without initial states the gradients are those at y0 = c0 = n0 = m0 = 0 (n0 on its
-  // n == 0 branch): y0 and c0 checked against finite differences of explicit zero states
-  moxe::test::Rng rng(moxe::test::fresh_seed());
+  // n == 0 branch): y0, c0 and m0 checked against finite differences of explicit zero
+  // states (on the n == 0 branch m0 does not enter: dm_init = 0), with upstream gradients
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
   auto p = make_problem<double>(rng, sl::Dims{5, 2, 2, 3}, false);
   const Grads g = [&] {
     const int64_t U = p.units();
-    std::vector<double> dwx(p.wx.size()), dr(p.r.size()), dbias(p.bias.size()), dyi(U, 9.0), dci(U, 9.0), dni(U, 9.0);
-    const sl::BackwardParams<double, double> b = moxe::test::backward_params(
-        inputs_of(p), /*upstream=*/false, dwx.data(), dr.data(), dbias.data(), dyi.data(), dci.data(), dni.data());
+    std::vector<double> dwx(p.wx.size()), dr(p.r.size()), dbias(p.bias.size()), dyi(U, 9.0), dci(U, 9.0),
+        dni(U, 9.0), dmi(U, 9.0);
+    const sl::BackwardParams<double, double> b =
+        moxe::test::backward_params(inputs_of(p), /*upstream=*/true, dwx.data(), dr.data(), dbias.data(), dyi.data(),
+                                    dci.data(), dni.data(), dmi.data());
     REQUIRE(sl::reference::backward(b) == Status::ok);
-    return Grads{dwx, dr, dbias, dyi, dci, dni};
+    return Grads{dwx, dr, dbias, dyi, dci, dni, dmi};
   }();
   const int64_t U = p.units();
   p.y_init.assign(U, 0.0), p.c_init.assign(U, 0.0), p.n_init.assign(U, 0.0), p.m_init.assign(U, 0.0);
-  auto f = [&] { return loss(p, false); };
+  auto f = [&] { return loss(p, true); };
   CHECK(moxe::test::gradient_error(f, p.y_init, g.dy_init) < 1e-6);
   CHECK(moxe::test::gradient_error(f, p.c_init, g.dc_init) < 1e-6);
+  CHECK(moxe::test::gradient_error(f, p.m_init, g.dm_init) < 1e-6);
+  for (double v : g.dm_init) CHECK(v == 0.0);
   CHECK(moxe::test::all_finite(g.dn_init));
 }
 
@@ -311,168 +457,6 @@ namespace {
 
 namespace dt = moxe::slstm::detail;
 
-/// The device kernels' decomposition run on the host in float, with the kernels' index
-/// maps, shapes and summation orders: groups of kBatchTile rows per head, blocks of
-/// `units` units, y_t and dgates_t exchanged through the global buffers step by step, the
-/// fp32 recurrent product (one fma chain per column), dbias partials per batch row summed
-/// in row order, dr as split-K partials summed in chunk order.
-struct Emulation {
-  std::vector<float> y, y_last, c_last, n_last, m_last;  // forward
-  std::vector<float> dwx, dr, dbias, dy_init, dc_init, dn_init;
-};
-
-Emulation emulate_device(const Problem<float>& p, int units) {
-  const int64_t S = p.dims.seq_len, B = p.dims.batch, NH = p.dims.heads, DH = p.dims.head_dim;
-  const int64_t U1 = B * NH * DH;
-  const int U = units, splits = static_cast<int>(DH / U);
-  const int64_t groups = dt::num_groups(B, NH);
-  const bool init = !p.y_init.empty();
-  Emulation e;
-  e.y.assign(S * U1, 0.f);
-  std::vector<float> tape_gates(S * 4 * U1), tape_c(S * U1), tape_n(S * U1), tape_m(S * U1);
-  std::vector<float> c(U1, 0.f), n(U1, 0.f), m(U1, 0.f), ylast(U1, 0.f);
-  if (init) c = p.c_init, n = p.n_init, m = p.m_init, ylast = p.y_init;
-
-  // ---- forward_kernel -------------------------------------------------------------------
-  for (int64_t t = 0; t < S; ++t) {
-    std::vector<float> y_step(e.y.begin() + t * U1, e.y.begin() + (t + 1) * U1);  // written this step
-    for (int64_t group = 0; group < groups; ++group) {
-      for (int split = 0; split < splits; ++split) {
-        const dt::BlockTile tile = dt::block_tile(group, split, U, NH);
-        const int64_t h = tile.h, b0 = tile.b0, j0 = tile.j0;
-        // y tile and the block's r rows (row n = g*U + jl)
-        std::vector<float> y_s(dt::kBatchTile * DH, 0.f), r_s(4 * U * DH);
-        for (int bl = 0; bl < dt::kBatchTile; ++bl)
-          for (int64_t d = 0; d < DH; ++d) {
-            const int64_t b = b0 + bl;
-            if (b >= B) continue;
-            y_s[bl * DH + d] = t == 0 ? (init ? p.y_init[dt::unit_index(0, b, h, d, B, NH, DH)] : 0.f)
-                                      : e.y[dt::unit_index(t - 1, b, h, d, B, NH, DH)];
-          }
-        for (int nn = 0; nn < 4 * U; ++nn)
-          for (int64_t d = 0; d < DH; ++d) r_s[nn * DH + d] = p.r[dt::r_index(h, nn / U, j0 + nn % U, d, DH)];
-        for (int pr = 0; pr < dt::kBatchTile * U; ++pr) {
-          const int bl = pr / U, jl = pr % U;
-          const int64_t b = b0 + bl, j = j0 + jl;
-          if (b >= B) continue;
-          float raw[4];
-          for (int g = 0; g < 4; ++g) {
-            float acc = 0.f;
-            for (int64_t k = 0; k < DH; ++k) acc = std::fma(y_s[bl * DH + k], r_s[(g * U + jl) * DH + k], acc);
-            raw[g] = dt::gate_preactivation(p.wx[dt::gate_index(t, b, g, h, j, B, NH, DH)], acc,
-                                            p.bias[dt::bias_index(g, h, j, NH, DH)]);
-          }
-          const int64_t u0 = dt::unit_index(0, b, h, j, B, NH, DH), u = dt::unit_index(t, b, h, j, B, NH, DH);
-          const auto o = dt::cell_forward(dt::GatesRaw<float>{raw[0], raw[1], raw[2], raw[3]}, c[u0], n[u0], m[u0]);
-          c[u0] = o.c, n[u0] = o.n, m[u0] = o.m, ylast[u0] = o.y;
-          y_step[u0] = o.y;
-          for (int g = 0; g < 4; ++g) tape_gates[dt::gate_index(t, b, g, h, j, B, NH, DH)] = raw[g];
-          tape_c[u] = o.c, tape_n[u] = o.n, tape_m[u] = o.m;
-        }
-      }
-    }
-    std::copy(y_step.begin(), y_step.end(), e.y.begin() + t * U1);  // the step barrier
-  }
-  e.y_last = ylast, e.c_last = c, e.n_last = n, e.m_last = m;
-
-  // ---- backward_kernel ------------------------------------------------------------------
-  e.dwx.assign(S * 4 * U1, 0.f);
-  std::vector<float> dc(U1, 0.f), dn(U1, 0.f), dm(U1, 0.f), dbias_partial(4 * U1, 0.f);
-  e.dy_init.assign(U1, 0.f);
-  for (int64_t i = 0; i < U1; ++i) dc[i] = p.dc_last[i], dn[i] = p.dn_last[i];
-  auto recurrent_dy = [&](int64_t t_src, const dt::BlockTile& tile, int bl, int jl) {
-    // dg_s row bl (all 4*DH gate units of head h at step t_src) times the transposed slice
-    const int64_t h = tile.h, b = tile.b0 + bl;
-    float acc = 0.f;
-    for (int64_t col = 0; col < 4 * DH; ++col) {
-      const int g = static_cast<int>(col / DH);
-      const float dg = b < B ? tape_gates[dt::gate_index(t_src, b, g, h, col % DH, B, NH, DH)] : 0.f;
-      acc = std::fma(dg, p.r[(h * 4 * DH + col) * DH + tile.j0 + jl], acc);
-    }
-    return acc;
-  };
-  for (int64_t t = S - 1; t >= 0; --t) {
-    std::vector<float> dgates_step(4 * U1);
-    std::vector<std::array<int64_t, 2>> written;
-    for (int64_t group = 0; group < groups; ++group) {
-      for (int split = 0; split < splits; ++split) {
-        const dt::BlockTile tile = dt::block_tile(group, split, U, NH);
-        const int64_t h = tile.h;
-        for (int pr = 0; pr < dt::kBatchTile * U; ++pr) {
-          const int bl = pr / U, jl = pr % U;
-          const int64_t b = tile.b0 + bl, j = tile.j0 + jl;
-          if (b >= B) continue;
-          const int64_t u0 = dt::unit_index(0, b, h, j, B, NH, DH), u = dt::unit_index(t, b, h, j, B, NH, DH);
-          float dy = p.dy[u];
-          dy += t < S - 1 ? recurrent_dy(t + 1, tile, bl, jl) : p.dy_last[u0];
-          float raw[4];
-          for (int g = 0; g < 4; ++g) raw[g] = tape_gates[dt::gate_index(t, b, g, h, j, B, NH, DH)];
-          float c0 = 0.f, n0 = 0.f, m0 = 0.f;
-          if (t > 0) {
-            const int64_t up = dt::unit_index(t - 1, b, h, j, B, NH, DH);
-            c0 = tape_c[up], n0 = tape_n[up], m0 = tape_m[up];
-          } else if (init) {
-            c0 = p.c_init[u0], n0 = p.n_init[u0], m0 = p.m_init[u0];
-          }
-          const auto gd = dt::cell_backward(dt::GatesRaw<float>{raw[0], raw[1], raw[2], raw[3]}, c0, n0, m0, dy,
-                                            dc[u0], dn[u0], dm[u0]);
-          dc[u0] = gd.dc0, dn[u0] = gd.dn0, dm[u0] = gd.dm0;
-          const float d4[4] = {gd.d.i, gd.d.f, gd.d.z, gd.d.o};
-          for (int g = 0; g < 4; ++g) {
-            const int64_t gi = dt::gate_index(t, b, g, h, j, B, NH, DH);
-            dgates_step[gi - t * 4 * U1] = d4[g];
-            e.dwx[gi] = d4[g];
-            dbias_partial[dt::gate_index(0, b, g, h, j, B, NH, DH)] += d4[g];
-          }
-        }
-      }
-    }
-    // the step barrier: dgates_t replaces the raw gates of step t in the tape
-    std::copy(dgates_step.begin(), dgates_step.end(), tape_gates.begin() + t * 4 * U1);
-  }
-  for (int64_t group = 0; group < groups; ++group)
-    for (int split = 0; split < splits; ++split) {
-      const dt::BlockTile tile = dt::block_tile(group, split, U, NH);
-      for (int pr = 0; pr < dt::kBatchTile * U; ++pr) {
-        const int bl = pr / U, jl = pr % U;
-        const int64_t b = tile.b0 + bl, j = tile.j0 + jl;
-        if (b < B) e.dy_init[dt::unit_index(0, b, tile.h, j, B, NH, DH)] = recurrent_dy(0, tile, bl, jl);
-      }
-    }
-  e.dc_init = dc, e.dn_init = dn;
-  // sum_partials_kernel over batch rows
-  e.dbias.assign(4 * NH * DH, 0.f);
-  for (int64_t i = 0; i < 4 * NH * DH; ++i) {
-    float s = 0.f;
-    for (int64_t b = 0; b < B; ++b) s += dbias_partial[b * 4 * NH * DH + i];
-    e.dbias[i] = s;
-  }
-  // dr_partial_kernel + sum_partials_kernel
-  const dt::DrSplit split = dt::dr_split(S, B, NH, DH);
-  const int64_t M = 4 * DH, H = NH * DH, K = S * B;
-  std::vector<float> partial(split.chunks * NH * M * DH, 0.f);
-  for (int64_t chunk = 0; chunk < split.chunks; ++chunk)
-    for (int64_t h = 0; h < NH; ++h)
-      for (int64_t mm = 0; mm < M; ++mm)
-        for (int64_t nn = 0; nn < DH; ++nn) {
-          float acc = 0.f;
-          const int64_t k_end = std::min(K, (chunk + 1) * split.chunk_len);
-          for (int64_t k = chunk * split.chunk_len; k < k_end; ++k) {
-            const float av = tape_gates[k * 4 * H + (mm / DH) * H + h * DH + mm % DH];
-            const float bv = k >= B ? e.y[(k - B) * H + h * DH + nn] : (init ? p.y_init[k * H + h * DH + nn] : 0.f);
-            acc = std::fma(av, bv, acc);
-          }
-          partial[((chunk * NH + h) * M + mm) * DH + nn] = acc;
-        }
-  e.dr.assign(NH * M * DH, 0.f);
-  for (int64_t i = 0; i < NH * M * DH; ++i) {
-    float s = 0.f;
-    for (int64_t chunk = 0; chunk < split.chunks; ++chunk) s += partial[chunk * NH * M * DH + i];
-    e.dr[i] = s;
-  }
-  return e;
-}
-
 template <class A>
 bool bitwise_equal(const std::vector<A>& a, const std::vector<A>& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(A)) == 0);
@@ -497,12 +481,13 @@ TEST_CASE("slstm device decomposition, emulated on the host, matches the referen
     const Problem<float> pf = to_float_problem(pd);
     const Outputs want = run_forward(pd);
     const Grads gwant = run_backward(pd, true);
-    Emulation first;
+    moxe::test::SlstmEmulation first;
     bool have_first = false;
     for (int units = 16; units <= cs.d.head_dim; units += 16) {
       if (cs.d.head_dim % units != 0) continue;
       CAPTURE(units);
-      const Emulation e = emulate_device(pf, units);
+      const moxe::test::SlstmEmulation e =
+          moxe::test::emulate_slstm_device(inputs_of(pf), units, [](float x) { return x; });
       CHECK(moxe::test::rel_error(e.y, want.y) < 1e-5);
       CHECK(moxe::test::rel_error(e.c_last, want.c_last) < 1e-5);
       CHECK(moxe::test::rel_error(e.n_last, want.n_last) < 1e-5);
@@ -514,6 +499,7 @@ TEST_CASE("slstm device decomposition, emulated on the host, matches the referen
         CHECK(moxe::test::rel_error(e.dy_init, gwant.dy_init) < 1e-4);
         CHECK(moxe::test::rel_error(e.dc_init, gwant.dc_init) < 1e-4);
         CHECK(moxe::test::rel_error(e.dn_init, gwant.dn_init) < 1e-4);
+        CHECK(moxe::test::rel_error(e.dm_init, gwant.dm_init) < 1e-4);
       }
       if (!have_first) {
         first = e;
@@ -646,9 +632,19 @@ TEST_CASE("slstm reference: bad input writes nothing") {
   expect_backward_rejected([](BP& g) { g.dr = nullptr; });
   expect_backward_rejected([](BP& g) { g.dy = nullptr; });
   expect_backward_rejected([&](BP& g) { g.dy_last = p.dy_last.data(); });  // partial upstream group
+  expect_backward_rejected([&](BP& g) {  // the upstream group without dm_last
+    g.dy_last = p.dy_last.data();
+    g.dc_last = p.dc_last.data();
+    g.dn_last = p.dn_last.data();
+  });
   expect_backward_rejected([&](BP& g) {  // partial initial-state gradient group
     g.dy_init = dyi.data();
     g.dc_init = dyi.data();
+  });
+  expect_backward_rejected([&](BP& g) {  // the initial-state gradients without dm_init
+    g.dy_init = dyi.data();
+    g.dc_init = dyi.data();
+    g.dn_init = dyi.data();
   });
   for (double v : dwx) CHECK(v == 7.0);
   for (double v : dr) CHECK(v == 7.0);

@@ -3,6 +3,8 @@
 // poisoned outputs, misaligned workspaces, bitwise determinism, graph capture, bad input.
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <array>
 #include <cstring>
 #include <vector>
 
@@ -10,6 +12,7 @@
 #include "moxe/slstm/reference.hpp"
 #include "moxe/slstm/sequence.cuh"
 #include "moxe/slstm/step.cuh"
+#include "sequence_problem.cuh"
 #include "slstm_testing.hpp"
 #include "test_utils.hpp"
 
@@ -23,78 +26,39 @@ using moxe::test::forward_params;
 using moxe::test::step_params;
 
 template <class T>
-struct Tolerance;
-template <>
-struct Tolerance<float> {
-  static constexpr double fwd = 2e-5, bwd = 2e-4;
-};
-template <>
-struct Tolerance<__nv_bfloat16> {
-  static constexpr double fwd = 2e-2, bwd = 5e-2;
-};
-template <>
-struct Tolerance<__half> {
-  static constexpr double fwd = 5e-3, bwd = 2e-2;
-};
+using Tolerance = moxe::test::SlstmTolerance<T>;
 
-/// One problem: inputs rounded through T (double copies for the reference) and uploaded.
+/// One problem (sequence_problem.cuh: inputs rounded through T, gauge-consistent upstream
+/// gradients), uploaded.
 template <class T>
-struct Problem {
-  sl::Dims d;
-  bool init;
-  std::vector<double> wx, r, bias, y0, c0, n0, m0, dy, dy_last, dc_last, dn_last;
+struct Problem : moxe::test::SequenceProblem<T> {
+  using Base = moxe::test::SequenceProblem<T>;
   DeviceBuffer<T> d_wx, d_r, d_bias, d_dy;
-  DeviceBuffer<float> d_y0, d_c0, d_n0, d_m0, d_dy_last, d_dc_last, d_dn_last;
+  DeviceBuffer<float> d_y0, d_c0, d_n0, d_m0, d_dy_last, d_dc_last, d_dn_last, d_dm_last;
 
-  int64_t units() const { return d.batch * d.heads * d.head_dim; }
-
-  Problem(moxe::test::Rng& rng, sl::Dims dims, bool with_init, double wx_scale = 1.0) : d(dims), init(with_init) {
-    const int64_t H = d.heads * d.head_dim, U = units();
-    const double r_scale = 1.0 / std::sqrt(static_cast<double>(d.head_dim));
-    wx = moxe::test::round_through<T>(moxe::test::uniform_vector<double>(rng, d.seq_len * d.batch * 4 * H, -wx_scale, wx_scale));
-    r = moxe::test::round_through<T>(moxe::test::uniform_vector<double>(rng, d.heads * 4 * d.head_dim * d.head_dim, -r_scale, r_scale));
-    bias = moxe::test::round_through<T>(moxe::test::uniform_vector<double>(rng, 4 * H, -0.5, 0.5));
-    dy = moxe::test::round_through<T>(moxe::test::uniform_vector<double>(rng, d.seq_len * U));
-    auto f32 = [](std::vector<double> v) {
-      for (double& x : v) x = static_cast<float>(x);
-      return v;
-    };
-    y0 = f32(moxe::test::uniform_vector<double>(rng, U));
-    c0 = f32(moxe::test::uniform_vector<double>(rng, U));
-    n0 = f32(moxe::test::uniform_vector<double>(rng, U, 0.5, 2.0));
-    m0 = f32(moxe::test::uniform_vector<double>(rng, U));
-    dy_last = f32(moxe::test::uniform_vector<double>(rng, U));
-    dc_last = f32(moxe::test::uniform_vector<double>(rng, U));
-    dn_last = f32(moxe::test::uniform_vector<double>(rng, U));
-    d_wx = DeviceBuffer<T>(moxe::test::convert_to<T>(wx));
-    d_r = DeviceBuffer<T>(moxe::test::convert_to<T>(r));
-    d_bias = DeviceBuffer<T>(moxe::test::convert_to<T>(bias));
-    d_dy = DeviceBuffer<T>(moxe::test::convert_to<T>(dy));
-    d_y0 = DeviceBuffer<float>(moxe::test::convert_to<float>(y0));
-    d_c0 = DeviceBuffer<float>(moxe::test::convert_to<float>(c0));
-    d_n0 = DeviceBuffer<float>(moxe::test::convert_to<float>(n0));
-    d_m0 = DeviceBuffer<float>(moxe::test::convert_to<float>(m0));
-    d_dy_last = DeviceBuffer<float>(moxe::test::convert_to<float>(dy_last));
-    d_dc_last = DeviceBuffer<float>(moxe::test::convert_to<float>(dc_last));
-    d_dn_last = DeviceBuffer<float>(moxe::test::convert_to<float>(dn_last));
-  }
+  Problem(moxe::test::Rng& rng, sl::Dims dims, bool with_init, double wx_scale = 1.0)
+      : Base(rng, dims, with_init, wx_scale),
+        d_wx(moxe::test::convert_to<T>(this->wx)),
+        d_r(moxe::test::convert_to<T>(this->r)),
+        d_bias(moxe::test::convert_to<T>(this->bias)),
+        d_dy(moxe::test::convert_to<T>(this->dy)),
+        d_y0(moxe::test::convert_to<float>(this->y0)),
+        d_c0(moxe::test::convert_to<float>(this->c0)),
+        d_n0(moxe::test::convert_to<float>(this->n0)),
+        d_m0(moxe::test::convert_to<float>(this->m0)),
+        d_dy_last(moxe::test::convert_to<float>(this->dy_last)),
+        d_dc_last(moxe::test::convert_to<float>(this->dc_last)),
+        d_dn_last(moxe::test::convert_to<float>(this->dn_last)),
+        d_dm_last(moxe::test::convert_to<float>(this->dm_last)) {}
 
   /// The inputs on the device (T, states in float).
   moxe::test::SequenceInputs<T, float> device() const {
     const float* none = nullptr;
-    return {d,
+    const bool init = this->init;
+    return {this->d,
             d_wx.get(), d_r.get(), d_bias.get(),
             init ? d_y0.get() : none, init ? d_c0.get() : none, init ? d_n0.get() : none, init ? d_m0.get() : none,
-            d_dy.get(), d_dy_last.get(), d_dc_last.get(), d_dn_last.get()};
-  }
-
-  /// The same inputs on the host, in double: what the reference runs on.
-  moxe::test::SequenceInputs<double, double> host() const {
-    const double* none = nullptr;
-    return {d,
-            wx.data(), r.data(), bias.data(),
-            init ? y0.data() : none, init ? c0.data() : none, init ? n0.data() : none, init ? m0.data() : none,
-            dy.data(), dy_last.data(), dc_last.data(), dn_last.data()};
+            d_dy.get(), d_dy_last.get(), d_dc_last.get(), d_dn_last.get(), d_dm_last.get()};
   }
 };
 
@@ -124,44 +88,69 @@ struct DeviceStates {
         m(moxe::test::convert_to<float>(pb.m0)) {}
 };
 
-template <class T>
-void check_forward(const Problem<T>& pb, int units_per_block = 0) {
-  const int64_t U = pb.units();
-  const ReferenceForward ref = reference_forward(pb);
+/// How the launchers cut the problem: units per block and groups per launch (0: theirs).
+struct Launch {
+  int units = 0;
+  int64_t max_groups_per_launch = 0;
+};
 
-  DeviceBuffer<T> d_y(ref.y.size());
+template <class T, class Acc>
+void apply(const Launch& l, sl::ForwardParams<T, Acc>& p) {
+  p.units_per_block = l.units;
+  p.max_groups_per_launch = l.max_groups_per_launch;
+}
+
+/// The device forward of `in`: y and the final states (written into poisoned buffers).
+struct ForwardOut {
+  std::vector<double> y, yl, cl, nl, ml;
+};
+
+template <class T>
+ForwardOut run_device_forward(const moxe::test::SequenceInputs<T, float>& in, const Launch& launch) {
+  const int64_t U = in.dims.batch * sl::hidden(in.dims);
+  DeviceBuffer<T> d_y(in.dims.seq_len * U);
   DeviceBuffer<float> d_yl(U), d_cl(U), d_nl(U), d_ml(U);
   for (auto* b : {&d_yl, &d_cl, &d_nl, &d_ml}) b->poison();
   d_y.poison();
-  auto p = forward_params(pb.device(), d_y.get(), d_yl.get(), d_cl.get(), d_nl.get(), d_ml.get());
-  p.units_per_block = units_per_block;
+  auto p = forward_params(in, d_y.get(), d_yl.get(), d_cl.get(), d_nl.get(), d_ml.get());
+  apply(launch, p);
   const std::size_t bytes = sl::sequence_forward_workspace_size(p);
   moxe::test::MisalignedWorkspace ws(bytes);
   REQUIRE(sl::sequence_forward(p, ws.get(), ws.bytes(), nullptr) == Status::ok);
   MOXE_TEST_CUDA(cudaDeviceSynchronize());
-  const double tol = Tolerance<T>::fwd;
-  CHECK(moxe::test::rel_error(moxe::test::convert_to_double(d_y.download()), ref.y) < tol);
-  CHECK(moxe::test::rel_error(d_yl.download(), ref.yl) < tol);
-  CHECK(moxe::test::rel_error(d_cl.download(), ref.cl) < tol);
-  CHECK(moxe::test::rel_error(d_nl.download(), ref.nl) < tol);
-  CHECK(moxe::test::rel_error(d_ml.download(), ref.ml) < tol);
+  return {moxe::test::convert_to_double(d_y.download()), moxe::test::to_double(d_yl.download()),
+          moxe::test::to_double(d_cl.download()), moxe::test::to_double(d_nl.download()),
+          moxe::test::to_double(d_ml.download())};
 }
 
-struct BackwardOut {
-  std::vector<double> dwx, dr, dbias, dyi, dci, dni;
-};
-
 template <class T>
-BackwardOut run_device_backward(const Problem<T>& pb, bool upstream, int units_per_block, std::size_t misalign = 1) {
-  const int64_t U = pb.units();
-  DeviceBuffer<T> dwx(pb.wx.size()), dr(pb.r.size()), dbias(pb.bias.size());
-  DeviceBuffer<float> dyi(U), dci(U), dni(U);
+void check_forward(const Problem<T>& pb, const Launch& launch = {}) {
+  const ReferenceForward ref = reference_forward(pb);
+  const ForwardOut o = run_device_forward(pb.device(), launch);
+  const double tol = Tolerance<T>::fwd;
+  CHECK(moxe::test::rel_error(o.y, ref.y) < tol);
+  CHECK(moxe::test::rel_error(o.yl, ref.yl) < tol);
+  CHECK(moxe::test::rel_error(o.cl, ref.cl) < tol);
+  CHECK(moxe::test::rel_error(o.nl, ref.nl) < tol);
+  CHECK(moxe::test::rel_error(o.ml, ref.ml) < tol);
+}
+
+using BackwardOut = moxe::test::ReferenceGradients;  // the same gradients, from the device
+
+/// The device backward of `in` (every gradient, from poisoned buffers; with no initial
+/// states dy_init, dc_init, dn_init, dm_init are the gradients at the zero states).
+template <class T>
+BackwardOut run_device_backward(const moxe::test::SequenceInputs<T, float>& in, bool upstream, const Launch& launch,
+                                std::size_t misalign = 1) {
+  const int64_t U = in.dims.batch * sl::hidden(in.dims), H = sl::hidden(in.dims);
+  const int64_t DH = in.dims.head_dim;
+  DeviceBuffer<T> dwx(in.dims.seq_len * in.dims.batch * 4 * H), dr(in.dims.heads * 4 * DH * DH), dbias(4 * H);
+  DeviceBuffer<float> dyi(U), dci(U), dni(U), dmi(U);
   for (auto* b : {&dwx, &dr, &dbias}) b->poison();
-  for (auto* b : {&dyi, &dci, &dni}) b->poison();
-  // with no initial states dy_init, dc_init, dn_init are the gradients at the zero states
-  sl::BackwardParams<T, float> p =
-      backward_params(pb.device(), upstream, dwx.get(), dr.get(), dbias.get(), dyi.get(), dci.get(), dni.get());
-  p.fwd.units_per_block = units_per_block;
+  for (auto* b : {&dyi, &dci, &dni, &dmi}) b->poison();
+  sl::BackwardParams<T, float> p = backward_params(in, upstream, dwx.get(), dr.get(), dbias.get(), dyi.get(),
+                                                   dci.get(), dni.get(), dmi.get());
+  apply(launch, p.fwd);
   const std::size_t bytes = sl::sequence_backward_workspace_size(p);
   moxe::test::MisalignedWorkspace ws(bytes, misalign);
   REQUIRE(sl::sequence_backward(p, ws.get(), ws.bytes(), nullptr) == Status::ok);
@@ -173,53 +162,41 @@ BackwardOut run_device_backward(const Problem<T>& pb, bool upstream, int units_p
   o.dyi = moxe::test::to_double(dyi.download());
   o.dci = moxe::test::to_double(dci.download());
   o.dni = moxe::test::to_double(dni.download());
+  o.dmi = moxe::test::to_double(dmi.download());
   return o;
 }
 
 template <class T>
-void check_backward(const Problem<T>& pb, bool upstream, int units_per_block = 0) {
-  const int64_t U = pb.units();
-  std::vector<double> dwx(pb.wx.size()), dr(pb.r.size()), dbias(pb.bias.size()), dyi(U), dci(U), dni(U);
-  REQUIRE(sl::reference::backward(backward_params(pb.host(), upstream, dwx.data(), dr.data(), dbias.data(),
-                                                 dyi.data(), dci.data(), dni.data())) == Status::ok);
-  const BackwardOut o = run_device_backward(pb, upstream, units_per_block);
-  const double tol = Tolerance<T>::bwd;
-  CHECK(moxe::test::rel_error(o.dwx, dwx) < tol);
-  CHECK(moxe::test::rel_error(o.dr, dr) < tol);
-  CHECK(moxe::test::rel_error(o.dbias, dbias) < tol);
-  CHECK(moxe::test::rel_error(o.dyi, dyi) < tol);
-  CHECK(moxe::test::rel_error(o.dci, dci) < tol);
-  CHECK(moxe::test::rel_error(o.dni, dni) < tol);
+BackwardOut run_device_backward(const Problem<T>& pb, bool upstream, const Launch& launch, std::size_t misalign = 1) {
+  return run_device_backward(pb.device(), upstream, launch, misalign);
 }
 
-struct Shape {
-  sl::Dims d;
-  bool init;
-  int units;  // 0: the launcher's choice
-};
+template <class T>
+void check_backward(const Problem<T>& pb, bool upstream, const Launch& launch = {}) {
+  const BackwardOut ref = moxe::test::reference_gradients(pb, upstream);
+  const BackwardOut o = run_device_backward(pb, upstream, launch);
+  const double tol = Tolerance<T>::bwd;
+  CHECK(moxe::test::rel_error(o.dwx, ref.dwx) < tol);
+  CHECK(moxe::test::rel_error(o.dr, ref.dr) < tol);
+  CHECK(moxe::test::rel_error(o.dbias, ref.dbias) < tol);
+  CHECK(moxe::test::rel_error(o.dyi, ref.dyi) < tol);
+  CHECK(moxe::test::rel_error(o.dci, ref.dci) < tol);
+  CHECK(moxe::test::rel_error(o.dni, ref.dni) < tol);
+  CHECK(moxe::test::rel_error(o.dmi, ref.dmi) < tol);
+}
 
-// S in {1, 7, 64, 300}; head_dim 16..256; batch not a multiple of the 16-row tile; forced
-// multi-block (cooperative) groups via units. {3, 150, 4, 64} with U = 16: 40 groups of 4
-// blocks, more than fit at once on an H100 (one block per SM, 132 SMs: 33 groups), so the
-// launcher splits it into several cooperative launches.
-const Shape kShapes[] = {
-    {{1, 3, 2, 16}, true, 0},    {{7, 17, 3, 16}, false, 0},  {{64, 5, 2, 64}, true, 0},
-    {{7, 2, 2, 64}, true, 16},   {{300, 17, 1, 32}, true, 0}, {{7, 3, 1, 128}, true, 0},
-    {{7, 3, 2, 192}, false, 0},  {{7, 3, 2, 256}, true, 0},   {{64, 1, 1, 256}, true, 0},
-    {{3, 150, 4, 64}, true, 16},
-};
-
-/// Runs check(problem, units) on a fresh problem of every shape in kShapes.
+/// Runs check(problem, launch) on a fresh problem of every shape of slstm_shapes().
 template <class T, class Check>
 void for_each_shape(moxe::test::Rng& rng, Check check) {
-  for (const Shape& s : kShapes) {
+  for (const moxe::test::SlstmShape& s : moxe::test::slstm_shapes()) {
     CAPTURE(s.d.seq_len);
     CAPTURE(s.d.batch);
     CAPTURE(s.d.heads);
     CAPTURE(s.d.head_dim);
     CAPTURE(s.units);
+    CAPTURE(s.max_groups_per_launch);
     const Problem<T> pb(rng, s.d, s.init);
-    check(pb, s.units);
+    check(pb, Launch{s.units, s.max_groups_per_launch});
   }
 }
 
@@ -229,26 +206,136 @@ TEST_CASE_TEMPLATE("slstm sequence_forward matches the reference", T, float, __n
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
-  for_each_shape<T>(rng, [](const Problem<T>& pb, int units) { check_forward(pb, units); });
+  for_each_shape<T>(rng, [](const Problem<T>& pb, const Launch& launch) { check_forward(pb, launch); });
   Problem<T> large(rng, sl::Dims{7, 3, 2, 32}, true, 10.0);  // large gate pre-activations
   check_forward(large);
 }
 
 TEST_CASE_TEMPLATE("slstm sequence_backward matches the reference", T, float, __nv_bfloat16, __half) {
+  // tests/slstm/check_sequence_emulated.cu runs these problems (same seed, same draws)
+  // through a host emulation of the kernels' arithmetic in T
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
-  for_each_shape<T>(rng, [](const Problem<T>& pb, int units) { check_backward(pb, /*upstream=*/true, units); });
+  for_each_shape<T>(rng, [](const Problem<T>& pb, const Launch& launch) {
+    check_backward(pb, /*upstream=*/true, launch);
+  });
   Problem<T> pb(rng, sl::Dims{7, 5, 2, 32}, true);
   check_backward(pb, /*upstream=*/false);
 }
 
+TEST_CASE_TEMPLATE("slstm device: a sequence run as chained calls equals it run whole", T, float, __nv_bfloat16,
+                   __half) {
+  // Truncated BPTT with carried states. The forward of the second call starts from the
+  // float states the first one ends in, and each call's backward takes the next call's
+  // initial-state gradients as its upstream: the same arithmetic as the whole run, so y,
+  // the states, dwx and the initial-state gradients agree bit for bit; dr and dbias are
+  // sums over the calls (and the later calls' dr reads y_init in float where the whole
+  // run reads y in T), equal up to rounding. Random upstream gradients of the final states:
+  // whole and chained take the same branch of every max, so no gauge is needed here.
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  struct Case {
+    sl::Dims d;
+    bool init;
+    std::vector<int64_t> lengths;
+    Launch launch;
+  };
+  const std::vector<Case> cases = {
+      {{6, 3, 2, 16}, true, {3, 3}, {}},
+      {{6, 17, 1, 32}, false, {1, 5}, {0, 1}},
+      {{5, 2, 2, 64}, true, {2, 1, 2}, {16, 1}},
+  };
+  for (const Case& cs : cases) {
+    CAPTURE(cs.d.seq_len);
+    CAPTURE(cs.d.batch);
+    CAPTURE(cs.d.head_dim);
+    CAPTURE(cs.lengths.size());
+    CAPTURE(cs.launch.units);
+    Problem<T> pb(rng, cs.d, cs.init);
+    moxe::test::Rng urng(rng.integer(0, 1 << 30));  // random upstream, not gauge-consistent
+    const std::vector<float> dm_random = moxe::test::uniform_vector<float>(urng, pb.units());
+    pb.d_dm_last.upload(dm_random);
+    const ForwardOut whole = run_device_forward(pb.device(), cs.launch);
+    const BackwardOut gwhole = run_device_backward(pb.device(), /*upstream=*/true, cs.launch);
+
+    // the calls, forward in order
+    const int64_t U = pb.units(), gate_step = cs.d.batch * 4 * sl::hidden(cs.d);
+    std::vector<moxe::test::SequenceInputs<T, float>> parts;
+    std::vector<ForwardOut> outs;
+    std::vector<std::array<DeviceBuffer<float>, 4>> states;  // each call's final y, c, n, m
+    int64_t t0 = 0;
+    for (int64_t len : cs.lengths) {
+      moxe::test::SequenceInputs<T, float> in = pb.device();
+      in.dims.seq_len = len;
+      in.wx += t0 * gate_step;
+      in.dy += t0 * U;
+      if (!states.empty()) {
+        in.y_init = states.back()[0].get();
+        in.c_init = states.back()[1].get();
+        in.n_init = states.back()[2].get();
+        in.m_init = states.back()[3].get();
+      }
+      outs.push_back(run_device_forward(in, cs.launch));
+      const ForwardOut& o = outs.back();
+      states.push_back({DeviceBuffer<float>(moxe::test::convert_to<float>(o.yl)),
+                        DeviceBuffer<float>(moxe::test::convert_to<float>(o.cl)),
+                        DeviceBuffer<float>(moxe::test::convert_to<float>(o.nl)),
+                        DeviceBuffer<float>(moxe::test::convert_to<float>(o.ml))});
+      parts.push_back(in);
+      t0 += len;
+    }
+    std::vector<double> y;
+    for (const ForwardOut& o : outs) y.insert(y.end(), o.y.begin(), o.y.end());
+    CHECK(y == whole.y);
+    CHECK(outs.back().yl == whole.yl);
+    CHECK(outs.back().cl == whole.cl);
+    CHECK(outs.back().nl == whole.nl);
+    CHECK(outs.back().ml == whole.ml);
+
+    // the calls, backward in reverse; the upstream of each is the next one's dy/dc/dn/dm_init
+    std::vector<double> dwx(gwhole.dwx.size()), dr(gwhole.dr.size(), 0.0), dbias(gwhole.dbias.size(), 0.0);
+    BackwardOut first;
+    std::array<DeviceBuffer<float>, 4> upstream;
+    for (std::size_t k = parts.size(); k-- > 0;) {
+      moxe::test::SequenceInputs<T, float> in = parts[k];
+      if (k + 1 < parts.size()) {
+        in.dy_last = upstream[0].get();
+        in.dc_last = upstream[1].get();
+        in.dn_last = upstream[2].get();
+        in.dm_last = upstream[3].get();
+      }
+      const BackwardOut g = run_device_backward(in, /*upstream=*/true, cs.launch);
+      const int64_t offset = (in.wx - pb.device().wx);
+      std::copy(g.dwx.begin(), g.dwx.end(), dwx.begin() + offset);
+      for (std::size_t i = 0; i < dr.size(); ++i) dr[i] += g.dr[i];
+      for (std::size_t i = 0; i < dbias.size(); ++i) dbias[i] += g.dbias[i];
+      upstream = {DeviceBuffer<float>(moxe::test::convert_to<float>(g.dyi)),
+                  DeviceBuffer<float>(moxe::test::convert_to<float>(g.dci)),
+                  DeviceBuffer<float>(moxe::test::convert_to<float>(g.dni)),
+                  DeviceBuffer<float>(moxe::test::convert_to<float>(g.dmi))};
+      if (k == 0) first = g;
+    }
+    CHECK(dwx == gwhole.dwx);
+    CHECK(first.dyi == gwhole.dyi);
+    CHECK(first.dci == gwhole.dci);
+    CHECK(first.dni == gwhole.dni);
+    CHECK(first.dmi == gwhole.dmi);
+    CHECK(moxe::test::rel_error(dr, gwhole.dr) < Tolerance<T>::fwd);
+    CHECK(moxe::test::rel_error(dbias, gwhole.dbias) < Tolerance<T>::fwd);
+  }
+}
+
 TEST_CASE_TEMPLATE("slstm backward is deterministic", T, float, __nv_bfloat16) {
-  moxe::test::Rng rng(moxe::test::fresh_seed());
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
   Problem<T> pb(rng, sl::Dims{64, 19, 2, 64}, true);
-  const BackwardOut a = run_device_backward(pb, true, 16, 1);
-  const BackwardOut b = run_device_backward(pb, true, 16, 3);
-  const BackwardOut c = run_device_backward(pb, true, 0, 1);  // the split over blocks changes no bit
+  const BackwardOut a = run_device_backward(pb, true, Launch{16, 0}, 1);
+  const BackwardOut b = run_device_backward(pb, true, Launch{16, 0}, 3);
+  const BackwardOut c = run_device_backward(pb, true, Launch{0, 0}, 1);  // the split over blocks changes no bit
+  const BackwardOut d = run_device_backward(pb, true, Launch{0, 1}, 1);  // nor the groups per launch
   auto same = [](const std::vector<double>& x, const std::vector<double>& y) {
     return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(double)) == 0;
   };
@@ -256,12 +343,18 @@ TEST_CASE_TEMPLATE("slstm backward is deterministic", T, float, __nv_bfloat16) {
   CHECK(same(a.dr, b.dr));
   CHECK(same(a.dbias, b.dbias));
   CHECK(same(a.dyi, b.dyi));
+  CHECK(same(a.dmi, b.dmi));
   CHECK(same(a.dwx, c.dwx));
   CHECK(same(a.dr, c.dr));
+  CHECK(same(a.dwx, d.dwx));
+  CHECK(same(a.dr, d.dr));
+  CHECK(same(a.dmi, d.dmi));
 }
 
 TEST_CASE_TEMPLATE("slstm step matches the sequence reference", T, float, __nv_bfloat16) {
-  moxe::test::Rng rng(moxe::test::fresh_seed());
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
   for (int units : {0, 16}) {
     const sl::Dims d{5, 18, 2, 64};
     Problem<T> pb(rng, d, true);
@@ -290,7 +383,9 @@ TEST_CASE_TEMPLATE("slstm step matches the sequence reference", T, float, __nv_b
 TEST_CASE("slstm step in float with y_out == y (the output is the state)") {
   // With a head split over several blocks, every block reads the whole y state at t = 0
   // while the others write their units of y_out: the launcher must add a group barrier.
-  moxe::test::Rng rng(moxe::test::fresh_seed());
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
   for (int units : {0, 16}) {
     CAPTURE(units);
     const sl::Dims d{6, 18, 2, 64};
@@ -313,7 +408,9 @@ TEST_CASE("slstm step in float with y_out == y (the output is the state)") {
 }
 
 TEST_CASE("slstm forward under graph capture") {
-  moxe::test::Rng rng(moxe::test::fresh_seed());
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
   for (int units : {0, 16}) {
     Problem<__nv_bfloat16> pb(rng, sl::Dims{7, 3, 2, 64}, true);
     const int64_t U = pb.units();
@@ -343,7 +440,9 @@ TEST_CASE("slstm forward under graph capture") {
 }
 
 TEST_CASE("slstm device: bad input launches nothing and writes nothing") {
-  moxe::test::Rng rng(moxe::test::fresh_seed());
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
   Problem<float> pb(rng, sl::Dims{3, 2, 2, 32}, true);
   const int64_t U = pb.units();
   DeviceBuffer<float> y(3 * U), yl(U), cl(U), nl(U), ml(U);
@@ -365,6 +464,7 @@ TEST_CASE("slstm device: bad input launches nothing and writes nothing") {
   expect_forward(Status::unsupported, [](FP& p) { p.dims.head_dim = 272; });
   expect_forward(Status::unsupported, [](FP& p) { p.dims.heads = 17; });
   expect_forward(Status::unsupported, [](FP& p) { p.units_per_block = 24; });
+  expect_forward(Status::invalid_argument, [](FP& p) { p.max_groups_per_launch = -1; });
   MOXE_TEST_CUDA(cudaDeviceSynchronize());
   auto all_poison = [](const std::vector<float>& v) {
     for (float x : v) {
@@ -399,6 +499,16 @@ TEST_CASE("slstm device: bad input launches nothing and writes nothing") {
   using BP = sl::BackwardParams<float, float>;
   expect_backward(Status::invalid_argument, [](BP& p) { p.dr = nullptr; });
   expect_backward(Status::invalid_argument, [&](BP& p) { p.dy_last = pb.d_dy_last.get(); });  // partial upstream group
+  expect_backward(Status::invalid_argument, [&](BP& p) {  // the upstream group without dm_last
+    p.dy_last = pb.d_dy_last.get();
+    p.dc_last = pb.d_dc_last.get();
+    p.dn_last = pb.d_dn_last.get();
+  });
+  expect_backward(Status::invalid_argument, [&](BP& p) {  // the initial-state gradients without dm_init
+    p.dy_init = dyi.get();
+    p.dc_init = dyi.get();
+    p.dn_init = dyi.get();
+  });
   expect_backward(Status::unsupported, [](BP& p) { p.fwd.dims.head_dim = 8; });
   const sl::StepParams<float, float> s =
       step_params(pb.device(), 0, yl.get(), cl.get(), nl.get(), /*m: missing state*/ nullptr, y.get());

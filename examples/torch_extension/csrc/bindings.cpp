@@ -24,7 +24,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("units_per_block"));
   m.def("slstm_sequence_backward", &slstm_sequence_backward, py::arg("wx"), py::arg("r"), py::arg("bias"),
         py::arg("y_init"), py::arg("c_init"), py::arg("n_init"), py::arg("m_init"), py::arg("dy"),
-        py::arg("dy_last"), py::arg("dc_last"), py::arg("dn_last"), py::arg("init_grads"),
+        py::arg("dy_last"), py::arg("dc_last"), py::arg("dn_last"), py::arg("dm_last"), py::arg("init_grads"),
         py::arg("units_per_block"));
 
   m.def("gate_forward", &gate_forward, py::arg("logits"), py::arg("difficulty_logit"), py::arg("mlstm_experts"),

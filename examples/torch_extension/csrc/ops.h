@@ -44,13 +44,15 @@ std::vector<at::Tensor> slstm_sequence_forward(const at::Tensor& wx, const at::T
                                                const OptTensor& n_init, const OptTensor& m_init,
                                                bool return_last_states, int64_t units_per_block);
 
-// Returns dwx, dr, dbias, dy_init, dc_init, dn_init (the last three None unless init_grads).
+// dy_last, dc_last, dn_last, dm_last: upstream gradients of the final states (all or none).
+// Returns dwx, dr, dbias, dy_init, dc_init, dn_init, dm_init (the last four None unless
+// init_grads).
 std::vector<at::Tensor> slstm_sequence_backward(const at::Tensor& wx, const at::Tensor& r, const at::Tensor& bias,
                                                 const OptTensor& y_init, const OptTensor& c_init,
                                                 const OptTensor& n_init, const OptTensor& m_init,
                                                 const at::Tensor& dy, const OptTensor& dy_last,
-                                                const OptTensor& dc_last, const OptTensor& dn_last, bool init_grads,
-                                                int64_t units_per_block);
+                                                const OptTensor& dc_last, const OptTensor& dn_last,
+                                                const OptTensor& dm_last, bool init_grads, int64_t units_per_block);
 
 // ---- the MoxE gate (moxe::router::gate_forward / gate_backward) ------------------------
 // logits [T, E] (unit stride along E, any row stride >= E), difficulty_logit [T] (any

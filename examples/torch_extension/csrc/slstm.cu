@@ -76,19 +76,20 @@ std::vector<at::Tensor> slstm_sequence_backward(const at::Tensor& wx, const at::
                                                 const OptTensor& y_init, const OptTensor& c_init,
                                                 const OptTensor& n_init, const OptTensor& m_init,
                                                 const at::Tensor& dy, const OptTensor& dy_last,
-                                                const OptTensor& dc_last, const OptTensor& dn_last, bool init_grads,
-                                                int64_t units_per_block) {
+                                                const OptTensor& dc_last, const OptTensor& dn_last,
+                                                const OptTensor& dm_last, bool init_grads, int64_t units_per_block) {
   const moxe::slstm::Dims d = check_slstm_inputs(wx, r, bias, y_init, c_init, n_init, m_init);
   check_tensor(dy, "dy", wx.scalar_type(), wx, {d.seq_len, d.batch, d.heads, d.head_dim});
-  check_all_or_none({&dy_last, &dc_last, &dn_last}, "dy_last, dc_last, dn_last");
+  check_all_or_none({&dy_last, &dc_last, &dn_last, &dm_last}, "dy_last, dc_last, dn_last, dm_last");
   const std::vector<int64_t> state{d.batch, d.heads, d.head_dim};
   check_optional(dy_last, "dy_last", at::kFloat, wx, state);
   check_optional(dc_last, "dc_last", at::kFloat, wx, state);
   check_optional(dn_last, "dn_last", at::kFloat, wx, state);
+  check_optional(dm_last, "dm_last", at::kFloat, wx, state);
   const c10::cuda::CUDAGuard guard(wx.device());
   const auto states = wx.options().dtype(at::kFloat);
   at::Tensor dwx = at::empty_like(wx), dr = at::empty_like(r), dbias = at::empty_like(bias);
-  std::vector<at::Tensor> dinit(3);
+  std::vector<at::Tensor> dinit(4);
   for (auto& t : dinit) t = empty_if(init_grads, {d.batch, d.heads, d.head_dim}, states);
   dispatch_element(wx.scalar_type(), "slstm_sequence_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -98,6 +99,7 @@ std::vector<at::Tensor> slstm_sequence_backward(const at::Tensor& wx, const at::
     b.dy_last = ptr<const float>(dy_last);
     b.dc_last = ptr<const float>(dc_last);
     b.dn_last = ptr<const float>(dn_last);
+    b.dm_last = ptr<const float>(dm_last);
     b.dwx = ptr<T>(dwx);
     b.dr = ptr<T>(dr);
     b.dbias = ptr<T>(dbias);
@@ -105,12 +107,13 @@ std::vector<at::Tensor> slstm_sequence_backward(const at::Tensor& wx, const at::
       b.dy_init = ptr<float>(dinit[0]);
       b.dc_init = ptr<float>(dinit[1]);
       b.dn_init = ptr<float>(dinit[2]);
+      b.dm_init = ptr<float>(dinit[3]);
     }
     const Workspace ws = make_workspace(moxe::slstm::sequence_backward_workspace_size(b), wx);
     check_status(moxe::slstm::sequence_backward(b, ws.ptr(), ws.bytes(), current_stream()),
                  "slstm::sequence_backward");
   });
-  return {dwx, dr, dbias, dinit[0], dinit[1], dinit[2]};
+  return {dwx, dr, dbias, dinit[0], dinit[1], dinit[2], dinit[3]};
 }
 
 }  // namespace moxe_torch

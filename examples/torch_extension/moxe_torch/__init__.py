@@ -132,10 +132,11 @@ def mlstm_chunkwise(q: Tensor, k: Tensor, v: Tensor, igate: Tensor, fgate: Tenso
 
 
 class SLSTMSequence(torch.autograd.Function):
-    """moxe::slstm::sequence_forward / sequence_backward.
+    """moxe::slstm::sequence_forward / sequence_backward (the exact gradient).
 
-    m (the stabiliser) carries no gradient: m_last is non-differentiable and m_init must
-    not require grad (the library's backward has no dm_init / dm_last).
+    Every state carries its gradient, the stabiliser m included (dm_last in, dm_init out):
+    a sequence run as chained calls, each starting from the last states of the one before,
+    gets the gradients of the sequence run whole.
     """
 
     @staticmethod
@@ -146,7 +147,6 @@ class SLSTMSequence(torch.autograd.Function):
         ctx.units_per_block = units_per_block
         ctx.set_materialize_grads(False)
         if return_last_states:
-            ctx.mark_non_differentiable(m_last)
             ctx.state_shape = y_last.shape
             return y, y_last, c_last, n_last, m_last
         return y
@@ -158,14 +158,14 @@ class SLSTMSequence(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros((wx.shape[0], wx.shape[1], wx.shape[3], wx.shape[4]), dtype=wx.dtype, device=wx.device)
         if dlast:
-            dy_last, dc_last, dn_last = _zeros_for_missing(dlast[:3], (ctx.state_shape,) * 3, wx)
+            dy_last, dc_last, dn_last, dm_last = _zeros_for_missing(dlast, (ctx.state_shape,) * 4, wx)
         else:
-            dy_last = dc_last = dn_last = None
-        init_grads = y_init is not None and any(ctx.needs_input_grad[3:6])
-        dwx, dr, dbias, dy0, dc0, dn0 = _C.slstm_sequence_backward(
-            wx, r, bias, y_init, c_init, n_init, m_init, dy.contiguous(), dy_last, dc_last, dn_last, init_grads,
-            ctx.units_per_block)
-        return dwx, dr, dbias, dy0, dc0, dn0, None, None, None
+            dy_last = dc_last = dn_last = dm_last = None
+        init_grads = y_init is not None and any(ctx.needs_input_grad[3:7])
+        dwx, dr, dbias, dy0, dc0, dn0, dm0 = _C.slstm_sequence_backward(
+            wx, r, bias, y_init, c_init, n_init, m_init, dy.contiguous(), dy_last, dc_last, dn_last, dm_last,
+            init_grads, ctx.units_per_block)
+        return dwx, dr, dbias, dy0, dc0, dn0, dm0, None, None
 
 
 def slstm_sequence(wx: Tensor, r: Tensor, bias: Tensor,
@@ -176,10 +176,9 @@ def slstm_sequence(wx: Tensor, r: Tensor, bias: Tensor,
     wx [S, B, 4, NH, DH] (input projections, gate order i, f, z, o); r [NH, 4, DH, DH];
     bias [4, NH, DH]; initial_states (y, c, n, m), each float32 [B, NH, DH] (zeros if None).
     Returns y [S, B, NH, DH], and (y, c, n, m) after the last step when return_last_states.
+    All of them are differentiable (m too: chained calls give the whole sequence's gradients).
     """
     y0, c0, n0, m0 = initial_states if initial_states is not None else (None,) * 4
-    if m0 is not None and m0.requires_grad:
-        raise ValueError("slstm_sequence: m_init cannot take a gradient (the stabiliser state has none); detach it")
     out = SLSTMSequence.apply(wx.contiguous(), r.contiguous(), bias.contiguous(), _contiguous(y0), _contiguous(c0),
                               _contiguous(n0), _contiguous(m0), bool(return_last_states), int(units_per_block))
     if return_last_states:

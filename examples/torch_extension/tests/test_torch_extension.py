@@ -225,10 +225,12 @@ def test_references_gradcheck():
         (q, k, v, i, f, c0, n0, m0))
 
     wx, r, b = g(4, 2, 4, 2, 3), g(2, 4, 3, 3, scale=0.3), g(4, 2, 3)
-    y0, c0s, m0s = g(2, 2, 3, scale=0.5), g(2, 2, 3), torch.randn(2, 2, 3, dtype=F64, device=DEV)
+    y0, c0s, m0s = g(2, 2, 3, scale=0.5), g(2, 2, 3), g(2, 2, 3)
     n0s = (torch.rand(2, 2, 3, dtype=F64, device=DEV) + 0.5).requires_grad_()
     assert torch.autograd.gradcheck(lambda *x: slstm_reference(*x)[0], (wx, r, b))
-    assert torch.autograd.gradcheck(lambda *x: slstm_reference(*x, m0s)[0], (wx, r, b, y0, c0s, n0s))
+    assert torch.autograd.gradcheck(
+        lambda *x: torch.cat([t.reshape(-1) for t in (slstm_reference(*x)[0], *slstm_reference(*x)[1])]),
+        (wx, r, b, y0, c0s, n0s, m0s))
 
     z, a = g(6, 4), g(6)
     for modulation in ("standard", "proportional", "masked", "none"):
@@ -343,21 +345,18 @@ def slstm_inputs(S, B, NH, DH, with_states, seed):
 def test_slstm_float32(S, B, NH, DH, units, with_states):
     inputs, states = slstm_inputs(S, B, NH, DH, with_states, seed=S * 10 + DH)
     (wx, r, bias), ref = leaves(inputs, torch.float32)
-    (y0, c0, n0), ref_states = leaves(states[:3], torch.float32)
-    m0 = states[3]  # the stabiliser takes no gradient
-    m0_ref = None if m0 is None else m0.to(F64)
+    (y0, c0, n0, m0), ref_states = leaves(states, torch.float32)
     init = (y0, c0, n0, m0) if with_states else None
     y, last = mt.slstm_sequence(wx, r, bias, init, return_last_states=True, units_per_block=units)
-    y_ref, last_ref = slstm_reference(*ref, *ref_states, m0_ref)
+    y_ref, last_ref = slstm_reference(*ref, *ref_states)
     assert_close(y, y_ref, TOL[torch.float32], "y")
     for name, a, e in zip(["y_last", "c_last", "n_last", "m_last"], last, last_ref):
         assert_close(a, e, TOL[torch.float32], name)
-    assert not last[3].requires_grad
 
-    cot = [torch.randn_like(t) for t in (y_ref, *last_ref[:3])]
-    got = grads((y, *last[:3]), cot, (wx, r, bias, y0, c0, n0))
-    want = grads((y_ref, *last_ref[:3]), cot, (*ref, *ref_states))
-    for name, a, e in zip(["dwx", "dr", "dbias", "dy_init", "dc_init", "dn_init"], got, want):
+    cot = [torch.randn_like(t) for t in (y_ref, *last_ref)]
+    got = grads((y, *last), cot, (wx, r, bias, y0, c0, n0, m0))
+    want = grads((y_ref, *last_ref), cot, (*ref, *ref_states))
+    for name, a, e in zip(["dwx", "dr", "dbias", "dy_init", "dc_init", "dn_init", "dm_init"], got, want):
         assert_close(a, e, TOL[torch.float32], name)
 
 
@@ -372,11 +371,23 @@ def test_slstm_y_only_gradient():
         assert_close(a, e, TOL[torch.float32], name)
 
 
-def test_slstm_m_init_gradient_is_refused():
-    inputs, states = slstm_inputs(3, 1, 1, 16, True, seed=1)
-    states[3].requires_grad_()
-    with pytest.raises(ValueError):
-        mt.slstm_sequence(*inputs, tuple(states))
+def test_slstm_chained_calls_equal_the_whole_sequence():
+    """Truncated BPTT: the second call starts from the first one's last states (m included),
+    autograd carries every state's gradient back: the same gradients as one call."""
+    inputs, states = slstm_inputs(8, 3, 2, 32, True, seed=7)
+    (wx, r, bias), _ = leaves(inputs, torch.float32)
+    (y0, c0, n0, m0), _ = leaves(states, torch.float32)
+    y, last = mt.slstm_sequence(wx, r, bias, (y0, c0, n0, m0), return_last_states=True)
+    y1, mid = mt.slstm_sequence(wx[:3], r, bias, (y0, c0, n0, m0), return_last_states=True)
+    y2, last2 = mt.slstm_sequence(wx[3:], r, bias, mid, return_last_states=True)
+    assert torch.equal(torch.cat([y1, y2]), y)
+    for a, e in zip(last2, last):
+        assert torch.equal(a, e)
+    cot = [torch.randn_like(t, dtype=F64) for t in (y, *last)]
+    whole = grads((y, *last), cot, (wx, r, bias, y0, c0, n0, m0))
+    chained = grads((torch.cat([y1, y2]), *last2), cot, (wx, r, bias, y0, c0, n0, m0))
+    for name, a, e in zip(["dwx", "dr", "dbias", "dy_init", "dc_init", "dn_init", "dm_init"], chained, whole):
+        assert_close(a, e, TOL[torch.float32], name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

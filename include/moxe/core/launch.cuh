@@ -63,6 +63,11 @@ template <class... Params, class... Args>
 inline Status launch_impl(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
                           bool cooperative, Args&&... args) {
   static_assert(sizeof...(Params) == sizeof...(Args), "launch_kernel: wrong number of kernel arguments");
+  // a reference parameter would be passed as the address <<<>>> takes, not the value stored here
+  static_assert((!std::is_reference_v<Params> && ...), "launch_kernel: kernel parameters must be by value");
+  // implicit conversions only, as the copy-initialisation of a <<<>>> call
+  static_assert((std::is_convertible_v<Args&&, std::remove_cv_t<Params>> && ...),
+                "launch_kernel: an argument does not convert implicitly to its kernel parameter");
   // each argument converted to the kernel's parameter type, as a <<<>>> call would
   std::tuple<std::remove_cv_t<std::remove_reference_t<Params>>...> values(std::forward<Args>(args)...);
   return from_cuda(launch_with_tuple(reinterpret_cast<const void*>(kernel), grid, block, smem, stream, cooperative,

@@ -84,9 +84,20 @@ MOXE_HD MOXE_FORCEINLINE A relu(A x) { return x > A(0) ? x : A(0); }
 template <class A>
 MOXE_HD MOXE_FORCEINLINE A tanh_grad_from_output(A y) { return A(1) - y * y; }
 
-/// d/dx sigmoid(x) given y = sigmoid(x).
+/// d/dx sigmoid(x) given y = sigmoid(x). Loses relative accuracy for large positive x
+/// (1 - y rounds to a multiple of y's ulp: ~1e-3 at x = 10 in float, ~50% at x = 16);
+/// where x is at hand, sigmoid_grad(x) is exact to rounding.
 template <class A>
 MOXE_HD MOXE_FORCEINLINE A sigmoid_grad_from_output(A y) { return y * (A(1) - y); }
+
+/// d/dx sigmoid(x) = sigmoid(x) sigmoid(-x) = e / (1 + e)^2 with e = exp(-|x|): every
+/// factor is exact to rounding for any x (0 only where it underflows).
+template <class A>
+MOXE_HD MOXE_FORCEINLINE A sigmoid_grad(A x) {
+  const A e = math::exp(-math::abs(x));
+  const A d = A(1) + e;
+  return e / (d * d);
+}
 
 // ---- stabilised exponentials and log-sum-exp ------------------------------------------
 

@@ -55,9 +55,17 @@ constexpr bool all_or_none(const A* a, const B* b, const C* c) {
   return (a == nullptr) == (b == nullptr) && (b == nullptr) == (c == nullptr);
 }
 
+/// eps finite and > 0 (with eps = 0, den = 0 where n . qs = 0 and exp(-m) underflows, m > 104
+/// in float: h = 0 / 0); qk_scale finite and >= 0 (0: the default 1/sqrt(DQK)). NaN fails.
+template <class Acc>
+bool scalars_valid(Acc eps, Acc qk_scale) {
+  return eps > Acc(0) && math::is_finite(eps) && qk_scale >= Acc(0) && math::is_finite(qk_scale);
+}
+
 /// The checks every mLSTM entry point (reference and device) makes before touching memory:
-/// positive sizes, required pointers, all-or-none state groups, and a consistent segment
-/// description. Device-specific limits (head dims, chunk size) are checked by the launchers.
+/// positive sizes, required pointers, all-or-none state groups, a valid eps and qk_scale,
+/// and a consistent segment description. Device-specific limits (head dims, chunk size) are
+/// checked by the launchers.
 template <class T, class Acc>
 Status validate(const ForwardParams<T, Acc>& p, bool need_h = true) {
   const Dims& d = p.dims;
@@ -66,7 +74,7 @@ Status validate(const ForwardParams<T, Acc>& p, bool need_h = true) {
   MOXE_REQUIRE(!need_h || p.h);
   MOXE_REQUIRE(all_or_none(p.c_init, p.n_init, p.m_init));
   MOXE_REQUIRE(all_or_none(p.c_last, p.n_last, p.m_last));
-  MOXE_REQUIRE(p.eps >= Acc(0) && p.qk_scale >= Acc(0));
+  MOXE_REQUIRE(scalars_valid(p.eps, p.qk_scale));
   MOXE_REQUIRE(p.batch_per_pass >= 0);
   if (p.segment_offsets != nullptr || p.num_segments != 0) {
     MOXE_REQUIRE(p.segment_offsets != nullptr && p.num_segments > 0 && d.batch == 1);
@@ -102,7 +110,7 @@ Status validate(const StepParams<T, Acc>& p) {
   MOXE_REQUIRE(p.batch > 0 && p.heads > 0 && p.dqk > 0 && p.dv > 0);
   MOXE_REQUIRE(p.q && p.k && p.v && p.igate && p.fgate && p.h);
   MOXE_REQUIRE(p.c && p.n && p.m);
-  MOXE_REQUIRE(p.eps >= Acc(0) && p.qk_scale >= Acc(0));
+  MOXE_REQUIRE(scalars_valid(p.eps, p.qk_scale));
   return Status::ok;
 }
 

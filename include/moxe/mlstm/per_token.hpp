@@ -33,10 +33,10 @@ namespace detail {
 /// The scalars of one (position, head) from its dot product s = k . qs.
 template <class A>
 struct PerTokenScalars {
-  GateStep<A> gate;  ///< the stabiliser step from m_prev = 0
-  A nq;              ///< n . qs = a s (also C^T qs = a s v)
-  A den;             ///< max(|a s|, exp(-m)) + eps
-  A h_scale;         ///< h = h_scale * v
+  GateStep<A> gate;    ///< the stabiliser step from m_prev = 0
+  A nq;                ///< n . qs = a s (also C^T qs = a s v)
+  Normaliser<A> norm;  ///< of den = max(|a s|, exp(-m)) + eps
+  A h_scale;           ///< h = h_scale * v
 };
 
 template <class A>
@@ -44,8 +44,8 @@ MOXE_HD MOXE_FORCEINLINE PerTokenScalars<A> per_token_scalars(A igate, A fgate, 
   PerTokenScalars<A> r;
   r.gate = gate_step(igate, fgate, A(0));
   r.nq = r.gate.i_scale * s;
-  r.den = normaliser(r.nq, r.gate.m, eps);
-  r.h_scale = r.nq / r.den;
+  r.norm = normaliser(r.nq, r.gate.m, eps);
+  r.h_scale = r.nq * r.norm.inv_den;
   return r;
 }
 
@@ -61,22 +61,21 @@ struct PerTokenGrad {
 template <class A>
 MOXE_HD MOXE_FORCEINLINE PerTokenGrad<A> per_token_grad(A igate, A fgate, A s, A g, A eps) {
   const PerTokenScalars<A> f = per_token_scalars(igate, fgate, s, eps);
-  // h = nq v / den, den = max(|nq|, exp(-m)) + eps; the branch is normaliser_backward's.
+  // h = nq v / den, den = max(|nq|, exp(-m)) + eps; the branch is normaliser()'s.
   //   |nq| branch:   dh/dnq = v (den - |nq|) / den^2 = v eps / den^2. Written so, not as
   //                  the difference g / den - |nq| g / den^2 of two nearly equal terms
   //                  (which loses |nq| / eps of relative precision).
   //   exp(-m) branch: dh/dnq = v / den, and m moves the floor: dm = nq g exp(-m) / den^2.
-  // (Products of ratios, not 1 / den^2: den^2 leaves float's range when eps -> 0 and m is
-  // large.)
-  const A floor = math::exp(-f.gate.m);
-  const A g_den = g / f.den;
+  // (Products of the normaliser's ratios, never den^2 or exp(-m), which leave float's
+  // range for large |m|.)
+  const A g_den = g * f.norm.inv_den;
   A dnq, dm;
-  if (!(math::abs(f.nq) < floor)) {
-    dnq = g_den * (eps / f.den);
+  if (!f.norm.on_floor) {
+    dnq = g_den * (eps * f.norm.inv_den);
     dm = A(0);
   } else {
     dnq = g_den;
-    dm = f.nq * g_den * (floor / f.den);
+    dm = f.nq * g_den * f.norm.floor_share;
   }
   // nq = a s: a is the gate's i_scale; f_scale multiplies the zero states (no gradient)
   const GateGrad<A> gg = gate_step_backward(fgate, f.gate, A(0), dnq * s, dm);

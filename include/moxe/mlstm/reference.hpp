@@ -127,8 +127,8 @@ struct Cell {
   void forward_step(const T* q_row, const T* k_row, const T* v_row, T igate, T fgate, T* h_row) {
     load_inputs(q_row, k_row, v_row);
     update(load<Acc>(igate), load<Acc>(fgate));
-    const Acc den = detail::normaliser(n_dot_q(), m, eps);
-    for (int64_t j = 0; j < dv; ++j) h_row[j] = store<T>(c_dot_q(j) / den);
+    const Acc inv_den = detail::normaliser(n_dot_q(), m, eps).inv_den;
+    for (int64_t j = 0; j < dv; ++j) h_row[j] = store<T>(c_dot_q(j) * inv_den);
   }
 
   void store_states(Acc* c_out, Acc* n_out, Acc* m_out) const {
@@ -268,17 +268,17 @@ Status backward(const BackwardParams<T, Acc>& p) {
           const Acc ig = impl::load<Acc>(f.igate[r]), fg = impl::load<Acc>(f.fgate[r]);
           const detail::GateStep<Acc> g = cell.update(ig, fg);
           const Acc dot = cell.n_dot_q();
-          const Acc den = detail::normaliser(dot, g.m, f.eps);
+          const detail::Normaliser<Acc> nz = detail::normaliser(dot, g.m, f.eps);
 
           // h_j = num_j / den
           const T* dh = p.dh + r * DV;
           Acc dh_dot_h = Acc(0);
           for (int64_t j = 0; j < DV; ++j) {
             const Acc dhj = impl::load<Acc>(dh[j]);
-            dnum[j] = dhj / den;
-            dh_dot_h += dhj * (cell.c_dot_q(j) / den);
+            dnum[j] = dhj * nz.inv_den;
+            dh_dot_h += dhj * (cell.c_dot_q(j) * nz.inv_den);
           }
-          const detail::NormaliserGrad<Acc> ng = detail::normaliser_backward(dot, g.m, -dh_dot_h / den);
+          const detail::NormaliserGrad<Acc> ng = detail::normaliser_backward(dot, nz, dh_dot_h);
           dm += ng.dm;
 
           // num = C^T qs, dot = n . qs: into dC, dn and dq

@@ -112,8 +112,7 @@ __global__ void __launch_bounds__(StepKernelTraits::kThreads)
   if (tid < dv) {
     float num = partial_num[tid];
     for (int gr = 1; gr < groups; ++gr) num += partial_num[gr * dv + tid];
-    const float den = normaliser(nq, g.m, p.eps);
-    p.h[slot * dv + tid] = from_float<T>(num / den);
+    p.h[slot * dv + tid] = from_float<T>(num * normaliser(nq, g.m, p.eps).inv_den);
   }
   if (tid == 0) p.m[slot] = g.m;
 }

@@ -453,7 +453,7 @@ __global__ void __launch_bounds__(kGateThreads)
       const float ds = shift_grad(tok.sm.mass_m, tok.sm.mass_s, sc.g_m, sc.g_s, p_dot_gp, g_lse, routed_signed);
       const float dd = sc.g_d * loss::detail::difficulty_loss_grad(tok.d, h, ft) +
                        ds * modulation_shift_grad(p.modulation, p.gamma, p.tau, tok.d);
-      b.ddifficulty_logit[t] = from_float<T>(dd * math::sigmoid_grad_from_output(tok.d));
+      b.ddifficulty_logit[t] = from_float<T>(dd * math::sigmoid_grad(to_float(in.a)));  // from a: exact for large a
     }
   });
 }

@@ -220,7 +220,8 @@ Status gate_backward(const GateBackwardParams<T, Acc>& b) {
       const Acc ds = rd::shift_grad(st.sm.mass_m, st.sm.mass_s, sc.g_m, sc.g_s, p_dot_gp, g_lse, routed_signed);
       const Acc dd = sc.g_d * ld::difficulty_loss_grad(st.d, st.h, static_cast<Acc>(T_)) +
                      ds * rd::modulation_shift_grad(p.modulation, p.gamma, p.tau, st.d);
-      b.ddifficulty_logit[t] = static_cast<T>(dd * math::sigmoid_grad_from_output(st.d));
+      const Acc a = static_cast<Acc>(p.difficulty_logit[t * difficulty_step(p.difficulty_stride)]);
+      b.ddifficulty_logit[t] = static_cast<T>(dd * math::sigmoid_grad(a));  // from a: exact for large a
     }
   }
   return Status::ok;

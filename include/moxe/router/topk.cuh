@@ -132,6 +132,11 @@ __global__ void __launch_bounds__(kTopKThreads)
       for (int k = g.lane; k < K; k += kLanes) {
         const int e = idx[k];
         if (e < 0 || e >= E) continue;
+        // a repeated expert (corrupt input: a top-k's are distinct) would be two lanes' racing
+        // stores: the last slot wins, as in the reference, and the bits stay deterministic
+        bool repeated_later = false;
+        for (int later = k + 1; later < K; ++later) repeated_later |= idx[later] == e;
+        if (repeated_later) continue;
         const float dw = b.dweight != nullptr ? b.dweight[t * K + k] : 0.f;
         float gk = p.renormalize ? renorm_grad(dw, w_dot, inv_total) : dw;
         if (b.dvalue != nullptr) gk += b.dvalue[t * K + k];

@@ -39,19 +39,23 @@ struct ForwardParams {
   /// Device only: gate units per block (0: chosen by the launcher). When set it must be a
   /// multiple of 16 that divides head_dim; tests use it to force the multi-block path.
   int units_per_block = 0;
+  /// Device only, a testing and tuning knob: at most this many (batch tile, head) groups per
+  /// launch of a recurrent kernel (0: as many as fit). Tests use it to force several
+  /// launches (group_begin > 0) for every element type; the results do not change.
+  int64_t max_groups_per_launch = 0;
 };
 
 template <class T, class Acc = float>
 struct BackwardParams {
   ForwardParams<T, Acc> fwd;  // the forward's inputs (fwd.y and the *_last are unused)
   const T* dy;                // [S, B, NH, DH]
-  const Acc *dy_last = nullptr, *dc_last = nullptr,
-            *dn_last = nullptr;  // [B, NH, DH], optional upstream (all or none)
+  const Acc *dy_last = nullptr, *dc_last = nullptr, *dn_last = nullptr,
+            *dm_last = nullptr;  // [B, NH, DH], optional upstream (all or none)
   T* dwx;                        // [S, B, 4, NH, DH]
   T* dr;                         // [NH, 4, DH, DH]
   T* dbias;                      // [4, NH, DH]
-  Acc *dy_init = nullptr, *dc_init = nullptr,
-      *dn_init = nullptr;  // [B, NH, DH], optional (all or none)
+  Acc *dy_init = nullptr, *dc_init = nullptr, *dn_init = nullptr,
+      *dm_init = nullptr;  // [B, NH, DH], optional (all or none)
 };
 
 /// One decoding step: the states are read and updated in place.
@@ -84,6 +88,7 @@ Status validate(const ForwardParams<T, Acc>& p, bool need_y = true) {
   MOXE_REQUIRE(all_or_none(p.y_init, p.c_init, p.n_init, p.m_init));
   MOXE_REQUIRE(all_or_none(p.y_last, p.c_last, p.n_last, p.m_last));
   MOXE_REQUIRE(p.units_per_block >= 0);
+  MOXE_REQUIRE(p.max_groups_per_launch >= 0);
   return Status::ok;
 }
 
@@ -91,10 +96,10 @@ template <class T, class Acc>
 Status validate(const BackwardParams<T, Acc>& p) {
   MOXE_RETURN_IF_ERROR(validate(p.fwd, /*need_y=*/false));
   MOXE_REQUIRE(p.dy && p.dwx && p.dr && p.dbias);
-  MOXE_REQUIRE(all_or_none(p.dy_last, p.dc_last, p.dn_last));
-  MOXE_REQUIRE(all_or_none(p.dy_init, p.dc_init, p.dn_init));
-  // dy_init etc. without fwd.*_init: the gradients at the zero initial states (dn_init is
-  // then taken on the n == 0 branch, as the forward is)
+  MOXE_REQUIRE(all_or_none(p.dy_last, p.dc_last, p.dn_last, p.dm_last));
+  MOXE_REQUIRE(all_or_none(p.dy_init, p.dc_init, p.dn_init, p.dm_init));
+  // dy_init etc. without fwd.*_init: the gradients at the zero initial states, taken on the
+  // n == 0 branch as the forward is (there m_init does not enter the first step, dm_init = 0)
   return Status::ok;
 }
 

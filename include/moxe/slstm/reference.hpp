@@ -116,8 +116,10 @@ Status step(const StepParams<T, Acc>& p) {
 }
 
 /// The exact gradient through time: dwx, dr, dbias and (optionally) dy_init, dc_init,
-/// dn_init, given dy and (optionally) the upstream gradients of the final y, c, n. The
-/// gradient of m is propagated through time exactly (m has no input gradient of its own).
+/// dn_init, dm_init, given dy and (optionally) the upstream gradients of the final y, c, n,
+/// m. With the m gradients a sequence run as chained calls (the final states of one the
+/// initial states of the next, dm_init of one the dm_last of the other) gets the gradients
+/// of the sequence run whole.
 template <class T, class Acc>
 Status backward(const BackwardParams<T, Acc>& p) {
   using namespace moxe::slstm::detail;
@@ -141,6 +143,7 @@ Status backward(const BackwardParams<T, Acc>& p) {
       dy_rec[i] = p.dy_last[i];
       dc[i] = p.dc_last[i];
       dn[i] = p.dn_last[i];
+      dm[i] = p.dm_last[i];
     }
   }
   std::vector<Acc> dgates(4 * DH);
@@ -202,6 +205,7 @@ Status backward(const BackwardParams<T, Acc>& p) {
       p.dy_init[i] = dy_rec[i];
       p.dc_init[i] = dc[i];
       p.dn_init[i] = dn[i];
+      p.dm_init[i] = dm[i];
     }
   }
   return Status::ok;

@@ -61,9 +61,11 @@ struct LaunchPlan {
 
 /// Checks that the kernel can run (shared memory, co-residency for splits > 1) and fills
 /// the plan; `kernel_for(units)` is the kernel instance for that many units per block.
+/// `max_groups_per_launch` > 0 caps the groups of one launch (ForwardParams' testing knob).
 /// Queries the device; launches nothing.
 template <class T, class KernelFor>
-Status plan_recurrent(KernelFor kernel_for, const Dims& d, int requested_units, bool backward, LaunchPlan* plan) {
+Status plan_recurrent(KernelFor kernel_for, const Dims& d, int requested_units, int64_t max_groups_per_launch,
+                      bool backward, LaunchPlan* plan) {
   int device = 0, optin = 0, sms = 0, coop = 0;
   MOXE_CUDA_TRY(cudaGetDevice(&device));
   MOXE_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
@@ -82,16 +84,18 @@ Status plan_recurrent(KernelFor kernel_for, const Dims& d, int requested_units, 
   MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(kernel, plan->smem));
   if (plan->splits == 1) {
     plan->groups_per_launch = plan->groups < 0x7fffffff ? plan->groups : 0x7fffffff;
-    return Status::ok;
+  } else {
+    // The blocks of a group wait for each other every step: all blocks of a launch must be
+    // resident at once (cooperative launch); launches take as many whole groups as fit.
+    if (!coop) return Status::unsupported;
+    int per_sm = 0;
+    MOXE_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, plan->smem));
+    const int64_t resident = static_cast<int64_t>(per_sm) * sms;
+    if (resident < plan->splits) return Status::unsupported;
+    plan->groups_per_launch = resident / plan->splits;
   }
-  // The blocks of a group wait for each other every step: all blocks of a launch must be
-  // resident at once (cooperative launch); launches take as many whole groups as fit.
-  if (!coop) return Status::unsupported;
-  int per_sm = 0;
-  MOXE_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, plan->smem));
-  const int64_t resident = static_cast<int64_t>(per_sm) * sms;
-  if (resident < plan->splits) return Status::unsupported;
-  plan->groups_per_launch = resident / plan->splits;
+  if (max_groups_per_launch > 0 && plan->groups_per_launch > max_groups_per_launch)
+    plan->groups_per_launch = max_groups_per_launch;
   return Status::ok;
 }
 
@@ -162,7 +166,8 @@ Status sequence_forward(const ForwardParams<T, Acc>& p, void* workspace, std::si
   if (!carver.fits()) return Status::workspace_too_small;
   const auto kernel_for = detail::forward_kernel_for<T, false>;
   detail::LaunchPlan plan;
-  MOXE_RETURN_IF_ERROR(detail::plan_recurrent<T>(kernel_for, p.dims, p.units_per_block, false, &plan));
+  MOXE_RETURN_IF_ERROR(
+      detail::plan_recurrent<T>(kernel_for, p.dims, p.units_per_block, p.max_groups_per_launch, false, &plan));
   detail::ForwardArgs<T> args = detail::forward_args(p);
   args.splits = plan.splits;
   // an output y that overlaps y_init (e.g. step() with y_out == y in float) needs a group
@@ -183,7 +188,7 @@ std::size_t sequence_backward_workspace_size(const BackwardParams<T, Acc>& p) {
   return carver.required_bytes();
 }
 
-/// dwx, dr, dbias and (optionally) dy_init, dc_init, dn_init. Replays the forward into the
+/// dwx, dr, dbias and (optionally) dy_init, dc_init, dn_init, dm_init. Replays the forward into the
 /// workspace (raw gates, states, y), walks time backward in one persistent kernel, then
 /// reduces dr and dbias deterministically.
 template <class T, class Acc>
@@ -199,8 +204,10 @@ Status sequence_backward(const BackwardParams<T, Acc>& p, void* workspace, std::
   const auto fwd_kernel_for = detail::forward_kernel_for<T, true>;
   const auto bwd_kernel_for = detail::backward_kernel_for<T>;
   detail::LaunchPlan fwd_plan, bwd_plan;
-  MOXE_RETURN_IF_ERROR(detail::plan_recurrent<T>(fwd_kernel_for, d, p.fwd.units_per_block, false, &fwd_plan));
-  MOXE_RETURN_IF_ERROR(detail::plan_recurrent<T>(bwd_kernel_for, d, p.fwd.units_per_block, true, &bwd_plan));
+  MOXE_RETURN_IF_ERROR(detail::plan_recurrent<T>(fwd_kernel_for, d, p.fwd.units_per_block,
+                                                 p.fwd.max_groups_per_launch, false, &fwd_plan));
+  MOXE_RETURN_IF_ERROR(detail::plan_recurrent<T>(bwd_kernel_for, d, p.fwd.units_per_block,
+                                                 p.fwd.max_groups_per_launch, true, &bwd_plan));
 
   // 1. forward replay with tape
   detail::ForwardArgs<T> fa = detail::forward_args(p.fwd);
@@ -225,6 +232,7 @@ Status sequence_backward(const BackwardParams<T, Acc>& p, void* workspace, std::
   ba.dy_last = p.dy_last;
   ba.dc_last = p.dc_last;
   ba.dn_last = p.dn_last;
+  ba.dm_last = p.dm_last;
   ba.c_init = p.fwd.c_init;
   ba.n_init = p.fwd.n_init;
   ba.m_init = p.fwd.m_init;
@@ -236,6 +244,7 @@ Status sequence_backward(const BackwardParams<T, Acc>& p, void* workspace, std::
   ba.dy_init = p.dy_init;
   ba.dc_init = p.dc_init;
   ba.dn_init = p.dn_init;
+  ba.dm_init = p.dm_init;
   ba.dbias_partial = s.dbias_partial;
   MOXE_RETURN_IF_ERROR(detail::launch_recurrent(bwd_kernel_for(bwd_plan.units), ba, bwd_plan, stream));
 

@@ -8,7 +8,9 @@
 //   h = C^T qs / (max(|n . qs|, exp(-m)) + eps)
 // The functions below hold every nonlinear scalar of that step and its exact derivative;
 // the (bi)linear parts in C, n, q, k, v are left to the callers, which order the loops for
-// their hardware.
+// their hardware. They stay finite for infinite gates: fgate = -inf is a hard reset
+// (logsigmoid = -inf, the previous state's weight 0), igate = -inf adds nothing, and a step
+// whose sources are both -inf (m = -inf) gives the zero state and h = 0.
 #pragma once
 
 #include "moxe/core/config.hpp"
@@ -34,8 +36,9 @@ MOXE_HD MOXE_FORCEINLINE GateStep<A> gate_step(A igate, A fgate, A m_prev) {
   // math::max keeps its first argument on ties; the backward follows the same branch.
   g.m_from_decay = !(decay < igate);
   g.m = g.m_from_decay ? decay : igate;
-  g.f_scale = math::exp(decay - g.m);
-  g.i_scale = math::exp(igate - g.m);
+  // exp(x - m), 0 for x = -inf: a weight stays 0 when m is -inf too (both sources empty)
+  g.f_scale = math::exp_sub(decay, g.m);
+  g.i_scale = math::exp_sub(igate, g.m);
   return g;
 }
 
@@ -67,10 +70,37 @@ MOXE_HD MOXE_FORCEINLINE GateGrad<A> gate_step_backward(A fgate, const GateStep<
   return r;
 }
 
-/// The normaliser of h: max(|dot|, exp(-m)) + eps, dot = n . qs.
+/// The normaliser of h, den = max(|dot|, exp(-m)) + eps with dot = n . qs, as the ratios
+/// the callers need: h = num * inv_den, and on the floor branch exp(-m) / den. exp(-m)
+/// overflows float for m < -88.7 (double for m < -709) while both ratios stay in range, so
+/// on the floor branch with m < 0 they are formed from e = exp(m) < 1, i.e. with den scaled
+/// by e: inv_den = e / (1 + eps e), floor_share = 1 / (1 + eps e). Exact to rounding in
+/// every regime (inv_den underflows to 0 exactly where h does).
 template <class A>
-MOXE_HD MOXE_FORCEINLINE A normaliser(A dot, A m, A eps) {
-  return math::max(math::abs(dot), math::exp(-m)) + eps;
+struct Normaliser {
+  A inv_den;      ///< 1 / den
+  A floor_share;  ///< exp(-m) / den on the floor branch (in (0, 1]); 0 on the |dot| branch
+  bool on_floor;  ///< the max took exp(-m): |dot| < exp(-m) (|dot| on ties, as math::max)
+};
+
+template <class A>
+MOXE_HD MOXE_FORCEINLINE Normaliser<A> normaliser(A dot, A m, A eps) {
+  Normaliser<A> r;
+  const A floor = math::exp(-m);  // +inf when it overflows: only compared
+  r.on_floor = math::abs(dot) < floor;
+  if (!r.on_floor) {
+    r.inv_den = A(1) / (math::abs(dot) + eps);
+    r.floor_share = A(0);
+  } else if (m >= A(0)) {  // floor <= 1
+    r.inv_den = A(1) / (floor + eps);
+    r.floor_share = floor * r.inv_den;
+  } else {  // floor > 1, perhaps +inf: den e = 1 + eps e
+    const A e = math::exp(m);
+    const A scaled = A(1) + eps * e;
+    r.inv_den = e / scaled;
+    r.floor_share = A(1) / scaled;
+  }
+  return r;
 }
 
 /// Gradients of the normaliser's inputs.
@@ -79,17 +109,19 @@ struct NormaliserGrad {
   A ddot, dm;
 };
 
-/// Backward of normaliser(): the branch is the one math::max took (|dot| on ties).
+/// Backward of normaliser() along the branch it took, from g = dh . h (the gradient of den
+/// is -g / den): ddot = -sign(dot) g / den on the |dot| branch (dot = 0 counts as
+/// positive), dm = g exp(-m) / den on the floor branch. Products of the ratios, never den
+/// or exp(-m) themselves, so nothing overflows.
 template <class A>
-MOXE_HD MOXE_FORCEINLINE NormaliserGrad<A> normaliser_backward(A dot, A m, A dden) {
+MOXE_HD MOXE_FORCEINLINE NormaliserGrad<A> normaliser_backward(A dot, const Normaliser<A>& nz, A dh_dot_h) {
   NormaliserGrad<A> r;
-  const A floor = math::exp(-m);
-  if (!(math::abs(dot) < floor)) {
-    r.ddot = dot < A(0) ? -dden : dden;
+  if (!nz.on_floor) {
+    r.ddot = (dot < A(0) ? dh_dot_h : -dh_dot_h) * nz.inv_den;
     r.dm = A(0);
   } else {
     r.ddot = A(0);
-    r.dm = -dden * floor;
+    r.dm = dh_dot_h * nz.floor_share;
   }
   return r;
 }

@@ -5,7 +5,9 @@
 //
 // Notation (docs/mlstm.md, "Chunkwise algorithm"): a chunk holds local positions
 // j = 0..len-1 of one head of one sequence unit (a batch entry or a segment).
-//   g_j      = sum_{r<=j} logsigmoid(f_r)                      (chunk-local cumulative decay)
+//   g_j      = sum_{r<=j} logsigmoid(f_r)                      (chunk-local cumulative decay;
+//              restarted at 0 at a reset, where the recurrence's f_scale is 0, e.g.
+//              fgate = -inf: the weights below that cross it are 0)
 //   m_j      = max(m_prev + g_j, max_{s<=j} (i_s + g_j - g_s))  (ties: earliest origin;
 //              evaluated by the scalar recurrence, which gives the same numbers and ties)
 //   D_js     = exp(i_s + g_j - g_s - m_j), s <= j;   w_j = exp(m_prev + g_j - m_j)
@@ -169,6 +171,7 @@ struct ChunkWorkspace {
   int64_t* unit_chunks = nullptr;  ///< [U]
   // gate table
   double* g = nullptr;         ///< [rows] chunk-local cumulative logsigmoid(f), in double (see ScanGates)
+  int32_t* since_reset = nullptr;  ///< [rows] j - (the last reset r <= j in the chunk), -1: none
   A* m = nullptr;              ///< [rows] stabiliser
   int32_t* origin = nullptr;   ///< [rows] argmax of m_j: -1 = m_prev, else local source s
   A* m_prev = nullptr;         ///< [K*NH] stabiliser before the chunk
@@ -177,7 +180,7 @@ struct ChunkWorkspace {
   A* state = nullptr;          ///< [K*NH][DQK][DV+1] C' before the chunk
   A* scores = nullptr;         ///< [K*NH][L][L] P
   A* nq = nullptr;             ///< [rows]
-  A* den = nullptr;            ///< [rows]
+  A* inv_den = nullptr;        ///< [rows] 1 / den_j (detail::normaliser)
   // backward
   A* num_inter = nullptr;      ///< [rows][DV+1] w_j C'_prev^T qs_j (shares memory with dstate)
   A* num_intra = nullptr;      ///< [rows][DV+1] sum_s P_js v'_s (shares memory with dstate)
@@ -221,6 +224,7 @@ ChunkWorkspace<A> carve_chunk_workspace(WorkspaceCarver& c, const Dims& d, int64
   w.unit_first = c.carve<int64_t>(U);
   w.unit_chunks = c.carve<int64_t>(U);
   w.g = c.carve<double>(rows);
+  w.since_reset = c.carve<int32_t>(rows);
   w.m = c.carve<A>(rows);
   w.origin = c.carve<int32_t>(rows);
   w.m_prev = c.carve<A>(K * H);
@@ -229,7 +233,7 @@ ChunkWorkspace<A> carve_chunk_workspace(WorkspaceCarver& c, const Dims& d, int64
   w.state = c.carve<A>(K * H * state);
   w.scores = c.carve<A>(K * H * L * L);
   w.nq = c.carve<A>(rows);
-  w.den = c.carve<A>(rows);
+  w.inv_den = c.carve<A>(rows);
   if (backward) {
     // num_inter and num_intra live only from NumInterOp / NumIntraOp (ChunkNumerators) to
     // ChunkRowGrad; dstate is first written by DStateLocalOp (ChunkDStateLocal), after
@@ -318,13 +322,19 @@ struct ChunkProblem {
   /// E_s = exp(i_s + g_L - g_s - m_L) (ChunkRowWeights)
   MOXE_HD A state_weight(int64_t r) const { return ws.w_state[r]; }
   /// D_js = exp(i_s + g_j - g_s - m_j); the argument in double (see ScanGates), then A.
+  /// 0 for a source before the last reset at or before j (rows of a chunk are consecutive:
+  /// rj - rs = j - s) and for i_s = -inf, as the recurrence's weights.
   MOXE_HD A intra_weight(int64_t rj, int64_t rs) const {
-    const double arg = static_cast<double>(load_acc<A>(igate[rs])) + (ws.g[rj] - ws.g[rs]) -
-                       static_cast<double>(ws.m[rj]);
+    const int32_t since = ws.since_reset[rj];
+    const A i_s = load_acc<A>(igate[rs]);
+    if ((since >= 0 && rj - rs > since) || i_s == -math::infinity<A>()) return A(0);
+    const double arg = static_cast<double>(i_s) + (ws.g[rj] - ws.g[rs]) - static_cast<double>(ws.m[rj]);
     return math::exp(static_cast<A>(arg));
   }
-  /// w_j = exp(m_prev + g_j - m_j), the argument in double.
+  /// w_j = exp(m_prev + g_j - m_j), the argument in double; 0 after a reset in the chunk
+  /// (m_prev = -inf makes the chunk's first position one).
   MOXE_HD A decay_weight(int64_t khi, int64_t r) const {
+    if (ws.since_reset[r] >= 0) return A(0);
     const double arg = static_cast<double>(ws.m_prev[khi]) + ws.g[r] - static_cast<double>(ws.m[r]);
     return math::exp(static_cast<A>(arg));
   }
@@ -447,9 +457,13 @@ struct ScanGates {
       const int len = p.ws.chunk_len[c];
       // g grows to len * |logsigmoid(f)|; the differences g_j - g_s of the exponents would
       // expose its rounding (a float g loses ~1e-5 at j = 128), so g is summed and kept in
-      // double. m is the recurrence's own (its rounding is common to a whole row).
+      // double. m is the recurrence's own (its rounding is common to a whole row). Where
+      // the recurrence's weight of the previous state, f_scale, is 0 (a reset: fgate = -inf,
+      // or the state outweighed beyond A's range), every weight that crosses the position
+      // is 0 too (they are <= f_scale): g restarts at 0 there and since_reset masks them, so
+      // -inf - -inf never forms, nor a difference of two huge g.
       double g_sum = 0.0;
-      int32_t origin = -1;
+      int32_t origin = -1, since_reset = -1;
       const int64_t row0 = p.row(c, h, 0);  // a chunk's rows are contiguous
       for (int j0 = 0; j0 < len; j0 += kScanBatch) {
         // the gates of kScanBatch steps are loaded before the chain uses them, so the loads
@@ -470,10 +484,17 @@ struct ScanGates {
           // Unrolled, m_j = max(m_prev + g_j, max_s (i_s + g_j - g_s)); the recurrence keeps
           // its first argument on ties, i.e. the earliest source: m_prev (-1) or input s.
           const GateStep<A> step = gate_step(ig[t], fg[t], m);
-          g_sum += static_cast<double>(step.log_f);
+          if (step.f_scale == A(0)) {
+            g_sum = 0.0;
+            since_reset = 0;
+          } else {
+            g_sum += static_cast<double>(step.log_f);
+            if (since_reset >= 0) ++since_reset;
+          }
           if (!step.m_from_decay) origin = j0 + t;
           m = step.m;
           p.ws.g[r] = g_sum;
+          p.ws.since_reset[r] = since_reset;
           p.ws.m[r] = m;
           p.ws.origin[r] = origin;
         }
@@ -570,7 +591,7 @@ struct ChunkScores {
   }
 };
 
-/// [index space K*NH*L]: nq_j and the normaliser den_j.
+/// [index space K*NH*L]: nq_j and the normaliser's 1 / den_j.
 template <class T, class A>
 struct ChunkRowStats {
   ChunkProblem<T, A> p;
@@ -581,7 +602,7 @@ struct ChunkRowStats {
     const int64_t r = p.row(c, h, j);
     const A nq = p.num_aug(c, h, j, p.dv);
     p.ws.nq[r] = nq;
-    p.ws.den[r] = normaliser(nq, p.ws.m[r], p.eps);
+    p.ws.inv_den[r] = normaliser(nq, p.ws.m[r], p.eps).inv_den;
   }
 };
 
@@ -597,7 +618,7 @@ struct ChunkOutput {
     const int64_t c = khi / p.heads, hd = khi % p.heads;
     if (j >= p.ws.chunk_len[c]) return;
     const int64_t r = p.row(c, hd, j);
-    h[r * p.dv + e] = store_elem<T>(p.num_aug(c, hd, j, e) / p.ws.den[r]);
+    h[r * p.dv + e] = store_elem<T>(p.num_aug(c, hd, j, e) * p.ws.inv_den[r]);
   }
 };
 
@@ -609,7 +630,7 @@ struct ChunkBackwardBase {
   ChunkGradIO<T, A> io;
   /// dnum' = [dh / den | dnq]
   MOXE_HD A dnum_aug(int64_t r, int64_t e) const {
-    return e < p.dv ? load_acc<A>(io.dh[r * p.dv + e]) / p.ws.den[r] : p.ws.dnq[r];
+    return e < p.dv ? load_acc<A>(io.dh[r * p.dv + e]) * p.ws.inv_den[r] : p.ws.dnq[r];
   }
 };
 
@@ -641,7 +662,7 @@ struct ChunkRowGrad : ChunkBackwardBase<T, A> {
     const int64_t j = i % p.chunk_size, khi = i / p.chunk_size, c = khi / p.heads, h = khi % p.heads;
     if (j >= p.ws.chunk_len[c]) return;
     const int64_t r = p.row(c, h, j);
-    const A den = p.ws.den[r];
+    const A inv_den = p.ws.inv_den[r];
     const A* inter_row = p.ws.num_inter + r * p.state_cols();
     const A* intra_row = p.ws.num_intra + r * p.state_cols();
     A dh_dot_h = A(0), dlogw = A(0);
@@ -649,15 +670,16 @@ struct ChunkRowGrad : ChunkBackwardBase<T, A> {
       const A inter = inter_row[e];
       const A num = inter + intra_row[e];
       const A dh = load_acc<A>(this->io.dh[r * p.dv + e]);
-      dh_dot_h += dh * (num / den);
-      dlogw += (dh / den) * inter;
+      dh_dot_h += dh * (num * inv_den);
+      dlogw += (dh * inv_den) * inter;
     }
-    const NormaliserGrad<A> ng = normaliser_backward(p.ws.nq[r], p.ws.m[r], -dh_dot_h / den);
+    const A nq = p.ws.nq[r];
+    const NormaliserGrad<A> ng = normaliser_backward(nq, normaliser(nq, p.ws.m[r], p.eps), dh_dot_h);
     p.ws.dnq[r] = ng.ddot;
     p.ws.direct[r] = ng.dm;
     // h_j depends on m_j only through the normaliser: d h_j / d m_j (through D, w and the
-    // floor together) is eps dden_j exactly, with no cancellation.
-    p.ws.dm_out[r] = p.eps * (-dh_dot_h / den);
+    // floor together) is eps dden_j = -eps (dh_j . h_j) / den_j exactly, with no cancellation.
+    p.ws.dm_out[r] = -p.eps * dh_dot_h * inv_den;
     p.ws.dlogw[r] = dlogw + ng.ddot * inter_row[p.dv];
   }
 };
@@ -996,7 +1018,7 @@ struct TileGradOpBase : TileOpBase<T, A> {
   ChunkGradIO<T, A> io;
   /// dnum' = [dh / den | dnq]
   MOXE_HD A dnum_aug(int64_t r, int64_t e) const {
-    return e < this->p.dv ? load_acc<A>(io.dh[r * this->p.dv + e]) / this->p.ws.den[r] : this->p.ws.dnq[r];
+    return e < this->p.dv ? load_acc<A>(io.dh[r * this->p.dv + e]) * this->p.ws.inv_den[r] : this->p.ws.dnq[r];
   }
 };
 
@@ -1064,7 +1086,7 @@ struct OutputOp : TileOpBase<T, A> {
   }
   MOXE_HD void epilogue(const ChunkItem& it, int64_t j, int64_t e, A acc) const {
     const int64_t r = it.row0 + j;
-    h[r * this->p.dv + e] = store_elem<T>(acc / this->p.ws.den[r]);
+    h[r * this->p.dv + e] = store_elem<T>(acc * this->p.ws.inv_den[r]);
   }
 };
 

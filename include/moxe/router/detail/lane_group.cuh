@@ -10,6 +10,8 @@
 // host compiler builds the same code over an emulated warp (tests/router/test_lane_group.cpp).
 #pragma once
 
+#include "moxe/core/config.hpp"  // MOXE_CUDA_COMPILER, before it is tested
+
 #if MOXE_CUDA_COMPILER
 #include <cuda_runtime.h>
 

@@ -31,12 +31,16 @@ void masked_softmax(const T* row, int experts, const std::vector<char>& allowed,
     p[e] = (allowed.empty() || allowed[e]) ? math::exp(static_cast<Acc>(row[e]) - lse) : Acc(0);
 }
 
-/// The chosen slots of a [T, K] row (idx >= 0), their weights recomputed as p / sum p.
+/// Whether slot index e is a routed expert: slots outside [0, E) (-1: not chosen, or
+/// corrupt) are skipped, as the kernels skip them.
+inline bool routed(int32_t e, int experts) { return e >= 0 && e < experts; }
+
+/// The chosen slots of a [T, K] row (routed ones), their weights recomputed as p / sum p.
 template <class Acc>
-Acc chosen_sum(const Acc* p, const int32_t* idx, int k) {
+Acc chosen_sum(const Acc* p, const int32_t* idx, int k, int experts) {
   Acc s = 0;
   for (int j = 0; j < k; ++j)
-    if (idx[j] >= 0) s += p[idx[j]];
+    if (routed(idx[j], experts)) s += p[idx[j]];
   return s;
 }
 
@@ -45,12 +49,13 @@ template <class T, class Acc>
 void renormalised_backward(const Acc* p, const int32_t* idx, const Acc* dw, int k, int experts, T* dz) {
   namespace vd = variants::detail;
   for (int e = 0; e < experts; ++e) dz[e] = static_cast<T>(Acc(0));
-  const Acc inv = Acc(1) / chosen_sum(p, idx, k);
+  const Acc inv = Acc(1) / chosen_sum(p, idx, k, experts);
   Acc w_dot = 0;
   for (int j = 0; j < k; ++j)
-    if (idx[j] >= 0) w_dot += p[idx[j]] * inv * dw[j];
+    if (routed(idx[j], experts)) w_dot += p[idx[j]] * inv * dw[j];
   for (int j = 0; j < k; ++j)
-    if (idx[j] >= 0) dz[idx[j]] = static_cast<T>(vd::renormalised_softmax_grad(p[idx[j]] * inv, dw[j], w_dot));
+    if (routed(idx[j], experts))
+      dz[idx[j]] = static_cast<T>(vd::renormalised_softmax_grad(p[idx[j]] * inv, dw[j], w_dot));
 }
 
 /// dz (row of E) of sum_j w_j dw_j with w = p (the chosen probabilities themselves), p the
@@ -62,7 +67,7 @@ void chosen_softmax_backward(const Acc* p, const int32_t* idx, const Acc* dw, in
   std::vector<Acc> gp(experts, Acc(0));
   Acc dot = 0;
   for (int j = 0; j < k; ++j)
-    if (idx[j] >= 0) {
+    if (routed(idx[j], experts)) {
       gp[idx[j]] = dw[j];
       dot += p[idx[j]] * dw[j];
     }
@@ -449,13 +454,16 @@ Status sigmoid_bias_backward(const SigmoidBiasBackwardParams<T, Acc>& b) {
     T* dz = b.dlogits + t * E;
     for (int e = 0; e < E; ++e) dz[e] = static_cast<T>(Acc(0));
     Acc sum = 0;
-    for (int j = 0; j < K; ++j) sum += math::sigmoid(static_cast<Acc>(p.logits[t * E + idx[j]]));
+    for (int j = 0; j < K; ++j)
+      if (detail::routed(idx[j], E)) sum += math::sigmoid(static_cast<Acc>(p.logits[t * E + idx[j]]));
     const Acc inv = Acc(1) / sum;
     Acc u_dot = 0;
-    for (int j = 0; j < K; ++j) u_dot += math::sigmoid(static_cast<Acc>(p.logits[t * E + idx[j]])) * inv * dw[j];
+    for (int j = 0; j < K; ++j)
+      if (detail::routed(idx[j], E)) u_dot += math::sigmoid(static_cast<Acc>(p.logits[t * E + idx[j]])) * inv * dw[j];
     for (int j = 0; j < K; ++j) {
-      const Acc s = math::sigmoid(static_cast<Acc>(p.logits[t * E + idx[j]]));
-      dz[idx[j]] = static_cast<T>(vd::sigmoid_weight_grad(s, dw[j], u_dot, inv, p.routed_scaling, p.renormalize));
+      if (!detail::routed(idx[j], E)) continue;
+      const Acc z = static_cast<Acc>(p.logits[t * E + idx[j]]);
+      dz[idx[j]] = static_cast<T>(vd::sigmoid_weight_grad(z, dw[j], u_dot, inv, p.routed_scaling, p.renormalize));
     }
   }
   return Status::ok;

@@ -114,8 +114,8 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
         if (idx[r] >= 0 && idx[r] < E) u_dot += math::sigmoid(to_float(row[idx[r]])) * inv * b.dweight[t * K + r];
       for (int r = g.lane; r < K; r += kLanes) {
         const bool ok = idx[r] >= 0 && idx[r] < E;
-        const float s = ok ? math::sigmoid(to_float(row[idx[r]])) : 0.f;
-        grad.value[r] = ok ? sigmoid_weight_grad(s, b.dweight[t * K + r], u_dot, inv, p.routed_scaling, p.renormalize) : 0.f;
+        const float z = ok ? to_float(row[idx[r]]) : 0.f;
+        grad.value[r] = ok ? sigmoid_weight_grad(z, b.dweight[t * K + r], u_dot, inv, p.routed_scaling, p.renormalize) : 0.f;
         grad.index[r] = ok ? idx[r] : -1;
       }
     }

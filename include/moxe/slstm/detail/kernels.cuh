@@ -47,13 +47,13 @@ struct BackwardArgs {
   int64_t group_begin;
   const T* r;
   const T* dy;
-  const float *dy_last, *dc_last, *dn_last;  // all or none
-  const float *c_init, *n_init, *m_init;     // all or none
-  float* tape_gates;                         // in: raw gates; out: dgates (float)
+  const float *dy_last, *dc_last, *dn_last, *dm_last;  // all or none
+  const float *c_init, *n_init, *m_init;               // all or none
+  float* tape_gates;                                   // in: raw gates; out: dgates (float)
   const float *tape_c, *tape_n, *tape_m;
   T* dwx;
-  float *dy_init, *dc_init, *dn_init;  // all or none
-  float* dbias_partial;                // [B, 4, NH, DH]
+  float *dy_init, *dc_init, *dn_init, *dm_init;  // all or none
+  float* dbias_partial;                          // [B, 4, NH, DH]
 };
 
 /// End of a time step: every block of the group has published its part of the step.
@@ -315,6 +315,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
       const int64_t u = unit_base + po[k].unit;
       dc[k] = a.dc_last[u];
       dn[k] = a.dn_last[u];
+      dm[k] = a.dm_last[u];
     }
   }
 
@@ -402,6 +403,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
         a.dy_init[u0] = out_s[po[k].bl * L.ldo + po[k].jl];
         a.dc_init[u0] = dc[k];
         a.dn_init[u0] = dn[k];
+        a.dm_init[u0] = dm[k];
       }
       MOXE_PRAGMA_UNROLL
       for (int g = 0; g < 4; ++g) a.dbias_partial[gate_base + po[k].gate + g * H] = dbias[k][g];

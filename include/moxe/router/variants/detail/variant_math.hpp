@@ -31,13 +31,14 @@ MOXE_HD MOXE_FORCEINLINE A renormalised_softmax_grad(A w, A dw, A w_dot_dw) {
   return w * (dw - w_dot_dw);
 }
 
-/// Sigmoid scoring: d(sum_j w_j dw_j)/dz_i for a chosen i, with w_j = scale * s_j / S
+/// Sigmoid scoring: d(sum_j w_j dw_j)/dz_i for a chosen i with logit z, w_j = scale * s_j / S
 /// (renormalize) or scale * s_j, s = sigmoid(z), S = sum of chosen s. `u_dot_dw` is
-/// sum_j (s_j / S) dw_j (unused without renormalisation).
+/// sum_j (s_j / S) dw_j (unused without renormalisation). sigmoid'(z) from z itself: the
+/// chosen experts have the largest logits, where s (1 - s) from a rounded s loses digits.
 template <class A>
-MOXE_HD MOXE_FORCEINLINE A sigmoid_weight_grad(A s, A dw, A u_dot_dw, A inv_sum, A scale, bool renormalize) {
+MOXE_HD MOXE_FORCEINLINE A sigmoid_weight_grad(A z, A dw, A u_dot_dw, A inv_sum, A scale, bool renormalize) {
   const A ds = renormalize ? scale * (dw - u_dot_dw) * inv_sum : scale * dw;
-  return ds * math::sigmoid_grad_from_output(s);
+  return ds * math::sigmoid_grad(z);
 }
 
 /// Sigmoid scoring: weight of a chosen expert.

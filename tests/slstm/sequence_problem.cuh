@@ -1,0 +1,140 @@
+// The random problems of the sLSTM device tests, host side (nvcc: T may be __half or
+// __nv_bfloat16): inputs rounded through T, float states, upstream gradients, tolerances,
+// shapes. tests/slstm/test_sequence.cu uploads them; tests/slstm/check_sequence_emulated.cu
+// runs the same problems through a host emulation of the kernels' arithmetic.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+
+#include "device_utils.cuh"
+#include "moxe/slstm/params.hpp"
+#include "moxe/slstm/reference.hpp"
+#include "slstm_testing.hpp"
+#include "test_utils.hpp"
+
+namespace moxe::test {
+
+template <class T>
+struct SlstmTolerance;
+template <>
+struct SlstmTolerance<float> {
+  static constexpr double fwd = 2e-5, bwd = 2e-4;
+};
+template <>
+struct SlstmTolerance<__nv_bfloat16> {
+  static constexpr double fwd = 2e-2, bwd = 5e-2;
+};
+template <>
+struct SlstmTolerance<__half> {
+  static constexpr double fwd = 5e-3, bwd = 2e-2;
+};
+
+/// One sequence problem on the host: inputs rounded through T (double copies of the values
+/// the device sees), initial states and upstream gradients in float.
+///
+/// The upstream gradient of the final m is gauge-consistent: dm_last = dc_last c_last +
+/// dn_last n_last per unit, with the reference's final states. (c, n, m) -> (c e^d, n e^d,
+/// m - d) leaves the true state unchanged, and this dm_last makes the loss invariant to it,
+/// so the exact gradient does not depend on which argument the stabiliser's max selects.
+/// With independent random dc_last / dn_last and no such dm_last it does: near a tie of the
+/// max a device in bf16 and the reference in double can select different arguments and
+/// route the carried m gradient to different gates, a difference no tolerance covers.
+template <class T>
+struct SequenceProblem {
+  slstm::Dims d;
+  bool init;
+  std::vector<double> wx, r, bias, y0, c0, n0, m0, dy, dy_last, dc_last, dn_last, dm_last;
+
+  int64_t units() const { return d.batch * d.heads * d.head_dim; }
+
+  SequenceProblem(Rng& rng, slstm::Dims dims, bool with_init, double wx_scale = 1.0) : d(dims), init(with_init) {
+    const int64_t H = d.heads * d.head_dim, U = units();
+    const double r_scale = 1.0 / std::sqrt(static_cast<double>(d.head_dim));
+    wx = round_through<T>(uniform_vector<double>(rng, d.seq_len * d.batch * 4 * H, -wx_scale, wx_scale));
+    r = round_through<T>(uniform_vector<double>(rng, d.heads * 4 * d.head_dim * d.head_dim, -r_scale, r_scale));
+    bias = round_through<T>(uniform_vector<double>(rng, 4 * H, -0.5, 0.5));
+    dy = round_through<T>(uniform_vector<double>(rng, d.seq_len * U));
+    y0 = to_float_grid(uniform_vector<double>(rng, U));
+    c0 = to_float_grid(uniform_vector<double>(rng, U));
+    n0 = to_float_grid(uniform_vector<double>(rng, U, 0.5, 2.0));
+    m0 = to_float_grid(uniform_vector<double>(rng, U));
+    dy_last = to_float_grid(uniform_vector<double>(rng, U));
+    dc_last = to_float_grid(uniform_vector<double>(rng, U));
+    dn_last = to_float_grid(uniform_vector<double>(rng, U));
+    std::vector<double> y(d.seq_len * U), yl(U), cl(U), nl(U), ml(U);
+    dm_last.assign(U, 0.0);  // the reference forward below reads no upstream gradient
+    if (slstm::reference::forward(forward_params(host(), y.data(), yl.data(), cl.data(), nl.data(), ml.data())) !=
+        Status::ok)
+      std::abort();
+    for (int64_t u = 0; u < U; ++u) dm_last[u] = static_cast<float>(dc_last[u] * cl[u] + dn_last[u] * nl[u]);
+  }
+
+  /// The inputs on the host, in double: what the reference runs on.
+  SequenceInputs<double, double> host() const {
+    const double* none = nullptr;
+    return {d,
+            wx.data(), r.data(), bias.data(),
+            init ? y0.data() : none, init ? c0.data() : none, init ? n0.data() : none, init ? m0.data() : none,
+            dy.data(), dy_last.data(), dc_last.data(), dn_last.data(), dm_last.data()};
+  }
+
+  static std::vector<double> to_float_grid(std::vector<double> v) {
+    for (double& x : v) x = static_cast<float>(x);
+    return v;
+  }
+};
+
+/// The reference's gradients of a SequenceProblem in double (the initial-state ones at the
+/// zero states when the problem has none).
+struct ReferenceGradients {
+  std::vector<double> dwx, dr, dbias, dyi, dci, dni, dmi;
+};
+
+template <class T>
+ReferenceGradients reference_gradients(const SequenceProblem<T>& pb, bool upstream) {
+  const int64_t U = pb.units();
+  ReferenceGradients g{std::vector<double>(pb.wx.size()), std::vector<double>(pb.r.size()),
+                       std::vector<double>(pb.bias.size()), std::vector<double>(U), std::vector<double>(U),
+                       std::vector<double>(U), std::vector<double>(U)};
+  if (slstm::reference::backward(backward_params(pb.host(), upstream, g.dwx.data(), g.dr.data(), g.dbias.data(),
+                                                 g.dyi.data(), g.dci.data(), g.dni.data(), g.dmi.data())) !=
+      Status::ok)
+    std::abort();
+  return g;
+}
+
+struct SlstmShape {
+  slstm::Dims d;
+  bool init;
+  int units;                      // 0: the launcher's choice
+  int64_t max_groups_per_launch;  // 0: as many as fit
+};
+
+// S in {1, 7, 64, 300}; head_dim 16..256; batch not a multiple of the 16-row tile; forced
+// multi-block (cooperative) groups via units. {3, 150, 4, 64} with U = 16: 40 groups of 4
+// blocks, more than fit at once on an H100 (one block per SM, 132 SMs: 33 groups), so the
+// launcher splits it into several cooperative launches; max_groups_per_launch forces
+// several launches (group_begin > 0) elsewhere too, one block per group or several, for
+// every element type.
+inline const std::vector<SlstmShape>& slstm_shapes() {
+  static const std::vector<SlstmShape> shapes = {
+      {{1, 3, 2, 16}, true, 0, 0},    {{7, 17, 3, 16}, false, 0, 4}, {{64, 5, 2, 64}, true, 0, 1},
+      {{7, 2, 2, 64}, true, 16, 1},   {{300, 17, 1, 32}, true, 0, 0}, {{7, 3, 1, 128}, true, 0, 0},
+      {{7, 3, 2, 192}, false, 0, 1},  {{7, 3, 2, 256}, true, 0, 0},  {{64, 1, 1, 256}, true, 0, 0},
+      {{3, 150, 4, 64}, true, 16, 7},
+  };
+  // MOXE_TEST_SMALL: the smallest shapes only (the GPU simulator), still with a size-1
+  // sequence, a batch past one tile, multi-block groups and several launches
+  static const std::vector<SlstmShape> small = {
+      {{1, 3, 2, 16}, true, 0, 0},
+      {{7, 17, 3, 16}, false, 0, 4},
+      {{5, 2, 2, 64}, true, 16, 1},
+      {{4, 3, 1, 32}, true, 0, 0},
+  };
+  return std::getenv("MOXE_TEST_SMALL") ? small : shapes;
+}
+
+}  // namespace moxe::test
