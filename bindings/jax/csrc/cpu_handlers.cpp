@@ -120,9 +120,3 @@ class HostBackend {
                                 moxe_jax::binding(xla::ffi::Ffi::Bind()));
 
 MOXE_JAX_FOR_EACH_HANDLER(MOXE_JAX_CPU_HANDLER)
-
-/// Whether the library's sLSTM backward takes the gradients of the stabiliser state
-/// (dm_last, dm_init); without them the Python wrappers give m_last no gradient.
-extern "C" int MoxeJaxSlstmHasMGradients() {
-  return moxe_jax::has_m_gradients<moxe::slstm::BackwardParams<double, double>>::value ? 1 : 0;
-}

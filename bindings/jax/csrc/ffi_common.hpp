@@ -155,13 +155,4 @@ constexpr DataType acc_dtype() {
   return std::is_same_v<Acc, double> ? DataType::F64 : DataType::F32;
 }
 
-/// Has the sLSTM backward params the gradients of the stabiliser state (dm_last, dm_init)?
-/// They are part of the design (DESIGN.md); a library before them takes dm_last as zero and
-/// the handler writes dm_init = 0 (the m gradient is zero in exact arithmetic, docs/slstm.md).
-template <class P, class = void>
-struct has_m_gradients : std::false_type {};
-template <class P>
-struct has_m_gradients<P, std::void_t<decltype(std::declval<P&>().dm_last), decltype(std::declval<P&>().dm_init)>>
-    : std::true_type {};
-
 }  // namespace moxe_jax

@@ -287,18 +287,14 @@ ffi::Error slstm_backward(Backend& be, AnyBuffer wx, AnyBuffer r, AnyBuffer bias
     b.dy_last = data<const Acc>(dy_last);
     b.dc_last = data<const Acc>(dc_last);
     b.dn_last = data<const Acc>(dn_last);
+    b.dm_last = data<const Acc>(dm_last);
     b.dwx = data<T>(dwx);
     b.dr = data<T>(dr);
     b.dbias = data<T>(dbias);
     b.dy_init = data<Acc>(dy_init);
     b.dc_init = data<Acc>(dc_init);
     b.dn_init = data<Acc>(dn_init);
-    if constexpr (has_m_gradients<decltype(b)>::value) {
-      b.dm_last = data<const Acc>(dm_last);
-      b.dm_init = data<Acc>(dm_init);
-    } else if (present(*dm_init)) {
-      MOXE_JAX_RETURN_IF_STATUS(be.zero(data<Acc>(dm_init), (*dm_init).size_bytes()), op);
-    }
+    b.dm_init = data<Acc>(dm_init);
     return status_error(be.run(b), op);
   });
 }

@@ -14,7 +14,7 @@ them run under jax.jit. The Flax (nnx) modules are in moxe_jax.flax_layer (impor
 demand: flax is needed only there). See bindings/jax/README.md.
 """
 
-from ._ffi import load_error, platforms, slstm_has_m_gradients
+from ._ffi import load_error, platforms
 from .ops import (
     MODULATIONS,
     GateOutput,
@@ -47,5 +47,4 @@ __all__ = [
     "unpermute",
     "platforms",
     "load_error",
-    "slstm_has_m_gradients",
 ]

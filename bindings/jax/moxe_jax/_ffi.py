@@ -89,12 +89,6 @@ def register() -> None:
         raise ImportError(f"moxe_jax: {_errors['cpu']}")
 
 
-def slstm_has_m_gradients() -> bool:
-    """Whether the built library's sLSTM backward takes dm_last and gives dm_init (DESIGN.md);
-    a library before them leaves m_last without gradient (the wrappers stop it)."""
-    return bool(_loaded["cpu"].MoxeJaxSlstmHasMGradients())
-
-
 def platforms() -> List[str]:
     """The platforms with registered handlers ("cpu", and "CUDA" where built and loadable)."""
     return sorted(_loaded)

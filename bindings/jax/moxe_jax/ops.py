@@ -367,16 +367,12 @@ def slstm_sequence(wx: Array, r: Array, bias: Array,
         for name, x in zip(("y_init", "c_init", "n_init", "m_init"), initial_states):
             _check(name, x, (B, NH, DH), acc)
         states = tuple(initial_states)
-        if not _ffi.slstm_has_m_gradients():  # a library without dm_init: m_init has no gradient
-            states = states[:3] + (jax.lax.stop_gradient(states[3]),)
     else:
         states = (_none(acc),) * 4
     f = _slstm_vjp(int(units_per_block), bool(return_last_states), initial_states is not None)
     out = f(wx, r, bias, *states)
     if return_last_states:
         y, *last = out
-        if not _ffi.slstm_has_m_gradients():  # a library without dm_last: m_last has no gradient
-            last[3] = jax.lax.stop_gradient(last[3])
         return y, tuple(last)
     return out
 
