@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what a fresh Debian/Ubuntu machine lacks to build and test moxe: a C++17 compiler,
-# CMake >= 3.25, Ninja, doctest, Google Benchmark, and python3 with venv (the JAX tests). The CUDA toolkit is not installed
-# here: without nvcc the host references and CPU tests still build and run.
+# CMake >= 3.25, Ninja, doctest, Google Benchmark, and python3 with venv (the JAX tests).
+# The CUDA toolkit is not installed here: without nvcc the host references and CPU tests
+# still build and run.
 set -euo pipefail
 need=()
 [ -f /usr/include/doctest/doctest.h ] || need+=(doctest-dev)
