@@ -5,8 +5,9 @@
 #
 #   scripts/sim-check.sh [ctest args...]     e.g. -R gpu.router   (default: every device test)
 #
-# 1. sets the simulator up (cached in $SIM_CACHE, rebuilt when it or tests/sim/patches change)
-#    and runs its probes (tests/sim/probes: repros of the simulator bugs the patches fix);
+# 1. sets the simulator up (built once per set of tests/sim/patches, cached in
+#    ~/.cache/moxe-sim-<hash of the patches>, or $SIM_CACHE) and runs its probes
+#    (tests/sim/probes: repros of the simulator bugs the patches fix);
 # 2. builds the device tests as PTX for compute_80 with a shared cudart (CMake preset `sim`);
 # 3. runs them under the simulator at small sizes (ctest preset `sim`; MOXE_TEST_SMALL and
 #    MOXE_TEST_SIMULATOR are set, see tests/common/test_utils.hpp);
@@ -17,14 +18,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-export MOXE_SIM_DIR=${MOXE_SIM_DIR:-$root/../shared/gpgpu-sim}
+moxe_root=$root
+# shellcheck source=scripts/sim-env.sh
+. "$root/scripts/sim-env.sh"
 if [ ! -x "$MOXE_SIM_DIR/sim" ]; then
   echo "sim-check: no GPU simulator at $MOXE_SIM_DIR: nothing run (the device tests need a GPU or the simulator)"
   exit 0
 fi
-export SIM_CACHE=${SIM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/moxe-sim-check}
-SIM_EXTRA_PATCHES=$(find "$root/tests/sim/patches" -name '*.patch' 2>/dev/null | sort | tr '\n' ' ')
-export SIM_EXTRA_PATCHES
 start=$(date +%s)
 
 echo "== simulator setup ($SIM_CACHE)"

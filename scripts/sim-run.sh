@@ -7,9 +7,10 @@
 # build-sim/sim-logs/<binary>.log; the exit status is the binary's.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(dirname "$here")
-sim_dir=${MOXE_SIM_DIR:-$root/../shared/gpgpu-sim}
-export SIM_CACHE=${SIM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/moxe-sim-check}
+moxe_root=$(dirname "$here")
+# shellcheck source=scripts/sim-env.sh
+. "$here/sim-env.sh"
+sim_dir=$MOXE_SIM_DIR
 export MOXE_TEST_SMALL=${MOXE_TEST_SMALL:-1} MOXE_TEST_SIMULATOR=1 SIM_TAIL=1000000
 bin=$(readlink -f "$1")
 shift
