@@ -529,3 +529,35 @@ TEST_CASE("chunkwise host: bad input returns a status and writes nothing") {
   CHECK(mm::chunkwise_host::forward(bad) == Status::invalid_argument);
   for (double x : h) CHECK(x == 7.0);
 }
+
+TEST_CASE("chunkwise host in float: dfgate before a reset takes nothing from the rows after it") {
+  // A reset (fgate = -inf) at row 20 of a 32-row chunk: no decay sum of a row after it holds
+  // a forget gate at or before it, so those rows' terms cancel exactly in the definition.
+  // With dh small before the reset and large after, any rounding of that cancellation
+  // would swamp the small gradients before it: check them element by element.
+  moxe::test::Rng rng(moxe::test::fresh_seed());
+  Case cs;
+  cs.batch = 1;
+  cs.heads = 1;
+  cs.seq_len = 32;
+  cs.dqk = 16;
+  cs.dv = 16;
+  cs.chunk_size = 32;
+  Data d = make_data(cs, rng);
+  const int64_t reset = 20;
+  d.fg[reset] = -std::numeric_limits<double>::infinity();
+  for (int64_t t = 0; t < cs.seq_len; ++t)
+    for (int64_t j = 0; j < cs.dv; ++j) d.dh[t * cs.dv + j] *= t < reset ? 1e-3 : 1e3;
+  round_to_float(d);
+  const DataOf<float> f = in_float(d);
+  const auto gref = run_backward(d, [](const auto& p) { return mm::reference::backward(p); });
+  const auto ggot = run_backward(f, [](const auto& p) { return mm::chunkwise_host::backward(p); });
+  CHECK(gref.df[reset] == 0.0);
+  CHECK(std::abs(ggot.df[reset]) <= 1e-30);
+  double largest = 0;
+  for (int64_t t = 0; t < reset; ++t) largest = std::max(largest, std::abs(gref.df[t]));
+  for (int64_t t = 0; t < reset; ++t) {
+    CAPTURE(t);
+    CHECK(std::abs(ggot.df[t] - gref.df[t]) <= 1e-4 * largest);
+  }
+}

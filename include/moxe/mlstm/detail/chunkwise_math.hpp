@@ -932,7 +932,14 @@ struct ChunkGateGradLocal : ChunkBackwardBase<T, A> {
     for (int j = len - 1; j >= 0; --j) {
       const int64_t r = p.row(c, h, j);
       const A di = w.col_sum[r] + w.dloge[r] + w.origin_acc[r];
-      dlf += w.direct[r] - di;
+      // the forget gate of a reset row (and of every row before it) enters no decay sum of
+      // a row after the reset (g restarts there): the terms of those rows cancel exactly in
+      // the definition, not in rounding, so the suffix sum restarts at a reset
+      if (w.since_reset[r] == 0) {
+        dlf = A(0);
+      } else {
+        dlf += w.direct[r] - di;
+      }
       w.di_local[r] = di;
       w.dlf_local[r] = dlf;
     }
