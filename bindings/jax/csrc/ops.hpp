@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <utility>
 
 #include "ffi_common.hpp"
@@ -117,8 +118,13 @@ ffi::Error mlstm_forward(Backend& be, AnyBuffer q, AnyBuffer k, AnyBuffer v, Any
     c.optional(*n_last, "n_last", a, {s.slots(), s.heads, s.dqk});
     c.optional(*m_last, "m_last", a, {s.slots(), s.heads});
     MOXE_JAX_RETURN_IF_FAILED(c);
+    c.require(chunk_size >= 0 && chunk_size <= std::numeric_limits<int>::max(), "chunk_size out of range");
+    MOXE_JAX_RETURN_IF_FAILED(c);
     const int64_t* offsets = nullptr;
     MOXE_JAX_RETURN_IF_STATUS(be.indices_in(seg, &offsets), op);
+    // with segments, rows outside every segment (offsets that do not cover [0, S], which
+    // the device cannot check) are left unwritten by the library: zeros, not stale memory
+    if (present(seg)) MOXE_JAX_RETURN_IF_STATUS(be.zero(data<T>(h), (*h).size_bytes()), op);
     auto p = mlstm_params<T, Acc>(s, q, k, v, igate, fgate, c0, n0, m0, offsets, qk_scale, eps, chunk_size);
     p.h = data<T>(h);
     p.c_last = data<Acc>(c_last);
@@ -159,9 +165,13 @@ ffi::Error mlstm_backward(Backend& be, AnyBuffer q, AnyBuffer k, AnyBuffer v, An
     c.optional(*dn_init, "dn_init", a, {s.slots(), s.heads, s.dqk});
     c.optional(*dm_init, "dm_init", a, {s.slots(), s.heads});
     c.require(!present(*dc_init) || present(c0), "gradients of the initial states need the initial states");
+    c.require(chunk_size >= 0 && chunk_size <= std::numeric_limits<int>::max(), "chunk_size out of range");
     MOXE_JAX_RETURN_IF_FAILED(c);
     const int64_t* offsets = nullptr;
     MOXE_JAX_RETURN_IF_STATUS(be.indices_in(seg, &offsets), op);
+    if (present(seg))  // rows outside every segment are left unwritten by the library: zeros
+      for (auto* g : {&dq, &dk, &dv, &digate, &dfgate})
+        MOXE_JAX_RETURN_IF_STATUS(be.zero(data<T>(*g), (**g).size_bytes()), op);
     moxe::mlstm::BackwardParams<T, Acc> b{};
     b.fwd = mlstm_params<T, Acc>(s, q, k, v, igate, fgate, c0, n0, m0, offsets, qk_scale, eps, chunk_size);
     b.dh = data<const T>(dh);
@@ -240,6 +250,9 @@ ffi::Error slstm_forward(Backend& be, AnyBuffer wx, AnyBuffer r, AnyBuffer bias,
     c.optional(*n_last, "n_last", a, {d.batch, d.heads, d.head_dim});
     c.optional(*m_last, "m_last", a, {d.batch, d.heads, d.head_dim});
     MOXE_JAX_RETURN_IF_FAILED(c);
+    c.require(units_per_block >= 0 && units_per_block <= std::numeric_limits<int>::max(),
+              "units_per_block out of range");
+    MOXE_JAX_RETURN_IF_FAILED(c);
     auto p = slstm_params<T, Acc>(d, wx, r, bias, y0, c0, n0, m0, units_per_block);
     p.y = data<T>(y);
     p.y_last = data<Acc>(y_last);
@@ -282,6 +295,9 @@ ffi::Error slstm_backward(Backend& be, AnyBuffer wx, AnyBuffer r, AnyBuffer bias
     c.optional(*dm_init, "dm_init", a, state);
     MOXE_JAX_RETURN_IF_FAILED(c);
     moxe::slstm::BackwardParams<T, Acc> b{};
+    c.require(units_per_block >= 0 && units_per_block <= std::numeric_limits<int>::max(),
+              "units_per_block out of range");
+    MOXE_JAX_RETURN_IF_FAILED(c);
     b.fwd = slstm_params<T, Acc>(d, wx, r, bias, y0, c0, n0, m0, units_per_block);
     b.dy = data<const T>(dy);
     b.dy_last = data<const Acc>(dy_last);
