@@ -92,6 +92,25 @@ struct DeviceGate {
 template <class T>
 double output_tolerance() { return std::is_same_v<T, float> ? 1e-4 : (std::is_same_v<T, __half> ? 2e-3 : 1e-2); }
 
+/// The losses against the double reference: relative 1e-4, and L_g also 64 u absolute
+/// (u = 2^-24). L_g = sum_g P_g log(2 P_g + eps) is ~2 (P_m - 1/2)^2 while each summand is
+/// ~+-(P_m - 1/2), so near balanced groups (no modulation, large T: P_m -> 1/2) the value
+/// cancels and its float error does not shrink with it: |dL_g| <= sum_g |1 + log 2P_g| |dP_g|
+/// + P_g |d log|, where each token's group mass exp(lse_g - lse) carries ~30 u of relative
+/// error (roundings of lse's of size <~ 10 at these logits) and its float sum a few u more,
+/// and P |1 + log 2P| <= 1.7 P: |dL_g| <~ 55 u however small L_g is. The others do not
+/// cancel so: L_z and L_d are means of squares of float values, and L_lb's u_e sum to the
+/// mean top-k mass / K, well below sum_e 1/E = 1 for these logits.
+void check_losses(const std::vector<float>& got, const std::vector<double>& want) {
+  for (int i = 0; i < 4; ++i) {
+    CAPTURE(i);
+    CAPTURE(got[i]);
+    CAPTURE(want[i]);
+    const double allowed = 1e-4 * std::abs(want[i]) + (i == 3 ? 64 * 0x1p-24 : 1e-10);
+    CHECK(std::abs(got[i] - want[i]) <= allowed);
+  }
+}
+
 template <class T>
 void check_against_reference(mt::Rng& rng, int64_t tokens, int experts, int mlstm_experts, int top_k, Modulation m,
                              bool head = true) {
@@ -122,11 +141,7 @@ void check_against_reference(mt::Rng& rng, int64_t tokens, int experts, int mlst
   CHECK(mt::rel_error(dev.difficulty.download(), g.difficulty) < 1e-6);
   CHECK(mt::rel_error(dev.topk_prob.download(), g.topk_prob) < 1e-5);
   CHECK(mt::rel_error(dev.topk_weight.download(), g.topk_weight) < 1e-5);
-  const auto losses = dev.losses.download();
-  for (int i = 0; i < 4; ++i) {
-    CAPTURE(i);
-    CHECK(losses[i] == doctest::Approx(g.losses[i]).epsilon(1e-4).scale(1e-6));
-  }
+  check_losses(dev.losses.download(), g.losses);
 
   REQUIRE(dev.backward(g) == Status::ok);
   std::vector<double> dz(g.logits.size()), da(tokens);
@@ -303,8 +318,7 @@ TEST_CASE("gate device: the optional outputs may be null") {
   mt::MisalignedWorkspace ws(moxe::router::gate_forward_workspace_size(p), 3);
   REQUIRE(moxe::router::gate_forward(p, ws.get(), ws.bytes(), nullptr) == Status::ok);
   if (!g.near_tie(1e-5)) CHECK(dev.topk_idx.download() == g.topk_idx);
-  const auto losses = dev.losses.download();
-  for (int i = 0; i < 4; ++i) CHECK(losses[i] == doctest::Approx(g.losses[i]).epsilon(1e-4).scale(1e-6));
+  check_losses(dev.losses.download(), g.losses);
   auto b = dev.bwd(g);
   b.fwd = p;
   b.dweight = nullptr;  // null: zero
