@@ -92,6 +92,36 @@ TEST_CASE_TEMPLATE("softmax + entropy device matches the reference", T, float, _
   check_softmax_entropy<T>(rng, 70000, 8);  // more tokens than one grid pass
 }
 
+TEST_CASE("softmax device: equal logits get the same bits on every lane of a token") {
+  // A token's lanes all-reduce their (max, sum) states by butterfly, each lane merging the
+  // same two states in the opposite role to its partner: the merge must give the same bits
+  // either way (an fma-contracted a.sum * ra + b.sum * rb does not), or the lanes end with
+  // different lse, equal logits get different probabilities, and a selection breaks their
+  // tie by rounding noise instead of by index. Here one logit of each lane (elements 0 to
+  // lanes - 1) is the same, the others random.
+  mt::Rng rng(mt::fresh_seed());
+  for (int E : {8, 30, 64, 256, 1000}) {
+    CAPTURE(E);
+    const int64_t T_ = 32;
+    const int lanes = moxe::router::detail::row_lanes(E);
+    auto z = mt::round_through<__nv_bfloat16>(mt::normal_vector<double>(rng, T_ * E, 2.0));
+    for (int64_t t = 0; t < T_; ++t) std::fill(z.begin() + t * E, z.begin() + t * E + lanes, z[t * E]);
+    mt::DeviceBuffer<float> dz(mt::convert_to<float>(z)), dprobs(T_ * E);
+    dprobs.poison();
+    moxe::router::SoftmaxEntropyParams<float, float> p{{T_, E}, dz.get(), dprobs.get()};
+    REQUIRE(moxe::router::softmax_entropy_forward(p, nullptr, 0, nullptr) == Status::ok);
+    const auto probs = dprobs.download();
+    int split_tokens = 0;
+    for (int64_t t = 0; t < T_; ++t)
+      for (int e = 1; e < lanes; ++e)
+        if (std::memcmp(&probs[t * E], &probs[t * E + e], sizeof(float)) != 0) {
+          ++split_tokens;
+          break;
+        }
+    CHECK(split_tokens == 0);
+  }
+}
+
 TEST_CASE_TEMPLATE("top-k device matches the reference: both algorithms, any E and k", T, float, __nv_bfloat16) {
   mt::Rng rng(mt::fresh_seed());
   for (int E : {2, 4, 8, 30, 64, 256, 1000})
