@@ -1,5 +1,8 @@
 // Device tests of the router pieces on their own: softmax + entropy and top-k (plain and
 // group-limited, both top-k algorithms), forward and backward against the references.
+// Small-size mode (MOXE_TEST_SMALL, the simulator) keeps every case, E, k, row shape, both
+// top-k algorithms, T = 1 and the multi-block grids, with 13 tokens where E >= 256 and a
+// many-block softmax of 700 tokens in place of 70000.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -87,9 +90,13 @@ void check_topk(mt::Rng& rng, int64_t T_, int E, int K, int n_groups = 1, int to
 
 TEST_CASE_TEMPLATE("softmax + entropy device matches the reference", T, float, __nv_bfloat16) {
   mt::Rng rng(mt::fresh_seed());
-  for (int E : {1, 2, 4, 8, 30, 64, 256, 1000}) check_softmax_entropy<T>(rng, 77, E);
+  // small mode: E >= 256 takes 8 tokens a block, so 13 tokens still give 2 blocks, the last partial
+  for (int E : {1, 2, 4, 8, 30, 64, 256, 1000})
+    check_softmax_entropy<T>(rng, E >= 256 ? mt::size<int64_t>(77, 13) : 77, E);
   check_softmax_entropy<T>(rng, 1, 64);
-  check_softmax_entropy<T>(rng, 70000, 8);  // more tokens than one grid pass
+  // many blocks (64 tokens each at E = 8); the grid-stride loop starts past 2^16 blocks
+  // (4.2M tokens), which neither size reaches
+  check_softmax_entropy<T>(rng, mt::size<int64_t>(70000, 700), 8);
 }
 
 TEST_CASE("softmax device: equal logits get the same bits on every lane of a token") {
@@ -127,7 +134,8 @@ TEST_CASE_TEMPLATE("top-k device matches the reference: both algorithms, any E a
   for (int E : {2, 4, 8, 30, 64, 256, 1000})
     for (int K : {1, 2, 8, 9, 32}) {
       if (K > E) continue;
-      check_topk<T>(rng, 53, E, K);
+      // small mode: E >= 256 takes 4 tokens a block, so 13 tokens still give 4 blocks, the last partial
+      check_topk<T>(rng, E >= 256 ? mt::size<int64_t>(53, 13) : 53, E, K);
     }
   check_topk<T>(rng, 1, 64, 4);
   check_topk<T>(rng, 41, 64, 6, 8, 3);      // DeepSeek-V3 style: 8 groups, keep 3
