@@ -1,5 +1,8 @@
 // Device tests of the router pieces on their own: softmax + entropy and top-k (plain and
 // group-limited, both top-k algorithms), forward and backward against the references.
+// Small-size mode (MOXE_TEST_SMALL, the simulator) keeps every case, E, k, row shape, both
+// top-k algorithms, T = 1 and the multi-block grids, with 13 tokens where E >= 256 and a
+// many-block softmax of 700 tokens in place of 70000.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -87,9 +90,43 @@ void check_topk(mt::Rng& rng, int64_t T_, int E, int K, int n_groups = 1, int to
 
 TEST_CASE_TEMPLATE("softmax + entropy device matches the reference", T, float, __nv_bfloat16) {
   mt::Rng rng(mt::fresh_seed());
-  for (int E : {1, 2, 4, 8, 30, 64, 256, 1000}) check_softmax_entropy<T>(rng, 77, E);
+  // small mode: E >= 256 takes 8 tokens a block, so 13 tokens still give 2 blocks, the last partial
+  for (int E : {1, 2, 4, 8, 30, 64, 256, 1000})
+    check_softmax_entropy<T>(rng, E >= 256 ? mt::size<int64_t>(77, 13) : 77, E);
   check_softmax_entropy<T>(rng, 1, 64);
-  check_softmax_entropy<T>(rng, 70000, 8);  // more tokens than one grid pass
+  // many blocks (64 tokens each at E = 8); the grid-stride loop starts past 2^16 blocks
+  // (4.2M tokens), which neither size reaches
+  check_softmax_entropy<T>(rng, mt::size<int64_t>(70000, 700), 8);
+}
+
+TEST_CASE("softmax device: equal logits get the same bits on every lane of a token") {
+  // A token's lanes all-reduce their (max, sum) states by butterfly, each lane merging the
+  // same two states in the opposite role to its partner: the merge must give the same bits
+  // either way (an fma-contracted a.sum * ra + b.sum * rb does not), or the lanes end with
+  // different lse, equal logits get different probabilities, and a selection breaks their
+  // tie by rounding noise instead of by index. Here one logit of each lane (elements 0 to
+  // lanes - 1) is the same, the others random.
+  mt::Rng rng(mt::fresh_seed());
+  for (int E : {8, 30, 64, 256, 1000}) {
+    CAPTURE(E);
+    const int64_t T_ = 32;
+    const int lanes = moxe::router::detail::row_lanes(E);
+    auto z = mt::round_through<__nv_bfloat16>(mt::normal_vector<double>(rng, T_ * E, 2.0));
+    for (int64_t t = 0; t < T_; ++t) std::fill(z.begin() + t * E, z.begin() + t * E + lanes, z[t * E]);
+    mt::DeviceBuffer<float> dz(mt::convert_to<float>(z)), dprobs(T_ * E);
+    dprobs.poison();
+    moxe::router::SoftmaxEntropyParams<float, float> p{{T_, E}, dz.get(), dprobs.get()};
+    REQUIRE(moxe::router::softmax_entropy_forward(p, nullptr, 0, nullptr) == Status::ok);
+    const auto probs = dprobs.download();
+    int split_tokens = 0;
+    for (int64_t t = 0; t < T_; ++t)
+      for (int e = 1; e < lanes; ++e)
+        if (std::memcmp(&probs[t * E], &probs[t * E + e], sizeof(float)) != 0) {
+          ++split_tokens;
+          break;
+        }
+    CHECK(split_tokens == 0);
+  }
 }
 
 TEST_CASE_TEMPLATE("top-k device matches the reference: both algorithms, any E and k", T, float, __nv_bfloat16) {
@@ -97,7 +134,8 @@ TEST_CASE_TEMPLATE("top-k device matches the reference: both algorithms, any E a
   for (int E : {2, 4, 8, 30, 64, 256, 1000})
     for (int K : {1, 2, 8, 9, 32}) {
       if (K > E) continue;
-      check_topk<T>(rng, 53, E, K);
+      // small mode: E >= 256 takes 4 tokens a block, so 13 tokens still give 4 blocks, the last partial
+      check_topk<T>(rng, E >= 256 ? mt::size<int64_t>(53, 13) : 53, E, K);
     }
   check_topk<T>(rng, 1, 64, 4);
   check_topk<T>(rng, 41, 64, 6, 8, 3);      // DeepSeek-V3 style: 8 groups, keep 3

@@ -3,6 +3,11 @@
 // (min(C, T) tokens per expert, ties to the lower token), the row map and weights,
 // backward against the reference, determinism, poisoned outputs, T = 1, T off the block
 // sizes, C >= T, all-equal scores, misaligned workspace, bad input.
+// Small-size mode (MOXE_TEST_SMALL, the simulator): the small-sizes case whole; of the large
+// one, E > 32 at 9 tokens, T > 512 at 2 and 3 experts, and the backward alone at E = 256
+// and 1024. The select runs one 512-thread block per expert (~4e5 simulated instructions at
+// any T), so the forward at E = 256 and 1024 runs on GPUs only (E = 1024's score tile, 131 KB
+// of shared memory a block, is also more than the simulated GPU's 99 KB).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -99,12 +104,47 @@ void check_expert_choice(mt::Rng& rng, int64_t T_, int E, int64_t C, bool all_eq
       [](const auto& b) { return rv::expert_choice_backward(b, nullptr, 0, nullptr); });
 }
 
+/// The backward alone, from the reference's selection: its row shapes at large E without
+/// the forward's one select block per expert (small mode).
+template <class T>
+void check_expert_choice_backward(mt::Rng& rng, int64_t T_, int E, int64_t C) {
+  CAPTURE(T_);
+  CAPTURE(E);
+  CAPTURE(C);
+  mv::ExpertChoiceProblem prob(rng, T_, E, C, 2.0);
+  prob.logits = mt::round_through<T>(prob.logits);
+  REQUIRE(prob.forward() == Status::ok);
+  const auto map = prob.row_map;
+  mt::DeviceBuffer<T> dz(mt::convert_to<T>(prob.logits)), dgrad(T_ * E);
+  mt::DeviceBuffer<int64_t> dmap(map);
+  dgrad.poison();
+  rv::ExpertChoiceForwardParams<T, float> p{prob.dims, dz.get()};
+  p.row_map = dmap.get();
+  const auto rp = prob.params();
+  std::copy(map.begin(), map.end(), prob.row_map.begin());
+  mv::check_backward<rv::ExpertChoiceBackwardParams>(
+      rp, p, prob.dweight, dgrad, [](const auto& b) { return rvr::expert_choice_backward(b); },
+      [](const auto& b) { return rv::expert_choice_backward(b, nullptr, 0, nullptr); });
+}
+
 }  // namespace
 
 TEST_CASE_TEMPLATE("expert-choice device forward and backward match the reference", T, float, __nv_bfloat16) {
   const auto seed = mt::fresh_seed();
   INFO("seed " << seed);
   mt::Rng rng(seed);
+  if (mt::small_sizes()) {
+    // E > 32: several experts per lane in the score pass, the backward's 32-lane rows
+    check_expert_choice<T>(rng, 9, 33, rv::expert_choice_capacity(9, 33, 1.25, 2));
+    // C > 512: the select's compaction goes on past its first 512 tokens, with the rank of
+    // the ties carried over in the all-equal one
+    check_expert_choice<T>(rng, 600, 3, 530);
+    check_expert_choice<T>(rng, 600, 2, 550, /*all_equal=*/true);
+    // the backward's row shapes of E = 256 and 1024
+    check_expert_choice_backward<T>(rng, 9, 256, 3);
+    check_expert_choice_backward<T>(rng, 5, 1024, 3);
+    return;
+  }
   check_expert_choice<T>(rng, 1000, 64, rv::expert_choice_capacity(1000, 64, 1.25, 2));
   check_expert_choice<T>(rng, 1500, 256, rv::expert_choice_capacity(1500, 256, 1.0, 8));  // T off 512
   check_expert_choice<T>(rng, 700, 32, 100, /*all_equal=*/true);

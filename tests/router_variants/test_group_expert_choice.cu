@@ -5,6 +5,12 @@
 // against the reference, both scores (sigmoid, softmax), determinism, graph capture,
 // poisoned outputs, misaligned workspaces, T = 1, T off the block sizes, empty groups,
 // groups without tokens, more experts than tokens, group ids out of range, bad input.
+// Small-size mode (MOXE_TEST_SMALL, the simulator): the small cases whole; of the large
+// ones, for both scores, E > 32 at 9 tokens, T > 512 at 2 and 3 experts, and the backward
+// alone at E = 256 and 1024. The select runs one 512-thread block per expert (~4e5
+// simulated instructions at any T), so the forward at E = 256 and 1024 runs on GPUs only
+// (E = 1024's score tile, 131 KB of shared memory a block, is also more than the simulated
+// GPU's 99 KB).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -144,6 +150,35 @@ void check_gec(mt::Rng& rng, const Spec& c, rv::ChoiceScore score) {
       [&](const auto& b) { return rv::group_expert_choice_backward(b, bws.get(), bws.bytes(), nullptr); });
 }
 
+/// The backward alone, from the reference's selection: its row shapes at large E without
+/// the forward's one select block per expert (small mode).
+template <class T>
+void check_gec_backward(mt::Rng& rng, const Spec& c, rv::ChoiceScore score) {
+  CAPTURE(c.T);
+  CAPTURE(c.E);
+  CAPTURE(int(score));
+  const int64_t T_ = c.T;
+  const int E = c.E;
+  mv::GroupExpertChoiceProblem prob(rng, T_, E, c.offsets, c.sb, c.se, score, c.capacity, c.factor, c.top_k, 2.0);
+  for (size_t i = 0; i < c.first_groups.size() && int64_t(i) < T_; ++i) prob.group_id[i] = c.first_groups[i];
+  prob.logits = mt::round_through<T>(prob.logits);
+  REQUIRE(prob.forward() == Status::ok);
+  const auto map = prob.row_map;
+  mt::DeviceBuffer<T> dz(mt::convert_to<T>(prob.logits)), dgrad(T_ * E);
+  mt::DeviceBuffer<int32_t> dgid(prob.group_id), doff(prob.group_offsets);
+  mt::DeviceBuffer<int64_t> dmap(map);
+  dgrad.poison();
+  rv::GroupExpertChoiceForwardParams<T, float> p{prob.dims, dz.get(), dgid.get(), doff.get(), score};
+  p.row_map = dmap.get();
+  const auto rp = prob.params();
+  std::copy(map.begin(), map.end(), prob.row_map.begin());
+  const rv::GroupExpertChoiceBackwardParams<T, float> sizing{p};
+  mt::MisalignedWorkspace bws(rv::group_expert_choice_backward_workspace_size(sizing));
+  mv::check_backward<rv::GroupExpertChoiceBackwardParams>(
+      rp, p, prob.dweight, dgrad, [](const auto& b) { return rvr::group_expert_choice_backward(b); },
+      [&](const auto& b) { return rv::group_expert_choice_backward(b, bws.get(), bws.bytes(), nullptr); });
+}
+
 /// The small cases: the simulator runs them.
 const std::vector<Spec>& small_specs() {
   static const std::vector<Spec> specs{
@@ -175,6 +210,20 @@ TEST_CASE_TEMPLATE("group expert choice device forward and backward match the re
   const auto seed = mt::fresh_seed();
   INFO("seed " << seed);
   mt::Rng rng(seed);
+  if (mt::small_sizes()) {
+    for (auto score : {rv::ChoiceScore::sigmoid, rv::ChoiceScore::softmax}) {
+      // E > 32: several experts per lane in the score pass, the backward's 32-lane rows
+      check_gec<T>(rng, {9, 33, {0, 16, 32}, 32, 33, 0, 1.25, 2, {}}, score);
+      // C > 512: the select's compaction goes on past its first 512 tokens (the shared
+      // expert sees all 600), with the rank of the ties carried over in the all-equal one
+      check_gec<T>(rng, {600, 3, {0, 1, 2}, 2, 3, 530, 1.0, 1, {}}, score);
+      check_gec<T>(rng, {600, 2, {0, 2}, 0, 2, 550, 1.0, 1, {}, /*all_equal=*/true}, score);
+      // the backward's row shapes of E = 256 and 1024
+      check_gec_backward<T>(rng, {9, 256, {0, 100, 200, 256}, 0, 0, 0, 1.0, 8, {-1, 5}}, score);
+      check_gec_backward<T>(rng, {5, 1024, {0, 512, 1000}, 1000, 1024, 3, 1.0, 1, {}}, score);
+    }
+    return;
+  }
   for (auto score : {rv::ChoiceScore::sigmoid, rv::ChoiceScore::softmax}) {
     check_gec<T>(rng, {1500, 64, {0, 24, 48}, 48, 64, 0, 1.25, 2, {}}, score);  // T off 512
     check_gec<T>(rng, {1000, 256, {0, 100, 200, 256}, 0, 0, 0, 1.0, 8, {-1, 5}}, score);

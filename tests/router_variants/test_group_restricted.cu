@@ -1,6 +1,9 @@
 // Device tests of group-restricted routing: forward and backward (renormalised and plain)
 // against the double reference, never outside the allowed experts, determinism, poisoned
 // outputs, T = 1 and T off the block size, bad input.
+// Small-size mode (MOXE_TEST_SMALL, the simulator) keeps every case (E, k, groups, shared
+// pool, group limit: every row shape and both top-k algorithms) with 9 to 37 tokens: E > 32
+// takes 4 tokens a block, so each still spans several blocks, the last partial.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -90,13 +93,14 @@ TEST_CASE_TEMPLATE("group-restricted device forward and backward match the refer
   const auto seed = mt::fresh_seed();
   INFO("seed " << seed);
   mt::Rng rng(seed);
+  const auto tokens = [](int64_t full, int64_t small) { return mt::size(full, small); };
   for (bool renorm : {true, false}) {
-    check_group_restricted<T>(rng, 1000, 64, 8, {0, 16, 32, 48}, 48, 64, renorm);
-    check_group_restricted<T>(rng, 333, 256, 12, {0, 100, 200}, 200, 256, renorm);  // threshold top-k (k > 8)
-    check_group_restricted<T>(rng, 129, 64, 6, {0, 3, 60}, 0, 0, renorm);            // group smaller than k
-    check_group_restricted<T>(rng, 77, 1024, 32, {0, 512, 1024}, 0, 16, renorm);
-    check_group_restricted<T>(rng, 500, 64, 6, {0, 24, 48}, 48, 64, renorm, 8, 3);   // with the group limit
-    check_group_restricted<T>(rng, 300, 256, 12, {0, 96, 192}, 192, 256, renorm, 8, 4);
+    check_group_restricted<T>(rng, tokens(1000, 37), 64, 8, {0, 16, 32, 48}, 48, 64, renorm);
+    check_group_restricted<T>(rng, tokens(333, 21), 256, 12, {0, 100, 200}, 200, 256, renorm);  // threshold (k > 8)
+    check_group_restricted<T>(rng, tokens(129, 29), 64, 6, {0, 3, 60}, 0, 0, renorm);            // group smaller than k
+    check_group_restricted<T>(rng, tokens(77, 9), 1024, 32, {0, 512, 1024}, 0, 16, renorm);
+    check_group_restricted<T>(rng, tokens(500, 37), 64, 6, {0, 24, 48}, 48, 64, renorm, 8, 3);  // with the group limit
+    check_group_restricted<T>(rng, tokens(300, 21), 256, 12, {0, 96, 192}, 192, 256, renorm, 8, 4);
   }
 }
 

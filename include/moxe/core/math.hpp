@@ -124,10 +124,16 @@ struct MaxSum {
     }
   }
 
+  /// The same bits whichever state comes first: the lanes of a butterfly all-reduce merge
+  /// one pair in opposite roles, and a compiler that contracts x.sum * rx + y.sum * ry into
+  /// an fma rounds the two orders differently, so the pair is put in one order first.
   MOXE_HD MOXE_FORCEINLINE static MaxSum merge(const MaxSum& a, const MaxSum& b) {
+    const bool swap = b.max < a.max || (b.max == a.max && b.sum < a.sum);
+    const MaxSum& x = swap ? b : a;
+    const MaxSum& y = swap ? a : b;
     MaxSum r;
-    r.max = math::max(a.max, b.max);
-    r.sum = a.sum * exp_sub(a.max, r.max) + b.sum * exp_sub(b.max, r.max);
+    r.max = math::max(x.max, y.max);
+    r.sum = x.sum * exp_sub(x.max, r.max) + y.sum * exp_sub(y.max, r.max);
     return r;
   }
 

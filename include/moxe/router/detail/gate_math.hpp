@@ -61,12 +61,18 @@ struct SplitMaxSum {
     if (in_mlstm) sum_m += e; else sum_s += e;
   }
 
+  /// The same bits whichever state comes first (as math::MaxSum::merge: a butterfly's lanes
+  /// merge one pair in opposite roles, and fma contraction rounds the two orders differently).
   MOXE_HD MOXE_FORCEINLINE static SplitMaxSum merge(const SplitMaxSum& a, const SplitMaxSum& b) {
+    const bool swap =
+        b.max < a.max || (b.max == a.max && (b.sum_m < a.sum_m || (b.sum_m == a.sum_m && b.sum_s < a.sum_s)));
+    const SplitMaxSum& x = swap ? b : a;
+    const SplitMaxSum& y = swap ? a : b;
     SplitMaxSum r;
-    r.max = math::max(a.max, b.max);
-    const A ra = math::exp_sub(a.max, r.max), rb = math::exp_sub(b.max, r.max);
-    r.sum_m = a.sum_m * ra + b.sum_m * rb;
-    r.sum_s = a.sum_s * ra + b.sum_s * rb;
+    r.max = math::max(x.max, y.max);
+    const A rx = math::exp_sub(x.max, r.max), ry = math::exp_sub(y.max, r.max);
+    r.sum_m = x.sum_m * rx + y.sum_m * ry;
+    r.sum_s = x.sum_s * rx + y.sum_s * ry;
     return r;
   }
 };
