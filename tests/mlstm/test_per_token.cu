@@ -1,7 +1,7 @@
 // Device tests of moxe::mlstm::per_token_forward / per_token_backward: against the host
 // implementation in double (inputs rounded through T) at head dims below, at and above a
 // warp, size 1 included; extreme gates; poisoned outputs; determinism; bad arguments launch
-// nothing.
+// nothing. Small-size mode (MOXE_TEST_SMALL) keeps every head dim at fewer rows.
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -148,8 +148,11 @@ void check_case(mt::Rng& rng, const Case& cs, bool extreme = false) {
 TEST_CASE_TEMPLATE("per-token mLSTM on the device matches the host implementation", T, float, __half,
                    __nv_bfloat16) {
   mt::Rng rng(mt::fresh_seed());
-  const Case cases[] = {{1, 1, 1, 1, 1}, {2, 3, 5, 16, 16}, {3, 2, 7, 33, 40}, {1, 1, 1000, 128, 128},
-                        {5, 4, 3, 256, 96}, {4096, 8, 1, 128, 128}};
+  // small: the same head dims at fewer rows, still many blocks (8 rows each)
+  const auto cases = mt::sizes<Case>({{1, 1, 1, 1, 1}, {2, 3, 5, 16, 16}, {3, 2, 7, 33, 40}, {1, 1, 1000, 128, 128},
+                                      {5, 4, 3, 256, 96}, {4096, 8, 1, 128, 128}},
+                                     {{1, 1, 1, 1, 1}, {2, 3, 5, 16, 16}, {3, 2, 7, 33, 40}, {1, 1, 100, 128, 128},
+                                      {5, 4, 3, 256, 96}, {37, 2, 1, 128, 128}});
   for (const Case& c : cases) check_case<T>(rng, c);
 }
 

@@ -1,6 +1,7 @@
 // Device tests of moxe::mlstm::step: against reference::step in double (inputs rounded
 // through T), over several consecutive steps, at extreme gates and states, poisoned outputs,
-// determinism, graph capture, and input validation.
+// determinism, graph capture, and input validation. Small-size mode (MOXE_TEST_SMALL) keeps
+// every head-dim layout at fewer slots.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -62,7 +63,12 @@ TEST_CASE_TEMPLATE("mlstm step matches the reference over consecutive steps", T,
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
-  const Shape shapes[] = {{1, 1, 16, 16}, {3, 5, 128, 256}, {2, 3, 64, 48}, {7, 1, 256, 256}, {5, 3, 32, 112}};
+  // small: every layout of the kernel's threads over C (DV = 16: 16 row groups; 48 and 112:
+  // idle threads past the last group; 256: one group) and both row loops (4 rows in flight
+  // and the rest), the largest head dims, fewer slots
+  const auto shapes =
+      moxe::test::sizes<Shape>({{1, 1, 16, 16}, {3, 5, 128, 256}, {2, 3, 64, 48}, {7, 1, 256, 256}, {5, 3, 32, 112}},
+                               {{1, 1, 16, 16}, {1, 2, 128, 256}, {2, 3, 64, 48}, {1, 1, 256, 256}, {2, 1, 32, 112}});
   for (const Shape& s : shapes) {
     CAPTURE(s.batch);
     CAPTURE(s.heads);
