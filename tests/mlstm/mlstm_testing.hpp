@@ -1,6 +1,6 @@
 // Shared fixtures of the mLSTM tests (host and device): gate patterns at the edges of the
 // domain, the shape of one decoding step, its inputs, the StepParams that point at them, and
-// the error measure of dfgate.
+// the error measures of dfgate and of float evaluation (norms, the dot-product rounding bound).
 #pragma once
 
 #include <cmath>
@@ -92,6 +92,31 @@ inline double dfgate_error(const std::vector<double>& df, const std::vector<doub
     scale += df_ref[r] * df_ref[r] + di_ref[r] * di_ref[r];
   }
   return std::sqrt(diff / scale);  // NaN (an unwritten element) fails any bound
+}
+
+/// ||v||.
+inline double l2_norm(const std::vector<double>& v) {
+  double sum = 0;
+  for (double x : v) sum += x * x;
+  return std::sqrt(sum);
+}
+
+/// ||got - ref||; +inf if got has an element that is not finite or the sizes differ.
+inline double error_norm(const std::vector<double>& got, const std::vector<double>& ref) {
+  if (got.size() != ref.size()) return std::numeric_limits<double>::infinity();
+  double sum = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    if (!std::isfinite(got[i])) return std::numeric_limits<double>::infinity();
+    sum += (got[i] - ref[i]) * (got[i] - ref[i]);
+  }
+  return std::sqrt(sum);
+}
+
+/// The rounding error bound of a float dot product of n terms whose magnitudes sum to
+/// `abs_sum`, in any summation order: gamma_n abs_sum, gamma_n = n u / (1 - n u), u = 2^-24.
+inline double dot_rounding_bound(int64_t n, double abs_sum) {
+  constexpr double u = 0x1p-24;
+  return double(n) * u / (1.0 - double(n) * u) * abs_sum;
 }
 
 /// Gates at the edges of the domain row by row (rows independent: per-token rows, or the

@@ -2,6 +2,10 @@
 // double: forward with final states, backward with state gradients, partial last chunks,
 // head dims 16..256, segments, extreme gates, a misaligned workspace, bad input,
 // determinism and graph capture. Inputs are drawn fresh each run; outputs are poisoned before every launch.
+// Small-size mode (MOXE_TEST_SMALL, the simulator) keeps every case, dtype and code path at
+// shorter sequences and narrower heads: S = 1, partial last chunks over several chunks at
+// every chunk size, the largest head dims, ragged and empty segments, initial and final
+// states and their gradients, batch passes, the extreme gates (see each case).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -479,7 +483,22 @@ Case shaped(int64_t b, int64_t nh, int64_t s, int64_t dqk, int64_t dv, int chunk
   return c;
 }
 
+/// The main sweep. Small-size mode (MOXE_TEST_SMALL, the simulator) keeps its edge cases:
+/// S = 1 with two batch entries, S = 7 with initial states, S not a multiple of the chunk
+/// over several chunks at every chunk size (16, 32, 64, 128), depths of more than one tile
+/// (DQK >= 32, chunks >= 32), the largest head dims one at a time (DV 256: 17 column tiles of
+/// C' = [C | n]; DQK 256: 16 row tiles) and DQK != DV; shorter sequences and narrower heads.
 std::vector<Case> cases() {
+  if (moxe::test::small_sizes())
+    return {
+        shaped(2, 2, 1, 16, 16, 16, false),    // S = 1
+        shaped(1, 2, 7, 16, 16, 16, true),     // S = 7, initial states
+        shaped(2, 1, 70, 16, 16, 64, false),   // S not a multiple of the chunk (64 + 6)
+        shaped(1, 2, 35, 32, 48, 32, true),    // 32 + 3
+        shaped(1, 1, 17, 16, 256, 16, true),   // the largest DV, 16 + 1
+        shaped(1, 1, 17, 256, 16, 16, true),   // the largest DQK
+        shaped(1, 1, 130, 16, 16, 128, false), // the largest chunk, 128 + 2
+    };
   return {
       shaped(2, 2, 1, 16, 16, 16, false),    // S = 1
       shaped(1, 2, 7, 16, 16, 16, true),     // S = 7, initial states
@@ -509,7 +528,8 @@ TEST_CASE_TEMPLATE("chunkwise device: large gates", T, float, __nv_bfloat16) {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
-  Case cs = shaped(1, 2, 80, 32, 48, 32, true);
+  // small: three chunks of 16 (full: 80 steps in chunks of 32)
+  Case cs = moxe::test::small_sizes() ? shaped(1, 2, 40, 32, 16, 16, true) : shaped(1, 2, 80, 32, 48, 32, true);
   cs.igate_range = 12.0;
   cs.tol_scale = 20.0;
   run_case<T>(cs, rng);
@@ -523,6 +543,7 @@ TEST_CASE_TEMPLATE("chunkwise device: extreme gates (resets, no input, exp(-m) b
   using moxe::test::ExtremeGates;
   for (ExtremeGates x : {ExtremeGates::resets, ExtremeGates::low_m, ExtremeGates::high_m}) {
     INFO("gates " << std::string(moxe::test::name(x)));
+    // S = 40 in every mode: low_m needs ~20 steps after len / 3 to take exp(-m) past float
     Case cs = shaped(1, 2, 40, 16, 16, 16, true);
     cs.extreme = x;
     cs.no_source = x == ExtremeGates::resets;
@@ -536,8 +557,11 @@ TEST_CASE_TEMPLATE("chunkwise device: segments == reference and == segments one 
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
   for (bool init : {false, true}) {
-    Case cs = shaped(1, 2, 90, 32, 16, 16, init);
-    cs.offsets = {0, 1, 18, 18, 57, 90};  // lengths 1, 17, 0, 39, 33
+    // lengths 1, 17, 0, 39, 33; small: 1, 17, 0, 23 (length 1, a partial second chunk, an
+    // empty segment, one of two chunks)
+    const bool small = moxe::test::small_sizes();
+    Case cs = shaped(1, 2, small ? 41 : 90, 32, 16, 16, init);
+    cs.offsets = small ? std::vector<int64_t>{0, 1, 18, 18, 41} : std::vector<int64_t>{0, 1, 18, 18, 57, 90};
     const Inputs in = make_inputs<T>(cs, rng);
     const Reference ref = reference(in);
     Device<T> dev(in);
@@ -693,9 +717,11 @@ TEST_CASE("chunkwise device: many segments (the device chunk table near its boun
   moxe::test::Rng rng(seed);
   Case cs = shaped(1, 2, 0, 16, 32, 16, true);  // seq_len: the segments' total, below
   // lengths cycle through 17 (two chunks), 1, 0 and 32: S = 750, 60 segments, 75 chunks in
-  // a table bounded by ceil(S / 16) + 60 = 107, against 47 chunks without segments
+  // a table bounded by ceil(S / 16) + 60 = 107, against 47 chunks without segments (small:
+  // 3 cycles, S = 150, 12 segments, 15 chunks of a bound of 22: the same proportions)
   cs.offsets = {0};
-  for (int r = 0; r < 15; ++r)
+  const int cycles = moxe::test::size(15, 3);
+  for (int r = 0; r < cycles; ++r)
     for (int64_t len : {17, 1, 0, 32}) cs.offsets.push_back(cs.offsets.back() + len);
   cs.seq_len = cs.offsets.back();
   run_case<float>(cs, rng);
@@ -705,7 +731,7 @@ TEST_CASE_TEMPLATE("chunkwise device: the per-element fallback == reference", T,
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
-  const Case cs = shaped(1, 2, 45, 32, 16, 16, true);
+  const Case cs = shaped(1, 2, moxe::test::size(45, 20), 32, 16, 16, true);  // 3 chunks; small: 2
   const Inputs in = make_inputs<T>(cs, rng);
   const Reference ref = reference(in);
   Device<T> dev(in);
@@ -717,7 +743,7 @@ TEST_CASE("chunkwise device: misaligned workspace, determinism") {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
-  const Case cs = shaped(2, 2, 50, 32, 32, 16, true);
+  const Case cs = moxe::test::small_sizes() ? shaped(2, 2, 20, 32, 16, 16, true) : shaped(2, 2, 50, 32, 32, 16, true);
   const Inputs in = make_inputs<__nv_bfloat16>(cs, rng);
   const Reference ref = reference(in);
   Device<__nv_bfloat16> dev(in);
@@ -730,7 +756,8 @@ TEST_CASE("chunkwise device: misaligned workspace, determinism") {
 
 TEST_CASE("chunkwise device: batch_per_pass gives the same bits in passes") {
   moxe::test::Rng rng(moxe::test::fresh_seed());
-  const Case cs = shaped(5, 2, 45, 32, 48, 16, true);
+  // small: 3 entries, so that passes of 2 end with a shorter one (as 5 in passes of 2)
+  const Case cs = moxe::test::small_sizes() ? shaped(3, 1, 20, 16, 32, 16, true) : shaped(5, 2, 45, 32, 48, 16, true);
   const Inputs in = make_inputs<__nv_bfloat16>(cs, rng);
   Device<__nv_bfloat16> dev(in);
   const Results whole = dev.run();
@@ -744,7 +771,7 @@ TEST_CASE("chunkwise device: batch_per_pass gives the same bits in passes") {
 
 TEST_CASE("chunkwise device: graph capture replays the same results") {
   moxe::test::Rng rng(moxe::test::fresh_seed());
-  const Case cs = shaped(1, 2, 40, 16, 32, 32, false);
+  const Case cs = moxe::test::small_sizes() ? shaped(1, 1, 20, 16, 16, 16, false) : shaped(1, 2, 40, 16, 32, 32, false);
   const Inputs in = make_inputs<float>(cs, rng);
   Device<float> dev(in);
   const Results direct = dev.run();

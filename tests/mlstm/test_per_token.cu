@@ -1,9 +1,10 @@
 // Device tests of moxe::mlstm::per_token_forward / per_token_backward: against the host
 // implementation in double (inputs rounded through T) at head dims below, at and above a
 // warp, size 1 included; extreme gates; poisoned outputs; determinism; bad arguments launch
-// nothing.
+// nothing. Small-size mode (MOXE_TEST_SMALL) keeps every head dim at fewer rows.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -29,6 +30,14 @@ struct Case {
 template <class T>
 double tolerance() {
   return std::is_same_v<T, float> ? 1e-5 : (std::is_same_v<T, __half> ? 2e-3 : 1e-2);
+}
+
+/// Half the spacing of T's subnormals: the absolute rounding of an output stored in T below
+/// T's normal range, where the relative tolerance does not hold (half: 2^-25; the eps / den^2
+/// gradients of dq and dk on the |n.q| branch are ~1e-7 and land there).
+template <class T>
+double subnormal_rounding() {
+  return std::is_same_v<T, float> ? 0x1p-150 : (std::is_same_v<T, __half> ? 0x1p-25 : 0x1p-134);
 }
 
 template <class T>
@@ -94,6 +103,65 @@ struct DeviceCase {
   }
 };
 
+/// Per output element, what a float evaluation of the exact math cannot avoid (docs/mlstm.md,
+/// "Tests"): the spread of the double math over s = k . qs and g = dh . v moved by the float
+/// dot products' error bound (mt::dot_rounding_bound), plus T's subnormal rounding.
+struct Allowance {
+  std::vector<double> h, dq, dk, dv, di, df;
+};
+
+template <class T>
+Allowance float_allowance(const DeviceCase<T>& d, double eps) {
+  const Case& cs = d.c;
+  const double scale = 1.0 / std::sqrt(double(cs.dqk));
+  const double sub = subnormal_rounding<T>();
+  Allowance a;
+  a.h.resize(cs.rows() * cs.dv);
+  a.dv.resize(cs.rows() * cs.dv);
+  a.dq.resize(cs.rows() * cs.dqk);
+  a.dk.resize(cs.rows() * cs.dqk);
+  a.di.resize(cs.rows());
+  a.df.resize(cs.rows());
+  for (int64_t r = 0; r < cs.rows(); ++r) {
+    double s = 0, s_abs = 0, g = 0, g_abs = 0;
+    for (int64_t j = 0; j < cs.dqk; ++j) {
+      const double t = d.q[r * cs.dqk + j] * scale * d.k[r * cs.dqk + j];
+      s += t;
+      s_abs += std::abs(t);
+    }
+    for (int64_t e = 0; e < cs.dv; ++e) {
+      const double t = d.dh[r * cs.dv + e] * d.v[r * cs.dv + e];
+      g += t;
+      g_abs += std::abs(t);
+    }
+    // s also rounds once more when scaled
+    const double s_err = mt::dot_rounding_bound(cs.dqk, s_abs) + 0x1p-24 * std::abs(s);
+    const double g_err = mt::dot_rounding_bound(cs.dv, g_abs);
+    const auto at = mlstm::detail::per_token_grad<double>(d.ig[r], d.fg[r], s, g, eps);
+    double h_scale = 0, ds = 0, di = 0, df = 0;
+    for (double s1 : {s - s_err, s + s_err}) {
+      for (double g1 : {g - g_err, g + g_err}) {
+        const auto x = mlstm::detail::per_token_grad<double>(d.ig[r], d.fg[r], s1, g1, eps);
+        h_scale = std::max(h_scale, std::abs(x.h_scale - at.h_scale));
+        ds = std::max(ds, std::abs(x.ds - at.ds));
+        di = std::max(di, std::abs(x.digate - at.digate));
+        df = std::max(df, std::abs(x.dfgate - at.dfgate));
+      }
+    }
+    for (int64_t e = 0; e < cs.dv; ++e) {
+      a.h[r * cs.dv + e] = h_scale * std::abs(d.v[r * cs.dv + e]) + sub;
+      a.dv[r * cs.dv + e] = h_scale * std::abs(d.dh[r * cs.dv + e]) + sub;
+    }
+    for (int64_t j = 0; j < cs.dqk; ++j) {
+      a.dq[r * cs.dqk + j] = ds * scale * std::abs(d.k[r * cs.dqk + j]) + sub;
+      a.dk[r * cs.dqk + j] = ds * scale * std::abs(d.q[r * cs.dqk + j]) + sub;
+    }
+    a.di[r] = di + sub;
+    a.df[r] = df + sub;
+  }
+  return a;
+}
+
 template <class T>
 void check_case(mt::Rng& rng, const Case& cs, bool extreme = false) {
   CAPTURE(cs.rows());
@@ -126,14 +194,18 @@ void check_case(mt::Rng& rng, const Case& cs, bool extreme = false) {
   b.dfgate = df.data();
   REQUIRE(mlstm::reference::per_token_backward(b) == Status::ok);
 
+  // ||device - reference|| <= tol ||reference|| + ||allowance|| (float_allowance)
   const double tol = tolerance<T>();
-  CHECK(mt::rel_error(mt::convert_to_double(d.h.download()), h) < tol);
-  CHECK(mt::rel_error(mt::convert_to_double(d.dq.download()), dq) < tol);
-  CHECK(mt::rel_error(mt::convert_to_double(d.dk.download()), dk) < tol);
-  CHECK(mt::rel_error(mt::convert_to_double(d.dv.download()), dv) < tol);
-  CHECK(mt::rel_error(mt::convert_to_double(d.di.download()), di) < tol);
-  // dfgate: a difference of terms the size of digate (mt::dfgate_error)
-  CHECK(mt::dfgate_error(mt::convert_to_double(d.df.download()), df, di) < tol);
+  const Allowance a = float_allowance(d, p.eps);
+  auto got = [](const mt::DeviceBuffer<T>& x) { return mt::convert_to_double(x.download()); };
+  CHECK(mt::error_norm(got(d.h), h) <= tol * mt::l2_norm(h) + mt::l2_norm(a.h));
+  CHECK(mt::error_norm(got(d.dq), dq) <= tol * mt::l2_norm(dq) + mt::l2_norm(a.dq));
+  CHECK(mt::error_norm(got(d.dk), dk) <= tol * mt::l2_norm(dk) + mt::l2_norm(a.dk));
+  CHECK(mt::error_norm(got(d.dv), dv) <= tol * mt::l2_norm(dv) + mt::l2_norm(a.dv));
+  CHECK(mt::error_norm(got(d.di), di) <= tol * mt::l2_norm(di) + mt::l2_norm(a.di));
+  // dfgate: a difference of terms the size of digate, on digate's scale (mt::dfgate_error);
+  // both are 0 where m follows igate on the |n.q| branch
+  CHECK(mt::error_norm(got(d.df), df) <= tol * std::hypot(mt::l2_norm(df), mt::l2_norm(di)) + mt::l2_norm(a.df));
   if (extreme) {  // the derivative of a gate at +-inf is 0 (the limit)
     const auto got_di = mt::convert_to_double(d.di.download()), got_df = mt::convert_to_double(d.df.download());
     for (int64_t r = 0; r < cs.rows(); ++r) {
@@ -148,8 +220,11 @@ void check_case(mt::Rng& rng, const Case& cs, bool extreme = false) {
 TEST_CASE_TEMPLATE("per-token mLSTM on the device matches the host implementation", T, float, __half,
                    __nv_bfloat16) {
   mt::Rng rng(mt::fresh_seed());
-  const Case cases[] = {{1, 1, 1, 1, 1}, {2, 3, 5, 16, 16}, {3, 2, 7, 33, 40}, {1, 1, 1000, 128, 128},
-                        {5, 4, 3, 256, 96}, {4096, 8, 1, 128, 128}};
+  // small: the same head dims at fewer rows, still many blocks (8 rows each)
+  const auto cases = mt::sizes<Case>({{1, 1, 1, 1, 1}, {2, 3, 5, 16, 16}, {3, 2, 7, 33, 40}, {1, 1, 1000, 128, 128},
+                                      {5, 4, 3, 256, 96}, {4096, 8, 1, 128, 128}},
+                                     {{1, 1, 1, 1, 1}, {2, 3, 5, 16, 16}, {3, 2, 7, 33, 40}, {1, 1, 100, 128, 128},
+                                      {5, 4, 3, 256, 96}, {37, 2, 1, 128, 128}});
   for (const Case& c : cases) check_case<T>(rng, c);
 }
 

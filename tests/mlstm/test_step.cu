@@ -1,6 +1,7 @@
 // Device tests of moxe::mlstm::step: against reference::step in double (inputs rounded
 // through T), over several consecutive steps, at extreme gates and states, poisoned outputs,
-// determinism, graph capture, and input validation.
+// determinism, graph capture, and input validation. Small-size mode (MOXE_TEST_SMALL) keeps
+// every head-dim layout at fewer slots.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -18,6 +19,7 @@
 namespace mlstm = moxe::mlstm;
 using moxe::Status;
 using moxe::test::DeviceBuffer;
+using moxe::test::dot_rounding_bound;
 using moxe::test::StepInputs;
 using moxe::test::step_params;
 using Shape = moxe::test::StepShape;
@@ -56,13 +58,52 @@ double h_tolerance() {
   return std::is_same_v<T, float> ? 2e-5 : 1e-2;
 }
 
+/// Per element of h, what a float evaluation cannot avoid (docs/mlstm.md, "Tests"), to first
+/// order: h = num / den, den = max(|n . qs|, exp(-m)) + eps, where the device forms n . qs and
+/// num = C^T qs from its own float states (got_c, got_n, moved to the reference's m) as float
+/// sums (dot_rounding_bound), and its m, off by dm, moves h by eps dm / den.
+std::vector<double> h_allowance(const Shape& s, const StepInputs& in, const std::vector<double>& c,
+                                const std::vector<double>& n, const std::vector<double>& m,
+                                const std::vector<double>& got_c, const std::vector<double>& got_n,
+                                const std::vector<double>& got_m, const std::vector<double>& h, double eps) {
+  const double scale = 1.0 / std::sqrt(double(s.dqk));
+  std::vector<double> allow(h.size(), 0.0);
+  for (int64_t slot = 0; slot < s.slots(); ++slot) {
+    if (std::isinf(m[slot])) continue;  // no source: the zero state, h = 0 exactly
+    double nq = 0, dnq = 0;
+    for (int64_t a = 0; a < s.dqk; ++a) {
+      const double qs = in.q[slot * s.dqk + a] * scale, na = n[slot * s.dqk + a];
+      nq += na * qs;
+      dnq += std::abs(qs) * (std::abs(got_n[slot * s.dqk + a] - na) + dot_rounding_bound(s.dqk, std::abs(na)));
+    }
+    const double den = std::max(std::abs(nq), std::exp(-m[slot])) + eps;
+    const double dm = std::abs(got_m[slot] - m[slot]);
+    for (int64_t e = 0; e < s.dv; ++e) {
+      double dnum = 0;
+      for (int64_t a = 0; a < s.dqk; ++a) {
+        const int64_t i = (slot * s.dqk + a) * s.dv + e;
+        const double qs = in.q[slot * s.dqk + a] * scale;
+        dnum += std::abs(qs) * (std::abs(got_c[i] - c[i]) + dot_rounding_bound(s.dqk, std::abs(c[i])));
+      }
+      const double he = std::abs(h[slot * s.dv + e]);
+      allow[slot * s.dv + e] = (dnum + he * (dnq + eps * dm)) / den;
+    }
+  }
+  return allow;
+}
+
 }  // namespace
 
 TEST_CASE_TEMPLATE("mlstm step matches the reference over consecutive steps", T, float, __half, __nv_bfloat16) {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
-  const Shape shapes[] = {{1, 1, 16, 16}, {3, 5, 128, 256}, {2, 3, 64, 48}, {7, 1, 256, 256}, {5, 3, 32, 112}};
+  // small: every layout of the kernel's threads over C (DV = 16: 16 row groups; 48 and 112:
+  // idle threads past the last group; 256: one group) and both row loops (4 rows in flight
+  // and the rest), the largest head dims, fewer slots
+  const auto shapes =
+      moxe::test::sizes<Shape>({{1, 1, 16, 16}, {3, 5, 128, 256}, {2, 3, 64, 48}, {7, 1, 256, 256}, {5, 3, 32, 112}},
+                               {{1, 1, 16, 16}, {1, 2, 128, 256}, {2, 3, 64, 48}, {1, 1, 256, 256}, {2, 1, 32, 112}});
   for (const Shape& s : shapes) {
     CAPTURE(s.batch);
     CAPTURE(s.heads);
@@ -142,7 +183,6 @@ TEST_CASE_TEMPLATE("mlstm step at extreme gates and states matches the reference
 
     const auto got_h = moxe::test::convert_to_double(dev.h.download());
     CHECK(moxe::test::all_finite(got_h));
-    CHECK(moxe::test::rel_error(got_h, h) < h_tolerance<T>());
     // the states against the reference's as the memories they stand for, C exp(m): the
     // float m rounds by ~4e-6 at |m| ~ 100, a shift common to C and n
     auto got_c = moxe::test::to_double(dc.download()), got_n = moxe::test::to_double(dn.download());
@@ -161,6 +201,9 @@ TEST_CASE_TEMPLATE("mlstm step at extreme gates and states matches the reference
     }
     CHECK(moxe::test::rel_error(got_c, c) < 1e-5);
     CHECK(moxe::test::rel_error(got_n, n) < 1e-5);
+    // h within T's tolerance plus what float evaluation cannot avoid (h_allowance)
+    const auto allow = h_allowance(s, in, c, n, m, got_c, got_n, got_m, h, double(p.eps));
+    CHECK(moxe::test::error_norm(got_h, h) <= h_tolerance<T>() * moxe::test::l2_norm(h) + moxe::test::l2_norm(allow));
   }
 }
 

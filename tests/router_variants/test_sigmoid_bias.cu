@@ -1,6 +1,7 @@
 // Device tests of sigmoid scoring with a selection bias: forward (plain and group-limited)
 // and backward against the double reference, per-expert counts, the bias update,
-// determinism, poisoned outputs, T = 1 and T off the block size, bad input.
+// determinism, poisoned outputs, T = 1 and T off the block size, bad input. Small-size mode
+// (MOXE_TEST_SMALL) keeps every shape of E and k at fewer tokens.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -98,13 +99,15 @@ TEST_CASE_TEMPLATE("sigmoid-bias device forward and backward match the reference
   const auto seed = mt::fresh_seed();
   INFO("seed " << seed);
   mt::Rng rng(seed);
+  // small: every row shape and selection path (4, 8 and 32 lanes; rounds and threshold
+  // top-k; group limits) at fewer tokens, still several blocks and off the block size
   for (bool renorm : {true, false}) {
     check_sigmoid_bias<T>(rng, 1, 8, 2, 1, 1, renorm);
     check_sigmoid_bias<T>(rng, 37, 16, 4, 4, 2, renorm);
-    check_sigmoid_bias<T>(rng, 1000, 64, 8, 8, 4, renorm);
-    check_sigmoid_bias<T>(rng, 1000, 256, 8, 8, 4, renorm);  // DeepSeek-V3's shape
-    check_sigmoid_bias<T>(rng, 333, 256, 16, 1, 1, renorm);  // threshold top-k (k > 8)
-    check_sigmoid_bias<T>(rng, 70, 1024, 32, 16, 8, renorm);
+    check_sigmoid_bias<T>(rng, mt::size<int64_t>(1000, 21), 64, 8, 8, 4, renorm);
+    check_sigmoid_bias<T>(rng, mt::size<int64_t>(1000, 21), 256, 8, 8, 4, renorm);  // DeepSeek-V3's shape
+    check_sigmoid_bias<T>(rng, mt::size<int64_t>(333, 9), 256, 16, 1, 1, renorm);  // threshold top-k (k > 8)
+    check_sigmoid_bias<T>(rng, mt::size<int64_t>(70, 5), 1024, 32, 16, 8, renorm);
   }
 }
 
@@ -114,7 +117,7 @@ TEST_CASE_TEMPLATE("sigmoid-bias device backward at large logits (sigmoid' from 
   mt::Rng rng(seed);
   for (bool renorm : {true, false}) {
     check_sigmoid_bias<T>(rng, 37, 16, 4, 1, 1, renorm, /*large_logits=*/true);
-    check_sigmoid_bias<T>(rng, 100, 128, 8, 8, 4, renorm, /*large_logits=*/true);
+    check_sigmoid_bias<T>(rng, mt::size<int64_t>(100, 9), 128, 8, 8, 4, renorm, /*large_logits=*/true);
   }
 }
 
