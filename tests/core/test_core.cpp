@@ -2,6 +2,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <limits>
 
 #include "moxe/core/math.hpp"
 #include "moxe/core/status.hpp"
@@ -54,6 +55,27 @@ TEST_CASE("math: sigmoid_grad from x is exact to rounding where y (1 - y) is not
   CHECK(rel(m::sigmoid_grad_from_output(m::sigmoid(17.f)), m::sigmoid_grad(17.0)) > 0.1);
   CHECK(m::sigmoid_grad(std::numeric_limits<double>::infinity()) == 0.0);
   CHECK(m::sigmoid_grad(-std::numeric_limits<double>::infinity()) == 0.0);
+}
+
+TEST_CASE("math: tanh_grad from x is exact to rounding where 1 - tanh^2 is not") {
+  auto rel = [](double a, double b) { return std::abs(a - b) / std::abs(b); };
+  for (double x : {-40.0, -20.0, -9.0, -5.0, -0.3, 0.0, 1e-4, 0.3, 5.0, 9.0, 16.0, 20.0, 40.0}) {
+    CAPTURE(x);
+    const double e = std::exp(-2 * std::abs(x)), exact = 4 * e / ((1 + e) * (1 + e));  // sech^2
+    CHECK(rel(m::tanh_grad(x), exact) < 1e-15);
+    CHECK(rel(double(m::tanh_grad(static_cast<float>(x))), exact) < 1e-6);
+    CHECK(rel(m::tanh_grad(x), 1 / (std::cosh(x) * std::cosh(x))) < 1e-14);
+    // central differences where tanh is not near +-1 (there they cancel)
+    const double h = 1e-6;
+    if (std::abs(x) < 1) CHECK(rel(m::tanh_grad(x), (std::tanh(x + h) - std::tanh(x - h)) / (2 * h)) < 1e-9);
+  }
+  // from the rounded output in float: ~1.5e-4 off at x = 5, a factor 2 at 9, nothing left at
+  // 10 (tanh(10.f) == 1)
+  CHECK(rel(m::tanh_grad_from_output(std::tanh(5.f)), m::tanh_grad(5.0)) > 1e-4);
+  CHECK(rel(m::tanh_grad_from_output(std::tanh(9.f)), m::tanh_grad(9.0)) > 0.5);
+  CHECK(m::tanh_grad_from_output(std::tanh(10.f)) == 0.f);
+  CHECK(m::tanh_grad(std::numeric_limits<double>::infinity()) == 0.0);
+  CHECK(m::tanh_grad(-std::numeric_limits<float>::infinity()) == 0.f);
 }
 
 TEST_CASE("math: MaxSum is an exact, order-independent log-sum-exp") {

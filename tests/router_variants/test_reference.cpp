@@ -843,6 +843,61 @@ TEST_CASE("sigmoid-bias reference in float at large logits agrees with double") 
   }
 }
 
+TEST_CASE("group expert choice reference in float at large logits: sigmoid scores' gradient to rounding") {
+  // Experts choose their largest logits, where sigmoid'(z) = s (1 - s) from a rounded s
+  // loses digits (z = 10: ~5e-4 relative, none from z = 17); the backward takes it from z.
+  // dz = dw sigmoid'(z) on a chosen pair: a product of two factors exact to rounding, so
+  // each entry is checked on its own (the norm would hide the largest logits' entries).
+  const auto seed = mt::fresh_seed();
+  INFO("seed " << seed);
+  mt::Rng rng(seed);
+  const int64_t T = 24;
+  const int E = 16;
+  std::vector<double> zr = mt::uniform_vector<double>(rng, T * E, -4.0, 24.0);
+  for (double& z : zr) z = double(float(z));
+  const std::vector<float> zf(zr.begin(), zr.end());
+  std::vector<double> dw = mt::uniform_vector<double>(rng, T * E, 0.5, 1.0);
+  for (double& x : dw) x = double(float(x));
+  const std::vector<float> dwf(dw.begin(), dw.end());
+  std::vector<int32_t> gid(T);
+  for (int64_t t = 0; t < T; ++t) gid[t] = static_cast<int32_t>(t % 2);
+  const std::vector<int32_t> off{0, 6, 12};
+  const rv::GroupExpertChoiceDims d{T, E, 2, 12, 16};
+  const int64_t rows = rv::group_expert_choice_max_rows(d);
+  std::vector<int32_t> tokens(rows, -1);
+  std::vector<int64_t> row_map(T * E), offsets(E + 1);
+  std::vector<double> weight(T * E), dzd(T * E);
+  std::vector<float> dzf(T * E);
+  const rv::GroupExpertChoiceForwardParams<double, double> pd{
+      d, zr.data(), gid.data(), off.data(), rv::ChoiceScore::sigmoid, nullptr, tokens.data(), nullptr,
+      row_map.data(), weight.data(), offsets.data()};
+  REQUIRE(rvr::group_expert_choice_forward(pd) == Status::ok);
+  // the float backward on the double selection (float's s = 1 ties would reorder it)
+  const rv::GroupExpertChoiceForwardParams<float, float> pf{
+      d, zf.data(), gid.data(), off.data(), rv::ChoiceScore::sigmoid, nullptr, nullptr, nullptr,
+      row_map.data(), nullptr, nullptr};
+  REQUIRE(rvr::group_expert_choice_backward(rv::GroupExpertChoiceBackwardParams<double, double>{
+              pd, dw.data(), dzd.data()}) == Status::ok);
+  REQUIRE(rvr::group_expert_choice_backward(rv::GroupExpertChoiceBackwardParams<float, float>{
+              pf, dwf.data(), dzf.data()}) == Status::ok);
+  int chosen_large = 0;
+  double worst = 0;
+  for (int64_t i = 0; i < T * E; ++i) {
+    if (row_map[i] < 0) {
+      CHECK(dzf[i] == 0.f);
+      continue;
+    }
+    chosen_large += zr[i] >= 17.0;
+    CAPTURE(zr[i]);
+    REQUIRE(dzd[i] > 0.0);
+    const double e = std::abs(double(dzf[i]) - dzd[i]) / dzd[i];
+    CHECK(e < 1e-6);
+    worst = std::max(worst, e);
+  }
+  CHECK(chosen_large > 0);  // the case reaches the logits where s rounds to 1 in float
+  MESSAGE("group expert choice, sigmoid, float vs double: worst relative error of dz " << worst);
+}
+
 // ---- expert choice's device selection algorithm, on the host ----------------------------------
 
 namespace {

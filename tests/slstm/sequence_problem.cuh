@@ -4,6 +4,7 @@
 // runs the same problems through a host emulation of the kernels' arithmetic.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -106,6 +107,50 @@ ReferenceGradients reference_gradients(const SequenceProblem<T>& pb, bool upstre
   return g;
 }
 
+// ---- gate derivatives at large pre-activations, entry by entry -------------------------
+
+/// `v` rounded to the grid of 2^-8. Pre-activations there up to |x| < 32 and biases below 1
+/// add exactly in float (13 significant bits), and T in {bf16, half} keeps them on the grid:
+/// the raw gates are then the same numbers on the device and in the double reference.
+inline std::vector<double> on_preactivation_grid(std::vector<double> v) {
+  for (double& x : v) x = std::round(x * 256.0) / 256.0;
+  return v;
+}
+
+/// From the zero state (no recurrent term) d raw_o = dy tanh(z) sigmoid'(o) and d raw_z =
+/// dy sigmoid(o) tanh'(z): products of factors each exact to rounding (sigmoid' and tanh'
+/// taken from the raw gates), so every entry is checked on its own, relative to itself:
+/// float to a few ulps (2e-6 bounds ~8 roundings of 2^-24 and expf's ulps), bf16 and half to
+/// the rounding of the output (unit roundoff 2^-8 and 2^-11) plus float's 2e-6; half's
+/// subnormals (below 2^-14) to half their spacing, 2^-25, as relative errors with that floor.
+template <class T>
+struct GateGradTolerance;
+template <>
+struct GateGradTolerance<float> {
+  static constexpr double rel = 2e-6, floor = 1.1754943508222875e-38;  // FLT_MIN
+};
+template <>
+struct GateGradTolerance<__nv_bfloat16> {
+  static constexpr double rel = 1.0 / 256 + 2e-6, floor = 1.1754943508222875e-38;
+};
+template <>
+struct GateGradTolerance<__half> {
+  static constexpr double rel = 1.0 / 2048 + 2e-6, floor = 1.0 / 16384;
+};
+
+/// The largest |out - ref| / max(|ref|, floor) over gate g's entries of dwx [positions, 4, H].
+inline double worst_gate_error(const std::vector<double>& out, const std::vector<double>& ref, int64_t positions,
+                               int64_t H, int g, double floor) {
+  double worst = 0;
+  for (int64_t r = 0; r < positions; ++r)
+    for (int64_t u = 0; u < H; ++u) {
+      const int64_t i = (r * 4 + g) * H + u;
+      const double e = std::abs(out[i] - ref[i]) / std::max(std::abs(ref[i]), floor);
+      worst = e > worst || e != e ? e : worst;
+    }
+  return worst;
+}
+
 struct SlstmShape {
   slstm::Dims d;
   bool init;
@@ -127,12 +172,14 @@ inline const std::vector<SlstmShape>& slstm_shapes() {
       {{3, 150, 4, 64}, true, 16, 7},
   };
   // MOXE_TEST_SMALL: the smallest shapes only (the GPU simulator), still with a size-1
-  // sequence, a batch past one tile, multi-block groups and several launches
+  // sequence, a batch past one tile, multi-block groups (forced, and the launchers' own plan
+  // where the r slice does not fit one block), several launches, and the largest head dims:
+  // 176 (16 x 11: U = 16, 11 blocks; the largest a float backward block fits in 96 KB, the
+  // simulated GPU's opt-in shared memory) and 256 (there float backward needs 130 KB and
+  // returns unsupported on a 96 KB device: test_sequence.cu checks that instead)
   static const std::vector<SlstmShape> small = {
-      {{1, 3, 2, 16}, true, 0, 0},
-      {{7, 17, 3, 16}, false, 0, 4},
-      {{5, 2, 2, 64}, true, 16, 1},
-      {{4, 3, 1, 32}, true, 0, 0},
+      {{1, 3, 2, 16}, true, 0, 0},   {{7, 17, 3, 16}, false, 0, 4}, {{5, 2, 2, 64}, true, 16, 1},
+      {{4, 3, 1, 32}, true, 0, 0},   {{2, 3, 1, 176}, false, 0, 0}, {{2, 3, 1, 256}, true, 0, 0},
   };
   return std::getenv("MOXE_TEST_SMALL") ? small : shapes;
 }

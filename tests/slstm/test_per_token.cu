@@ -1,6 +1,8 @@
 // Device tests of moxe::slstm::per_token_forward / per_token_backward: against the host
 // implementation in double (inputs rounded through T), unit counts below and above a
-// block, more positions than dbias chunks, size 1; poisoned outputs; bad arguments.
+// block, more positions than dbias chunks, size 1; gate pre-activations up to 20 with
+// d raw_o, d raw_z checked entry by entry; poisoned outputs; bad arguments. MOXE_TEST_SMALL
+// (the GPU simulator) shrinks only the largest shape (H above a block: 300 units).
 #include <doctest/doctest.h>
 
 #include <cmath>
@@ -10,6 +12,7 @@
 
 #include "device_utils.cuh"
 #include "moxe/slstm/per_token.cuh"
+#include "sequence_problem.cuh"
 #include "slstm_testing.hpp"
 #include "test_utils.hpp"
 
@@ -24,16 +27,24 @@ double tolerance() {
   return std::is_same_v<T, float> ? 1e-5 : (std::is_same_v<T, __half> ? 2e-3 : 1e-2);
 }
 
+/// The device against the host implementation on one shape; with `extreme`, gate
+/// pre-activations up to 20 in magnitude on the grid where wx + bias is exact in float, and
+/// d raw_z, d raw_o checked entry by entry (sequence_problem.cuh: GateGradTolerance).
 template <class T>
-void check_case(mt::Rng& rng, const sl::Dims& d) {
+void check_case(mt::Rng& rng, const sl::Dims& d, bool extreme = false) {
   CAPTURE(d.seq_len);
   CAPTURE(d.batch);
   CAPTURE(d.heads);
   CAPTURE(d.head_dim);
+  CAPTURE(extreme);
   const int64_t H = sl::hidden(d), positions = d.seq_len * d.batch;
-  const auto wx = mt::round_through<T>(mt::normal_vector<double>(rng, positions * 4 * H, 2.0));
+  const auto wx = mt::round_through<T>(
+      extreme ? mt::on_preactivation_grid(mt::uniform_vector<double>(rng, positions * 4 * H, -20.0, 20.0))
+              : mt::normal_vector<double>(rng, positions * 4 * H, 2.0));
   const auto r = mt::round_through<T>(mt::normal_vector<double>(rng, d.heads * 4 * d.head_dim * d.head_dim));
-  const auto bias = mt::round_through<T>(mt::normal_vector<double>(rng, 4 * H, 0.5));
+  const auto bias =
+      mt::round_through<T>(extreme ? mt::on_preactivation_grid(mt::uniform_vector<double>(rng, 4 * H, -0.5, 0.5))
+                                   : mt::normal_vector<double>(rng, 4 * H, 0.5));
   const auto dy = mt::round_through<T>(mt::normal_vector<double>(rng, positions * H));
   mt::DeviceBuffer<T> d_wx(mt::convert_to<T>(wx)), d_r(mt::convert_to<T>(r)), d_bias(mt::convert_to<T>(bias)),
       d_dy(mt::convert_to<T>(dy)), d_y(positions * H), d_dwx(positions * 4 * H), d_dr(r.size()), d_dbias(4 * H);
@@ -69,6 +80,15 @@ void check_case(mt::Rng& rng, const sl::Dims& d) {
   CHECK(mt::rel_error(mt::convert_to_double(d_dwx.download()), dwx) < tol);
   CHECK(mt::rel_error(mt::convert_to_double(d_dbias.download()), dbias) < tol);
   for (double v : mt::convert_to_double(d_dr.download())) CHECK(v == 0.0);
+  if (extreme) {
+    using Tol = mt::GateGradTolerance<T>;
+    const auto out = mt::convert_to_double(d_dwx.download());
+    const double ez = mt::worst_gate_error(out, dwx, positions, H, 2, Tol::floor);
+    const double eo = mt::worst_gate_error(out, dwx, positions, H, 3, Tol::floor);
+    MESSAGE("worst entry error, d raw_z " << ez << ", d raw_o " << eo << " (bound " << Tol::rel << ")");
+    CHECK(ez < Tol::rel);
+    CHECK(eo < Tol::rel);
+  }
 }
 
 }  // namespace
@@ -76,8 +96,20 @@ void check_case(mt::Rng& rng, const sl::Dims& d) {
 TEST_CASE_TEMPLATE("per-token sLSTM on the device matches the host implementation", T, float, __half,
                    __nv_bfloat16) {
   mt::Rng rng(mt::fresh_seed());
-  const sl::Dims shapes[] = {{1, 1, 1, 1}, {3, 5, 3, 20}, {3, 300, 2, 16}, {1, 4096, 8, 128}};
+  // size 1; H below a block of threads; more positions than dbias chunks (256); H past a
+  // block (full: 1024 units, 4096 positions; small mode: 300 units, a second block in x)
+  const std::vector<sl::Dims> shapes =
+      mt::sizes<sl::Dims>({{1, 1, 1, 1}, {3, 5, 3, 20}, {3, 300, 2, 16}, {1, 4096, 8, 128}},
+                          {{1, 1, 1, 1}, {3, 5, 3, 20}, {3, 300, 2, 16}, {2, 5, 3, 100}});
   for (const sl::Dims& d : shapes) check_case<T>(rng, d);
+}
+
+TEST_CASE_TEMPLATE("per-token sLSTM on the device at large |o|, |z|: d raw_o and d raw_z entry by entry", T, float,
+                   __half, __nv_bfloat16) {
+  // sigmoid'(o) and tanh'(z) from the raw gates: from a rounded sigmoid(o) or tanh(z) they
+  // keep no digit in float once those round to 1 (o >= 17, |z| >= 10)
+  mt::Rng rng(mt::fresh_seed());
+  check_case<T>(rng, sl::Dims{2, 40, 2, 48}, /*extreme=*/true);
 }
 
 TEST_CASE("per-token sLSTM on the device: states, a small workspace and bad arguments launch nothing") {

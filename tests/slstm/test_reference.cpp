@@ -3,6 +3,7 @@
 // exchange and reduction order) emulated on the host against the reference, bad input.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <array>
 #include <cstring>
@@ -451,6 +452,43 @@ TEST_CASE("slstm cell backward: the max and the n == 0 branch") {
                                                        1.0, m0, 0.0, 0.0, 0.0, 1.0);
   CHECK(below.d.i == 0.0);
   CHECK(below.dm0 == 1.0);
+}
+
+TEST_CASE("slstm cell backward in float at large |o|, |z| agrees with double to rounding") {
+  // d raw_o = dy c/n sigmoid'(o), d raw_z = dc' ig tanh'(z): in float, og (1 - og) and
+  // 1 - tanh(z)^2 from the rounded og, tanh(z) keep no digit once they round to 1 (o ~ 17,
+  // |z| ~ 9); from the raw gates each factor is exact to rounding. With every term of c and
+  // of dc' of one sign (c0 and z of one sign; dy, dc > 0) nothing cancels: a handful of
+  // float roundings (2^-24 each) and expf's few ulps, ~1e-6 relative at most.
+  namespace dt = moxe::slstm::detail;
+  constexpr double kTolerance = 2e-6;
+  auto rel = [](double a, double b) { return b == 0.0 ? std::abs(a) : std::abs(a - b) / std::abs(b); };
+  double worst_o = 0, worst_z = 0;
+  for (double o : {-20.0, -9.0, 0.0, 0.5, 5.0, 9.0, 12.0, 16.0, 17.0, 20.0}) {
+    for (double z : {-20.0, -12.0, -9.0, -5.0, -0.25, 0.25, 5.0, 9.0, 12.0, 16.0, 20.0}) {
+      for (bool zero_state : {true, false}) {
+        CAPTURE(o);
+        CAPTURE(z);
+        CAPTURE(zero_state);
+        const float i = 0.375f, f = 1.25f, m0 = 0.125f, dy = 0.875f;
+        const float c0 = zero_state ? 0.f : (z < 0 ? -0.75f : 0.75f), n0 = zero_state ? 0.f : 1.5f;
+        const float dc = zero_state ? 0.f : 0.5f;
+        const dt::CellGrad<float> gf = dt::cell_backward(
+            dt::GatesRaw<float>{i, f, static_cast<float>(z), static_cast<float>(o)}, c0, n0, m0, dy, dc, 0.f, 0.f);
+        const dt::CellGrad<double> gd =
+            dt::cell_backward(dt::GatesRaw<double>{i, f, z, o}, double(c0), double(n0), double(m0), double(dy),
+                              double(dc), 0.0, 0.0);
+        REQUIRE(gd.d.o != 0.0);
+        REQUIRE(gd.d.z != 0.0);
+        const double eo = rel(gf.d.o, gd.d.o), ez = rel(gf.d.z, gd.d.z);
+        CHECK(eo < kTolerance);
+        CHECK(ez < kTolerance);
+        worst_o = std::max(worst_o, eo);
+        worst_z = std::max(worst_z, ez);
+      }
+    }
+  }
+  MESSAGE("float cell_backward vs double, worst relative error: d raw_o " << worst_o << ", d raw_z " << worst_z);
 }
 
 namespace {

@@ -1,11 +1,16 @@
 // Device tests of moxe::slstm: sequence_forward, sequence_backward and step against the
 // host reference (double, on the inputs rounded through T), with fresh random inputs,
-// poisoned outputs, misaligned workspaces, bitwise determinism, graph capture, bad input.
+// poisoned outputs, misaligned workspaces, bitwise determinism, graph capture, bad input,
+// and the backward's gate derivatives at large pre-activations entry by entry. With
+// MOXE_TEST_SMALL (the GPU simulator) every case runs its small shapes, which keep the
+// paths named in each case (sequence_problem.cuh: slstm_shapes).
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "device_utils.cuh"
@@ -185,6 +190,28 @@ void check_backward(const Problem<T>& pb, bool upstream, const Launch& launch = 
   CHECK(moxe::test::rel_error(o.dmi, ref.dmi) < tol);
 }
 
+template <class T>
+const char* type_name() {
+  if constexpr (std::is_same_v<T, float>) return "float";
+  if constexpr (std::is_same_v<T, __half>) return "half";
+  return "bf16";
+}
+
+/// The shared memory the backward's block needs at `units` (0: the smallest plan, U = 16) when
+/// the device's opt-in limit is below it, else 0. Float at head_dim 256 needs ~130 KB: an
+/// H100 has 227 KB, GPUs (and the simulated GPU) with ~100 KB do not fit it; the launcher
+/// must then return unsupported.
+template <class T>
+std::size_t backward_smem_beyond_device(int64_t head_dim, int units) {
+  int device = 0, optin = 0;
+  MOXE_TEST_CUDA(cudaGetDevice(&device));
+  MOXE_TEST_CUDA(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int u = units != 0 ? units : 16;
+  const std::size_t bytes =
+      sl::detail::backward_smem(head_dim, u, static_cast<int>(sizeof(T)), sl::detail::uses_tensor_cores_v<T>).bytes;
+  return bytes > static_cast<std::size_t>(optin) ? bytes : 0;
+}
+
 /// Runs check(problem, launch) on a fresh problem of every shape of slstm_shapes().
 template <class T, class Check>
 void for_each_shape(moxe::test::Rng& rng, Check check) {
@@ -218,10 +245,52 @@ TEST_CASE_TEMPLATE("slstm sequence_backward matches the reference", T, float, __
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
   for_each_shape<T>(rng, [](const Problem<T>& pb, const Launch& launch) {
+    if (const std::size_t need = backward_smem_beyond_device<T>(pb.d.head_dim, launch.units)) {
+      // no plan fits this device: the launcher says so, with nothing launched
+      DeviceBuffer<T> dwx(pb.wx.size()), dr(pb.r.size()), dbias(pb.bias.size());
+      const auto p = backward_params(pb.device(), true, dwx.get(), dr.get(), dbias.get(), nullptr, nullptr, nullptr,
+                                     nullptr);
+      moxe::test::MisalignedWorkspace ws(sl::sequence_backward_workspace_size(p));
+      CHECK(sl::sequence_backward(p, ws.get(), ws.bytes(), nullptr) == Status::unsupported);
+      const std::string why = "slstm sequence_backward<" + std::string(type_name<T>()) +
+                              "> at head_dim " + std::to_string(pb.d.head_dim) + ": a block needs " +
+                              std::to_string(need / 1024) +
+                              " KB of shared memory, more than this device's opt-in limit (an H100 has 227 KB); "
+                              "checked to return unsupported";
+      if (!moxe::test::skip_on_simulator(why.c_str())) MESSAGE(why);
+      return;
+    }
     check_backward(pb, /*upstream=*/true, launch);
   });
   Problem<T> pb(rng, sl::Dims{7, 5, 2, 32}, true);
   check_backward(pb, /*upstream=*/false);
+}
+
+TEST_CASE_TEMPLATE("slstm sequence_backward at large |o|, |z|: d raw_o and d raw_z entry by entry", T, float,
+                   __nv_bfloat16, __half) {
+  // One step from the zero state (no initial states, no upstream): the backward kernels'
+  // cell at gate pre-activations up to 20 in magnitude, where sigmoid'(o) from a rounded
+  // sigmoid(o), and tanh'(z) from a rounded tanh(z), keep no digit in float
+  // (sequence_problem.cuh: on_preactivation_grid, GateGradTolerance). Two batch tiles.
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  Problem<T> pb(rng, sl::Dims{1, 17, 2, 16}, false, 20.0);
+  pb.wx = moxe::test::round_through<T>(moxe::test::on_preactivation_grid(pb.wx));
+  pb.bias = moxe::test::round_through<T>(moxe::test::on_preactivation_grid(pb.bias));
+  pb.d_wx.upload(moxe::test::convert_to<T>(pb.wx));
+  pb.d_bias.upload(moxe::test::convert_to<T>(pb.bias));
+  const BackwardOut ref = moxe::test::reference_gradients(pb, /*upstream=*/false);
+  const BackwardOut o = run_device_backward(pb, /*upstream=*/false, Launch{});
+  const int64_t positions = pb.d.seq_len * pb.d.batch, H = sl::hidden(pb.d);
+  using Tol = moxe::test::GateGradTolerance<T>;
+  const double ez = moxe::test::worst_gate_error(o.dwx, ref.dwx, positions, H, 2, Tol::floor);
+  const double eo = moxe::test::worst_gate_error(o.dwx, ref.dwx, positions, H, 3, Tol::floor);
+  MESSAGE("worst entry error, d raw_z " << ez << ", d raw_o " << eo << " (bound " << Tol::rel << ")");
+  CHECK(ez < Tol::rel);
+  CHECK(eo < Tol::rel);
+  CHECK(moxe::test::rel_error(o.dwx, ref.dwx) < Tolerance<T>::bwd);
+  CHECK(moxe::test::rel_error(o.dbias, ref.dbias) < Tolerance<T>::bwd);
 }
 
 TEST_CASE_TEMPLATE("slstm device: a sequence run as chained calls equals it run whole", T, float, __nv_bfloat16,
@@ -328,10 +397,12 @@ TEST_CASE_TEMPLATE("slstm device: a sequence run as chained calls equals it run 
 }
 
 TEST_CASE_TEMPLATE("slstm backward is deterministic", T, float, __nv_bfloat16) {
+  // small mode: S = 3, DH = 32 (U = 16: two cooperative blocks per group), still two batch
+  // tiles (two groups, so one group per launch means two launches) and misaligned workspaces
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
-  Problem<T> pb(rng, sl::Dims{64, 19, 2, 64}, true);
+  Problem<T> pb(rng, moxe::test::small_sizes() ? sl::Dims{3, 17, 1, 32} : sl::Dims{64, 19, 2, 64}, true);
   const BackwardOut a = run_device_backward(pb, true, Launch{16, 0}, 1);
   const BackwardOut b = run_device_backward(pb, true, Launch{16, 0}, 3);
   const BackwardOut c = run_device_backward(pb, true, Launch{0, 0}, 1);  // the split over blocks changes no bit
@@ -355,8 +426,10 @@ TEST_CASE_TEMPLATE("slstm step matches the sequence reference", T, float, __nv_b
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
-  for (int units : {0, 16}) {
-    const sl::Dims d{5, 18, 2, 64};
+  for (int units : {0, 16}) {  // 16: a head over several cooperative blocks
+    CAPTURE(units);
+    // small mode: S = 3, one head of 32 (two blocks at U = 16), a batch past one tile
+    const sl::Dims d = moxe::test::small_sizes() ? sl::Dims{3, 17, 1, 32} : sl::Dims{5, 18, 2, 64};
     Problem<T> pb(rng, d, true);
     const ReferenceForward ref = reference_forward(pb);
     DeviceStates st(pb);
@@ -388,7 +461,8 @@ TEST_CASE("slstm step in float with y_out == y (the output is the state)") {
   moxe::test::Rng rng(seed);
   for (int units : {0, 16}) {
     CAPTURE(units);
-    const sl::Dims d{6, 18, 2, 64};
+    // small mode: S = 3, one head of 32: U = 16 still splits it over two blocks (the barrier)
+    const sl::Dims d = moxe::test::small_sizes() ? sl::Dims{3, 17, 1, 32} : sl::Dims{6, 18, 2, 64};
     Problem<float> pb(rng, d, true);
     const ReferenceForward ref = reference_forward(pb);
     DeviceStates st(pb);
@@ -411,10 +485,13 @@ TEST_CASE("slstm forward under graph capture") {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
-  for (int units : {0, 16}) {
-    Problem<__nv_bfloat16> pb(rng, sl::Dims{7, 3, 2, 64}, true);
+  for (int units : {0, 16}) {  // 16: the cooperative launch of a head split over blocks, captured
+    CAPTURE(units);
+    // small mode: S = 3, one head of 32 (U = 16: two blocks per group)
+    const sl::Dims d = moxe::test::small_sizes() ? sl::Dims{3, 3, 1, 32} : sl::Dims{7, 3, 2, 64};
+    Problem<__nv_bfloat16> pb(rng, d, true);
     const int64_t U = pb.units();
-    DeviceBuffer<__nv_bfloat16> y_direct(7 * U), y_graph(7 * U);
+    DeviceBuffer<__nv_bfloat16> y_direct(d.seq_len * U), y_graph(d.seq_len * U);
     y_graph.poison();
     auto p = forward_params(pb.device(), y_direct.get(), nullptr, nullptr, nullptr, nullptr);
     p.units_per_block = units;

@@ -15,9 +15,9 @@
 //   4. gec_select_kernel: one block per expert, expert choice's detail::select_column with
 //      C_e = off[e+1] - off[e] rows from off[e].
 //   5. (optional) expert choice's ec_count_kernel: experts_per_token.
-// Backward, per token: sigmoid: dz = dw s (1 - s) on the chosen pairs; softmax: the masked
-// softmax's Jacobian over the experts that see the token (their pools from one layout
-// block into the workspace).
+// Backward, per token: sigmoid: dz = dw sigmoid'(z) on the chosen pairs (from z, not from
+// the rounded s); softmax: the masked softmax's Jacobian over the experts that see the
+// token (their pools from one layout block into the workspace).
 // Group ids and offsets live in device memory: an id outside [0, num_groups) is in no
 // group (only shared experts see the token); bad offsets are clamped per group and an
 // expert belongs to the lowest group that holds it (the host reference rejects them).
@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   });
 }
 
-/// sigmoid: dz = dw s (1 - s) where row_map >= 0; softmax: dz = s (gp - <s, gp>) over the
+/// sigmoid: dz = dw sigmoid'(z) where row_map >= 0; softmax: dz = s (gp - <s, gp>) over the
 /// experts whose pool sees the token (pool: the layout block's), gp = dw on the chosen.
 template <class T, int kLanes, int kPerLane>
 __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
@@ -200,9 +200,8 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
         const int e = g.element(j);
         if (e >= E) continue;
         const bool chosen = p.row_map[row * E + e] >= 0;
-        const float s = math::sigmoid(v[j]);
-        b.dlogits[row * E + e] =
-            from_float<T>(chosen ? b.dweight[row * E + e] * math::sigmoid_grad_from_output(s) : 0.f);
+        const float ds = math::sigmoid_grad(v[j]);  // from z: exact for the large logits chosen
+        b.dlogits[row * E + e] = from_float<T>(chosen ? b.dweight[row * E + e] * ds : 0.f);
       }
       return;
     }

@@ -305,9 +305,9 @@ Status group_expert_choice_backward(const GroupExpertChoiceBackwardParams<T, Acc
     const Acc* dw = b.dweight + t * E;
     T* dz = b.dlogits + t * E;
     if (p.score == ChoiceScore::sigmoid) {  // each pair on its own: the row map alone decides
-      for (int e = 0; e < E; ++e) {
-        const Acc se = math::sigmoid(static_cast<Acc>(p.logits[t * E + e]));
-        dz[e] = static_cast<T>(chosen[e] >= 0 ? dw[e] * math::sigmoid_grad_from_output(se) : Acc(0));
+      for (int e = 0; e < E; ++e) {  // sigmoid'(z) from z: exact for the large logits chosen
+        const Acc ds = math::sigmoid_grad(static_cast<Acc>(p.logits[t * E + e]));
+        dz[e] = static_cast<T>(chosen[e] >= 0 ? dw[e] * ds : Acc(0));
       }
       continue;
     }

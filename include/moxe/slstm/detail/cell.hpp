@@ -53,7 +53,10 @@ struct CellGrad {
 /// The exact gradient of cell_forward given the upstream gradients of its outputs y, c, n
 /// and m (dy is the total gradient of this step's y: the loss's plus the recurrent one).
 /// At the max, the gradient goes to the selected argument (i on ties, as cell_forward);
-/// the n0 == 0 test has no gradient.
+/// the n0 == 0 test has no gradient. sigmoid'(o) and tanh'(z) are taken from the raw gates
+/// (math::sigmoid_grad, math::tanh_grad), not from the rounded og and tanh(z): og (1 - og)
+/// and 1 - tanh(z)^2 lose all relative accuracy at large |o|, |z| (in float sigmoid(17) and
+/// tanh(10) round to 1, where sigmoid'(17) ~ 4e-8 and tanh'(10) ~ 8e-9).
 template <class A>
 MOXE_HD MOXE_FORCEINLINE CellGrad<A> cell_backward(const GatesRaw<A>& g, A c0, A n0, A m0, A dy,
                                                    A dc, A dn, A dm) {
@@ -69,12 +72,12 @@ MOXE_HD MOXE_FORCEINLINE CellGrad<A> cell_backward(const GatesRaw<A>& g, A c0, A
   const A inv_n = A(1) / n;
 
   CellGrad<A> r;
-  r.d.o = dy * c * inv_n * math::sigmoid_grad_from_output(og);
+  r.d.o = dy * c * inv_n * math::sigmoid_grad(g.o);
   const A dc_total = dc + dy * og * inv_n;
   const A dn_total = dn - dy * og * c * inv_n * inv_n;
   const A dfg = dc_total * c0 + dn_total * n0;
   const A dig = dc_total * tz + dn_total;
-  r.d.z = dc_total * ig * math::tanh_grad_from_output(tz);
+  r.d.z = dc_total * ig * math::tanh_grad(g.z);
   r.dc0 = dc_total * fg;
   r.dn0 = dn_total * fg;
   // ig = exp(i - m), fg = exp(lf_m - m)
