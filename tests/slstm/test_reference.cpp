@@ -491,6 +491,29 @@ TEST_CASE("slstm cell backward in float at large |o|, |z| agrees with double to 
   MESSAGE("float cell_backward vs double, worst relative error: d raw_o " << worst_o << ", d raw_z " << worst_z);
 }
 
+TEST_CASE("slstm cell from the zero state at an input gate far below the forget gate: finite, as the per-token form") {
+  // From the zero state m = i and fg = exp(logsigmoid(f) + m0 - i): at i = -100, f = 0 that
+  // is e^99 (inf in float). The state contributes nothing (c0 = n0 = 0), so y = sigmoid(o)
+  // tanh(z), every gate gradient is finite and dm0 = 0; inf * 0 made all of them NaN.
+  namespace dt = moxe::slstm::detail;
+  for (double i : {-100.0, -1000.0}) {
+    CAPTURE(i);
+    const float z = 0.5f, o = 0.25f;
+    const dt::CellOut<float> of = dt::cell_forward(dt::GatesRaw<float>{float(i), 0.f, z, o}, 0.f, 0.f, 0.f);
+    CHECK(of.y == doctest::Approx(moxe::math::sigmoid(0.25) * std::tanh(0.5)).epsilon(1e-6));
+    CHECK(of.n == 1.f);
+    const dt::CellGrad<float> gf = dt::cell_backward(dt::GatesRaw<float>{float(i), 0.f, z, o}, 0.f, 0.f, 0.f, 0.75f,
+                                                     0.5f, -0.25f, 0.125f);
+    const dt::CellGrad<double> gd =
+        dt::cell_backward(dt::GatesRaw<double>{i, 0.0, z, o}, 0.0, 0.0, 0.0, 0.75, 0.5, -0.25, 0.125);
+    for (auto [a, b] : {std::pair{gf.d.i, gd.d.i}, {gf.d.f, gd.d.f}, {gf.d.z, gd.d.z}, {gf.d.o, gd.d.o}}) {
+      CHECK(std::isfinite(a));
+      CHECK(a == doctest::Approx(b).epsilon(1e-6).scale(1e-12));
+    }
+    CHECK(gf.dm0 == 0.f);
+  }
+}
+
 namespace {
 
 namespace dt = moxe::slstm::detail;

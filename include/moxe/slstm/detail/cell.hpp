@@ -26,6 +26,12 @@ struct CellOut {
   A c, n, m, y;
 };
 
+/// fg * x, exactly 0 for x == 0 whatever fg (fg may overflow to inf from the zero state).
+template <class A>
+MOXE_HD MOXE_FORCEINLINE A forget_term(A fg, A x) {
+  return x == A(0) ? A(0) : fg * x;
+}
+
 /// One step of one unit (DESIGN.md, sLSTM):
 ///   m = (n0 == 0) ? i : max(i, logsigmoid(f) + m0)      (ties select i)
 ///   c = exp(lsf + m0 - m) c0 + exp(i - m) tanh(z);  n = ... n0 + exp(i - m)
@@ -36,8 +42,10 @@ MOXE_HD MOXE_FORCEINLINE CellOut<A> cell_forward(const GatesRaw<A>& g, A c0, A n
   const A m = (n0 == A(0)) ? g.i : math::max(g.i, lf_m);
   const A ig = math::exp(g.i - m);
   const A fg = math::exp(lf_m - m);
-  const A c = fg * c0 + ig * math::tanh(g.z);
-  const A n = fg * n0 + ig;
+  // from the zero state m = i, and fg = exp(lf + m0 - i) overflows for i ~88 below lf + m0:
+  // a zero state contributes exactly nothing (not inf * 0 = NaN)
+  const A c = forget_term(fg, c0) + ig * math::tanh(g.z);
+  const A n = forget_term(fg, n0) + ig;
   const A y = math::sigmoid(g.o) * c / n;
   return {c, n, m, y};
 }
@@ -66,8 +74,8 @@ MOXE_HD MOXE_FORCEINLINE CellGrad<A> cell_backward(const GatesRaw<A>& g, A c0, A
   const A ig = math::exp(g.i - m);
   const A fg = math::exp(lf_m - m);
   const A tz = math::tanh(g.z);
-  const A c = fg * c0 + ig * tz;
-  const A n = fg * n0 + ig;
+  const A c = forget_term(fg, c0) + ig * tz;
+  const A n = forget_term(fg, n0) + ig;
   const A og = math::sigmoid(g.o);
   const A inv_n = A(1) / n;
 
@@ -82,7 +90,7 @@ MOXE_HD MOXE_FORCEINLINE CellGrad<A> cell_backward(const GatesRaw<A>& g, A c0, A
   r.dn0 = dn_total * fg;
   // ig = exp(i - m), fg = exp(lf_m - m)
   const A gi = dig * ig;
-  const A gf = dfg * fg;
+  const A gf = forget_term(fg, dfg);  // 0 from the zero state (dfg = 0), even where fg is inf
   const A dm_total = dm - gi - gf;
   A di = gi, dlf_m = gf;
   if (select_i) {
