@@ -42,6 +42,16 @@ inline std::size_t score_tile_bytes(int experts) {
   return sizeof(float) * kScoreTileTokens * (static_cast<std::size_t>(experts) + 1);
 }
 
+/// The block's score tile (tokens t0.., [kScoreTileTokens][E + 1] in shared memory, after a
+/// barrier) to its columns of the expert-major score_t [E, T]: consecutive threads write
+/// consecutive tokens of one expert.
+MOXE_DEVICE MOXE_FORCEINLINE void store_score_tile(const float* tile, int64_t t0, int64_t tokens, int E, float* score_t) {
+  for (int i = threadIdx.x; i < kScoreTileTokens * E; i += kScoreThreads) {
+    const int e = i / kScoreTileTokens, tt = i % kScoreTileTokens;
+    if (t0 + tt < tokens) score_t[int64_t(e) * tokens + t0 + tt] = tile[tt * (E + 1) + e];
+  }
+}
+
 template <class T>
 __global__ void __launch_bounds__(kScoreThreads)
     ec_scores_kernel(const __grid_constant__ ExpertChoiceForwardParams<T, float> p, float* score_t) {
@@ -66,10 +76,7 @@ __global__ void __launch_bounds__(kScoreThreads)
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < kScoreTileTokens * E; i += kScoreThreads) {
-    const int e = i / kScoreTileTokens, tt = i % kScoreTileTokens;
-    if (t0 + tt < T_) score_t[int64_t(e) * T_ + t0 + tt] = tile[tt * (E + 1) + e];
-  }
+  store_score_tile(tile, t0, T_, E, score_t);
 }
 
 template <class T>

@@ -159,10 +159,7 @@ __global__ void __launch_bounds__(kScoreThreads)
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < kScoreTileTokens * E; i += kScoreThreads) {
-    const int e = i / kScoreTileTokens, tt = i % kScoreTileTokens;
-    if (t0 + tt < T_) score_t[int64_t(e) * T_ + t0 + tt] = tile[tt * (E + 1) + e];
-  }
+  store_score_tile(tile, t0, T_, E, score_t);
 }
 
 template <class T>

@@ -76,6 +76,16 @@ void chosen_softmax_backward(const Acc* p, const int32_t* idx, const Acc* dw, in
                                                             : Acc(0));
 }
 
+/// experts_per_token[t] = the number of experts that chose token t (row_map[t, e] >= 0).
+template <class Count>
+void count_experts_per_token(const int64_t* row_map, int64_t tokens, int experts, Count* experts_per_token) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    Count n = 0;
+    for (int e = 0; e < experts; ++e) n += row_map[t * experts + e] >= 0;
+    experts_per_token[t] = n;
+  }
+}
+
 }  // namespace detail
 
 // ---- top-p ------------------------------------------------------------------------------
@@ -155,12 +165,7 @@ Status expert_choice_forward(const ExpertChoiceForwardParams<T, Acc>& p) {
     if (p.expert_offsets) p.expert_offsets[e] = e * C;
   }
   if (p.expert_offsets) p.expert_offsets[E] = E * C;
-  if (p.experts_per_token)
-    for (int64_t t = 0; t < T_; ++t) {
-      int n = 0;
-      for (int e = 0; e < E; ++e) n += p.row_map[t * E + e] >= 0;
-      p.experts_per_token[t] = n;
-    }
+  if (p.experts_per_token) detail::count_experts_per_token(p.row_map, T_, E, p.experts_per_token);
   return Status::ok;
 }
 
@@ -281,12 +286,7 @@ Status group_expert_choice_forward(const GroupExpertChoiceForwardParams<T, Acc>&
     }
   }
   std::copy(layout.offsets.begin(), layout.offsets.end(), p.expert_offsets);
-  if (p.experts_per_token)
-    for (int64_t t = 0; t < T_; ++t) {
-      int n = 0;
-      for (int e = 0; e < E; ++e) n += p.row_map[t * E + e] >= 0;
-      p.experts_per_token[t] = n;
-    }
+  if (p.experts_per_token) detail::count_experts_per_token(p.row_map, T_, E, p.experts_per_token);
   return Status::ok;
 }
 
