@@ -4,6 +4,7 @@
 #include "moxe/core/config.hpp"
 #include "moxe/core/launch.cuh"
 #include "moxe/core/math.hpp"
+#include "moxe/core/mma.cuh"
 #include "moxe/core/numeric.cuh"
 #include "moxe/core/reduce.cuh"
 #include "moxe/core/status.hpp"
