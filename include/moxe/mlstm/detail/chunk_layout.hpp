@@ -228,13 +228,14 @@ struct FusedWorkspace {
 };
 
 /// The one description of the fused workspace: sizing and carving both call it. Sizes
-/// that validate() rejects carve nothing.
+/// that validate() rejects carve nothing. Any chunk_size >= 1 is carved (the host twin
+/// runs any; the device launchers check chunk_size_valid() first).
 template <class A>
 FusedWorkspace<A> carve_fused_workspace(WorkspaceCarver& c, const Dims& d, int64_t num_segments, int chunk_size,
                                         bool backward) {
   FusedWorkspace<A> w;
   if (d.batch <= 0 || d.heads <= 0 || d.seq_len <= 0 || d.dqk <= 0 || d.dv <= 0 || num_segments < 0 ||
-      !chunk_size_valid(chunk_size))
+      chunk_size < 1)
     return w;
   const std::size_t K = static_cast<std::size_t>(chunk_bound(d, num_segments, chunk_size));
   const std::size_t U = static_cast<std::size_t>(sequence_units(d, num_segments));
