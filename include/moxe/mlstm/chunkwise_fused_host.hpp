@@ -337,7 +337,7 @@ struct Fused {
       for (int32_t s = 0; s <= j; ++s) {
         const int64_t rs = row(c, hd, s);
         const Acc g = prod.dot_inputs(DV, [&](int64_t e) { return dh(b, rj, e); }, [&](int64_t e) { return vp(rs, e); });
-        dP[j * n + s] = ws.inv_den[rj] * g + ws.ddot[rj];
+        dP[j * n + s] = detail::score_grad(detail::RowBackward<Acc>{ws.inv_den[rj], ws.ddot[rj], Acc(0), Acc(0)}, g);
       }
     }
   }
@@ -363,7 +363,7 @@ struct Fused {
             // dlogw_j = dnum'_j . inter_j
             Acc dli = Acc(0);
             for (int64_t e = 0; e < DV; ++e) dli += dh(b, rj, e) * cr.inter[j * W + e];
-            ws.dlogw[rj] = rb.inv_den * dli + rb.ddot * cr.inter[j * W + DV];
+            ws.dlogw[rj] = detail::log_decay_grad(rb, dli, cr.inter[j * W + DV]);
           }
           score_grads(b, c, hd, cr, dP);
           dS.assign(dP.size(), Acc(0));

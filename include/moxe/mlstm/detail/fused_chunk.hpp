@@ -185,6 +185,19 @@ MOXE_HD MOXE_FORCEINLINE RowBackward<A> row_backward(A dot, const ChunkGateRow& 
   return RowBackward<A>{nz.inv_den, ng.ddot, ng.dm, -eps * dh_dot_h * nz.inv_den};
 }
 
+/// dP_js = dnum'_j . v'_s = inv_den_j (dh_j . v_s) + ddot_j: the score gradient from the
+/// product of two inputs (dh, v) and row j's scalars.
+template <class A>
+MOXE_HD MOXE_FORCEINLINE A score_grad(const RowBackward<A>& row_j, A dh_dot_v) {
+  return row_j.inv_den * dh_dot_v + row_j.ddot;
+}
+
+/// dlogw_j = dnum'_j . inter_j = inv_den_j (dh_j . inter_j[:DV]) + ddot_j inter_j[DV].
+template <class A>
+MOXE_HD MOXE_FORCEINLINE A log_decay_grad(const RowBackward<A>& row_j, A dh_dot_inter, A inter_dot) {
+  return row_j.inv_den * dh_dot_inter + row_j.ddot * inter_dot;
+}
+
 // ---- gate gradients --------------------------------------------------------------------------
 // Every log-weight is linear in mp, x, a, G: dlog w_j -> (mp +, a_j -), dlog D_js -> (x_s +,
 // a_j -), dlog w_L -> (mp +, a_L -), dlog E_s -> (x_s +, a_L -) (mp_next = G_L + a_L), the
