@@ -318,9 +318,11 @@ void check_case_float(const Case& cs, moxe::test::Rng& rng) {
   INFO("float: S=" << cs.seq_len << " L=" << cs.chunk_size << " init=" << cs.init_states
                    << " gates=" << std::string(moxe::test::name(cs.extreme)));
   const Errors e = float_errors<float>(d, Precision::fast, false, false);
-  CHECK(e.h < 2e-5 * cs.tol_scale);
+  // measured over seeds, every float case here (extreme gates included): h <= 1.2e-6,
+  // states (memories) <= 6.3e-6, the worst gradient <= 5.1e-6
+  CHECK(e.h < 1e-5 * cs.tol_scale);
   CHECK(e.states < 2e-5 * cs.tol_scale);
-  CHECK(e.grads < 1e-4 * cs.tol_scale);
+  CHECK(e.grads < 2e-5 * cs.tol_scale);
 }
 
 }  // namespace
@@ -359,8 +361,8 @@ TEST_CASE("chunkwise fused host == reference: initial states, upstream dc/dn/dm_
           cs.igate_range = 12.0;
           cs.tol_scale = 10.0;
         }
-        cs.dqk = variant == 0 ? 20 : 16;  // not multiples of the device's tiles, or 16
-        cs.dv = variant == 0 ? 13 : 16;
+        cs.dqk = variant == 0 ? 20 : (variant == 1 ? 1 : 16);  // not multiples of the device's tiles, 1, 16
+        cs.dv = variant == 0 ? 13 : (variant == 1 ? 1 : 16);
         check_case(cs, rng);
       }
     }
