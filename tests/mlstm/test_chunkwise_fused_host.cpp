@@ -688,3 +688,67 @@ TEST_CASE("chunkwise fused host: a finite reset (logsigmoid < -2^24) with no inp
   CHECK(grad_error(ggot.dc0, gref.dc0, scale) < kGradTol);
   CHECK(grad_error(ggot.dm0, gref.dm0, scale) < kGradTol);
 }
+
+namespace {
+
+template <class Fmt>
+void measure_extreme(const char* name, Precision precision, const Bounds& bound, moxe::test::Rng& rng) {
+  using moxe::test::ExtremeGates;
+  Errors worst;
+  for (ExtremeGates x : {ExtremeGates::resets, ExtremeGates::low_m, ExtremeGates::high_m}) {
+    Case cs;
+    cs.seq_len = 75;
+    cs.chunk_size = 16;
+    cs.batch = 2;
+    cs.dqk = 16;
+    cs.dv = 24;
+    cs.init_states = true;
+    cs.upstream = true;
+    cs.extreme = x;
+    Data d = make_data(cs, rng);
+    round_inputs<Fmt>(d);
+    CAPTURE(std::string(moxe::test::name(x)));
+    const Errors e = float_errors<Fmt>(d, precision, false, false);
+    CHECK(e.h < bound.h);
+    CHECK(e.states < bound.states);
+    CHECK(e.grads < bound.grads);
+    worst.h = std::max(worst.h, e.h), worst.states = std::max(worst.states, e.states);
+    worst.grads = std::max(worst.grads, e.grads);
+  }
+  {  // k, v scaled by 2^8: states of ~1e5 and more, beyond half's 65504 unless scaled (operand_exponent)
+    Case cs;
+    cs.seq_len = 75;
+    cs.chunk_size = 16;
+    cs.dqk = 16;
+    cs.dv = 24;
+    cs.init_states = true;
+    cs.upstream = true;
+    Data d = make_data(cs, rng);
+    for (auto* v : {&d.k, &d.v})
+      for (double& x : *v) x *= 256.0;
+    for (double& x : d.c0) x *= 65536.0;
+    round_inputs<Fmt>(d);
+    CAPTURE("large k, v");
+    const Errors e = float_errors<Fmt>(d, precision, false, false);
+    CHECK(e.h < bound.h);
+    CHECK(e.states < bound.states);
+    CHECK(e.grads < bound.grads);
+    worst.h = std::max(worst.h, e.h), worst.states = std::max(worst.states, e.states);
+    worst.grads = std::max(worst.grads, e.grads);
+  }
+  MESSAGE(std::string(name) << " at extreme gates: h " << worst.h << ", states " << worst.states << ", gradients "
+                            << worst.grads);
+}
+
+}  // namespace
+
+TEST_CASE("chunkwise fused host, emulated bf16 / half at extreme gates (resets, m ~ -200, m ~ 100) and large values") {
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  MESSAGE("seed " << seed);
+  moxe::test::Rng rng(seed);
+  measure_extreme<__nv_bfloat16>("bf16 fast", Precision::fast, Bounds{1e-2, 1e-2, 5e-2}, rng);
+  measure_extreme<__nv_bfloat16>("bf16 accurate", Precision::accurate, Bounds{1e-5, 1e-5, 1e-4}, rng);
+  measure_extreme<__half>("half fast", Precision::fast, Bounds{2e-3, 2e-3, 1e-2}, rng);
+  measure_extreme<__half>("half accurate", Precision::accurate, Bounds{1e-5, 1e-5, 1e-4}, rng);
+}
