@@ -187,6 +187,9 @@ TEST_CASE_TEMPLATE("gate device forward and backward match the reference", T, fl
   for (Modulation m : {Modulation::none, Modulation::standard, Modulation::proportional, Modulation::masked})
     check_against_reference<T>(rng, 37, 8, 4, 2, m);
   check_against_reference<T>(rng, 1, 2, 1, 1, Modulation::standard);  // T = 1
+  check_against_reference<T>(rng, 7, 1, 0, 1, Modulation::standard);  // E = 1: H = 0, p = 1, an sLSTM group only
+  check_against_reference<T>(rng, 5, 1, 1, 1, Modulation::masked);     // E = 1 in the mLSTM group
+  check_against_reference<T>(rng, 19, 33, 17, 3, Modulation::masked);  // the (16, 4) shape's smallest E
   check_against_reference<T>(rng, 129, 4, 2, 1, Modulation::standard, false);
   check_against_reference<T>(rng, 77, 30, 12, 9, Modulation::masked);   // threshold top-k, 8 lanes
   // E > 32: 8 tokens a block, so the small sizes still span several blocks, the last partial
