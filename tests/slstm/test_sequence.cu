@@ -546,6 +546,101 @@ TEST_CASE_TEMPLATE("slstm backward with the training forward's tape equals it wi
   }
 }
 
+TEST_CASE_TEMPLATE("slstm device: a batch tile of at most 8 rows (the narrow product) equals the same rows of a full tile",
+                   T, __nv_bfloat16, __half) {
+  // With B <= 8 rows in a tile the tensor-core product runs mma m16n8k16 with the rows as N
+  // (recurrent.cuh, block_product_narrow); a full tile runs WMMA 16x16x16. Rows 0..3 of a
+  // batch of 20 (first tile full) and the same 4 rows as a batch of their own: the same
+  // MMA instruction (HMMA.16816) per output and k-step, so y, the final states, the tape,
+  // dwx and the initial-state gradients agree bit for bit. One block per group and two
+  // cooperative blocks.
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  const sl::Dims full{3, 20, 1, 32};
+  const int64_t rows = 4, H = sl::hidden(full), S = full.seq_len;
+  Problem<T> wide(rng, full, true);
+  Problem<T> narrow(rng, sl::Dims{S, rows, full.heads, full.head_dim}, true);
+  // rows [0, rows) of [S, B, X] (per_row = X elements per row)
+  auto slice = [&](const std::vector<double>& v, int64_t steps, int64_t per_row) {
+    std::vector<double> out(steps * rows * per_row);
+    for (int64_t t = 0; t < steps; ++t)
+      for (int64_t i = 0; i < rows * per_row; ++i) out[t * rows * per_row + i] = v[t * full.batch * per_row + i];
+    return out;
+  };
+  narrow.wx = slice(wide.wx, S, 4 * H);
+  narrow.r = wide.r;
+  narrow.bias = wide.bias;
+  narrow.dy = slice(wide.dy, S, H);
+  narrow.y0 = slice(wide.y0, 1, H);
+  narrow.c0 = slice(wide.c0, 1, H);
+  narrow.n0 = slice(wide.n0, 1, H);
+  narrow.m0 = slice(wide.m0, 1, H);
+  narrow.dy_last = slice(wide.dy_last, 1, H);
+  narrow.dc_last = slice(wide.dc_last, 1, H);
+  narrow.dn_last = slice(wide.dn_last, 1, H);
+  narrow.dm_last = slice(wide.dm_last, 1, H);
+  narrow.d_wx.upload(moxe::test::convert_to<T>(narrow.wx));
+  narrow.d_r.upload(moxe::test::convert_to<T>(narrow.r));
+  narrow.d_bias.upload(moxe::test::convert_to<T>(narrow.bias));
+  narrow.d_dy.upload(moxe::test::convert_to<T>(narrow.dy));
+  narrow.d_y0.upload(moxe::test::convert_to<float>(narrow.y0));
+  narrow.d_c0.upload(moxe::test::convert_to<float>(narrow.c0));
+  narrow.d_n0.upload(moxe::test::convert_to<float>(narrow.n0));
+  narrow.d_m0.upload(moxe::test::convert_to<float>(narrow.m0));
+  narrow.d_dy_last.upload(moxe::test::convert_to<float>(narrow.dy_last));
+  narrow.d_dc_last.upload(moxe::test::convert_to<float>(narrow.dc_last));
+  narrow.d_dn_last.upload(moxe::test::convert_to<float>(narrow.dn_last));
+  narrow.d_dm_last.upload(moxe::test::convert_to<float>(narrow.dm_last));
+
+  struct Run {
+    std::vector<double> y, yl, ml, tape_gates, tape_c;
+  };
+  auto forward_with_tape = [](const Problem<T>& pb, const Launch& launch) {
+    const int64_t U = pb.units();
+    const sl::TapeElements te = sl::tape_elements(pb.d);
+    DeviceBuffer<T> y(pb.d.seq_len * U);
+    DeviceBuffer<float> yl(U), cl(U), nl(U), ml(U), tg(te.gates), tc(te.state), tn(te.state), tm(te.state);
+    auto p = forward_params(pb.device(), y.get(), yl.get(), cl.get(), nl.get(), ml.get());
+    apply(launch, p);
+    p.tape_gates = tg.get();
+    p.tape_c = tc.get();
+    p.tape_n = tn.get();
+    p.tape_m = tm.get();
+    REQUIRE(sl::sequence_forward(p, nullptr, 0, nullptr) == Status::ok);
+    MOXE_TEST_CUDA(cudaDeviceSynchronize());
+    return Run{moxe::test::convert_to_double(y.download()), moxe::test::to_double(yl.download()),
+               moxe::test::to_double(ml.download()), moxe::test::to_double(tg.download()),
+               moxe::test::to_double(tc.download())};
+  };
+  // The simulator's WMMA accumulates half products in half (docs/simulator.md), its mma in
+  // float: there half agrees to rounding only
+  const bool exact = !(std::is_same_v<T, __half> && moxe::test::on_simulator());
+  if (!exact) MESSAGE("half on the simulator: its WMMA accumulates in half; compared to rounding, not bitwise");
+  auto agree = [exact](const std::vector<double>& a, const std::vector<double>& b, double tol) {
+    return exact ? a == b : moxe::test::rel_error(a, b) < tol;
+  };
+  const double fwd = Tolerance<T>::fwd, bwd = Tolerance<T>::bwd;
+  for (const Launch launch : {Launch{0, 0}, Launch{16, 0}}) {
+    CAPTURE(launch.units);
+    const Run w = forward_with_tape(wide, launch), n = forward_with_tape(narrow, launch);
+    CHECK(agree(slice(w.y, S, H), n.y, fwd));
+    CHECK(agree(slice(w.yl, 1, H), n.yl, fwd));
+    CHECK(agree(slice(w.ml, 1, H), n.ml, fwd));
+    CHECK(agree(slice(w.tape_gates, S, 4 * H), n.tape_gates, fwd));
+    CHECK(agree(slice(w.tape_c, S, H), n.tape_c, fwd));
+    const BackwardOut gw = run_device_backward(wide, true, launch), gn = run_device_backward(narrow, true, launch);
+    CHECK(agree(slice(gw.dwx, S, 4 * H), gn.dwx, bwd));
+    CHECK(agree(slice(gw.dyi, 1, H), gn.dyi, bwd));
+    CHECK(agree(slice(gw.dci, 1, H), gn.dci, bwd));
+    CHECK(agree(slice(gw.dmi, 1, H), gn.dmi, bwd));
+    // and the narrow run against the reference
+    const BackwardOut ref = moxe::test::reference_gradients(narrow, true);
+    CHECK(moxe::test::rel_error(gn.dwx, ref.dwx) < Tolerance<T>::bwd);
+    CHECK(moxe::test::rel_error(gn.dyi, ref.dyi) < Tolerance<T>::bwd);
+  }
+}
+
 TEST_CASE_TEMPLATE("slstm step matches the sequence reference", T, float, __nv_bfloat16) {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);

@@ -85,10 +85,10 @@ struct PairOffsets {
 };
 template <int kU>
 MOXE_DEVICE MOXE_FORCEINLINE PairOffsets pair_offsets(int tid, int k, int64_t b0, int64_t B, int H) {
-  const int p = tid + k * kThreads;
+  const unsigned p = static_cast<unsigned>(tid) + static_cast<unsigned>(k) * kThreads;
   PairOffsets o;
-  o.bl = p / kU;
-  o.jl = p % kU;
+  o.bl = static_cast<int>(p / kU);
+  o.jl = static_cast<int>(p % kU);
   o.gate = o.bl * 4 * H + o.jl;
   o.unit = o.bl * H + o.jl;
   o.valid = b0 + o.bl < B;
@@ -112,6 +112,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
   const int tid = static_cast<int>(threadIdx.x);
   const BlockTile tile = block_tile(a.group_begin + blockIdx.x, static_cast<int64_t>(blockIdx.y), kU, NH);
   const int64_t h = tile.h, b0 = tile.b0, j0 = tile.j0;
+  // rows of the tile within the batch (the rest are zero): at most 8 takes the narrow product
+  const int tile_rows = B - b0 < kBatchTile ? static_cast<int>(B - b0) : kBatchTile;
 
   // r rows of this block's units: row n = g*kU + jl holds r[h][g][j0 + jl][:]
   for (int idx = tid; idx < 4 * kU * dh; idx += kThreads) {
@@ -194,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
       for (int g = 0; g < 4; ++g) wx[k][g] = po[k].valid ? to_float(wx_t[po[k].gate + g * H]) : 0.f;
     }
     __syncthreads();
-    block_product<T, 4 * kU>(y_s, L.ldy, r_s, L.ldr, g_s, L.ldg, dh);
+    block_product<T, 4 * kU>(y_s, L.ldy, r_s, L.ldr, g_s, L.ldg, dh, tile_rows);
     __syncthreads();
     MOXE_PRAGMA_UNROLL
     for (int k = 0; k < P; ++k) {
@@ -291,6 +293,8 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
   const int tid = static_cast<int>(threadIdx.x);
   const BlockTile tile = block_tile(a.group_begin + blockIdx.x, static_cast<int64_t>(blockIdx.y), kU, NH);
   const int64_t h = tile.h, b0 = tile.b0, j0 = tile.j0;
+  // rows of the tile within the batch (the rest are zero): at most 8 takes the narrow product
+  const int tile_rows = B - b0 < kBatchTile ? static_cast<int>(B - b0) : kBatchTile;
 
   // transposed slice: row dl, column n = g*DH + j holds r[h][g][j][j0 + dl]
   for (int idx = tid; idx < 4 * dh * kU; idx += kThreads) {
@@ -361,7 +365,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
     if (t < S - 1) {  // recurrent part of dy_t: r^T dgates_{t+1}, for this block's units
       if (!own_head) load_dgates_tile(a, L, dg_s, t + 1, b0, h);
       __syncthreads();
-      block_product<T, kU, kBackwardKSplit>(dg_s, L.ldk, rt_s, L.ldk, out_s, L.ldo, 4 * dh);
+      block_product<T, kU, kBackwardKSplit>(dg_s, L.ldk, rt_s, L.ldk, out_s, L.ldo, 4 * dh, tile_rows);
       __syncthreads();
     }
     MOXE_PRAGMA_UNROLL
@@ -402,7 +406,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
   if (a.dy_init != nullptr) {
     if (!own_head) load_dgates_tile(a, L, dg_s, 0, b0, h);
     __syncthreads();
-    block_product<T, kU, kBackwardKSplit>(dg_s, L.ldk, rt_s, L.ldk, out_s, L.ldo, 4 * dh);
+    block_product<T, kU, kBackwardKSplit>(dg_s, L.ldk, rt_s, L.ldk, out_s, L.ldo, 4 * dh, tile_rows);
     __syncthreads();
   }
   if (a.dy_init != nullptr) {
