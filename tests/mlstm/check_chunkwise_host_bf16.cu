@@ -2,7 +2,7 @@
 // states): the arithmetic the device's tensor-core tiles run (3xTF32 products, the
 // operands the ops declare exact in TF32 taken without their low part), checked against
 // the recurrent reference in double on the same rounded inputs, forward and backward.
-// The host path verifies each exactness claim (chunkwise_host returns unsupported if an
+// The host path verifies each exactness claim (chunkwise_phase_host returns unsupported if an
 // operand declared exact is not), so a wrong claim fails here. Runs on the host (nvcc
 // compiles it for the bf16 type; CTest label cpu).
 #include <doctest/doctest.h>
@@ -16,7 +16,7 @@
 
 #include "device_utils.cuh"
 #include "mlstm_testing.hpp"
-#include "moxe/mlstm/chunkwise_host.hpp"
+#include "moxe/mlstm/chunkwise_phase_host.hpp"
 #include "moxe/mlstm/reference.hpp"
 #include "test_utils.hpp"
 
@@ -52,7 +52,7 @@ void check(mt::Rng& rng, int64_t batch, int64_t heads, int64_t seq, int64_t dqk,
   std::vector<T> h(rows * dv);
   p.h = h.data();
   p.chunk_size = chunk;
-  REQUIRE(mlstm::chunkwise_host::forward(p) == Status::ok);
+  REQUIRE(mlstm::chunkwise_phase_host::forward(p) == Status::ok);
 
   mlstm::ForwardParams<double, double> r{};
   r.dims = p.dims;
@@ -75,7 +75,7 @@ void check(mt::Rng& rng, int64_t batch, int64_t heads, int64_t seq, int64_t dqk,
   b.dv = dvv.data();
   b.digate = di.data();
   b.dfgate = df.data();
-  REQUIRE(mlstm::chunkwise_host::backward(b) == Status::ok);
+  REQUIRE(mlstm::chunkwise_phase_host::backward(b) == Status::ok);
   std::vector<double> rdq(dq.size()), rdk(dk.size()), rdv(dvv.size()), rdi(rows), rdf(rows);
   mlstm::BackwardParams<double, double> rb{};
   rb.fwd = r;

@@ -414,7 +414,7 @@ double norm(const std::vector<double>& v) {
 }
 
 /// ||out - ref|| / max(||ref||, 1e-2 * scale): a gradient can be (near) zero while the
-/// terms that make it are not (see test_chunkwise_host.cpp); scale = all gradients' norms.
+/// terms that make it are not (see test_chunkwise_phase_host.cpp); scale = all gradients' norms.
 double grad_error(const std::vector<double>& out, const std::vector<double>& ref, double scale) {
   if (out.size() != ref.size()) return std::numeric_limits<double>::infinity();
   double num = 0.0;

@@ -10,6 +10,7 @@
 
 #include "moxe/core/config.hpp"
 #include "moxe/core/math.hpp"
+#include "moxe/core/precision.hpp"
 #include "moxe/core/status.hpp"
 
 namespace moxe::mlstm {
@@ -33,6 +34,19 @@ struct ForwardParams {
   /// other over one workspace sized for a pass (memory / passes, the same results bit for
   /// bit; no effect with segments). 0: the whole batch in one pass.
   int64_t batch_per_pass = 0;
+  /// Chunkwise path, half and bf16 inputs: the intermediate operands of the chunk products
+  /// (weighted keys, scores, states, score gradients) rounded to T (fast, one MMA each) or
+  /// split into three T parts (accurate, about fp32; three MMAs). States, statistics and
+  /// accumulation are fp32 in both. Float inputs: fp32 FMAs in both, unless allow_tf32.
+  /// The chunkwise device kernels do not read it yet; the host twin of the fused design
+  /// (chunkwise_fused_host.hpp) does. docs/mlstm.md "Fused decomposition" has the measured
+  /// (host-emulated) error of each.
+  Precision precision = Precision::fast;
+  /// Float inputs, chunkwise path: with precision fast, the chunk products may run on TF32
+  /// tensor cores (every operand rounded to TF32, inputs included: ~1e-3 relative). Off by
+  /// default (fp32, as PyTorch's default); no effect for half, bf16 or the other paths.
+  /// The chunkwise device kernels do not read it yet; the host twin does.
+  bool allow_tf32 = false;
 };
 
 template <class T, class Acc = float>

@@ -1,5 +1,5 @@
 // moxe::mlstm::detail: the chunkwise mLSTM algorithm, piece by piece, as MOXE_HD functors
-// that the host implementation (chunkwise_host.hpp) runs in loops and the device launchers
+// that the host implementation (chunkwise_phase_host.hpp) runs in loops and the device launchers
 // (chunkwise.cuh) run one index per thread. Both execute the same arithmetic on the same
 // workspace layout, so the CPU tests check the device's math, indexing and workspace.
 //
@@ -28,134 +28,13 @@
 #include "moxe/core/status.hpp"
 #include "moxe/core/workspace.hpp"
 #include "moxe/mlstm/detail/cell.hpp"
+#include "moxe/mlstm/detail/chunk_layout.hpp"
 #include "moxe/mlstm/params.hpp"
 
 namespace moxe::mlstm::detail {
 
-inline constexpr int kMinChunkSize = 16;
-inline constexpr int kMaxChunkSize = 128;
-inline constexpr int kChunkSizeMultiple = 16;
 inline constexpr int kDecayGradParts = 64;  // partial sums per chunk of <dC'_next, C'_prev>
 inline constexpr int kScanBatch = 16;       // gate loads issued together by the gate scan
-
-MOXE_HD inline bool chunk_size_valid(int chunk_size) {
-  return chunk_size >= kMinChunkSize && chunk_size <= kMaxChunkSize &&
-         chunk_size % kChunkSizeMultiple == 0;
-}
-
-/// Independent sequences along the sequence axis: batch entries, or segments.
-inline int64_t sequence_units(const Dims& d, int64_t num_segments) {
-  return num_segments > 0 ? num_segments : d.batch;
-}
-
-/// Chunks of all units together, an upper bound that needs no segment offsets: a segment
-/// adds at most one partial chunk.
-inline int64_t chunk_bound(const Dims& d, int64_t num_segments, int chunk_size) {
-  const int64_t per_sequence = ceil_div<int64_t>(d.seq_len, chunk_size);
-  return num_segments > 0 ? per_sequence + num_segments : d.batch * per_sequence;
-}
-
-/// Batch entries per pass (ForwardParams::batch_per_pass): all of them, or fewer.
-template <class T, class A>
-int64_t pass_batch(const ForwardParams<T, A>& p) {
-  if (p.num_segments > 0 || p.batch_per_pass <= 0 || p.batch_per_pass >= p.dims.batch) return p.dims.batch;
-  return p.batch_per_pass;
-}
-
-/// The dims of one pass (what the workspace is carved for).
-template <class T, class A>
-Dims pass_dims(const ForwardParams<T, A>& p) {
-  Dims d = p.dims;
-  d.batch = pass_batch(p);
-  return d;
-}
-
-/// p restricted to the batch entries [b0, b0 + nb): every pointer moved to entry b0.
-template <class T, class A>
-ForwardParams<T, A> batch_slice(const ForwardParams<T, A>& p, int64_t b0, int64_t nb) {
-  ForwardParams<T, A> s = p;
-  const Dims& d = p.dims;
-  const int64_t rows = b0 * d.heads * d.seq_len, slots = b0 * d.heads;  // before entry b0
-  s.dims.batch = nb;
-  s.q = p.q + rows * d.dqk;
-  s.k = p.k + rows * d.dqk;
-  s.v = p.v + rows * d.dv;
-  s.igate = p.igate + rows;
-  s.fgate = p.fgate + rows;
-  if (p.h) s.h = p.h + rows * d.dv;
-  if (p.c_init) {
-    s.c_init = p.c_init + slots * d.dqk * d.dv;
-    s.n_init = p.n_init + slots * d.dqk;
-    s.m_init = p.m_init + slots;
-  }
-  if (p.c_last) {
-    s.c_last = p.c_last + slots * d.dqk * d.dv;
-    s.n_last = p.n_last + slots * d.dqk;
-    s.m_last = p.m_last + slots;
-  }
-  return s;
-}
-
-template <class T, class A>
-BackwardParams<T, A> batch_slice(const BackwardParams<T, A>& b, int64_t b0, int64_t nb) {
-  BackwardParams<T, A> s = b;
-  const Dims& d = b.fwd.dims;
-  const int64_t rows = b0 * d.heads * d.seq_len, slots = b0 * d.heads;
-  s.fwd = batch_slice(b.fwd, b0, nb);
-  s.dh = b.dh + rows * d.dv;
-  s.dq = b.dq + rows * d.dqk;
-  s.dk = b.dk + rows * d.dqk;
-  s.dv = b.dv + rows * d.dv;
-  s.digate = b.digate + rows;
-  s.dfgate = b.dfgate + rows;
-  if (b.dc_last) {
-    s.dc_last = b.dc_last + slots * d.dqk * d.dv;
-    s.dn_last = b.dn_last + slots * d.dqk;
-    s.dm_last = b.dm_last + slots;
-  }
-  if (b.dc_init) {
-    s.dc_init = b.dc_init + slots * d.dqk * d.dv;
-    s.dn_init = b.dn_init + slots * d.dqk;
-    s.dm_init = b.dm_init + slots;
-  }
-  return s;
-}
-
-/// Runs pass(b0, nb) for the batch passes of p in order (entries [b0, b0 + nb)); the first
-/// status that is not ok stops it.
-template <class T, class A, class Pass>
-Status for_each_batch_pass(const ForwardParams<T, A>& p, Pass&& pass) {
-  const int64_t per_pass = pass_batch(p);
-  for (int64_t b0 = 0; b0 < p.dims.batch; b0 += per_pass)
-    MOXE_RETURN_IF_ERROR(pass(b0, math::min(per_pass, p.dims.batch - b0)));
-  return Status::ok;
-}
-
-/// The checks of the chunkwise algorithm on top of validate(): the chunk size.
-template <class T, class Acc>
-Status validate_chunkwise(const ForwardParams<T, Acc>& p, bool need_h) {
-  MOXE_RETURN_IF_ERROR(validate(p, need_h));
-  MOXE_REQUIRE(chunk_size_valid(p.chunk_size));
-  return Status::ok;
-}
-
-template <class A, class T>
-MOXE_HD MOXE_FORCEINLINE A load_acc(T x) {
-  if constexpr (std::is_arithmetic_v<T>) {
-    return static_cast<A>(x);
-  } else {
-    return static_cast<A>(static_cast<float>(x));  // __half, __nv_bfloat16
-  }
-}
-
-template <class T, class A>
-MOXE_HD MOXE_FORCEINLINE T store_elem(A x) {
-  if constexpr (std::is_arithmetic_v<T>) {
-    return static_cast<T>(x);
-  } else {
-    return T(static_cast<float>(x));
-  }
-}
 
 // ---- workspace ------------------------------------------------------------------------
 

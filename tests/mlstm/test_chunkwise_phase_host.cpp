@@ -1,5 +1,6 @@
-// Host tests of the chunkwise mLSTM algorithm (chunkwise_host.hpp, the functors the device
-// runs): forward, final states and the exact backward equal the recurrent reference in
+// Host tests of the phase design of the chunkwise mLSTM algorithm (chunkwise_phase_host.hpp,
+// the functors the device runs until the fused kernels replace them): forward, final states
+// and the exact backward equal the recurrent reference in
 // double, for chunk sizes 16..128, sequence lengths that are not multiples of the chunk,
 // large gates, initial states, upstream state gradients and variable-length segments; and
 // at extreme gates (resets, absent inputs, m far below and above float's range), in double
@@ -13,7 +14,7 @@
 #include <vector>
 
 #include "mlstm_testing.hpp"
-#include "moxe/mlstm/chunkwise_host.hpp"
+#include "moxe/mlstm/chunkwise_phase_host.hpp"
 #include "moxe/mlstm/reference.hpp"
 #include "test_utils.hpp"
 
@@ -209,7 +210,7 @@ void check_case(const Case& cs, moxe::test::Rng& rng) {
   INFO("S=" << cs.seq_len << " L=" << cs.chunk_size << " B=" << cs.batch << " init=" << cs.init_states
             << " segments=" << cs.offsets.size());
   const auto ref = run_forward(d, [](const auto& p) { return mm::reference::forward(p); });
-  const auto got = run_forward(d, [](const auto& p) { return mm::chunkwise_host::forward<double, double, kTiled>(p); });
+  const auto got = run_forward(d, [](const auto& p) { return mm::chunkwise_phase_host::forward<double, double, kTiled>(p); });
   CHECK(rel_error(got.h, ref.h) < kGradTol);  // h divides by |n.q|, which can be small
   CHECK(rel_error(got.c, ref.c) < kTol);
   CHECK(rel_error(got.n, ref.n) < kTol);
@@ -217,7 +218,7 @@ void check_case(const Case& cs, moxe::test::Rng& rng) {
 
   const auto gref = run_backward(d, [](const auto& p) { return mm::reference::backward(p); });
   const auto ggot =
-      run_backward(d, [](const auto& p) { return mm::chunkwise_host::backward<double, double, kTiled>(p); });
+      run_backward(d, [](const auto& p) { return mm::chunkwise_phase_host::backward<double, double, kTiled>(p); });
   const double grad_tol = kGradTol * cs.tol_scale;
   const double scale = norm(gref.dq) + norm(gref.dk) + norm(gref.dv) + norm(gref.di) + norm(gref.df);
   CHECK(grad_error(ggot.dq, gref.dq, scale) < grad_tol);
@@ -242,7 +243,7 @@ void check_case_float(const Case& cs, moxe::test::Rng& rng) {
   INFO("float: S=" << cs.seq_len << " L=" << cs.chunk_size << " init=" << cs.init_states
                    << " gates=" << std::string(moxe::test::name(cs.extreme)));
   const auto ref = run_forward(d, [](const auto& p) { return mm::reference::forward(p); });
-  auto got = run_forward(f, [](const auto& p) { return mm::chunkwise_host::forward(p); });
+  auto got = run_forward(f, [](const auto& p) { return mm::chunkwise_phase_host::forward(p); });
   CHECK(rel_error(got.h, ref.h) < 2e-5 * cs.tol_scale);
   CHECK(rel_error(got.m, ref.m) < 1e-6);
   // (C, n) are stabilised by m, whose float rounding at |m| ~ 200 is ~1e-5: compare the
@@ -255,7 +256,7 @@ void check_case_float(const Case& cs, moxe::test::Rng& rng) {
   CHECK(rel_error(got.c, ref.c) < 2e-5 * cs.tol_scale);
   CHECK(rel_error(got.n, ref.n) < 2e-5 * cs.tol_scale);
   const auto gref = run_backward(d, [](const auto& p) { return mm::reference::backward(p); });
-  const auto ggot = run_backward(f, [](const auto& p) { return mm::chunkwise_host::backward(p); });
+  const auto ggot = run_backward(f, [](const auto& p) { return mm::chunkwise_phase_host::backward(p); });
   const double scale = norm(gref.dq) + norm(gref.dk) + norm(gref.dv) + norm(gref.di) + norm(gref.df);
   const double tol = 1e-4 * cs.tol_scale;
   CHECK(grad_error(ggot.dq, gref.dq, scale) < tol);
@@ -272,7 +273,7 @@ void check_case_float(const Case& cs, moxe::test::Rng& rng) {
 
 }  // namespace
 
-TEST_CASE("chunkwise host == reference at extreme gates: resets, no input, m far below / above float's range") {
+TEST_CASE("chunkwise phase host == reference at extreme gates: resets, no input, m far below / above float's range") {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
@@ -298,7 +299,7 @@ TEST_CASE("chunkwise host == reference at extreme gates: resets, no input, m far
   }
 }
 
-TEST_CASE("chunkwise host == recurrent reference: chunk sizes x sequence lengths") {
+TEST_CASE("chunkwise phase host == recurrent reference: chunk sizes x sequence lengths") {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
@@ -313,7 +314,7 @@ TEST_CASE("chunkwise host == recurrent reference: chunk sizes x sequence lengths
   }
 }
 
-TEST_CASE("chunkwise host == reference: large gates, initial states, upstream gradients") {
+TEST_CASE("chunkwise phase host == reference: large gates, initial states, upstream gradients") {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
@@ -333,7 +334,7 @@ TEST_CASE("chunkwise host == reference: large gates, initial states, upstream gr
   }
 }
 
-TEST_CASE("chunkwise host == reference: variable-length segments") {
+TEST_CASE("chunkwise phase host == reference: variable-length segments") {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
@@ -362,7 +363,7 @@ std::vector<int64_t> many_segments(int chunk, int repeats) {
   return offsets;
 }
 
-TEST_CASE("chunkwise host == reference: many segments (the chunk table near its bound)") {
+TEST_CASE("chunkwise phase host == reference: many segments (the chunk table near its bound)") {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
@@ -387,7 +388,7 @@ TEST_CASE("chunkwise host == reference: many segments (the chunk table near its 
   }
 }
 
-TEST_CASE("chunkwise host, both variants of the matrix products (tile products, per element)") {
+TEST_CASE("chunkwise phase host, both variants of the matrix products (tile products, per element)") {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
@@ -411,7 +412,7 @@ TEST_CASE("chunkwise host, both variants of the matrix products (tile products, 
   check_case<false>(seg, rng);
 }
 
-TEST_CASE("chunkwise host: batch_per_pass runs the batch in passes, same bits, smaller workspace") {
+TEST_CASE("chunkwise phase host: batch_per_pass runs the batch in passes, same bits, smaller workspace") {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
@@ -421,16 +422,16 @@ TEST_CASE("chunkwise host: batch_per_pass runs the batch in passes, same bits, s
   cs.init_states = true;
   cs.upstream = true;
   const Data d = make_data(cs, rng);
-  const auto whole = run_forward(d, [](const auto& p) { return mm::chunkwise_host::forward(p); });
-  const auto gwhole = run_backward(d, [](const auto& p) { return mm::chunkwise_host::backward(p); });
+  const auto whole = run_forward(d, [](const auto& p) { return mm::chunkwise_phase_host::forward(p); });
+  const auto gwhole = run_backward(d, [](const auto& p) { return mm::chunkwise_phase_host::backward(p); });
   auto p0 = forward_params(d);
-  std::size_t previous = mm::chunkwise_host::forward_workspace_size(p0);
+  std::size_t previous = mm::chunkwise_phase_host::forward_workspace_size(p0);
   for (int64_t per_pass : {3, 2, 1}) {  // 3 + 2, 2 + 2 + 1, five passes of one
     CAPTURE(per_pass);
     const auto sliced = run_forward(d, [per_pass](const auto& p) {
       auto s = p;
       s.batch_per_pass = per_pass;
-      return mm::chunkwise_host::forward(s);
+      return mm::chunkwise_phase_host::forward(s);
     });
     CHECK(sliced.h == whole.h);
     CHECK(sliced.c == whole.c);
@@ -439,7 +440,7 @@ TEST_CASE("chunkwise host: batch_per_pass runs the batch in passes, same bits, s
     const auto gsliced = run_backward(d, [per_pass](const auto& p) {
       auto s = p;
       s.fwd.batch_per_pass = per_pass;
-      return mm::chunkwise_host::backward(s);
+      return mm::chunkwise_phase_host::backward(s);
     });
     CHECK(gsliced.dq == gwhole.dq);
     CHECK(gsliced.dk == gwhole.dk);
@@ -451,21 +452,21 @@ TEST_CASE("chunkwise host: batch_per_pass runs the batch in passes, same bits, s
     CHECK(gsliced.dm0 == gwhole.dm0);
     auto p = p0;
     p.batch_per_pass = per_pass;
-    const std::size_t bytes = mm::chunkwise_host::forward_workspace_size(p);
+    const std::size_t bytes = mm::chunkwise_phase_host::forward_workspace_size(p);
     CHECK(bytes < previous);
     previous = bytes;
   }
   auto bad = p0;
   std::vector<double> h = moxe::test::poisoned<double>(whole.h.size());
   bad.h = h.data();
-  REQUIRE(mm::chunkwise_host::forward(bad) == Status::ok);
+  REQUIRE(mm::chunkwise_phase_host::forward(bad) == Status::ok);
   h = moxe::test::poisoned<double>(whole.h.size());
   bad.batch_per_pass = -1;
-  CHECK(mm::chunkwise_host::forward(bad) == Status::invalid_argument);
+  CHECK(mm::chunkwise_phase_host::forward(bad) == Status::invalid_argument);
   for (double x : h) CHECK(std::isnan(x));
 }
 
-TEST_CASE("chunkwise host == reference: stabiliser ties go to the decay (earliest source)") {
+TEST_CASE("chunkwise phase host == reference: stabiliser ties go to the decay (earliest source)") {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
@@ -487,18 +488,18 @@ TEST_CASE("chunkwise host == reference: stabiliser ties go to the decay (earlies
       }
     }
     const auto gref = run_backward(d, [](const auto& p) { return mm::reference::backward(p); });
-    const auto ggot = run_backward(d, [](const auto& p) { return mm::chunkwise_host::backward(p); });
+    const auto ggot = run_backward(d, [](const auto& p) { return mm::chunkwise_phase_host::backward(p); });
     const double scale = norm(gref.dq) + norm(gref.dk) + norm(gref.dv) + norm(gref.di) + norm(gref.df);
     CHECK(grad_error(ggot.di, gref.di, scale) < kGradTol);
     CHECK(grad_error(ggot.df, gref.df, scale) < kGradTol);
     CHECK(grad_error(ggot.dm0, gref.dm0, scale) < kGradTol);
     const auto ref = run_forward(d, [](const auto& p) { return mm::reference::forward(p); });
-    const auto got = run_forward(d, [](const auto& p) { return mm::chunkwise_host::forward(p); });
+    const auto got = run_forward(d, [](const auto& p) { return mm::chunkwise_phase_host::forward(p); });
     CHECK(got.m == ref.m);  // the stabiliser is the recurrence's, bit for bit
   }
 }
 
-TEST_CASE("chunkwise host: bad input returns a status and writes nothing") {
+TEST_CASE("chunkwise phase host: bad input returns a status and writes nothing") {
   moxe::test::Rng rng(1);
   Case cs;
   const Data d = make_data(cs, rng);
@@ -508,29 +509,29 @@ TEST_CASE("chunkwise host: bad input returns a status and writes nothing") {
   for (int chunk : {0, 8, 24, 144, -16}) {
     auto bad = p;
     bad.chunk_size = chunk;
-    CHECK(mm::chunkwise_host::forward(bad) == Status::invalid_argument);
+    CHECK(mm::chunkwise_phase_host::forward(bad) == Status::invalid_argument);
   }
   auto bad = p;
   bad.q = nullptr;
-  CHECK(mm::chunkwise_host::forward(bad) == Status::invalid_argument);
+  CHECK(mm::chunkwise_phase_host::forward(bad) == Status::invalid_argument);
   for (double eps : {0.0, std::nan("")}) {  // eps = 0: 0 / 0 where n.q = 0 and exp(-m) underflows
     bad = p;
     bad.eps = eps;
-    CHECK(mm::chunkwise_host::forward(bad) == Status::invalid_argument);
+    CHECK(mm::chunkwise_phase_host::forward(bad) == Status::invalid_argument);
   }
   std::vector<double> partial(cs.heads * cs.dqk * cs.dv, 0.0);
   bad = p;
   bad.c_init = partial.data();
-  CHECK(mm::chunkwise_host::forward(bad) == Status::invalid_argument);
+  CHECK(mm::chunkwise_phase_host::forward(bad) == Status::invalid_argument);
   const std::vector<int64_t> offsets = {0, 3, 5};  // does not end at seq_len
   bad = p;
   bad.segment_offsets = offsets.data();
   bad.num_segments = 2;
-  CHECK(mm::chunkwise_host::forward(bad) == Status::invalid_argument);
+  CHECK(mm::chunkwise_phase_host::forward(bad) == Status::invalid_argument);
   for (double x : h) CHECK(x == 7.0);
 }
 
-TEST_CASE("chunkwise host in float: dfgate before a reset takes nothing from the rows after it") {
+TEST_CASE("chunkwise phase host in float: dfgate before a reset takes nothing from the rows after it") {
   // A reset (fgate = -inf) at row 20 of a 32-row chunk: no decay sum of a row after it holds
   // a forget gate at or before it, so those rows' terms cancel exactly in the definition.
   // With dh small before the reset and large after, any rounding of that cancellation
@@ -551,7 +552,7 @@ TEST_CASE("chunkwise host in float: dfgate before a reset takes nothing from the
   round_to_float(d);
   const DataOf<float> f = in_float(d);
   const auto gref = run_backward(d, [](const auto& p) { return mm::reference::backward(p); });
-  const auto ggot = run_backward(f, [](const auto& p) { return mm::chunkwise_host::backward(p); });
+  const auto ggot = run_backward(f, [](const auto& p) { return mm::chunkwise_phase_host::backward(p); });
   CHECK(gref.df[reset] == 0.0);
   CHECK(std::abs(ggot.df[reset]) <= 1e-30);
   double largest = 0;

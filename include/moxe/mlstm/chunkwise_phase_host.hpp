@@ -1,9 +1,10 @@
-// moxe::mlstm::chunkwise_host: the chunkwise algorithm on the host, any T/Acc (double
-// included). It runs the very functors of detail/chunkwise_math.hpp that the device
-// launchers of chunkwise.cuh run, in the same order, over a workspace carved by the same
-// function, so a CPU test of this file checks the device's chunk decomposition,
-// stabiliser, boundary states and gradients. Pointers are host memory (segment offsets
-// included). Host C++ only.
+// moxe::mlstm::chunkwise_phase_host: the PHASE design of the chunkwise algorithm on the host,
+// any T/Acc (double included). It runs the very functors of detail/chunkwise_math.hpp that
+// the device launchers of chunkwise.cuh run today, in the same order, over a workspace
+// carved by the same function, so a CPU test of this file checks the device's current
+// chunk decomposition, stabiliser, boundary states and gradients. It goes when the device
+// switches to the fused design, whose host twin is chunkwise_fused_host.hpp. Pointers are host
+// memory (segment offsets included). Host C++ only.
 #pragma once
 
 #include <algorithm>
@@ -16,7 +17,7 @@
 #include "moxe/mlstm/detail/chunkwise_math.hpp"
 #include "moxe/mlstm/params.hpp"
 
-namespace moxe::mlstm::chunkwise_host {
+namespace moxe::mlstm::chunkwise_phase_host {
 
 namespace impl {
 
@@ -118,4 +119,4 @@ Status backward(const BackwardParams<T, Acc>& p) {
   }
 }
 
-}  // namespace moxe::mlstm::chunkwise_host
+}  // namespace moxe::mlstm::chunkwise_phase_host
