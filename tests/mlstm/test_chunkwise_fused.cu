@@ -366,3 +366,37 @@ TEST_CASE("fused forward: bad segment offsets are clamped as the phase design do
   const Out ref = host_forward<double, void>(clamped, false, Precision::fast);
   CHECK(rel_error(good.h, ref.h) <= bounds<__nv_bfloat16>(Precision::fast).h_ref);
 }
+
+TEST_CASE("fused forward: q, k, v not 16-byte aligned (plain loads instead of cp.async) give the same bits") {
+  Case cs;
+  cs.seq_len = 21;
+  cs.dqk = 16;
+  cs.dv = 32;
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  const Inputs in = make_inputs<__half>(cs, rng);
+  Device<__half> dev(in);
+  const Out aligned = dev.run(Precision::accurate);
+  // copies one element (2 bytes) past an aligned start
+  auto shifted = [](const DeviceBuffer<__half>& src) {
+    DeviceBuffer<__half> b(src.size() + 1);
+    MOXE_TEST_CUDA(cudaMemcpy(b.get() + 1, src.get(), src.bytes(), cudaMemcpyDeviceToDevice));
+    return b;
+  };
+  DeviceBuffer<__half> q = shifted(dev.q), k = shifted(dev.k), v = shifted(dev.v);
+  dev.h.poison();
+  dev.c.poison();
+  auto p = dev.params(Precision::accurate);
+  p.q = q.get() + 1;
+  p.k = k.get() + 1;
+  p.v = v.get() + 1;
+  DeviceBuffer<unsigned char> ws(mm::detail::fused_chunkwise_forward_workspace_size(p));
+  ws.poison();
+  REQUIRE(mm::detail::fused_chunkwise_forward(p, ws.get(), ws.size(), nullptr) == Status::ok);
+  MOXE_TEST_CUDA(cudaDeviceSynchronize());
+  const auto h = moxe::test::convert_to_double(dev.h.download());
+  const auto c = moxe::test::convert_to_double(dev.c.download());
+  CHECK(h == aligned.h);
+  CHECK(c == aligned.c);
+}
