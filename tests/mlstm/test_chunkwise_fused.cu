@@ -311,6 +311,11 @@ TEST_CASE("fused forward chunk sizes 48..128, DQK 256") {
     cs.seq_len = 50;
     check_all<__half>(cs);
   }
+  SUBCASE("L 16, S 2070: 130 chunks in a unit (the gate scan's carry over blocks of 128 chunks)") {
+    cs.seq_len = 2070;
+    cs.init_states = true;
+    check_case<__nv_bfloat16>(cs, Precision::fast);
+  }
   SUBCASE("DQK 256 (two row tiles per warp), DV 16") {
     cs.dqk = 256;
     cs.seq_len = 20;
