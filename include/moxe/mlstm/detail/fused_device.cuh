@@ -236,7 +236,7 @@ inline std::size_t fused_state_smem(int64_t dqk) {
 }
 
 template <class T, int kRT, int kParts>
-__global__ void __launch_bounds__(kFusedStateThreads) fused_state_kernel(const __grid_constant__ FusedArgs<T> p) {
+__global__ void __launch_bounds__(kFusedStateThreads, 1) fused_state_kernel(const __grid_constant__ FusedArgs<T> p) {
   extern __shared__ __align__(16) unsigned char fused_smem[];
   __shared__ float sE[kFusedMaxChunk];
   __shared__ int sExp[kFusedMaxHeadDim];
