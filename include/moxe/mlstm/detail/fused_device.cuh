@@ -116,16 +116,22 @@ struct FusedArgs {
   }
 };
 
-/// 16 bytes of T from global (n valid elements of 16 / sizeof(T); n <= 0: zeros) to shared.
+/// 16 bytes of T from global (n valid elements of 16 / sizeof(T); n <= 0: zeros) to shared:
+/// cp.async where the source is 16-byte aligned and the architecture has it (sm_80; the
+/// float kernels also run below), plain loads otherwise (the same values).
 template <class T>
 MOXE_DEVICE MOXE_FORCEINLINE void stage16(T* dst, const T* src, int n, bool aligned) {
   constexpr int kVec = 16 / sizeof(T);
+#if MOXE_MMA_SM80
   if (aligned) {
     mma::cp_async_16(dst, n > 0 ? src : dst, n > 0 ? 16 : 0);
-  } else {
-    MOXE_PRAGMA_UNROLL
-    for (int i = 0; i < kVec; ++i) dst[i] = i < n ? src[i] : T(0.0f);
+    return;
   }
+#else
+  (void)aligned;
+#endif
+  MOXE_PRAGMA_UNROLL
+  for (int i = 0; i < kVec; ++i) dst[i] = i < n ? src[i] : T(0.0f);
 }
 
 // ---- segments: the chunk table ---------------------------------------------------------------
