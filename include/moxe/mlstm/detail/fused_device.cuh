@@ -1,0 +1,803 @@
+// moxe::mlstm::detail: the FUSED chunkwise mLSTM forward on the device (docs/mlstm.md
+// "Fused decomposition", "Fused device forward"). It follows the host twin
+// (chunkwise_fused_host.hpp) step by step, through the same MOXE_HD pieces
+// (detail/fused_chunk.hpp, cell.hpp, core/precision.hpp) and the same workspace
+// (detail::carve_fused_workspace), plus one array of per-row gate quantities:
+//
+//   [table]  segments only: the chunk table (detail::build_chunk_table, one thread).
+//   F0 gate scan, grid (U*NH), 128 threads: thread i walks chunk i of the slot's unit (rows in
+//            order, chunk_gate_step from ChunkGateRow::before(-inf), in double): the rows'
+//            mp-free quantities (G, x, the running max of the sources and its origin, the
+//            last reset) go to `local_rows`, the chunk's map (ChunkMap::of_last_row) into a
+//            block scan; m_prev of every chunk = the exclusive scan of the maps seeded by
+//            m_init (or 0), m_final after the last. Without segments it also fills the table.
+//   F1 state, grid U*NH x ceil(DV/64) (column blocks of a slot adjacent), 8 warps: the state C[:, 64-column block] of the slot
+//            in mma accumulators (warp w: DQK rows 16w.., +128), n in fp32 registers (block 0,
+//            one DQK row per thread). Per chunk: the checkpoint C'_c (fp32) to the workspace,
+//            E_s and w_L from the scan's m_prev on both sides, K and V staged by cp.async in
+//            16-row blocks (double-buffered), C <- w_L C + (K^T diag(E)) V with the E_s k_s
+//            operand built in registers (rounded to T: fast; split in three T parts:
+//            accurate; half: scaled by a power of two per DQK row), n <- w_L n + K^T E by
+//            FFMA. The final states when asked for.
+//   F2 output, grid K*NH x ceil(DV/64) (column blocks of a chunk adjacent), one warp per 16 rows of the chunk: S = Q K^T (causal
+//            k-steps only) and inter = Q C_c on mma.sync over 64-wide DQK slices (Q, K by
+//            cp.async; C_c converted from the fp32 checkpoint to T parts in shared memory),
+//            P = scale S o D in registers (never stored; rounded / split per row as the
+//            intermediate operand of P V), num = inter + P V, dot = w scale n.q + sum_s P in
+//            fp32, the normaliser (cell.hpp) and h stored as T.
+//
+// Float inputs run the same structure with fp32 FMAs at the same fragment positions (exact
+// fp32; allow_tf32 is not implemented on the device: float stays fp32). Everything is
+// deterministic (fixed orders, no atomics); no allocation and no host synchronisation.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "moxe/core/config.hpp"
+#include "moxe/core/launch.cuh"
+#include "moxe/core/math.hpp"
+#include "moxe/core/mma.cuh"
+#include "moxe/core/precision.hpp"
+#include "moxe/core/status.hpp"
+#include "moxe/core/workspace.hpp"
+#include "moxe/mlstm/detail/cell.hpp"
+#include "moxe/mlstm/detail/chunk_layout.hpp"
+#include "moxe/mlstm/detail/fused_chunk.hpp"
+#include "moxe/mlstm/params.hpp"
+
+namespace moxe::mlstm::detail {
+
+// ---- an MOXE_HD piece: a chunk row from its mp-free quantities -------------------------------
+
+/// Row j of a chunk started from m_prev, from `local`: row j of the same chunk started from
+/// ChunkGateRow::before(-inf) (what F0 stores). G, x and reset do not depend on m_prev; the
+/// running max is max(m_prev, the sources' max) with the recurrence's tie rule (m_prev wins
+/// ties: origin -1), unless a reset dropped m_prev. Equal, bit for bit, to the sequential
+/// chunk_gate_step from before(m_prev).
+MOXE_HD inline ChunkGateRow gate_row_from_local(const ChunkGateRow& local, double m_prev) {
+  if (local.reset >= 0) return local;
+  ChunkGateRow r = local;
+  const bool take = m_prev < local.a;
+  r.a = take ? local.a : m_prev;
+  r.origin = take ? local.origin : -1;
+  return r;
+}
+
+// ---- workspace -------------------------------------------------------------------------------
+
+/// The fused forward's scratch: detail::carve_fused_workspace (table, m_prev, m_final, the
+/// checkpoints) and the per-row gate quantities of F0 ([B*NH*S] ChunkGateRow).
+struct FusedForwardWorkspace {
+  FusedWorkspace<float> ws;
+  ChunkGateRow* local_rows = nullptr;
+};
+
+inline FusedForwardWorkspace carve_fused_forward_workspace(WorkspaceCarver& c, const Dims& d, int64_t num_segments,
+                                                           int chunk_size) {
+  FusedForwardWorkspace w;
+  w.ws = carve_fused_workspace<float>(c, d, num_segments, chunk_size, /*backward=*/false);
+  if (d.batch <= 0 || d.heads <= 0 || d.seq_len <= 0 || d.dqk <= 0 || d.dv <= 0 || num_segments < 0 ||
+      chunk_size < 1)
+    return w;
+  w.local_rows = c.carve<ChunkGateRow>(static_cast<std::size_t>(d.batch * d.heads * d.seq_len));
+  return w;
+}
+
+// ---- kernel arguments ------------------------------------------------------------------------
+
+inline constexpr int kFusedScanThreads = 128;  // F0
+inline constexpr int kFusedStateWarps = 8;     // F1
+inline constexpr int kFusedStateThreads = kFusedStateWarps * 32;
+inline constexpr int kFusedColumns = 64;       // DV columns per block (F1, F2)
+inline constexpr int kFusedMaxHeadDim = 256;
+inline constexpr int kFusedMaxChunk = 128;
+
+template <class T>
+struct FusedArgs {
+  const T *q, *k, *v, *igate, *fgate;
+  const float *c_init, *n_init, *m_init;
+  T* h;
+  float *c_last, *n_last, *m_last;
+  float scale, eps;
+  int64_t NH, S, DQK, DV, units, chunks;  // chunks: the table's capacity (chunk_bound)
+  int L;
+  bool segments;
+  bool aligned;  // q, k, v 16-byte aligned: cp.async staging (else plain loads)
+  ChunkTable table;
+  double *m_prev, *m_final;
+  float* state;
+  ChunkGateRow* local_rows;
+
+  MOXE_HD int64_t row(int64_t unit, int64_t hd, int64_t pos) const {
+    return segments ? hd * S + pos : (unit * NH + hd) * S + pos;
+  }
+};
+
+/// 16 bytes of T from global (n valid elements of 16 / sizeof(T); n <= 0: zeros) to shared:
+/// cp.async where the source is 16-byte aligned and the architecture has it (sm_80; the
+/// float kernels also run below), plain loads otherwise (the same values).
+template <class T>
+MOXE_DEVICE MOXE_FORCEINLINE void stage16(T* dst, const T* src, int n, bool aligned) {
+  constexpr int kVec = 16 / sizeof(T);
+#if MOXE_MMA_SM80
+  if (aligned) {
+    mma::cp_async_16(dst, n > 0 ? src : dst, n > 0 ? 16 : 0);
+    return;
+  }
+#else
+  (void)aligned;
+#endif
+  MOXE_PRAGMA_UNROLL
+  for (int i = 0; i < kVec; ++i) dst[i] = i < n ? src[i] : T(0.0f);
+}
+
+// ---- segments: the chunk table ---------------------------------------------------------------
+
+template <int = 0>
+__global__ void fused_table_kernel(ChunkTable t, int64_t units, int64_t capacity, int64_t seq_len, int chunk_size,
+                                   const int64_t* offsets) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) build_chunk_table(t, units, capacity, seq_len, chunk_size, offsets);
+}
+
+// ---- F0: the gate scan -----------------------------------------------------------------------
+
+template <class T>
+__global__ void __launch_bounds__(kFusedScanThreads) fused_gate_scan_kernel(const __grid_constant__ FusedArgs<T> p) {
+  __shared__ double sG[kFusedScanThreads], sA[kFusedScanThreads];
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t slot = blockIdx.x, u = slot / p.NH, hd = slot % p.NH;
+  const int64_t per_unit = ceil_div<int64_t>(p.S, p.L);
+  const int64_t first = p.segments ? p.table.unit_first[u] : u * per_unit;
+  const int64_t count = p.segments ? p.table.unit_chunks[u] : per_unit;
+  if (!p.segments && hd == 0 && tid == 0) {
+    p.table.unit_first[u] = first;
+    p.table.unit_chunks[u] = count;
+  }
+  const double m0 = p.m_init ? static_cast<double>(p.m_init[slot]) : 0.0;
+  ChunkMap carry = ChunkMap::identity();
+  for (int64_t base = 0; base < count; base += kFusedScanThreads) {
+    const int64_t i = base + tid;
+    ChunkMap map = ChunkMap::identity();
+    if (i < count) {
+      const int64_t c = first + i;
+      int64_t start;
+      int32_t len;
+      if (p.segments) {
+        start = p.table.chunk_start[c];
+        len = p.table.chunk_len[c];
+      } else {
+        start = i * p.L;
+        len = static_cast<int32_t>(math::min<int64_t>(p.L, p.S - start));
+        if (hd == 0) {
+          p.table.chunk_start[c] = start;
+          p.table.chunk_len[c] = len;
+          p.table.chunk_unit[c] = u;
+        }
+      }
+      ChunkGateRow prev = ChunkGateRow::before(-math::infinity<double>());
+      for (int32_t j = 0; j < len; ++j) {
+        const int64_t r = p.row(u, hd, start + j);
+        const float lf = math::logsigmoid(load_acc<float>(p.fgate[r]));
+        prev = chunk_gate_step<float>(prev, j, load_acc<float>(p.igate[r]), lf);
+        p.local_rows[r] = prev;
+      }
+      map = ChunkMap::of_last_row(prev);
+    }
+    // inclusive scan of the maps in chunk order (compose is associative, not commutative)
+    sG[tid] = map.G;
+    sA[tid] = map.A;
+    __syncthreads();
+    for (int off = 1; off < kFusedScanThreads; off <<= 1) {
+      ChunkMap m{sG[tid], sA[tid]};
+      if (tid >= off) m = ChunkMap::compose(ChunkMap{sG[tid - off], sA[tid - off]}, m);
+      __syncthreads();
+      sG[tid] = m.G;
+      sA[tid] = m.A;
+      __syncthreads();
+    }
+    const ChunkMap excl = tid == 0 ? ChunkMap::identity() : ChunkMap{sG[tid - 1], sA[tid - 1]};
+    if (i < count) p.m_prev[(first + i) * p.NH + hd] = ChunkMap::compose(carry, excl).apply(m0);
+    carry = ChunkMap::compose(carry, ChunkMap{sG[kFusedScanThreads - 1], sA[kFusedScanThreads - 1]});
+    __syncthreads();
+  }
+  if (tid == 0) p.m_final[slot] = carry.apply(m0);
+}
+
+// ---- fragments of computed operands ----------------------------------------------------------
+
+/// The A fragment(s) of an intermediate operand from its values at the lane's fragment
+/// positions (x[2 r], x[2 r + 1]: register r, already scaled by their group's power of two):
+/// kParts 1 rounds to T (fast), 3 splits (accurate). pack2 of split parts is exact (they are
+/// values of T).
+template <class T, int kParts>
+MOXE_DEVICE MOXE_FORCEINLINE void pack_a_parts(mma::FragmentA (&f)[kParts], const float (&x)[8]) {
+  MOXE_PRAGMA_UNROLL
+  for (int r = 0; r < 4; ++r) {
+    if constexpr (kParts == 1) {
+      f[0].r[r] = mma::pack2<T>(x[2 * r], x[2 * r + 1]);
+    } else {
+      const Split3 s0 = split3<T>(x[2 * r]), s1 = split3<T>(x[2 * r + 1]);
+      f[0].r[r] = mma::pack2<T>(s0.hi, s1.hi);
+      f[1].r[r] = mma::pack2<T>(s0.mid, s1.mid);
+      f[2].r[r] = mma::pack2<T>(s0.lo, s1.lo);
+    }
+  }
+}
+
+template <class T>
+inline constexpr bool kFusedMma = mma::is_mma_element_v<T>;
+
+template <class T>
+inline constexpr int kFusedPad = 16 / static_cast<int>(sizeof(T));  // 16 bytes per shared row
+
+// ---- F1: the state walk ----------------------------------------------------------------------
+
+/// Dynamic shared memory of F1: K and V blocks of 16 rows, double-buffered.
+template <class T>
+inline std::size_t fused_state_smem(int64_t dqk) {
+  return sizeof(T) * 2 * 16 * static_cast<std::size_t>((dqk + kFusedPad<T>) + (kFusedColumns + kFusedPad<T>));
+}
+
+template <class T, int kRT, int kParts>
+__global__ void __launch_bounds__(kFusedStateThreads, 1) fused_state_kernel(const __grid_constant__ FusedArgs<T> p) {
+  extern __shared__ __align__(16) unsigned char fused_smem[];
+  __shared__ float sE[kFusedMaxChunk];
+  __shared__ int sExp[kFusedMaxHeadDim];
+  constexpr int kNT = kFusedColumns / 8;
+  const int DQK = static_cast<int>(p.DQK), DV = static_cast<int>(p.DV);
+  const int ldk = DQK + kFusedPad<T>, ldv = kFusedColumns + kFusedPad<T>;
+  T* Ks = reinterpret_cast<T*>(fused_smem);  // [2][16][ldk]
+  T* Vs = Ks + 2 * 16 * ldk;                 // [2][16][ldv]
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
+  // block x = slot * column blocks + column block: a slot's column blocks run together (K
+  // is read from DRAM once, by the first of them, and from L2 by the others)
+  const int64_t col_blocks = ceil_div<int64_t>(p.DV, kFusedColumns);
+  const int64_t slot = blockIdx.x / col_blocks, u = slot / p.NH, hd = slot % p.NH;
+  const int cby = static_cast<int>(blockIdx.x % col_blocks), cb = cby * kFusedColumns;
+  const int64_t W = p.DV + 1, first = p.table.unit_first[u], count = p.table.unit_chunks[u];
+
+  mma::FragmentC st[kRT][kNT], acc[kRT][kNT];
+  auto active_rt = [&](int i) { return (warp + kFusedStateWarps * i) * 16 < DQK; };
+  auto active_nt = [&](int nt) { return cb + nt * 8 < DV; };
+  // the state: from c_init or 0
+  MOXE_PRAGMA_UNROLL
+  for (int i = 0; i < kRT; ++i)
+    MOXE_PRAGMA_UNROLL
+    for (int nt = 0; nt < kNT; ++nt)
+      MOXE_PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int a = (warp + kFusedStateWarps * i) * 16 + mma::fragment_c_row(lane, e);
+        const int col = cb + nt * 8 + mma::fragment_c_col(lane, e);
+        st[i][nt].c[e] = (p.c_init && active_rt(i) && col < DV) ? p.c_init[(slot * p.DQK + a) * p.DV + col] : 0.0f;
+      }
+  const bool n_owner = cby == 0 && tid < DQK;
+  float n_reg = (n_owner && p.n_init) ? p.n_init[slot * p.DQK + tid] : 0.0f;
+
+  for (int64_t c = first; c < first + count; ++c) {
+    const int64_t start = p.table.chunk_start[c];
+    const int len = p.table.chunk_len[c];
+    const double mp = p.m_prev[c * p.NH + hd];
+    const double mn = c + 1 < first + count ? p.m_prev[(c + 1) * p.NH + hd] : p.m_final[slot];
+    float* ck = p.state + (c * p.NH + hd) * p.DQK * W;
+    // the checkpoint C'_c (before the chunk)
+    MOXE_PRAGMA_UNROLL
+    for (int i = 0; i < kRT; ++i)
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt)
+        MOXE_PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int a = (warp + kFusedStateWarps * i) * 16 + mma::fragment_c_row(lane, e);
+          const int col = cb + nt * 8 + mma::fragment_c_col(lane, e);
+          if (active_rt(i) && col < DV) ck[a * W + col] = st[i][nt].c[e];
+        }
+    if (n_owner) ck[tid * W + p.DV] = n_reg;
+
+    auto row_of = [&](int s) { return p.row(u, hd, start + s); };
+    const ChunkGateRow last = gate_row_from_local(p.local_rows[row_of(len - 1)], mp);
+    const float wL = state_decay_weight<float>(mp, last, mn);
+    for (int s = tid; s < kFusedMaxChunk; s += kFusedStateThreads)
+      sE[s] = s < len ? state_source_weight<float>(p.local_rows[row_of(s)].x, s, last, mn) : 0.0f;
+    __syncthreads();
+    // half: per DQK row, the power of two of E_s k_s[a] over the whole chunk (one pass over
+    // the chunk's K before the products; bf16 and float need none)
+    if (tid < DQK) {
+      float max_abs = 0.0f;
+      if constexpr (OperandFormat<T>::kNarrowRange) {
+#pragma unroll 8
+        for (int s = 0; s < len; ++s)
+          max_abs = math::max(max_abs, math::abs(sE[s] * load_acc<float>(p.k[row_of(s) * p.DQK + tid])));
+      }
+      sExp[tid] = kFusedMma<T> ? operand_exponent<T>(max_abs) : 0;
+    }
+    float nsum = 0.0f;  // n's update: sum_s E_s k_s[a] in fp32, s in order (from the staged K)
+    MOXE_PRAGMA_UNROLL
+    for (int i = 0; i < kRT; ++i)
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt) acc[i][nt] = mma::FragmentC{};
+
+    const int blocks = (len + 15) / 16;
+    auto stage = [&](int b, int buf) {
+      constexpr int kVec = 16 / sizeof(T);
+      const int kchunks = DQK / kVec, vchunks = kFusedColumns / kVec;
+      for (int idx = tid; idx < 16 * (kchunks + vchunks); idx += kFusedStateThreads) {
+        const int r = idx / (kchunks + vchunks), x = idx % (kchunks + vchunks);
+        const int s = b * 16 + r;
+        const bool in = s < len;
+        const int64_t gr = in ? row_of(s) : 0;
+        if (x < kchunks) {
+          stage16(Ks + (buf * 16 + r) * ldk + x * kVec, p.k + gr * p.DQK + x * kVec, in ? kVec : 0, p.aligned);
+        } else {
+          const int col = (x - kchunks) * kVec;
+          stage16(Vs + (buf * 16 + r) * ldv + col, p.v + gr * p.DV + cb + col,
+                  (in && cb + col < DV) ? kVec : 0, p.aligned);
+        }
+      }
+      mma::cp_async_commit();
+    };
+    __syncthreads();  // sExp
+    if (blocks > 0) stage(0, 0);
+    for (int b = 0; b < blocks; ++b) {
+      const int buf = b % 2;
+      if (b + 1 < blocks) {
+        stage(b + 1, (b + 1) % 2);
+        mma::cp_async_wait<1>();
+      } else {
+        mma::cp_async_wait<0>();
+      }
+      __syncthreads();
+      const T* kb = Ks + buf * 16 * ldk;
+      const T* vb = Vs + buf * 16 * ldv;
+      const float* eb = sE + b * 16;
+      if (n_owner) {  // rows past len: E_s = 0 and K zero-filled, exact zeros added
+        for (int s = 0; s < 16; ++s) nsum += eb[s] * static_cast<float>(kb[s * ldk + tid]);
+      }
+      MOXE_PRAGMA_UNROLL
+      for (int i = 0; i < kRT; ++i) {
+        if (!active_rt(i)) continue;
+        const int a0 = (warp + kFusedStateWarps * i) * 16;
+        if constexpr (kFusedMma<T>) {
+          float x[8];
+          MOXE_PRAGMA_UNROLL
+          for (int r = 0; r < 4; ++r) {
+            const int ar = a0 + mma::fragment_a_row(lane, 2 * r), s = mma::fragment_a_col(lane, 2 * r);
+            const float up = exp2_int(sExp[ar]);
+            x[2 * r] = eb[s] * static_cast<float>(kb[s * ldk + ar]) * up;
+            x[2 * r + 1] = eb[s + 1] * static_cast<float>(kb[(s + 1) * ldk + ar]) * up;
+          }
+          mma::FragmentA fa[kParts];
+          pack_a_parts<T, kParts>(fa, x);
+          MOXE_PRAGMA_UNROLL
+          for (int nt = 0; nt < kNT; ++nt) {
+            if (!active_nt(nt)) continue;
+            const mma::FragmentB fb = mma::load_b(vb, ldv, 0, nt * 8, lane, /*k_major=*/true);
+            MOXE_PRAGMA_UNROLL
+            for (int pt = 0; pt < kParts; ++pt) mma::mma_16816<T>(acc[i][nt], fa[pt], fb);
+          }
+        } else {
+          const int r0 = a0 + mma::fragment_c_row(lane, 0), r1 = a0 + mma::fragment_c_row(lane, 2);
+          for (int s = 0; s < 16; ++s) {
+            const float x0 = eb[s] * kb[s * ldk + r0], x1 = eb[s] * kb[s * ldk + r1];
+            MOXE_PRAGMA_UNROLL
+            for (int nt = 0; nt < kNT; ++nt) {
+              const int col = nt * 8 + mma::fragment_c_col(lane, 0);
+              const float v0 = vb[s * ldv + col], v1 = vb[s * ldv + col + 1];
+              acc[i][nt].c[0] += x0 * v0;
+              acc[i][nt].c[1] += x0 * v1;
+              acc[i][nt].c[2] += x1 * v0;
+              acc[i][nt].c[3] += x1 * v1;
+            }
+          }
+        }
+      }
+      __syncthreads();  // the buffer is staged again two blocks on
+    }
+    // C <- w_L C + (the product, scaled back by its row's power of two)
+    MOXE_PRAGMA_UNROLL
+    for (int i = 0; i < kRT; ++i)
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt)
+        MOXE_PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int a = (warp + kFusedStateWarps * i) * 16 + mma::fragment_c_row(lane, e);
+          const float down = active_rt(i) ? exp2_int(-sExp[a]) : 1.0f;
+          st[i][nt].c[e] = wL * st[i][nt].c[e] + acc[i][nt].c[e] * down;
+        }
+    if (n_owner) n_reg = wL * n_reg + nsum;
+    __syncthreads();  // sE, sExp
+  }
+  if (p.c_last) {
+    MOXE_PRAGMA_UNROLL
+    for (int i = 0; i < kRT; ++i)
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt)
+        MOXE_PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int a = (warp + kFusedStateWarps * i) * 16 + mma::fragment_c_row(lane, e);
+          const int col = cb + nt * 8 + mma::fragment_c_col(lane, e);
+          if (active_rt(i) && col < DV) p.c_last[(slot * p.DQK + a) * p.DV + col] = st[i][nt].c[e];
+        }
+    if (n_owner) p.n_last[slot * p.DQK + tid] = n_reg;
+    if (cby == 0 && tid == 0) p.m_last[slot] = static_cast<float>(p.m_final[slot]);
+  }
+}
+
+// ---- F2: the outputs -------------------------------------------------------------------------
+
+/// DQK columns per staged slice of Q, K and C (F2).
+template <class T>
+inline constexpr int kFusedSlice = kFusedMma<T> ? 64 : 32;
+
+template <class T, int kParts>
+inline std::size_t fused_output_smem(int chunk_size) {
+  constexpr int ld = kFusedSlice<T> + kFusedPad<T>, ldc = kFusedColumns + kFusedPad<T>;
+  const std::size_t L = static_cast<std::size_t>(chunk_size);
+  std::size_t bytes = sizeof(T) * (2 * L * ld + L * ldc + std::size_t(kParts) * kFusedSlice<T> * ldc);
+  if (!kFusedMma<T>) bytes += sizeof(float) * (L / 16) * 16 * 17;  // P tiles of the FMA path
+  return bytes;
+}
+
+template <class T, int kParts>
+__global__ void __launch_bounds__(kFusedMaxChunk * 2) fused_output_kernel(const __grid_constant__ FusedArgs<T> p) {
+  extern __shared__ __align__(16) unsigned char fused_smem[];
+  __shared__ double sX[kFusedMaxChunk], sA[kFusedMaxChunk], sM[kFusedMaxChunk];
+  __shared__ int sReset[kFusedMaxChunk];
+  __shared__ float sW[kFusedMaxChunk], sNq[kFusedMaxChunk], sN[kFusedSlice<T>];
+  __shared__ int sExpC[kFusedColumns];
+  constexpr int kNT = kFusedColumns / 8, kST = kFusedMaxChunk / 8, kAS = kFusedSlice<T>;
+  constexpr int ld = kAS + kFusedPad<T>, ldc = kFusedColumns + kFusedPad<T>;
+  // block x = (chunk * NH + head) * column blocks + column block: the column blocks of a
+  // chunk run together (Q, K and the checkpoint's n column from L2 after the first)
+  const int64_t col_blocks = ceil_div<int64_t>(p.DV, kFusedColumns);
+  const int64_t kh = blockIdx.x / col_blocks, c = kh / p.NH, hd = kh % p.NH;
+  const int len = p.table.chunk_len[c];
+  if (len == 0) return;  // uniform: past the chunks in use
+  const int L = p.L, DQK = static_cast<int>(p.DQK), DV = static_cast<int>(p.DV);
+  T* Qs = reinterpret_cast<T*>(fused_smem);  // [L][ld]
+  T* Ks = Qs + L * ld;                       // [L][ld]
+  T* Vs = Ks + L * ld;                       // [L][ldc]
+  T* Cs = Vs + L * ldc;                      // [kParts][kAS][ldc]
+  float* Pw = reinterpret_cast<float*>(Cs + kParts * kAS * ldc);  // FMA path: [warps][16][17]
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
+  const int threads = static_cast<int>(blockDim.x);
+  const int cb = static_cast<int>(blockIdx.x % col_blocks) * kFusedColumns;
+  const int64_t u = p.table.chunk_unit[c], start = p.table.chunk_start[c], W = p.DV + 1;
+  const double mp = p.m_prev[kh];
+  const float* ck = p.state + kh * p.DQK * W;
+  auto row_of = [&](int s) { return p.row(u, hd, start + s); };
+  constexpr int kVec = 16 / sizeof(T);
+
+  // V of the chunk's rows (columns cb..cb+63), by cp.async while the rows' scalars are formed
+  for (int idx = tid; idx < L * (kFusedColumns / kVec); idx += threads) {
+    const int s = idx / (kFusedColumns / kVec), col = (idx % (kFusedColumns / kVec)) * kVec;
+    const bool in = s < len && cb + col < DV;
+    stage16(Vs + s * ldc + col, p.v + (s < len ? row_of(s) : 0) * p.DV + cb + col, in ? kVec : 0, p.aligned);
+  }
+  mma::cp_async_commit();
+  // the rows' gate quantities from m_prev; n_c . q_j in fp32
+  for (int j = tid; j < L; j += threads) {
+    if (j < len) {
+      const ChunkGateRow row = gate_row_from_local(p.local_rows[row_of(j)], mp);
+      sX[j] = row.x;
+      sA[j] = row.a;
+      sM[j] = row.m();
+      sReset[j] = row.reset;
+      sW[j] = decay_weight<float>(mp, row);
+    } else {
+      sX[j] = -math::infinity<double>();
+      sA[j] = 0.0;
+      sM[j] = 0.0;
+      sReset[j] = -1;
+      sW[j] = 0.0f;
+    }
+  }
+  // half: one power of two per column of C_c (over all DQK rows), as the host twin's groups
+  for (int e = tid; e < kFusedColumns; e += threads) {
+    float max_abs = 0.0f;
+    if constexpr (OperandFormat<T>::kNarrowRange) {
+      if (cb + e < DV)
+#pragma unroll 8
+        for (int a = 0; a < DQK; ++a) max_abs = math::max(max_abs, math::abs(ck[a * W + cb + e]));
+    }
+    sExpC[e] = kFusedMma<T> ? operand_exponent<T>(max_abs) : 0;
+  }
+  __syncthreads();
+
+  const int j0 = warp * 16;
+  const bool warp_rows = j0 < len;
+  mma::FragmentC sacc[kST], iacc[kNT];
+  float nq = 0.0f;  // thread j < L: n_c . q_j in fp32, a in order (from the staged Q)
+  auto active_nt = [&](int nt) { return cb + nt * 8 < DV; };
+  auto active_st = [&](int nt) { return nt * 8 < j0 + 16 && nt * 8 < len; };  // causal, inside the chunk
+
+  for (int a0 = 0; a0 < DQK; a0 += kAS) {
+    const int width = math::min(kAS, DQK - a0);  // a multiple of 16
+    for (int idx = tid; idx < 2 * L * (kAS / kVec); idx += threads) {
+      const int which = idx / (L * (kAS / kVec)), rem = idx % (L * (kAS / kVec));
+      const int s = rem / (kAS / kVec), col = (rem % (kAS / kVec)) * kVec;
+      const bool in = s < len && col < width;
+      const T* src = (which == 0 ? p.q : p.k) + (s < len ? row_of(s) : 0) * p.DQK + a0 + col;
+      stage16((which == 0 ? Qs : Ks) + s * ld + col, src, in ? kVec : 0, p.aligned);
+    }
+    mma::cp_async_commit();
+    // C_c[a0.., cb..] as the intermediate operand of inter (scaled per column, parts)
+    for (int idx = tid; idx < kAS * kFusedColumns; idx += threads) {
+      const int a = idx / kFusedColumns, e = idx % kFusedColumns;
+      const float x = (a < width && cb + e < DV) ? ck[(a0 + a) * W + cb + e] : 0.0f;
+      if constexpr (kParts == 1) {
+        Cs[a * ldc + e] = T(x * exp2_int(sExpC[e]));
+      } else {
+        const Split3 sp = split3<T>(x * exp2_int(sExpC[e]));
+        Cs[a * ldc + e] = T(sp.hi);
+        Cs[(kAS + a) * ldc + e] = T(sp.mid);
+        Cs[(2 * kAS + a) * ldc + e] = T(sp.lo);
+      }
+    }
+    for (int a = tid; a < kAS; a += threads) sN[a] = a < width ? ck[(a0 + a) * W + p.DV] : 0.0f;
+    mma::cp_async_wait<0>();
+    __syncthreads();
+    if (tid < L)
+      for (int a = 0; a < width; ++a) nq += sN[a] * static_cast<float>(Qs[tid * ld + a]);
+    if (warp_rows) {
+      for (int kk = 0; kk < width; kk += 16) {
+        if constexpr (kFusedMma<T>) {
+          const mma::FragmentA qa = mma::load_a(Qs, ld, j0, kk, lane);
+          MOXE_PRAGMA_UNROLL
+          for (int nt = 0; nt < kST; ++nt) {
+            if (!active_st(nt)) continue;
+            const mma::FragmentB kb = mma::load_b(Ks, ld, kk, nt * 8, lane, /*k_major=*/false);
+            mma::mma_16816<T>(sacc[nt], qa, kb);
+          }
+          MOXE_PRAGMA_UNROLL
+          for (int nt = 0; nt < kNT; ++nt) {
+            if (!active_nt(nt)) continue;
+            MOXE_PRAGMA_UNROLL
+            for (int pt = 0; pt < kParts; ++pt) {
+              const mma::FragmentB cf = mma::load_b(Cs + pt * kAS * ldc, ldc, kk, nt * 8, lane, /*k_major=*/true);
+              mma::mma_16816<T>(iacc[nt], qa, cf);
+            }
+          }
+        } else {
+          const int r0 = j0 + mma::fragment_c_row(lane, 0), r1 = j0 + mma::fragment_c_row(lane, 2);
+          const int cq = mma::fragment_c_col(lane, 0);
+          for (int a = kk; a < kk + 16; ++a) {
+            const float q0 = Qs[r0 * ld + a], q1 = Qs[r1 * ld + a];
+            MOXE_PRAGMA_UNROLL
+            for (int nt = 0; nt < kST; ++nt) {
+              if (!active_st(nt)) continue;
+              const float k0 = Ks[(nt * 8 + cq) * ld + a], k1 = Ks[(nt * 8 + cq + 1) * ld + a];
+              sacc[nt].c[0] += q0 * k0;
+              sacc[nt].c[1] += q0 * k1;
+              sacc[nt].c[2] += q1 * k0;
+              sacc[nt].c[3] += q1 * k1;
+            }
+            MOXE_PRAGMA_UNROLL
+            for (int nt = 0; nt < kNT; ++nt) {
+              const float c0 = Cs[a * ldc + nt * 8 + cq], c1 = Cs[a * ldc + nt * 8 + cq + 1];
+              iacc[nt].c[0] += q0 * c0;
+              iacc[nt].c[1] += q0 * c1;
+              iacc[nt].c[2] += q1 * c0;
+              iacc[nt].c[3] += q1 * c1;
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();  // Qs, Ks, Cs are staged again
+  }
+  if (tid < L) sNq[tid] = nq;
+  __syncthreads();
+  if (!warp_rows) return;  // no barrier follows
+
+  // P = (scale S) o D in registers; its row sums (fp32) and, for half, each row's exponent
+  const int g0 = mma::fragment_c_row(lane, 0), g1 = mma::fragment_c_row(lane, 2);
+  const int jr[2] = {j0 + g0, j0 + g1};
+  ChunkGateRow rowj[2];
+  MOXE_PRAGMA_UNROLL
+  for (int h2 = 0; h2 < 2; ++h2) {
+    rowj[h2] = ChunkGateRow{0.0, 0.0, sA[jr[h2]], 0, sReset[jr[h2]]};
+  }
+  float psum[2] = {0.0f, 0.0f}, pmax[2] = {0.0f, 0.0f};
+  MOXE_PRAGMA_UNROLL
+  for (int nt = 0; nt < kST; ++nt) {
+    MOXE_PRAGMA_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      const int h2 = e / 2, j = jr[h2], s = nt * 8 + mma::fragment_c_col(lane, e);
+      float P = 0.0f;
+      if (active_st(nt) && s <= j && j < len)
+        P = (p.scale * sacc[nt].c[e]) * source_weight<float>(sX[s], s, rowj[h2]);
+      sacc[nt].c[e] = P;
+      psum[h2] += P;
+      pmax[h2] = math::max(pmax[h2], math::abs(P));
+    }
+  }
+  int pexp[2];
+  MOXE_PRAGMA_UNROLL
+  for (int h2 = 0; h2 < 2; ++h2) {
+    for (int off = 1; off < 4; off <<= 1) {
+      psum[h2] += __shfl_xor_sync(0xffffffffu, psum[h2], off);
+      pmax[h2] = math::max(pmax[h2], __shfl_xor_sync(0xffffffffu, pmax[h2], off));
+    }
+    pexp[h2] = kFusedMma<T> ? operand_exponent<T>(pmax[h2]) : 0;
+  }
+
+  // P V' (V' = [V | 1]: the 1 column is psum above)
+  mma::FragmentC pacc[kNT];
+  const int ksteps = math::min(warp + 1, (len + 15) / 16);
+  MOXE_PRAGMA_UNROLL
+  for (int nt = 0; nt < kNT; ++nt) pacc[nt] = mma::FragmentC{};
+  MOXE_PRAGMA_UNROLL
+  for (int ks = 0; ks < kST / 2; ++ks) {
+    if (ks >= ksteps) break;
+    if constexpr (kFusedMma<T>) {
+      // register r of the A fragment of k-step ks: accumulators (r % 2) * 2, +1 (row g or
+      // g + 8) of S tile 2 ks + r / 2
+      float x[8];
+      MOXE_PRAGMA_UNROLL
+      for (int r = 0; r < 4; ++r) {
+        const float up = exp2_int(pexp[r % 2]);
+        x[2 * r] = sacc[2 * ks + r / 2].c[(r % 2) * 2] * up;
+        x[2 * r + 1] = sacc[2 * ks + r / 2].c[(r % 2) * 2 + 1] * up;
+      }
+      mma::FragmentA fa[kParts];
+      pack_a_parts<T, kParts>(fa, x);
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt) {
+        if (!active_nt(nt)) continue;
+        const mma::FragmentB vb = mma::load_b(Vs, ldc, ks * 16, nt * 8, lane, /*k_major=*/true);
+        MOXE_PRAGMA_UNROLL
+        for (int pt = 0; pt < kParts; ++pt) mma::mma_16816<T>(pacc[nt], fa[pt], vb);
+      }
+    } else {
+      float* pw = Pw + warp * 16 * 17;
+      MOXE_PRAGMA_UNROLL
+      for (int t = 0; t < 2; ++t)
+        MOXE_PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e)
+          pw[mma::fragment_c_row(lane, e) * 17 + t * 8 + mma::fragment_c_col(lane, e)] = sacc[2 * ks + t].c[e];
+      __syncwarp();
+      const int cq = mma::fragment_c_col(lane, 0);
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt) {
+        for (int s = 0; s < 16; ++s) {
+          const float p0 = pw[g0 * 17 + s], p1 = pw[g1 * 17 + s];
+          const float v0 = Vs[(ks * 16 + s) * ldc + nt * 8 + cq], v1 = Vs[(ks * 16 + s) * ldc + nt * 8 + cq + 1];
+          pacc[nt].c[0] += p0 * v0;
+          pacc[nt].c[1] += p0 * v1;
+          pacc[nt].c[2] += p1 * v0;
+          pacc[nt].c[3] += p1 * v1;
+        }
+      }
+      __syncwarp();
+    }
+  }
+
+  // the epilogue: inter, num, the normaliser, h
+  Normaliser<float> nz[2];
+  float dn[2], ws[2];
+  MOXE_PRAGMA_UNROLL
+  for (int h2 = 0; h2 < 2; ++h2) {
+    const int j = jr[h2];
+    ws[h2] = sW[j] * p.scale;
+    const float dot = ws[h2] * sNq[j] + psum[h2];
+    nz[h2] = normaliser(dot, static_cast<float>(sM[j]), p.eps);
+    dn[h2] = exp2_int(-pexp[h2]);
+  }
+  MOXE_PRAGMA_UNROLL
+  for (int nt = 0; nt < kNT; ++nt) {
+    if (!active_nt(nt)) continue;
+    MOXE_PRAGMA_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      const int h2 = e / 2, j = jr[h2], col = nt * 8 + mma::fragment_c_col(lane, e);
+      if (j >= len || cb + col >= DV) continue;
+      const float inter = ws[h2] * (iacc[nt].c[e] * exp2_int(-sExpC[col]));
+      const float num = inter + pacc[nt].c[e] * dn[h2];
+      p.h[row_of(j) * p.DV + cb + col] = store_elem<T>(num * nz[h2].inv_den);
+    }
+  }
+}
+
+// ---- the launcher ----------------------------------------------------------------------------
+
+template <class T>
+std::size_t fused_chunkwise_forward_workspace_size(const ForwardParams<T, float>& p) {
+  WorkspaceCarver c;
+  carve_fused_forward_workspace(c, pass_dims(p), p.num_segments, p.chunk_size);
+  return c.required_bytes();
+}
+
+template <class T, int kParts>
+Status launch_fused_pass(const FusedArgs<T>& a, const int64_t* offsets, cudaStream_t stream) {
+  const int64_t slots = a.units * a.NH;
+  const int64_t col_blocks = ceil_div<int64_t>(a.DV, kFusedColumns);
+  if (a.segments)
+    MOXE_RETURN_IF_ERROR(launch_kernel(fused_table_kernel<0>, 1, 1, 0, stream, a.table, a.units, a.chunks, a.S, a.L,
+                                       offsets));
+  MOXE_RETURN_IF_ERROR(
+      launch_kernel(fused_gate_scan_kernel<T>, static_cast<unsigned>(slots), kFusedScanThreads, 0, stream, a));
+  const std::size_t smem1 = fused_state_smem<T>(a.DQK);
+  const dim3 grid1(static_cast<unsigned>(slots * col_blocks));
+  if (a.DQK > 16 * kFusedStateWarps) {
+    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_kernel<T, 2, kParts>, smem1));
+    MOXE_RETURN_IF_ERROR(launch_kernel(fused_state_kernel<T, 2, kParts>, grid1, kFusedStateThreads, smem1, stream, a));
+  } else {
+    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_kernel<T, 1, kParts>, smem1));
+    MOXE_RETURN_IF_ERROR(launch_kernel(fused_state_kernel<T, 1, kParts>, grid1, kFusedStateThreads, smem1, stream, a));
+  }
+  const std::size_t smem2 = fused_output_smem<T, kParts>(a.L);
+  const dim3 grid2(static_cast<unsigned>(a.chunks * a.NH * col_blocks));
+  MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_output_kernel<T, kParts>, smem2));
+  MOXE_RETURN_IF_ERROR(launch_kernel(fused_output_kernel<T, kParts>, grid2, (a.L / 16) * 32, smem2, stream, a));
+  return check_launch(stream);
+}
+
+inline bool fused_head_dim_supported(int64_t dim) { return dim % 16 == 0 && dim <= kFusedMaxHeadDim; }
+
+/// The fused forward: h, and the final states when given. T float, __half or
+/// __nv_bfloat16; chunk_size 16..128 (multiples of 16); DQK, DV multiples of 16 up to 256.
+/// batch_per_pass runs the batch in passes over one pass's workspace, as the phase design.
+/// bf16 / half need sm_80 (Status::unsupported below). ForwardParams::allow_tf32 is not
+/// implemented here: float inputs compute in fp32 either way.
+template <class T>
+Status fused_chunkwise_forward(const ForwardParams<T, float>& p, void* workspace, std::size_t workspace_bytes,
+                               cudaStream_t stream) {
+  static_assert(std::is_same_v<T, float> || mma::is_mma_element_v<T>,
+                "fused chunkwise: T must be float, __half or __nv_bfloat16");
+  MOXE_RETURN_IF_ERROR(validate_chunkwise(p, /*need_h=*/true));
+  if (!fused_head_dim_supported(p.dims.dqk) || !fused_head_dim_supported(p.dims.dv)) return Status::unsupported;
+  if (workspace_bytes < fused_chunkwise_forward_workspace_size(p)) return Status::workspace_too_small;
+  {  // grid sizes (F2: chunks x heads x column blocks) within one grid dimension
+    const int64_t blocks = chunk_bound(pass_dims(p), p.num_segments, p.chunk_size) * p.dims.heads *
+                           ceil_div<int64_t>(p.dims.dv, kFusedColumns);
+    if (blocks > int64_t(0x7fffffff)) return Status::unsupported;
+  }
+  if constexpr (kFusedMma<T>) {
+    int device = 0;
+    MOXE_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&device)));
+    MOXE_RETURN_IF_ERROR(mma::sm80_supported(device));
+  }
+  return for_each_batch_pass(p, [&](int64_t b0, int64_t nb) {
+    const ForwardParams<T, float> s = batch_slice(p, b0, nb);
+    WorkspaceCarver carver(workspace, workspace_bytes);
+    const FusedForwardWorkspace w = carve_fused_forward_workspace(carver, s.dims, s.num_segments, s.chunk_size);
+    if (!carver.fits()) return Status::workspace_too_small;
+    FusedArgs<T> a;
+    a.q = s.q;
+    a.k = s.k;
+    a.v = s.v;
+    a.igate = s.igate;
+    a.fgate = s.fgate;
+    a.c_init = s.c_init;
+    a.n_init = s.n_init;
+    a.m_init = s.m_init;
+    a.h = s.h;
+    a.c_last = s.c_last;
+    a.n_last = s.n_last;
+    a.m_last = s.m_last;
+    a.scale = effective_qk_scale(s.qk_scale, s.dims.dqk);
+    a.eps = s.eps;
+    a.NH = s.dims.heads;
+    a.S = s.dims.seq_len;
+    a.DQK = s.dims.dqk;
+    a.DV = s.dims.dv;
+    a.units = sequence_units(s.dims, s.num_segments);
+    a.chunks = chunk_bound(s.dims, s.num_segments, s.chunk_size);
+    a.L = s.chunk_size;
+    a.segments = s.segment_offsets != nullptr;
+    auto al = [](const void* x) { return reinterpret_cast<std::uintptr_t>(x) % 16 == 0; };
+    a.aligned = al(s.q) && al(s.k) && al(s.v);
+    a.table = w.ws.table;
+    a.m_prev = w.ws.m_prev;
+    a.m_final = w.ws.m_final;
+    a.state = w.ws.state;
+    a.local_rows = w.local_rows;
+    if constexpr (kFusedMma<T>) {
+      if (s.precision == Precision::accurate) return launch_fused_pass<T, 3>(a, s.segment_offsets, stream);
+    }
+    return launch_fused_pass<T, 1>(a, s.segment_offsets, stream);
+  });
+}
+
+}  // namespace moxe::mlstm::detail
