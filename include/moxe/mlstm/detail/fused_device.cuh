@@ -124,7 +124,7 @@ MOXE_DEVICE MOXE_FORCEINLINE void stage16(T* dst, const T* src, int n, bool alig
   constexpr int kVec = 16 / sizeof(T);
 #if MOXE_MMA_SM80
   if (aligned) {
-    mma::cp_async_16(dst, n > 0 ? src : dst, n > 0 ? 16 : 0);
+    mma::cp_async_16(dst, src, n > 0 ? 16 : 0);  // n <= 0: nothing read, zeros written
     return;
   }
 #else
@@ -708,6 +708,21 @@ std::size_t fused_chunkwise_forward_workspace_size(const ForwardParams<T, float>
   return c.required_bytes();
 }
 
+/// Dynamic shared memory of F1 and F2 for this call, set before anything is launched (a
+/// size the device cannot give is Status::unsupported with nothing written). The attribute
+/// is set to this call's size: two host threads launching one instance with different
+/// sizes at the same moment can undo each other's setting (then a launch fails with
+/// cuda_error; serialise such calls).
+template <class T, int kParts>
+Status prepare_fused_smem(int64_t dqk, int chunk) {
+  const std::size_t smem1 = fused_state_smem<T>(dqk);
+  if (dqk > 16 * kFusedStateWarps)
+    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_kernel<T, 2, kParts>, smem1));
+  else
+    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_kernel<T, 1, kParts>, smem1));
+  return set_max_dynamic_smem(fused_output_kernel<T, kParts>, fused_output_smem<T, kParts>(chunk));
+}
+
 template <class T, int kParts>
 Status launch_fused_pass(const FusedArgs<T>& a, const int64_t* offsets, cudaStream_t stream) {
   const int64_t slots = a.units * a.NH;
@@ -719,16 +734,12 @@ Status launch_fused_pass(const FusedArgs<T>& a, const int64_t* offsets, cudaStre
       launch_kernel(fused_gate_scan_kernel<T>, static_cast<unsigned>(slots), kFusedScanThreads, 0, stream, a));
   const std::size_t smem1 = fused_state_smem<T>(a.DQK);
   const dim3 grid1(static_cast<unsigned>(slots * col_blocks));
-  if (a.DQK > 16 * kFusedStateWarps) {
-    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_kernel<T, 2, kParts>, smem1));
+  if (a.DQK > 16 * kFusedStateWarps)
     MOXE_RETURN_IF_ERROR(launch_kernel(fused_state_kernel<T, 2, kParts>, grid1, kFusedStateThreads, smem1, stream, a));
-  } else {
-    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_kernel<T, 1, kParts>, smem1));
+  else
     MOXE_RETURN_IF_ERROR(launch_kernel(fused_state_kernel<T, 1, kParts>, grid1, kFusedStateThreads, smem1, stream, a));
-  }
   const std::size_t smem2 = fused_output_smem<T, kParts>(a.L);
   const dim3 grid2(static_cast<unsigned>(a.chunks * a.NH * col_blocks));
-  MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_output_kernel<T, kParts>, smem2));
   MOXE_RETURN_IF_ERROR(launch_kernel(fused_output_kernel<T, kParts>, grid2, (a.L / 16) * 32, smem2, stream, a));
   return check_launch(stream);
 }
@@ -757,6 +768,14 @@ Status fused_chunkwise_forward(const ForwardParams<T, float>& p, void* workspace
     int device = 0;
     MOXE_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&device)));
     MOXE_RETURN_IF_ERROR(mma::sm80_supported(device));
+  }
+  if constexpr (kFusedMma<T>) {
+    if (p.precision == Precision::accurate)
+      MOXE_RETURN_IF_ERROR((prepare_fused_smem<T, 3>(p.dims.dqk, p.chunk_size)));
+    else
+      MOXE_RETURN_IF_ERROR((prepare_fused_smem<T, 1>(p.dims.dqk, p.chunk_size)));
+  } else {
+    MOXE_RETURN_IF_ERROR((prepare_fused_smem<T, 1>(p.dims.dqk, p.chunk_size)));
   }
   return for_each_batch_pass(p, [&](int64_t b0, int64_t nb) {
     const ForwardParams<T, float> s = batch_slice(p, b0, nb);
