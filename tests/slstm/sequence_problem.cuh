@@ -170,9 +170,16 @@ inline const std::vector<SlstmShape>& slstm_shapes() {
       {{7, 2, 2, 64}, true, 16, 1},   {{300, 17, 1, 32}, true, 0, 0}, {{7, 3, 1, 128}, true, 0, 0},
       {{7, 3, 2, 192}, false, 0, 1},  {{7, 3, 2, 256}, true, 0, 0},  {{64, 1, 1, 256}, true, 0, 0},
       {{3, 150, 4, 64}, true, 16, 7},
+      // batch tiles: 12 rows (a partly filled 16-row tile), 25 = 16 + 9 (a full tile and a
+      // 9-row one: both tile kinds at their boundary), 8 and 9 (the narrow m16n8k16 path's
+      // largest, the 16-row path's smallest); U = 48 at DH 96 (8 warps over 12 tiles: some
+      // warps with fewer tiles) and DH 112 (the launcher's U = 112)
+      {{3, 12, 1, 32}, true, 0, 0},   {{3, 25, 2, 16}, true, 0, 0},  {{4, 8, 1, 96}, true, 48, 0},
+      {{3, 9, 1, 112}, true, 0, 0},
   };
   // MOXE_TEST_SMALL: the smallest shapes only (the GPU simulator), still with a size-1
-  // sequence, a batch past one tile, multi-block groups (forced, and the launchers' own plan
+  // sequence, a batch past one tile, both batch-tile kinds (<= 8 rows, 9-16 rows), warps
+  // with unequal tile counts (U = 48), multi-block groups (forced, and the launchers' own plan
   // where the r slice does not fit one block), several launches, and the largest head dims:
   // 176 (16 x 11: U = 16, 11 blocks; the largest a float backward block fits in 96 KB, the
   // simulated GPU's opt-in shared memory) and 256 (there float backward needs 130 KB and
@@ -180,6 +187,7 @@ inline const std::vector<SlstmShape>& slstm_shapes() {
   static const std::vector<SlstmShape> small = {
       {{1, 3, 2, 16}, true, 0, 0},   {{7, 17, 3, 16}, false, 0, 4}, {{5, 2, 2, 64}, true, 16, 1},
       {{4, 3, 1, 32}, true, 0, 0},   {{2, 3, 1, 176}, false, 0, 0}, {{2, 3, 1, 256}, true, 0, 0},
+      {{2, 12, 1, 32}, true, 0, 0},  {{2, 9, 1, 96}, true, 48, 0},
   };
   return std::getenv("MOXE_TEST_SMALL") ? small : shapes;
 }

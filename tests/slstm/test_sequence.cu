@@ -248,8 +248,9 @@ TEST_CASE_TEMPLATE("slstm sequence_backward matches the reference", T, float, __
     if (const std::size_t need = backward_smem_beyond_device<T>(pb.d.head_dim, launch.units)) {
       // no plan fits this device: the launcher says so, with nothing launched
       DeviceBuffer<T> dwx(pb.wx.size()), dr(pb.r.size()), dbias(pb.bias.size());
-      const auto p = backward_params(pb.device(), true, dwx.get(), dr.get(), dbias.get(), nullptr, nullptr, nullptr,
-                                     nullptr);
+      auto p = backward_params(pb.device(), true, dwx.get(), dr.get(), dbias.get(), nullptr, nullptr, nullptr,
+                               nullptr);
+      apply(launch, p.fwd);  // the plan the size was computed for
       moxe::test::MisalignedWorkspace ws(sl::sequence_backward_workspace_size(p));
       CHECK(sl::sequence_backward(p, ws.get(), ws.bytes(), nullptr) == Status::unsupported);
       const std::string why = "slstm sequence_backward<" + std::string(type_name<T>()) +
