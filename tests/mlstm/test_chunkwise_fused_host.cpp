@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "mlstm_testing.hpp"
@@ -272,7 +274,12 @@ Errors float_errors(const Data& d, Precision precision, bool allow_tf32, bool st
   auto got = run_forward(f, [&](const auto& p) { return fh::forward<Fmt>(with(p)); });
   round_out(got.h);
   e.h = rel_error(got.h, ref.h);
-  CHECK(rel_error(got.m, ref.m) < 1e-6);
+  // m carries the float rounding of logsigmoid summed over the sequence (absolute, ~1e-7
+  // per step): relative to 1 + |m|, as m can be near 0
+  double m_err = 0;
+  for (int64_t slot = 0; slot < d.slots; ++slot)
+    m_err = std::max(m_err, std::abs(got.m[slot] - ref.m[slot]) / (1.0 + std::abs(ref.m[slot])));
+  CHECK(m_err < 1e-5);
   for (int64_t slot = 0; slot < d.slots; ++slot) {
     const double shift = std::exp(got.m[slot] - ref.m[slot]);
     for (int64_t i = 0; i < cs.dqk * cs.dv; ++i) got.c[slot * cs.dqk * cs.dv + i] *= shift;
@@ -546,9 +553,9 @@ TEST_CASE("chunkwise fused host, emulated bf16 / half products: fast and accurat
   INFO("seed " << seed);
   MESSAGE("seed " << seed);
   moxe::test::Rng rng(seed);
-  // measured over seeds (host): bf16 fast h ~2e-3, states ~1.4e-3, gradients 5e-3..1.1e-2;
-  // half fast h ~2.7e-4, states ~1.5e-4, gradients ~1e-3..1.7e-3; accurate (both) and
-  // fp32: h <= 1.6e-6, states ~1e-7, gradients <= 7e-6
+  // measured over ~20 seeds (host): bf16 fast h 1.9e-3..3.1e-3, states <= 1.4e-3, gradients
+  // 4.8e-3..2.2e-2; half fast h 2.3e-4..2.9e-4, states <= 2.1e-4, gradients 7.6e-4..3.6e-3;
+  // accurate (both) and fp32: h <= 2.4e-6, states <= 1.3e-7, gradients <= 1.4e-5
   measure_mode<__nv_bfloat16>("bf16 fast", Precision::fast, Bounds{1e-2, 1e-2, 5e-2}, rng);
   measure_mode<__nv_bfloat16>("bf16 accurate", Precision::accurate, Bounds{1e-5, 1e-5, 1e-4}, rng);
   measure_mode<__half>("half fast", Precision::fast, Bounds{2e-3, 2e-3, 1e-2}, rng);
@@ -594,7 +601,24 @@ TEST_CASE("chunkwise fused host: bad input returns invalid_argument, nothing wri
   p.chunk_size = 16;
   p.eps = 0;
   CHECK(fh::forward(p) == Status::invalid_argument);
+  p.eps = 1e-6;
+  const std::vector<int64_t> bad_offsets = {0, 5, 3, cs.seq_len};  // decreasing
+  p.segment_offsets = bad_offsets.data();
+  p.num_segments = 3;
+  CHECK(fh::forward(p) == Status::invalid_argument);
+  const std::vector<int64_t> short_offsets = {0, 3, cs.seq_len - 1};  // does not end at S
+  p.segment_offsets = short_offsets.data();
+  p.num_segments = 2;
+  CHECK(fh::forward(p) == Status::invalid_argument);
   CHECK(std::all_of(h.begin(), h.end(), [](double x) { return std::isnan(x); }));
+  mm::BackwardParams<double, double> b;
+  b.fwd = forward_params(d);
+  b.dh = d.dh.data();
+  std::vector<double> g = moxe::test::poisoned<double>(cs.batch * cs.heads * cs.seq_len * cs.dv);
+  b.dq = b.dk = b.dv = b.digate = b.dfgate = g.data();
+  b.dq = nullptr;  // a needed output missing
+  CHECK(fh::backward(b) == Status::invalid_argument);
+  CHECK(std::all_of(g.begin(), g.end(), [](double x) { return std::isnan(x); }));
 }
 
 TEST_CASE("fused chunk rows: the associative scan (combine_gate_rows) equals the sequential steps") {
@@ -691,53 +715,55 @@ TEST_CASE("chunkwise fused host: a finite reset (logsigmoid < -2^24) with no inp
 
 namespace {
 
+/// One case of measure_extreme: the mode's error within its bound, and for accurate also
+/// within twice fp32's own error on the same data (large values are ill-conditioned in
+/// float itself: fp32 reaches 3e-5 there).
+template <class Fmt>
+void check_extreme(const Data& d, Precision precision, const Bounds& bound, Errors& worst) {
+  const Errors e = float_errors<Fmt>(d, precision, false, false);
+  Bounds b = bound;
+  if (precision == Precision::accurate) {
+    const Errors f32 = float_errors<float>(d, Precision::fast, false, false);
+    b = Bounds{std::max(b.h, 2 * f32.h), std::max(b.states, 2 * f32.states), std::max(b.grads, 2 * f32.grads)};
+  }
+  CHECK(e.h < b.h);
+  CHECK(e.states < b.states);
+  CHECK(e.grads < b.grads);
+  worst.h = std::max(worst.h, e.h), worst.states = std::max(worst.states, e.states);
+  worst.grads = std::max(worst.grads, e.grads);
+}
+
 template <class Fmt>
 void measure_extreme(const char* name, Precision precision, const Bounds& bound, moxe::test::Rng& rng) {
   using moxe::test::ExtremeGates;
   Errors worst;
+  Case cs;
+  cs.seq_len = 75;
+  cs.chunk_size = 16;
+  cs.batch = 2;
+  cs.dqk = 16;
+  cs.dv = 24;
+  cs.init_states = true;
+  cs.upstream = true;
   for (ExtremeGates x : {ExtremeGates::resets, ExtremeGates::low_m, ExtremeGates::high_m}) {
-    Case cs;
-    cs.seq_len = 75;
-    cs.chunk_size = 16;
-    cs.batch = 2;
-    cs.dqk = 16;
-    cs.dv = 24;
-    cs.init_states = true;
-    cs.upstream = true;
     cs.extreme = x;
     Data d = make_data(cs, rng);
     round_inputs<Fmt>(d);
     CAPTURE(std::string(moxe::test::name(x)));
-    const Errors e = float_errors<Fmt>(d, precision, false, false);
-    CHECK(e.h < bound.h);
-    CHECK(e.states < bound.states);
-    CHECK(e.grads < bound.grads);
-    worst.h = std::max(worst.h, e.h), worst.states = std::max(worst.states, e.states);
-    worst.grads = std::max(worst.grads, e.grads);
+    check_extreme<Fmt>(d, precision, bound, worst);
   }
-  {  // k, v scaled by 2^8: states of ~1e5 and more, beyond half's 65504 unless scaled (operand_exponent)
-    Case cs;
-    cs.seq_len = 75;
-    cs.chunk_size = 16;
-    cs.dqk = 16;
-    cs.dv = 24;
-    cs.init_states = true;
-    cs.upstream = true;
-    Data d = make_data(cs, rng);
-    for (auto* v : {&d.k, &d.v})
-      for (double& x : *v) x *= 256.0;
-    for (double& x : d.c0) x *= 65536.0;
-    round_inputs<Fmt>(d);
-    CAPTURE("large k, v");
-    const Errors e = float_errors<Fmt>(d, precision, false, false);
-    CHECK(e.h < bound.h);
-    CHECK(e.states < bound.states);
-    CHECK(e.grads < bound.grads);
-    worst.h = std::max(worst.h, e.h), worst.states = std::max(worst.states, e.states);
-    worst.grads = std::max(worst.grads, e.grads);
-  }
-  MESSAGE(std::string(name) << " at extreme gates: h " << worst.h << ", states " << worst.states << ", gradients "
-                            << worst.grads);
+  // k, v scaled by 2^8, C_0 by 2^16: states of ~1e5 and more, beyond half's 65504 unless
+  // scaled (operand_exponent)
+  cs.extreme = ExtremeGates::none;
+  Data d = make_data(cs, rng);
+  for (auto* v : {&d.k, &d.v})
+    for (double& x : *v) x *= 256.0;
+  for (double& x : d.c0) x *= 65536.0;
+  round_inputs<Fmt>(d);
+  CAPTURE("large k, v");
+  check_extreme<Fmt>(d, precision, bound, worst);
+  MESSAGE(std::string(name) << " at extreme gates and large values: h " << worst.h << ", states " << worst.states
+                            << ", gradients " << worst.grads);
 }
 
 }  // namespace
