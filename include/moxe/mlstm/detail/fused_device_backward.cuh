@@ -8,8 +8,8 @@
 //   F0, F1   the forward's gate scan and state walk (fused_device.cuh) again: m_prev of every
 //            chunk and the fp32 checkpoints C'_c (no final states).
 //   B2 rows, grid (K*NH), 8 warps: the chunk's gate rows from m_prev; P = (scale Q K^T) o D
-//            and, later, dS = dP o D and dlogD = dP o P in two L x L fp32 tiles in shared
-//            memory (never stored); per row (a warp): dot = w scale n.q + sum_s P (fp32),
+//            and, later, dS = dP o D and dlogD = dP o P in two triangular fp32 tiles in
+//            shared memory (never stored); per row (a warp): dot = w scale n.q + sum_s P (fp32),
 //            inter = w scale C^T q and num = inter + P V (the intermediate operands C and P
 //            transformed per Precision, grouped as the twin groups them), r = dh . h,
 //            row_backward -> inv_den, ddot, dmf, da, dlogw to the workspace (O(rows)
@@ -101,6 +101,7 @@ struct FusedBackwardArgs {
   T *dq, *dk, *dv, *digate, *dfgate;
   float *dc_init, *dn_init, *dm_init;
   OperandForm form;  // of the intermediate operands
+  bool aligned;      // q and dh 16-byte aligned: cp.async staging in B3 (else plain loads)
   int col_blocks;
   FusedWorkspace<float> ws;
   float* inner_part;
@@ -135,8 +136,13 @@ MOXE_DEVICE MOXE_FORCEINLINE float warp_max(float x) {
   return x;
 }
 
-/// Dynamic shared memory of B2 and B4: two L x L fp32 tiles.
-inline std::size_t fused_rows_smem(int L) { return 2 * sizeof(float) * static_cast<std::size_t>(L) * L; }
+/// The causal tiles of B2 and B4 keep their lower triangle (s <= j) only: entry (j, s) at
+/// tri(j, s); L (L + 1) / 2 entries.
+MOXE_HD MOXE_FORCEINLINE int tri(int j, int s) { return j * (j + 1) / 2 + s; }
+MOXE_HD MOXE_FORCEINLINE int tri_size(int L) { return L * (L + 1) / 2; }
+
+/// Dynamic shared memory of B2 and B4: two triangular fp32 tiles (66 KiB at chunk 128).
+inline std::size_t fused_rows_smem(int L) { return 2 * sizeof(float) * static_cast<std::size_t>(tri_size(L)); }
 
 /// The m_next of chunk c of unit u (the next chunk's m_prev, or the unit's final one).
 template <class T>
@@ -158,8 +164,8 @@ __global__ void __launch_bounds__(kFusedRowThreads) fused_rows_kernel(const __gr
   const int len = p.table.chunk_len[c];
   if (len == 0) return;  // uniform: past the chunks in use
   const int L = p.L, DQK = static_cast<int>(p.DQK), DV = static_cast<int>(p.DV);
-  float* tP = reinterpret_cast<float*>(fused_smem);  // [L][L] P, then dlogD
-  float* tD = tP + L * L;                            // [L][L] D, then dS
+  float* tP = reinterpret_cast<float*>(fused_smem);  // P, then dlogD (lower triangle, tri(j, s))
+  float* tD = tP + tri_size(L);                      // D, then dS
   const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
   const int threads = static_cast<int>(blockDim.x), warps = threads / 32;
   const int64_t u = p.table.chunk_unit[c], start = p.table.chunk_start[c], W = p.DV + 1;
@@ -197,26 +203,23 @@ __global__ void __launch_bounds__(kFusedRowThreads) fused_rows_kernel(const __gr
   // S, D, P (s <= j)
   for (int idx = tid; idx < len * len; idx += threads) {
     const int j = idx / len, s = idx % len;
-    float D = 0.0f, P = 0.0f;
-    if (s <= j) {
-      D = source_weight<float>(sRow[s].x, s, sRow[j]);
-      float dot = 0.0f;
-      for (int a = 0; a < DQK; ++a) dot += q(j, a) * k(s, a);
-      P = (p.scale * dot) * D;
-    }
-    tP[j * L + s] = P;
-    tD[j * L + s] = D;
+    if (s > j) continue;
+    const float D = source_weight<float>(sRow[s].x, s, sRow[j]);
+    float dot = 0.0f;
+    for (int a = 0; a < DQK; ++a) dot += q(j, a) * k(s, a);
+    tP[tri(j, s)] = (p.scale * dot) * D;
+    tD[tri(j, s)] = D;
   }
   __syncthreads();
   // per row (a warp): dot, the normaliser, r = dh . h, dlogw and the row scalars
   for (int j = warp; j < len; j += warps) {
     float mx = 0.0f, ps = 0.0f;
     for (int s = lane; s <= j; s += 32) {
-      mx = math::max(mx, math::abs(tP[j * L + s]));
+      mx = math::max(mx, math::abs(tP[tri(j, s)]));
     }
     mx = warp_max(mx);
     if (lane == 0)
-      for (int s = 0; s <= j; ++s) ps += tP[j * L + s];  // the twin's order
+      for (int s = 0; s <= j; ++s) ps += tP[tri(j, s)];  // the twin's order
     ps = __shfl_sync(0xffffffffu, ps, 0);
     const int ep = group_exponent<F>(mx);
     const float dot = sNq[j] + ps;
@@ -226,7 +229,7 @@ __global__ void __launch_bounds__(kFusedRowThreads) fused_rows_kernel(const __gr
     for (int e = lane; e < DV; e += 32) {
       float si = 0.0f, sp = 0.0f;
       for (int a = 0; a < DQK; ++a) si = mac_parts<F>(si, ck[a * W + e], q(j, a), form, sExpC[e]);
-      for (int s = 0; s < len; ++s) sp = mac_parts<F>(sp, tP[j * L + s], v(s, e), form, ep);
+      for (int s = 0; s <= j; ++s) sp = mac_parts<F>(sp, tP[tri(j, s)], v(s, e), form, ep);
       const float inter = ws * si, num = inter + sp, g = dh(j, e);
       r += g * (num * nz.inv_den);
       dli += g * inter;
@@ -253,19 +256,19 @@ __global__ void __launch_bounds__(kFusedRowThreads) fused_rows_kernel(const __gr
     float g = 0.0f;
     for (int e = 0; e < DV; ++e) g += dh(j, e) * v(s, e);
     const float dP = score_grad(RowBackward<float>{sInv[j], sDdot[j], 0.0f, 0.0f}, g);
-    tD[j * L + s] = dP * tD[j * L + s];
-    tP[j * L + s] = dP * tP[j * L + s];
+    tD[tri(j, s)] = dP * tD[tri(j, s)];
+    tP[tri(j, s)] = dP * tP[tri(j, s)];
   }
   __syncthreads();
   for (int s = tid; s < len; s += threads) {
     float col = 0.0f;
-    for (int j = s; j < len; ++j) col += tP[j * L + s];
+    for (int j = s; j < len; ++j) col += tP[tri(j, s)];
     b.ws.dlogd_col[row_of(s)] = col;
   }
   for (int j = tid; j < len; j += threads) {
     float mx = 0.0f;
     if constexpr (OperandFormat<F>::kNarrowRange)
-      for (int s = 0; s <= j; ++s) mx = math::max(mx, math::abs(tD[j * L + s]));
+      for (int s = 0; s <= j; ++s) mx = math::max(mx, math::abs(tD[tri(j, s)]));
     sExpRow[j] = group_exponent<F>(mx);
   }
   __syncthreads();
@@ -274,7 +277,7 @@ __global__ void __launch_bounds__(kFusedRowThreads) fused_rows_kernel(const __gr
     const int j = idx / DQK, a = idx % DQK;
     float cdh = 0.0f, dsk = 0.0f;
     for (int e = 0; e < DV; ++e) cdh = mac_parts<F>(cdh, ck[a * W + e], dh(j, e), form, sExpCr[a]);
-    for (int s = 0; s <= j; ++s) dsk = mac_parts<F>(dsk, tD[j * L + s], k(s, a), form, sExpRow[j]);
+    for (int s = 0; s <= j; ++s) dsk = mac_parts<F>(dsk, tD[tri(j, s)], k(s, a), form, sExpRow[j]);
     const float inter = sW[j] * (sInv[j] * cdh + sDdot[j] * ck[a * W + DV]);
     b.dq[row_of(j) * p.DQK + a] = store_elem<T>(p.scale * (inter + dsk));
   }
@@ -383,6 +386,196 @@ __global__ void __launch_bounds__(kFusedGradThreads)
   }
 }
 
+/// B3 for bf16 / half on the tensor cores: F1's structure mirrored. dC'[:, 64-column block]
+/// in mma accumulators (warp w: DQK rows 16w.., +128), dn in fp32 registers (block 0, one
+/// DQK row per thread). Per chunk, last first: dC'_{c+1} (fp32) to the workspace and this
+/// block's part of <dC'_{c+1}, C'_c>; then dC' <- w_L dC' + (Q^T diag(w scale inv_den)) dH
+/// with the A operand built in registers from Q staged by cp.async (rounded to T: fast;
+/// three T parts: accurate; half: a power of two per DQK row), dH staged the same way, and
+/// dn <- w_L dn + Q^T (w scale ddot) by FFMA.
+template <class T, int kRT, int kParts>
+__global__ void __launch_bounds__(kFusedStateThreads)
+    fused_state_grad_mma_kernel(const __grid_constant__ FusedBackwardArgs<T> b) {
+  extern __shared__ __align__(16) unsigned char fused_smem[];
+  __shared__ float sFac[kFusedMaxChunk], sWs[kFusedMaxChunk], sDdot[kFusedMaxChunk];
+  __shared__ int sExp[kFusedMaxHeadDim];
+  __shared__ float sRed[kFusedStateThreads];
+  constexpr int kNT = kFusedColumns / 8;
+  const FusedArgs<T>& p = b.f;
+  const int DQK = static_cast<int>(p.DQK), DV = static_cast<int>(p.DV);
+  const int ldk = DQK + kFusedPad<T>, ldv = kFusedColumns + kFusedPad<T>;
+  T* Qs = reinterpret_cast<T*>(fused_smem);  // [2][16][ldk]
+  T* Hs = Qs + 2 * 16 * ldk;                 // [2][16][ldv]
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
+  const int64_t slot = blockIdx.x, u = slot / p.NH, hd = slot % p.NH;
+  const int cb = static_cast<int>(blockIdx.y) * kFusedColumns;
+  const int64_t W = p.DV + 1, first = p.table.unit_first[u], count = p.table.unit_chunks[u];
+
+  mma::FragmentC st[kRT][kNT], acc[kRT][kNT];
+  auto active_rt = [&](int i) { return (warp + kFusedStateWarps * i) * 16 < DQK; };
+  auto active_nt = [&](int nt) { return cb + nt * 8 < DV; };
+  MOXE_PRAGMA_UNROLL
+  for (int i = 0; i < kRT; ++i)
+    MOXE_PRAGMA_UNROLL
+    for (int nt = 0; nt < kNT; ++nt)
+      MOXE_PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int a = (warp + kFusedStateWarps * i) * 16 + mma::fragment_c_row(lane, e);
+        const int col = cb + nt * 8 + mma::fragment_c_col(lane, e);
+        st[i][nt].c[e] =
+            (b.dc_last && active_rt(i) && col < DV) ? b.dc_last[(slot * p.DQK + a) * p.DV + col] : 0.0f;
+      }
+  const bool n_owner = blockIdx.y == 0 && tid < DQK;
+  float n_reg = (n_owner && b.dn_last) ? b.dn_last[slot * p.DQK + tid] : 0.0f;
+
+  for (int64_t c = first + count - 1; c >= first; --c) {
+    const int64_t kh = c * p.NH + hd, start = p.table.chunk_start[c];
+    const int len = p.table.chunk_len[c];
+    const double mp = p.m_prev[kh], mn = fused_m_next(p, u, c, hd);
+    float* gk = b.ws.dstate + kh * p.DQK * W;
+    const float* ck = p.state + kh * p.DQK * W;
+    // dC'_{c+1} to the workspace; this block's part of <dC'_{c+1}, C'_c>
+    float inner = 0.0f;
+    MOXE_PRAGMA_UNROLL
+    for (int i = 0; i < kRT; ++i)
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt)
+        MOXE_PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int a = (warp + kFusedStateWarps * i) * 16 + mma::fragment_c_row(lane, e);
+          const int col = cb + nt * 8 + mma::fragment_c_col(lane, e);
+          if (active_rt(i) && col < DV) {
+            gk[a * W + col] = st[i][nt].c[e];
+            inner += st[i][nt].c[e] * ck[a * W + col];
+          }
+        }
+    if (n_owner) {
+      gk[tid * W + DV] = n_reg;
+      inner += n_reg * ck[tid * W + DV];
+    }
+    sRed[tid] = inner;
+    auto row_of = [&](int s) { return p.row(u, hd, start + s); };
+    for (int s = tid; s < kFusedMaxChunk; s += kFusedStateThreads) {
+      float ws = 0.0f, inv = 0.0f, dd = 0.0f;
+      if (s < len) {
+        const int64_t r = row_of(s);
+        ws = decay_weight<float>(mp, gate_row_from_local(p.local_rows[r], mp)) * p.scale;
+        inv = b.ws.inv_den[r];
+        dd = b.ws.ddot[r];
+      }
+      sWs[s] = ws;
+      sFac[s] = ws * inv;
+      sDdot[s] = dd;
+    }
+    __syncthreads();
+    for (int off = kFusedStateThreads / 2; off > 0; off >>= 1) {  // a fixed tree
+      if (tid < off) sRed[tid] += sRed[tid + off];
+      __syncthreads();
+    }
+    if (tid == 0) b.inner_part[kh * b.col_blocks + blockIdx.y] = sRed[0];
+    const float wL = state_decay_weight<float>(mp, gate_row_from_local(p.local_rows[row_of(len - 1)], mp), mn);
+    // per DQK row: the half exponent of fac_s q_s[a] over the chunk; dn <- w_L dn + sum_s ws_s q_s ddot_s
+    if (tid < DQK) {
+      float max_abs = 0.0f, nsum = 0.0f;
+      if (OperandFormat<T>::kNarrowRange || n_owner) {
+        for (int s = 0; s < len; ++s) {
+          const float qv = load_acc<float>(p.q[row_of(s) * p.DQK + tid]);
+          max_abs = math::max(max_abs, math::abs(sFac[s] * qv));
+          nsum += sWs[s] * qv * sDdot[s];
+        }
+      }
+      sExp[tid] = operand_exponent<T>(max_abs);
+      if (n_owner) n_reg = wL * n_reg + nsum;
+    }
+    MOXE_PRAGMA_UNROLL
+    for (int i = 0; i < kRT; ++i)
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt) acc[i][nt] = mma::FragmentC{};
+
+    const int blocks = (len + 15) / 16;
+    auto stage = [&](int blk, int buf) {
+      constexpr int kVec = 16 / sizeof(T);
+      const int kchunks = DQK / kVec, vchunks = kFusedColumns / kVec;
+      for (int idx = tid; idx < 16 * (kchunks + vchunks); idx += kFusedStateThreads) {
+        const int r = idx / (kchunks + vchunks), x = idx % (kchunks + vchunks);
+        const int s = blk * 16 + r;
+        const bool in = s < len;
+        const int64_t gr = in ? row_of(s) : 0;
+        if (x < kchunks) {
+          stage16(Qs + (buf * 16 + r) * ldk + x * kVec, p.q + gr * p.DQK + x * kVec, in ? kVec : 0, b.aligned);
+        } else {
+          const int col = (x - kchunks) * kVec;
+          stage16(Hs + (buf * 16 + r) * ldv + col, b.dh + gr * p.DV + cb + col, (in && cb + col < DV) ? kVec : 0,
+                  b.aligned);
+        }
+      }
+      mma::cp_async_commit();
+    };
+    __syncthreads();  // sExp
+    if (blocks > 0) stage(0, 0);
+    for (int blk = 0; blk < blocks; ++blk) {
+      const int buf = blk % 2;
+      if (blk + 1 < blocks) {
+        stage(blk + 1, (blk + 1) % 2);
+        mma::cp_async_wait<1>();
+      } else {
+        mma::cp_async_wait<0>();
+      }
+      __syncthreads();
+      const T* qb = Qs + buf * 16 * ldk;
+      const T* hb = Hs + buf * 16 * ldv;
+      const float* fb = sFac + blk * 16;
+      MOXE_PRAGMA_UNROLL
+      for (int i = 0; i < kRT; ++i) {
+        if (!active_rt(i)) continue;
+        const int a0 = (warp + kFusedStateWarps * i) * 16;
+        float x[8];
+        MOXE_PRAGMA_UNROLL
+        for (int r = 0; r < 4; ++r) {
+          const int ar = a0 + mma::fragment_a_row(lane, 2 * r), s = mma::fragment_a_col(lane, 2 * r);
+          const float up = exp2_int(sExp[ar]);
+          x[2 * r] = fb[s] * static_cast<float>(qb[s * ldk + ar]) * up;
+          x[2 * r + 1] = fb[s + 1] * static_cast<float>(qb[(s + 1) * ldk + ar]) * up;
+        }
+        mma::FragmentA fa[kParts];
+        pack_a_parts<T, kParts>(fa, x);
+        MOXE_PRAGMA_UNROLL
+        for (int nt = 0; nt < kNT; ++nt) {
+          if (!active_nt(nt)) continue;
+          const mma::FragmentB fbv = mma::load_b(hb, ldv, 0, nt * 8, lane, /*k_major=*/true);
+          MOXE_PRAGMA_UNROLL
+          for (int pt = 0; pt < kParts; ++pt) mma::mma_16816<T>(acc[i][nt], fa[pt], fbv);
+        }
+      }
+      __syncthreads();  // the buffer is staged again two blocks on
+    }
+    MOXE_PRAGMA_UNROLL
+    for (int i = 0; i < kRT; ++i)
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt)
+        MOXE_PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int a = (warp + kFusedStateWarps * i) * 16 + mma::fragment_c_row(lane, e);
+          const float down = active_rt(i) ? exp2_int(-sExp[a]) : 1.0f;
+          st[i][nt].c[e] = wL * st[i][nt].c[e] + acc[i][nt].c[e] * down;
+        }
+    __syncthreads();  // sFac, sExp, sRed
+  }
+  if (b.dc_init) {
+    MOXE_PRAGMA_UNROLL
+    for (int i = 0; i < kRT; ++i)
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt)
+        MOXE_PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int a = (warp + kFusedStateWarps * i) * 16 + mma::fragment_c_row(lane, e);
+          const int col = cb + nt * 8 + mma::fragment_c_col(lane, e);
+          if (active_rt(i) && col < DV) b.dc_init[(slot * p.DQK + a) * p.DV + col] = st[i][nt].c[e];
+        }
+    if (n_owner) b.dn_init[slot * p.DQK + tid] = n_reg;
+  }
+}
+
 // ---- B4: columns -----------------------------------------------------------------------------
 
 template <class T, class F>
@@ -397,8 +590,8 @@ __global__ void __launch_bounds__(kFusedRowThreads)
   const int len = p.table.chunk_len[c];
   if (len == 0) return;
   const int L = p.L, DQK = static_cast<int>(p.DQK), DV = static_cast<int>(p.DV);
-  float* tS = reinterpret_cast<float*>(fused_smem);  // [L][L] dS (j, s)
-  float* tQ = tS + L * L;                            // [L][L] P inv_den (j, s)
+  float* tS = reinterpret_cast<float*>(fused_smem);  // dS (lower triangle, tri(j, s))
+  float* tQ = tS + tri_size(L);                      // P inv_den
   const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
   const int threads = static_cast<int>(blockDim.x), warps = threads / 32;
   const int64_t u = p.table.chunk_unit[c], start = p.table.chunk_start[c], W = p.DV + 1;
@@ -434,27 +627,23 @@ __global__ void __launch_bounds__(kFusedRowThreads)
   // dS = dP D and P inv_den (s <= j)
   for (int idx = tid; idx < len * len; idx += threads) {
     const int j = idx / len, s = idx % len;
-    float dS = 0.0f, Pi = 0.0f;
-    if (s <= j) {
-      const float D = source_weight<float>(sRow[s].x, s, sRow[j]);
-      float sq = 0.0f, g = 0.0f;
-      for (int a = 0; a < DQK; ++a) sq += q(j, a) * k(s, a);
-      for (int e = 0; e < DV; ++e) g += dh(j, e) * v(s, e);
-      const float P = (p.scale * sq) * D;
-      const float dP = score_grad(RowBackward<float>{sInv[j], sDdot[j], 0.0f, 0.0f}, g);
-      dS = dP * D;
-      Pi = P * sInv[j];
-    }
-    tS[j * L + s] = dS;
-    tQ[j * L + s] = Pi;
+    if (s > j) continue;
+    const float D = source_weight<float>(sRow[s].x, s, sRow[j]);
+    float sq = 0.0f, g = 0.0f;
+    for (int a = 0; a < DQK; ++a) sq += q(j, a) * k(s, a);
+    for (int e = 0; e < DV; ++e) g += dh(j, e) * v(s, e);
+    const float P = (p.scale * sq) * D;
+    const float dP = score_grad(RowBackward<float>{sInv[j], sDdot[j], 0.0f, 0.0f}, g);
+    tS[tri(j, s)] = dP * D;
+    tQ[tri(j, s)] = P * sInv[j];
   }
   __syncthreads();
   for (int s = tid; s < len; s += threads) {
     float m1 = 0.0f, m2 = 0.0f;
     if constexpr (OperandFormat<F>::kNarrowRange)
       for (int j = s; j < len; ++j) {
-        m1 = math::max(m1, math::abs(tS[j * L + s]));
-        m2 = math::max(m2, math::abs(tQ[j * L + s]));
+        m1 = math::max(m1, math::abs(tS[tri(j, s)]));
+        m2 = math::max(m2, math::abs(tQ[tri(j, s)]));
       }
     sExpS[s] = group_exponent<F>(m1);
     sExpPd[s] = group_exponent<F>(m2);
@@ -466,7 +655,7 @@ __global__ void __launch_bounds__(kFusedRowThreads)
     float dle = 0.0f;
     for (int a = lane; a < DQK; a += 32) {
       float dsq = 0.0f, dcv = 0.0f;
-      for (int j = s; j < len; ++j) dsq = mac_parts<F>(dsq, tS[j * L + s], q(j, a), form, sExpS[s]);
+      for (int j = s; j < len; ++j) dsq = mac_parts<F>(dsq, tS[tri(j, s)], q(j, a), form, sExpS[s]);
       for (int e = 0; e < DV; ++e) dcv = mac_parts<F>(dcv, gn[a * W + e], v(s, e), form, sExpGr[a]);
       const float state_part = sE[s] * (dcv + gn[a * W + DV]);
       dle += k(s, a) * state_part;
@@ -476,7 +665,7 @@ __global__ void __launch_bounds__(kFusedRowThreads)
     if (lane == 0) b.ws.dloge[rs] = dle;
     for (int e = lane; e < DV; e += 32) {
       float pdh = 0.0f, dck = 0.0f;
-      for (int j = s; j < len; ++j) pdh = mac_parts<F>(pdh, tQ[j * L + s], dh(j, e), form, sExpPd[s]);
+      for (int j = s; j < len; ++j) pdh = mac_parts<F>(pdh, tQ[tri(j, s)], dh(j, e), form, sExpPd[s]);
       for (int a = 0; a < DQK; ++a) dck = mac_parts<F>(dck, gn[a * W + e], k(s, a), form, sExpGc[e]);
       b.dv[rs * p.DV + e] = store_elem<T>(pdh + sE[s] * dck);
     }
@@ -581,7 +770,19 @@ Status launch_fused_backward_pass(const FusedBackwardArgs<T>& b, const int64_t* 
   const unsigned chunk_heads = static_cast<unsigned>(a.chunks * a.NH);
   MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_kernel<T, F>, smem));
   MOXE_RETURN_IF_ERROR(launch_kernel(fused_rows_kernel<T, F>, chunk_heads, kFusedRowThreads, smem, stream, b));
-  MOXE_RETURN_IF_ERROR(launch_kernel(fused_state_grad_kernel<T, F>, grid1, kFusedGradThreads, 0, stream, b));
+  if constexpr (kFusedMma<T>) {
+    if (a.DQK > 16 * kFusedStateWarps) {
+      MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_grad_mma_kernel<T, 2, kParts>, smem1));
+      MOXE_RETURN_IF_ERROR(
+          launch_kernel(fused_state_grad_mma_kernel<T, 2, kParts>, grid1, kFusedStateThreads, smem1, stream, b));
+    } else {
+      MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_grad_mma_kernel<T, 1, kParts>, smem1));
+      MOXE_RETURN_IF_ERROR(
+          launch_kernel(fused_state_grad_mma_kernel<T, 1, kParts>, grid1, kFusedStateThreads, smem1, stream, b));
+    }
+  } else {
+    MOXE_RETURN_IF_ERROR(launch_kernel(fused_state_grad_kernel<T, F>, grid1, kFusedGradThreads, 0, stream, b));
+  }
   MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_columns_kernel<T, F>, smem));
   MOXE_RETURN_IF_ERROR(launch_kernel(fused_columns_kernel<T, F>, chunk_heads, kFusedRowThreads, smem, stream, b));
   MOXE_RETURN_IF_ERROR(
@@ -659,6 +860,7 @@ Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspa
     b.col_blocks = static_cast<int>(ceil_div<int64_t>(s.dims.dv, kFusedColumns));
     b.ws = w.ws;
     b.inner_part = w.inner_part;
+    b.aligned = al(s.q) && al(sb.dh);
     b.form = product_forms<T, float>(s.precision, /*allow_tf32=*/false).intermediate;
     if constexpr (kFusedMma<T>) {
       if (s.precision == Precision::accurate)
