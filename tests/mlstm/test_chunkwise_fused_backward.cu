@@ -439,3 +439,26 @@ TEST_CASE("fused backward: bad input launches nothing") {
   // nothing written: dq still all NaN
   for (double x : moxe::test::convert_to_double(dev.dq.download())) REQUIRE(std::isnan(x));
 }
+
+TEST_CASE("fused backward: bad segment offsets are clamped as the forward does") {
+  // {0, 30, 10, 50} at S = 41 clamps to {0, 30, 30, 41}: the same bits
+  Case cs;
+  cs.seq_len = 41;
+  cs.dqk = 16;
+  cs.dv = 16;
+  cs.init_states = true;
+  cs.upstream = true;
+  cs.offsets = {0, 30, 10, 50};
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  const Inputs in = make_inputs<__nv_bfloat16>(cs, rng);
+  Device<__nv_bfloat16> dev(in);
+  const Grads bad = dev.run(Precision::fast);
+  dev.offsets = DeviceBuffer<int64_t>(std::vector<int64_t>{0, 30, 30, 41});
+  const Grads good = dev.run(Precision::fast);
+  for (auto f : {&Grads::dq, &Grads::dk, &Grads::dv, &Grads::di, &Grads::df, &Grads::dc, &Grads::dn, &Grads::dm}) {
+    REQUIRE((bad.*f).size() == (good.*f).size());
+    CHECK(std::memcmp((bad.*f).data(), (good.*f).data(), (bad.*f).size() * sizeof(double)) == 0);
+  }
+}
