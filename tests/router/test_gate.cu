@@ -192,7 +192,8 @@ TEST_CASE_TEMPLATE("gate device forward and backward match the reference", T, fl
   check_against_reference<T>(rng, 19, 33, 17, 3, Modulation::masked);  // the (16, 4) shape's smallest E
   check_against_reference<T>(rng, 129, 4, 2, 1, Modulation::standard, false);
   check_against_reference<T>(rng, 77, 30, 12, 9, Modulation::masked);   // threshold top-k, 8 lanes
-  // E > 32: 8 tokens a block, so the small sizes still span several blocks, the last partial
+  // E > 32: 16 (E <= 64) or 8 tokens a block, so the small sizes still span several blocks,
+  // the last partial
   check_against_reference<T>(rng, mt::size<int64_t>(203, 43), 64, 32, 8, Modulation::standard);
   check_against_reference<T>(rng, mt::size<int64_t>(65, 21), 64, 0, 32, Modulation::proportional);
   check_against_reference<T>(rng, mt::size<int64_t>(50, 21), 200, 100, 2, Modulation::standard);
@@ -202,16 +203,21 @@ TEST_CASE_TEMPLATE("gate device forward and backward match the reference", T, fl
 }
 
 // More tokens than the capped grids cover in one pass (detail::gate_max_blocks: 1024 blocks
-// x 8 tokens for E <= 128, 512 x 8 above), so the grid-stride loops and the prefetch of a
-// next token run. Small mode: float, one token past the 512 x 8 pass at E = 129, the
-// cheapest shape that loops (~5e8 simulated instructions; bf16 differs only in its loads).
+// for E <= 128, 512 above; 8 warps a block, each 32 / lanes tokens: 16 tokens a block at
+// E 33-64 (16 lanes x 4), 8 at E 65-128 and above), so the grid-stride loops and the
+// prefetch of a next token run. Small mode: float, one token past the 512 x 8 pass at
+// E = 129, the cheapest shape that loops (~5e8 simulated instructions; bf16 differs only in
+// its loads), and one past the 1024 x 16 pass at E = 33 (the two-tokens-a-warp shape).
 TEST_CASE_TEMPLATE("gate device: more tokens than the capped grid covers in one pass", T, float, __nv_bfloat16) {
   mt::Rng rng(mt::fresh_seed());
   if (mt::small_sizes()) {
-    if (std::is_same_v<T, float>) check_against_reference<T>(rng, 4096 + 1, 129, 64, 2, Modulation::standard);
+    if (std::is_same_v<T, float>) {
+      check_against_reference<T>(rng, 4096 + 1, 129, 64, 2, Modulation::standard);
+      check_against_reference<T>(rng, 16384 + 1, 33, 16, 2, Modulation::standard);
+    }
     return;
   }
-  check_against_reference<T>(rng, 8192 + 808, 64, 32, 2, Modulation::standard);
+  check_against_reference<T>(rng, 16384 + 808, 64, 32, 2, Modulation::standard);
   check_against_reference<T>(rng, 4096 + 99, 200, 100, 2, Modulation::standard);
 }
 

@@ -405,6 +405,7 @@ TEST_CASE("lane_group: the fused gate's ladder, (16, 4) for 33 <= E <= 64, match
         if (experts <= max_e) want_max_e = max_e;
       CHECK(Shape::kLanes * Shape::kPerLane == want_max_e);
       CHECK(Shape::kLanes == rd::gate_row_lanes(experts));
+      CHECK(kGroups * Shape::kLanes == 32);  // tokens a warp
       if (experts > 32 && experts <= 64) {
         CHECK(Shape::kLanes == 16);
         CHECK(Shape::kPerLane == 4);

@@ -42,8 +42,8 @@ inline int64_t gate_tokens_per_block(int experts) {
 /// Blocks of the batch-statistics kernels (one row of partials each), a function of T and E
 /// only, so the bits are the same on every device. The per-token work is a latency-bound
 /// chain of group shuffles, so the grid must cover every block a device keeps resident:
-/// on an H100 (132 SMs) the E <= 128 shapes (<= 64 registers) hold 4 blocks per SM (528)
-/// and the larger ones (~128 registers) 2 (264); these caps give about two waves of each.
+/// on an H100 (132 SMs) the E <= 128 shapes (64-80 registers) hold 3-4 blocks per SM
+/// (396-528) and the larger ones 2-3; these caps give about two waves of each.
 /// (A cap of 256, one block per SM pair, would leave 3/4 or 1/2 of the warps idle.)
 inline int gate_max_blocks(int experts) { return experts <= 128 ? 1024 : 512; }
 
@@ -57,6 +57,8 @@ inline int gate_partial_blocks(const GateDims& d) {
 /// 32 rows per column: a single last block reading all 1,024 rows would be bound by one
 /// SM's L2 bandwidth (~0.5 MB at E = 64, ~5 us).
 inline constexpr int kFinishGroup = 32;
+// the finish sums at most kFinishGroup rows per column at either level
+static_assert(1024 <= kFinishGroup * kFinishGroup, "gate_max_blocks must stay within two finish levels");
 
 inline int gate_finish_groups(int blocks) { return (blocks + kFinishGroup - 1) / kFinishGroup; }
 
@@ -344,6 +346,7 @@ __global__ void __launch_bounds__(kGateThreads)
   sum_rows(ws.partials, first_row, rows, width, ws.group_partials + int64_t(group) * width);
   sum_rows(ws.count_partials, first_row, rows, E, ws.group_counts + int64_t(group) * E);
   if (!arrive_last(ws.tickets + ws.groups, ws.groups, last)) return;
+  static_assert(kGateWarps * kMaxE >= kMaxE + kGateScalars, "the totals reuse load_smem");
   float* totals = &load_smem[0][0];  // E + 4 <= kGateWarps * kMaxE floats, free by now
   sum_rows(ws.group_partials, 0, ws.groups, width, totals);
   sum_rows(ws.group_counts, 0, ws.groups, E, p.expert_counts);

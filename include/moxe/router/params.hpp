@@ -46,13 +46,17 @@ struct GateForwardParams {
   /// sum of p_t,e over the (t, k) routed to e (T K u_e), then sum_t lse_t^2,
   /// sum_t (d_t - H_t)^2, sum_t mass_m,t, sum_t mass_s,t (T P_m, T P_s). The forward writes
   /// them when set; the backward (GateBackwardParams::fwd) reads them when set instead of
-  /// recomputing u_e, P_m, P_s (one read of the logits and two launches fewer).
+  /// recomputing u_e, P_m, P_s (one read of the logits and two launches fewer). The backward
+  /// trusts them: they must come from the forward of the same inputs, dims (top_k and
+  /// mlstm_experts included) and modulation, saved per forward like topk_idx (a second
+  /// forward into the same buffer before the first one's backward, e.g. microbatches,
+  /// gives that backward the other batch's sums). Nothing can check this.
   Acc* totals = nullptr;
 };
 
 template <class T, class Acc = float>
 struct GateBackwardParams {
-  GateForwardParams<T, Acc> fwd;  // inputs and saved topk_idx, topk_prob (others unused)
+  GateForwardParams<T, Acc> fwd;  // inputs and saved topk_idx, topk_prob, optional totals (others unused)
   const Acc* dweight = nullptr;   // [T, K] gradient of topk_weight; null: zero
   Acc c_z = 0, c_lb = 0, c_d = 0, c_g = 0;
   T* dlogits = nullptr;           // [T, E] contiguous (row stride E), required

@@ -185,8 +185,10 @@ MOXE_HD MOXE_FORCEINLINE GateBackwardScalars<A> gate_backward_scalars(A c_z, A c
   GateBackwardScalars<A> b;
   b.inv_tokens = A(1) / static_cast<A>(tokens);
   b.g_z = A(2) * c_z * b.inv_tokens;
-  b.g_m = c_g * loss::detail::group_loss_term_grad(mass_m, A(2)) * b.inv_tokens;
-  b.g_s = c_g * loss::detail::group_loss_term_grad(mass_s, A(2)) * b.inv_tokens;
+  // c_g = 0: no group-loss gradient whatever the masses hold (0 * NaN would spread a
+  // non-finite mass over every token; with and without the forward's totals alike)
+  b.g_m = c_g == A(0) ? A(0) : c_g * loss::detail::group_loss_term_grad(mass_m, A(2)) * b.inv_tokens;
+  b.g_s = c_g == A(0) ? A(0) : c_g * loss::detail::group_loss_term_grad(mass_s, A(2)) * b.inv_tokens;
   b.g_d = c_d;
   return b;
 }
