@@ -108,14 +108,19 @@ double output_tolerance() { return std::is_same_v<T, float> ? 1e-4 : (std::is_sa
 /// + P_g |d log|, where each token's group mass exp(lse_g - lse) carries ~30 u of relative
 /// error (roundings of lse's of size <~ 10 at these logits) and its float sum a few u more,
 /// and P |1 + log 2P| <= 1.7 P: |dL_g| <~ 55 u however small L_g is. The others do not
-/// cancel so: L_z and L_d are means of squares of float values, and L_lb's u_e sum to the
-/// mean top-k mass / K, well below sum_e 1/E = 1 for these logits.
+/// cancel so: L_z is a mean of squares of float values, and L_lb's u_e sum to the
+/// mean top-k mass / K, well below sum_e 1/E = 1 for these logits. L_d = mean_t (d_t - H_t)^2
+/// squares a difference of two values in [0, 1] that each carry a few u: with
+/// |d(d_t - H_t)| <= 16 u, |dL_d| <= mean_t 2 |d_t - H_t| 16 u <= 32 u sqrt(L_d) (Cauchy-
+/// Schwarz), which exceeds 1e-4 L_d where L_d is small (seen: T = 1, bf16, L_d = 2.4e-6).
 void check_losses(const std::vector<float>& got, const std::vector<double>& want) {
   for (int i = 0; i < 4; ++i) {
     CAPTURE(i);
     CAPTURE(got[i]);
     CAPTURE(want[i]);
-    const double allowed = 1e-4 * std::abs(want[i]) + (i == 3 ? 64 * 0x1p-24 : 1e-10);
+    const double u = 0x1p-24;
+    const double cancelling = i == 3 ? 64 * u : (i == 2 ? 32 * u * std::sqrt(std::abs(want[i])) : 0.0);
+    const double allowed = 1e-4 * std::abs(want[i]) + cancelling + 1e-10;
     CHECK(std::abs(got[i] - want[i]) <= allowed);
   }
 }
