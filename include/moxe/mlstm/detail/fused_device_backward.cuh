@@ -1,0 +1,875 @@
+// moxe::mlstm::detail: the FUSED chunkwise mLSTM backward on the device (docs/mlstm.md
+// "Fused decomposition", "Fused device backward"). It follows the host twin's backward
+// (chunkwise_fused_host.hpp) step by step, through the same MOXE_HD pieces (fused_chunk.hpp,
+// cell.hpp, core/precision.hpp), over the same workspace (carve_fused_workspace with its
+// backward arrays) plus the forward's per-row gate quantities and one array of per-(chunk,
+// column block) partials:
+//
+//   F0, F1   the forward's gate scan and state walk (fused_device.cuh) again: m_prev of every
+//            chunk and the fp32 checkpoints C'_c (no final states).
+//   B2 rows, grid (K*NH), 8 warps: the chunk's gate rows from m_prev; P = (scale Q K^T) o D
+//            and, later, dS = dP o D and dlogD = dP o P in two triangular fp32 tiles in
+//            shared memory (never stored); per row (a warp): dot = w scale n.q + sum_s P (fp32),
+//            inter = w scale C^T q and num = inter + P V (the intermediate operands C and P
+//            transformed per Precision, grouped as the twin groups them), r = dh . h,
+//            row_backward -> inv_den, ddot, dmf, da, dlogw to the workspace (O(rows)
+//            scalars); dP = inv_den (dh . v) + ddot; dlogD's column sums (per source row);
+//            dq = scale (w (inv_den C dh + ddot n) + dS K).
+//   B3 state gradient, grid (U*NH, ceil(DV/64)), 256 threads: dC'[:, 64 columns] in
+//            registers (thread: one column, DQK/4 rows), the n column in block 0; walking a
+//            unit's chunks backwards it writes dC'_{c+1} (fp32) per chunk, the block's part
+//            of <dC'_{c+1}, C'_c> (summed in block order by B5: no atomics) and updates
+//            dC' <- w_L dC' + (diag(w scale inv_den) Q)^T dh, dn <- w_L dn + Q^T (w scale ddot);
+//            dc_init/dn_init at the end.
+//   B4 columns, grid (K*NH), 8 warps: P and dP recomputed (tiles dS and P inv_den), per
+//            source row (a warp): dk = scale dS^T Q + E dC'_{c+1} v', dlogE = k . (that last
+//            term), dv = (P inv_den)^T dh + E dC_{c+1}^T k.
+//   B5 gates, grid (U*NH), 128 threads: thread i solves chunk i of the unit with
+//            dm_next = 0 (chunk_gate_grad_local), a block suffix scan of the stabiliser's
+//            gradient maps (StabiliserGradMap) gives every chunk's dm_next, then the final
+//            shares: digate, dfgate; dm_init.
+//
+// The products run as fp32 FMAs (SIMT) on the operands the twin's Products::mi forms:
+// inputs exact, intermediates rounded (fast) or split in three parts (accurate) to the
+// operand format, half's groups scaled by a power of two. That is the arithmetic of the
+// tensor-core form up to the order of fp32 additions; the tensor-core (mma.sync) form of
+// B2-B4 is not written yet (docs/mlstm.md). Everything is deterministic (fixed orders, no
+// atomics); no allocation and no host synchronisation.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "moxe/core/config.hpp"
+#include "moxe/core/launch.cuh"
+#include "moxe/core/math.hpp"
+#include "moxe/core/precision.hpp"
+#include "moxe/core/status.hpp"
+#include "moxe/core/workspace.hpp"
+#include "moxe/mlstm/detail/cell.hpp"
+#include "moxe/mlstm/detail/chunk_layout.hpp"
+#include "moxe/mlstm/detail/fused_chunk.hpp"
+#include "moxe/mlstm/detail/fused_device.cuh"
+#include "moxe/mlstm/params.hpp"
+
+namespace moxe::mlstm::detail {
+
+// ---- workspace -------------------------------------------------------------------------------
+
+/// The fused backward's scratch: carve_fused_workspace(backward) (table, m_prev, m_final,
+/// C', dC', the row scalars, the per-chunk gate arrays), the forward's per-row gate
+/// quantities and B3's parts of <dC'_{c+1}, C'_c> ([K*NH][column blocks]).
+struct FusedBackwardWorkspace {
+  FusedWorkspace<float> ws;
+  ChunkGateRow* local_rows = nullptr;
+  float* inner_part = nullptr;
+};
+
+inline FusedBackwardWorkspace carve_fused_backward_workspace(WorkspaceCarver& c, const Dims& d, int64_t num_segments,
+                                                             int chunk_size) {
+  FusedBackwardWorkspace w;
+  w.ws = carve_fused_workspace<float>(c, d, num_segments, chunk_size, /*backward=*/true);
+  if (d.batch <= 0 || d.heads <= 0 || d.seq_len <= 0 || d.dqk <= 0 || d.dv <= 0 || num_segments < 0 ||
+      chunk_size < 1)
+    return w;
+  w.local_rows = c.carve<ChunkGateRow>(static_cast<std::size_t>(d.batch * d.heads * d.seq_len));
+  const std::size_t K = static_cast<std::size_t>(chunk_bound(d, num_segments, chunk_size));
+  w.inner_part = c.carve<float>(K * static_cast<std::size_t>(d.heads * ceil_div<int64_t>(d.dv, kFusedColumns)));
+  return w;
+}
+
+template <class T>
+std::size_t fused_backward_workspace_size(const BackwardParams<T, float>& p) {
+  WorkspaceCarver c;
+  carve_fused_backward_workspace(c, pass_dims(p.fwd), p.fwd.num_segments, p.fwd.chunk_size);
+  return c.required_bytes();
+}
+
+// ---- kernel arguments ------------------------------------------------------------------------
+
+inline constexpr int kFusedRowThreads = 256;     // B2, B4: 8 warps
+inline constexpr int kFusedGradThreads = 256;    // B3
+inline constexpr int kFusedGradRowsPerThread = kFusedMaxHeadDim / (kFusedGradThreads / kFusedColumns);
+
+template <class T>
+struct FusedBackwardArgs {
+  FusedArgs<T> f;  // the forward's (h, c_last unused)
+  const T* dh;
+  const float *dc_last, *dn_last, *dm_last;
+  T *dq, *dk, *dv, *digate, *dfgate;
+  float *dc_init, *dn_init, *dm_init;
+  OperandForm form;  // of the intermediate operands
+  bool aligned;      // q and dh 16-byte aligned: cp.async staging in B3 (else plain loads)
+  int col_blocks;
+  FusedWorkspace<float> ws;
+  float* inner_part;
+};
+
+/// s + a b over a's parts (a an intermediate operand of group exponent e): the twin's order.
+template <class F>
+MOXE_DEVICE MOXE_FORCEINLINE float mac_parts(float s, float a, float b, OperandForm form, int e) {
+  const OperandParts op = operand_parts<F>(a, form, e);
+  s += op.part[0] * b;
+  if (op.count == 3) {
+    s += op.part[1] * b;
+    s += op.part[2] * b;
+  }
+  return s;
+}
+
+template <class F>
+MOXE_DEVICE MOXE_FORCEINLINE int group_exponent(float max_abs) {
+  return operand_exponent<F>(max_abs);
+}
+
+MOXE_DEVICE MOXE_FORCEINLINE float warp_sum(float x) {
+  MOXE_PRAGMA_UNROLL
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+MOXE_DEVICE MOXE_FORCEINLINE float warp_max(float x) {
+  MOXE_PRAGMA_UNROLL
+  for (int off = 16; off > 0; off >>= 1) x = math::max(x, __shfl_xor_sync(0xffffffffu, x, off));
+  return x;
+}
+
+/// The causal tiles of B2 and B4 keep their lower triangle (s <= j) only: entry (j, s) at
+/// tri(j, s); L (L + 1) / 2 entries.
+MOXE_HD MOXE_FORCEINLINE int tri(int j, int s) { return j * (j + 1) / 2 + s; }
+MOXE_HD MOXE_FORCEINLINE int tri_size(int L) { return L * (L + 1) / 2; }
+
+/// Dynamic shared memory of B2 and B4: two triangular fp32 tiles (66 KiB at chunk 128).
+inline std::size_t fused_rows_smem(int L) { return 2 * sizeof(float) * static_cast<std::size_t>(tri_size(L)); }
+
+/// The m_next of chunk c of unit u (the next chunk's m_prev, or the unit's final one).
+template <class T>
+MOXE_DEVICE MOXE_FORCEINLINE double fused_m_next(const FusedArgs<T>& p, int64_t u, int64_t c, int64_t hd) {
+  const int64_t first = p.table.unit_first[u], count = p.table.unit_chunks[u];
+  return c + 1 < first + count ? p.m_prev[(c + 1) * p.NH + hd] : p.m_final[u * p.NH + hd];
+}
+
+// ---- B2: rows --------------------------------------------------------------------------------
+
+template <class T, class F>
+__global__ void __launch_bounds__(kFusedRowThreads) fused_rows_kernel(const __grid_constant__ FusedBackwardArgs<T> b) {
+  extern __shared__ __align__(16) unsigned char fused_smem[];
+  __shared__ ChunkGateRow sRow[kFusedMaxChunk];
+  __shared__ float sW[kFusedMaxChunk], sNq[kFusedMaxChunk], sInv[kFusedMaxChunk], sDdot[kFusedMaxChunk];
+  __shared__ int sExpRow[kFusedMaxChunk], sExpC[kFusedMaxHeadDim], sExpCr[kFusedMaxHeadDim];
+  const FusedArgs<T>& p = b.f;
+  const int64_t kh = blockIdx.x, c = kh / p.NH, hd = kh % p.NH;
+  const int len = p.table.chunk_len[c];
+  if (len == 0) return;  // uniform: past the chunks in use
+  const int L = p.L, DQK = static_cast<int>(p.DQK), DV = static_cast<int>(p.DV);
+  float* tP = reinterpret_cast<float*>(fused_smem);  // P, then dlogD (lower triangle, tri(j, s))
+  float* tD = tP + tri_size(L);                      // D, then dS
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
+  const int threads = static_cast<int>(blockDim.x), warps = threads / 32;
+  const int64_t u = p.table.chunk_unit[c], start = p.table.chunk_start[c], W = p.DV + 1;
+  const double mp = p.m_prev[kh];
+  const float* ck = p.state + kh * p.DQK * W;
+  const OperandForm form = b.form;
+  auto row_of = [&](int s) { return p.row(u, hd, start + s); };
+  auto q = [&](int j, int a) { return load_acc<float>(p.q[row_of(j) * p.DQK + a]); };
+  auto k = [&](int j, int a) { return load_acc<float>(p.k[row_of(j) * p.DQK + a]); };
+  auto v = [&](int j, int e) { return load_acc<float>(p.v[row_of(j) * p.DV + e]); };
+  auto dh = [&](int j, int e) { return load_acc<float>(b.dh[row_of(j) * p.DV + e]); };
+
+  // the rows' gate quantities; w_j scale n_c . q_j; the groups of C (columns: inter; rows: C dh)
+  for (int j = tid; j < len; j += threads) {
+    const ChunkGateRow row = gate_row_from_local(p.local_rows[row_of(j)], mp);
+    sRow[j] = row;
+    sW[j] = decay_weight<float>(mp, row);
+    float nq = 0.0f;
+    for (int a = 0; a < DQK; ++a) nq += ck[a * W + DV] * q(j, a);
+    sNq[j] = sW[j] * p.scale * nq;
+  }
+  for (int e = tid; e < DV; e += threads) {
+    float mx = 0.0f;
+    if constexpr (OperandFormat<F>::kNarrowRange)
+      for (int a = 0; a < DQK; ++a) mx = math::max(mx, math::abs(ck[a * W + e]));
+    sExpC[e] = group_exponent<F>(mx);
+  }
+  for (int a = tid; a < DQK; a += threads) {
+    float mx = 0.0f;
+    if constexpr (OperandFormat<F>::kNarrowRange)
+      for (int e = 0; e < DV; ++e) mx = math::max(mx, math::abs(ck[a * W + e]));
+    sExpCr[a] = group_exponent<F>(mx);
+  }
+  __syncthreads();
+  // S, D, P (s <= j)
+  for (int idx = tid; idx < len * len; idx += threads) {
+    const int j = idx / len, s = idx % len;
+    if (s > j) continue;
+    const float D = source_weight<float>(sRow[s].x, s, sRow[j]);
+    float dot = 0.0f;
+    for (int a = 0; a < DQK; ++a) dot += q(j, a) * k(s, a);
+    tP[tri(j, s)] = (p.scale * dot) * D;
+    tD[tri(j, s)] = D;
+  }
+  __syncthreads();
+  // per row (a warp): dot, the normaliser, r = dh . h, dlogw and the row scalars
+  for (int j = warp; j < len; j += warps) {
+    float mx = 0.0f, ps = 0.0f;
+    for (int s = lane; s <= j; s += 32) {
+      mx = math::max(mx, math::abs(tP[tri(j, s)]));
+    }
+    mx = warp_max(mx);
+    if (lane == 0)
+      for (int s = 0; s <= j; ++s) ps += tP[tri(j, s)];  // the twin's order
+    ps = __shfl_sync(0xffffffffu, ps, 0);
+    const int ep = group_exponent<F>(mx);
+    const float dot = sNq[j] + ps;
+    const Normaliser<float> nz = row_normaliser(dot, sRow[j], p.eps);
+    const float ws = sW[j] * p.scale;
+    float r = 0.0f, dli = 0.0f;
+    for (int e = lane; e < DV; e += 32) {
+      float si = 0.0f, sp = 0.0f;
+      for (int a = 0; a < DQK; ++a) si = mac_parts<F>(si, ck[a * W + e], q(j, a), form, sExpC[e]);
+      for (int s = 0; s <= j; ++s) sp = mac_parts<F>(sp, tP[tri(j, s)], v(s, e), form, ep);
+      const float inter = ws * si, num = inter + sp, g = dh(j, e);
+      r += g * (num * nz.inv_den);
+      dli += g * inter;
+    }
+    r = warp_sum(r);
+    dli = warp_sum(dli);
+    if (lane == 0) {
+      const int64_t rj = row_of(j);
+      const RowBackward<float> rb = row_backward(dot, sRow[j], p.eps, r);
+      b.ws.inv_den[rj] = rb.inv_den;
+      b.ws.ddot[rj] = rb.ddot;
+      b.ws.dmf[rj] = rb.dmf;
+      b.ws.da_row[rj] = rb.da;
+      b.ws.dlogw[rj] = log_decay_grad(rb, dli, sNq[j]);
+      sInv[j] = rb.inv_den;
+      sDdot[j] = rb.ddot;
+    }
+  }
+  __syncthreads();
+  // dP = inv_den (dh . v) + ddot; dS = dP D; dlogD = dP P
+  for (int idx = tid; idx < len * len; idx += threads) {
+    const int j = idx / len, s = idx % len;
+    if (s > j) continue;
+    float g = 0.0f;
+    for (int e = 0; e < DV; ++e) g += dh(j, e) * v(s, e);
+    const float dP = score_grad(RowBackward<float>{sInv[j], sDdot[j], 0.0f, 0.0f}, g);
+    tD[tri(j, s)] = dP * tD[tri(j, s)];
+    tP[tri(j, s)] = dP * tP[tri(j, s)];
+  }
+  __syncthreads();
+  for (int s = tid; s < len; s += threads) {
+    float col = 0.0f;
+    for (int j = s; j < len; ++j) col += tP[tri(j, s)];
+    b.ws.dlogd_col[row_of(s)] = col;
+  }
+  for (int j = tid; j < len; j += threads) {
+    float mx = 0.0f;
+    if constexpr (OperandFormat<F>::kNarrowRange)
+      for (int s = 0; s <= j; ++s) mx = math::max(mx, math::abs(tD[tri(j, s)]));
+    sExpRow[j] = group_exponent<F>(mx);
+  }
+  __syncthreads();
+  // dq = scale (w (inv_den C dh + ddot n) + dS K)
+  for (int idx = tid; idx < len * DQK; idx += threads) {
+    const int j = idx / DQK, a = idx % DQK;
+    float cdh = 0.0f, dsk = 0.0f;
+    for (int e = 0; e < DV; ++e) cdh = mac_parts<F>(cdh, ck[a * W + e], dh(j, e), form, sExpCr[a]);
+    for (int s = 0; s <= j; ++s) dsk = mac_parts<F>(dsk, tD[tri(j, s)], k(s, a), form, sExpRow[j]);
+    const float inter = sW[j] * (sInv[j] * cdh + sDdot[j] * ck[a * W + DV]);
+    b.dq[row_of(j) * p.DQK + a] = store_elem<T>(p.scale * (inter + dsk));
+  }
+}
+
+// ---- B3: the state gradient ------------------------------------------------------------------
+
+template <class T, class F>
+__global__ void __launch_bounds__(kFusedGradThreads)
+    fused_state_grad_kernel(const __grid_constant__ FusedBackwardArgs<T> b) {
+  constexpr int kR = kFusedGradRowsPerThread, kStride = kFusedGradThreads / kFusedColumns;
+  __shared__ ChunkGateRow sRow[kFusedMaxChunk];
+  __shared__ float sFac[kFusedMaxChunk], sWs[kFusedMaxChunk], sDdot[kFusedMaxChunk];
+  __shared__ int sExpQ[kFusedMaxHeadDim];
+  __shared__ float sRed[kFusedGradThreads];
+  const FusedArgs<T>& p = b.f;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t slot = blockIdx.x, u = slot / p.NH, hd = slot % p.NH;
+  const int DQK = static_cast<int>(p.DQK), DV = static_cast<int>(p.DV);
+  const int64_t W = p.DV + 1, first = p.table.unit_first[u], count = p.table.unit_chunks[u];
+  const int col = static_cast<int>(blockIdx.y) * kFusedColumns + tid % kFusedColumns, a0 = tid / kFusedColumns;
+  const bool col_in = col < DV;
+  const bool n_owner = blockIdx.y == 0 && tid < DQK;
+  const OperandForm form = b.form;
+
+  float g[kR];
+  MOXE_PRAGMA_UNROLL
+  for (int i = 0; i < kR; ++i) {
+    const int a = a0 + kStride * i;
+    g[i] = (b.dc_last && col_in && a < DQK) ? b.dc_last[(slot * p.DQK + a) * p.DV + col] : 0.0f;
+  }
+  float gn = (n_owner && b.dn_last) ? b.dn_last[slot * p.DQK + tid] : 0.0f;
+
+  for (int64_t c = first + count - 1; c >= first; --c) {
+    const int64_t kh = c * p.NH + hd, start = p.table.chunk_start[c];
+    const int len = p.table.chunk_len[c];
+    const double mp = p.m_prev[kh], mn = fused_m_next(p, u, c, hd);
+    float* gk = b.ws.dstate + kh * p.DQK * W;
+    const float* ck = p.state + kh * p.DQK * W;
+    auto row_of = [&](int s) { return p.row(u, hd, start + s); };
+    // dC'_{c+1} to the workspace; this block's part of <dC'_{c+1}, C'_c>
+    float inner = 0.0f;
+    MOXE_PRAGMA_UNROLL
+    for (int i = 0; i < kR; ++i) {
+      const int a = a0 + kStride * i;
+      if (col_in && a < DQK) {
+        gk[a * W + col] = g[i];
+        inner += g[i] * ck[a * W + col];
+      }
+    }
+    if (n_owner) {
+      gk[tid * W + DV] = gn;
+      inner += gn * ck[tid * W + DV];
+    }
+    sRed[tid] = inner;
+    for (int j = tid; j < len; j += kFusedGradThreads) {
+      const int64_t rj = row_of(j);
+      const ChunkGateRow row = gate_row_from_local(p.local_rows[rj], mp);
+      sRow[j] = row;
+      sWs[j] = decay_weight<float>(mp, row) * p.scale;
+      sFac[j] = sWs[j] * b.ws.inv_den[rj];
+      sDdot[j] = b.ws.ddot[rj];
+    }
+    __syncthreads();
+    for (int off = kFusedGradThreads / 2; off > 0; off >>= 1) {  // a fixed tree
+      if (tid < off) sRed[tid] += sRed[tid + off];
+      __syncthreads();
+    }
+    if (tid == 0) b.inner_part[kh * b.col_blocks + blockIdx.y] = sRed[0];
+    for (int a = tid; a < DQK; a += kFusedGradThreads) {
+      float mx = 0.0f;
+      if constexpr (OperandFormat<F>::kNarrowRange)
+        for (int j = 0; j < len; ++j)
+          mx = math::max(mx, math::abs(sFac[j] * load_acc<float>(p.q[row_of(j) * p.DQK + a])));
+      sExpQ[a] = group_exponent<F>(mx);
+    }
+    __syncthreads();
+    const float wL = state_decay_weight<float>(mp, sRow[len - 1], mn);
+    // dC' <- w_L dC' + sum_j (w_j scale inv_den_j q_j) dh_j^T; dn <- w_L dn + sum_j w_j scale q_j ddot_j
+    MOXE_PRAGMA_UNROLL
+    for (int i = 0; i < kR; ++i) {
+      const int a = a0 + kStride * i;
+      if (!col_in || a >= DQK) continue;
+      float sum = 0.0f;
+      for (int j = 0; j < len; ++j) {
+        const int64_t rj = row_of(j);
+        sum = mac_parts<F>(sum, sFac[j] * load_acc<float>(p.q[rj * p.DQK + a]), load_acc<float>(b.dh[rj * p.DV + col]),
+                           form, sExpQ[a]);
+      }
+      g[i] = wL * g[i] + sum;
+    }
+    if (n_owner) {
+      float sum = 0.0f;
+      for (int j = 0; j < len; ++j) sum += sWs[j] * load_acc<float>(p.q[row_of(j) * p.DQK + tid]) * sDdot[j];
+      gn = wL * gn + sum;
+    }
+    __syncthreads();  // the shared rows are written again
+  }
+  if (b.dc_init) {
+    MOXE_PRAGMA_UNROLL
+    for (int i = 0; i < kR; ++i) {
+      const int a = a0 + kStride * i;
+      if (col_in && a < DQK) b.dc_init[(slot * p.DQK + a) * p.DV + col] = g[i];
+    }
+    if (n_owner) b.dn_init[slot * p.DQK + tid] = gn;
+  }
+}
+
+/// B3 for bf16 / half on the tensor cores: F1's structure mirrored. dC'[:, 64-column block]
+/// in mma accumulators (warp w: DQK rows 16w.., +128), dn in fp32 registers (block 0, one
+/// DQK row per thread). Per chunk, last first: dC'_{c+1} (fp32) to the workspace and this
+/// block's part of <dC'_{c+1}, C'_c>; then dC' <- w_L dC' + (Q^T diag(w scale inv_den)) dH
+/// with the A operand built in registers from Q staged by cp.async (rounded to T: fast;
+/// three T parts: accurate; half: a power of two per DQK row), dH staged the same way, and
+/// dn <- w_L dn + Q^T (w scale ddot) by FFMA.
+template <class T, int kRT, int kParts>
+__global__ void __launch_bounds__(kFusedStateThreads)
+    fused_state_grad_mma_kernel(const __grid_constant__ FusedBackwardArgs<T> b) {
+  extern __shared__ __align__(16) unsigned char fused_smem[];
+  __shared__ float sFac[kFusedMaxChunk], sWs[kFusedMaxChunk], sDdot[kFusedMaxChunk];
+  __shared__ int sExp[kFusedMaxHeadDim];
+  __shared__ float sRed[kFusedStateThreads];
+  constexpr int kNT = kFusedColumns / 8;
+  const FusedArgs<T>& p = b.f;
+  const int DQK = static_cast<int>(p.DQK), DV = static_cast<int>(p.DV);
+  const int ldk = DQK + kFusedPad<T>, ldv = kFusedColumns + kFusedPad<T>;
+  T* Qs = reinterpret_cast<T*>(fused_smem);  // [2][16][ldk]
+  T* Hs = Qs + 2 * 16 * ldk;                 // [2][16][ldv]
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
+  const int64_t slot = blockIdx.x, u = slot / p.NH, hd = slot % p.NH;
+  const int cb = static_cast<int>(blockIdx.y) * kFusedColumns;
+  const int64_t W = p.DV + 1, first = p.table.unit_first[u], count = p.table.unit_chunks[u];
+
+  mma::FragmentC st[kRT][kNT], acc[kRT][kNT];
+  auto active_rt = [&](int i) { return (warp + kFusedStateWarps * i) * 16 < DQK; };
+  auto active_nt = [&](int nt) { return cb + nt * 8 < DV; };
+  MOXE_PRAGMA_UNROLL
+  for (int i = 0; i < kRT; ++i)
+    MOXE_PRAGMA_UNROLL
+    for (int nt = 0; nt < kNT; ++nt)
+      MOXE_PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int a = (warp + kFusedStateWarps * i) * 16 + mma::fragment_c_row(lane, e);
+        const int col = cb + nt * 8 + mma::fragment_c_col(lane, e);
+        st[i][nt].c[e] =
+            (b.dc_last && active_rt(i) && col < DV) ? b.dc_last[(slot * p.DQK + a) * p.DV + col] : 0.0f;
+      }
+  const bool n_owner = blockIdx.y == 0 && tid < DQK;
+  float n_reg = (n_owner && b.dn_last) ? b.dn_last[slot * p.DQK + tid] : 0.0f;
+
+  for (int64_t c = first + count - 1; c >= first; --c) {
+    const int64_t kh = c * p.NH + hd, start = p.table.chunk_start[c];
+    const int len = p.table.chunk_len[c];
+    const double mp = p.m_prev[kh], mn = fused_m_next(p, u, c, hd);
+    float* gk = b.ws.dstate + kh * p.DQK * W;
+    const float* ck = p.state + kh * p.DQK * W;
+    // dC'_{c+1} to the workspace; this block's part of <dC'_{c+1}, C'_c>
+    float inner = 0.0f;
+    MOXE_PRAGMA_UNROLL
+    for (int i = 0; i < kRT; ++i)
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt)
+        MOXE_PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int a = (warp + kFusedStateWarps * i) * 16 + mma::fragment_c_row(lane, e);
+          const int col = cb + nt * 8 + mma::fragment_c_col(lane, e);
+          if (active_rt(i) && col < DV) {
+            gk[a * W + col] = st[i][nt].c[e];
+            inner += st[i][nt].c[e] * ck[a * W + col];
+          }
+        }
+    if (n_owner) {
+      gk[tid * W + DV] = n_reg;
+      inner += n_reg * ck[tid * W + DV];
+    }
+    sRed[tid] = inner;
+    auto row_of = [&](int s) { return p.row(u, hd, start + s); };
+    for (int s = tid; s < kFusedMaxChunk; s += kFusedStateThreads) {
+      float ws = 0.0f, inv = 0.0f, dd = 0.0f;
+      if (s < len) {
+        const int64_t r = row_of(s);
+        ws = decay_weight<float>(mp, gate_row_from_local(p.local_rows[r], mp)) * p.scale;
+        inv = b.ws.inv_den[r];
+        dd = b.ws.ddot[r];
+      }
+      sWs[s] = ws;
+      sFac[s] = ws * inv;
+      sDdot[s] = dd;
+    }
+    __syncthreads();
+    for (int off = kFusedStateThreads / 2; off > 0; off >>= 1) {  // a fixed tree
+      if (tid < off) sRed[tid] += sRed[tid + off];
+      __syncthreads();
+    }
+    if (tid == 0) b.inner_part[kh * b.col_blocks + blockIdx.y] = sRed[0];
+    const float wL = state_decay_weight<float>(mp, gate_row_from_local(p.local_rows[row_of(len - 1)], mp), mn);
+    // per DQK row: the half exponent of fac_s q_s[a] over the chunk; dn <- w_L dn + sum_s ws_s q_s ddot_s
+    if (tid < DQK) {
+      float max_abs = 0.0f, nsum = 0.0f;
+      if (OperandFormat<T>::kNarrowRange || n_owner) {
+        for (int s = 0; s < len; ++s) {
+          const float qv = load_acc<float>(p.q[row_of(s) * p.DQK + tid]);
+          max_abs = math::max(max_abs, math::abs(sFac[s] * qv));
+          nsum += sWs[s] * qv * sDdot[s];
+        }
+      }
+      sExp[tid] = operand_exponent<T>(max_abs);
+      if (n_owner) n_reg = wL * n_reg + nsum;
+    }
+    MOXE_PRAGMA_UNROLL
+    for (int i = 0; i < kRT; ++i)
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt) acc[i][nt] = mma::FragmentC{};
+
+    const int blocks = (len + 15) / 16;
+    auto stage = [&](int blk, int buf) {
+      constexpr int kVec = 16 / sizeof(T);
+      const int kchunks = DQK / kVec, vchunks = kFusedColumns / kVec;
+      for (int idx = tid; idx < 16 * (kchunks + vchunks); idx += kFusedStateThreads) {
+        const int r = idx / (kchunks + vchunks), x = idx % (kchunks + vchunks);
+        const int s = blk * 16 + r;
+        const bool in = s < len;
+        const int64_t gr = in ? row_of(s) : 0;
+        if (x < kchunks) {
+          stage16(Qs + (buf * 16 + r) * ldk + x * kVec, p.q + gr * p.DQK + x * kVec, in ? kVec : 0, b.aligned);
+        } else {
+          const int col = (x - kchunks) * kVec;
+          stage16(Hs + (buf * 16 + r) * ldv + col, b.dh + gr * p.DV + cb + col, (in && cb + col < DV) ? kVec : 0,
+                  b.aligned);
+        }
+      }
+      mma::cp_async_commit();
+    };
+    __syncthreads();  // sExp
+    if (blocks > 0) stage(0, 0);
+    for (int blk = 0; blk < blocks; ++blk) {
+      const int buf = blk % 2;
+      if (blk + 1 < blocks) {
+        stage(blk + 1, (blk + 1) % 2);
+        mma::cp_async_wait<1>();
+      } else {
+        mma::cp_async_wait<0>();
+      }
+      __syncthreads();
+      const T* qb = Qs + buf * 16 * ldk;
+      const T* hb = Hs + buf * 16 * ldv;
+      const float* fb = sFac + blk * 16;
+      MOXE_PRAGMA_UNROLL
+      for (int i = 0; i < kRT; ++i) {
+        if (!active_rt(i)) continue;
+        const int a0 = (warp + kFusedStateWarps * i) * 16;
+        float x[8];
+        MOXE_PRAGMA_UNROLL
+        for (int r = 0; r < 4; ++r) {
+          const int ar = a0 + mma::fragment_a_row(lane, 2 * r), s = mma::fragment_a_col(lane, 2 * r);
+          const float up = exp2_int(sExp[ar]);
+          x[2 * r] = fb[s] * static_cast<float>(qb[s * ldk + ar]) * up;
+          x[2 * r + 1] = fb[s + 1] * static_cast<float>(qb[(s + 1) * ldk + ar]) * up;
+        }
+        mma::FragmentA fa[kParts];
+        pack_a_parts<T, kParts>(fa, x);
+        MOXE_PRAGMA_UNROLL
+        for (int nt = 0; nt < kNT; ++nt) {
+          if (!active_nt(nt)) continue;
+          const mma::FragmentB fbv = mma::load_b(hb, ldv, 0, nt * 8, lane, /*k_major=*/true);
+          MOXE_PRAGMA_UNROLL
+          for (int pt = 0; pt < kParts; ++pt) mma::mma_16816<T>(acc[i][nt], fa[pt], fbv);
+        }
+      }
+      __syncthreads();  // the buffer is staged again two blocks on
+    }
+    MOXE_PRAGMA_UNROLL
+    for (int i = 0; i < kRT; ++i)
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt)
+        MOXE_PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int a = (warp + kFusedStateWarps * i) * 16 + mma::fragment_c_row(lane, e);
+          const float down = active_rt(i) ? exp2_int(-sExp[a]) : 1.0f;
+          st[i][nt].c[e] = wL * st[i][nt].c[e] + acc[i][nt].c[e] * down;
+        }
+    __syncthreads();  // sFac, sExp, sRed
+  }
+  if (b.dc_init) {
+    MOXE_PRAGMA_UNROLL
+    for (int i = 0; i < kRT; ++i)
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt)
+        MOXE_PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int a = (warp + kFusedStateWarps * i) * 16 + mma::fragment_c_row(lane, e);
+          const int col = cb + nt * 8 + mma::fragment_c_col(lane, e);
+          if (active_rt(i) && col < DV) b.dc_init[(slot * p.DQK + a) * p.DV + col] = st[i][nt].c[e];
+        }
+    if (n_owner) b.dn_init[slot * p.DQK + tid] = n_reg;
+  }
+}
+
+// ---- B4: columns -----------------------------------------------------------------------------
+
+template <class T, class F>
+__global__ void __launch_bounds__(kFusedRowThreads)
+    fused_columns_kernel(const __grid_constant__ FusedBackwardArgs<T> b) {
+  extern __shared__ __align__(16) unsigned char fused_smem[];
+  __shared__ ChunkGateRow sRow[kFusedMaxChunk];
+  __shared__ float sInv[kFusedMaxChunk], sDdot[kFusedMaxChunk], sE[kFusedMaxChunk];
+  __shared__ int sExpS[kFusedMaxChunk], sExpPd[kFusedMaxChunk], sExpGr[kFusedMaxHeadDim], sExpGc[kFusedMaxHeadDim];
+  const FusedArgs<T>& p = b.f;
+  const int64_t kh = blockIdx.x, c = kh / p.NH, hd = kh % p.NH;
+  const int len = p.table.chunk_len[c];
+  if (len == 0) return;
+  const int L = p.L, DQK = static_cast<int>(p.DQK), DV = static_cast<int>(p.DV);
+  float* tS = reinterpret_cast<float*>(fused_smem);  // dS (lower triangle, tri(j, s))
+  float* tQ = tS + tri_size(L);                      // P inv_den
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
+  const int threads = static_cast<int>(blockDim.x), warps = threads / 32;
+  const int64_t u = p.table.chunk_unit[c], start = p.table.chunk_start[c], W = p.DV + 1;
+  const double mp = p.m_prev[kh], mn = fused_m_next(p, u, c, hd);
+  const float* gn = b.ws.dstate + kh * p.DQK * W;  // dC'_{c+1}
+  const OperandForm form = b.form;
+  auto row_of = [&](int s) { return p.row(u, hd, start + s); };
+  auto q = [&](int j, int a) { return load_acc<float>(p.q[row_of(j) * p.DQK + a]); };
+  auto k = [&](int j, int a) { return load_acc<float>(p.k[row_of(j) * p.DQK + a]); };
+  auto v = [&](int j, int e) { return load_acc<float>(p.v[row_of(j) * p.DV + e]); };
+  auto dh = [&](int j, int e) { return load_acc<float>(b.dh[row_of(j) * p.DV + e]); };
+
+  for (int j = tid; j < len; j += threads) {
+    const int64_t rj = row_of(j);
+    sRow[j] = gate_row_from_local(p.local_rows[rj], mp);
+    sInv[j] = b.ws.inv_den[rj];
+    sDdot[j] = b.ws.ddot[rj];
+  }
+  for (int e = tid; e < DV; e += threads) {
+    float mx = 0.0f;
+    if constexpr (OperandFormat<F>::kNarrowRange)
+      for (int a = 0; a < DQK; ++a) mx = math::max(mx, math::abs(gn[a * W + e]));
+    sExpGc[e] = group_exponent<F>(mx);
+  }
+  for (int a = tid; a < DQK; a += threads) {
+    float mx = 0.0f;
+    if constexpr (OperandFormat<F>::kNarrowRange)
+      for (int e = 0; e < DV; ++e) mx = math::max(mx, math::abs(gn[a * W + e]));
+    sExpGr[a] = group_exponent<F>(mx);
+  }
+  __syncthreads();
+  for (int s = tid; s < len; s += threads) sE[s] = state_source_weight<float>(sRow[s].x, s, sRow[len - 1], mn);
+  // dS = dP D and P inv_den (s <= j)
+  for (int idx = tid; idx < len * len; idx += threads) {
+    const int j = idx / len, s = idx % len;
+    if (s > j) continue;
+    const float D = source_weight<float>(sRow[s].x, s, sRow[j]);
+    float sq = 0.0f, g = 0.0f;
+    for (int a = 0; a < DQK; ++a) sq += q(j, a) * k(s, a);
+    for (int e = 0; e < DV; ++e) g += dh(j, e) * v(s, e);
+    const float P = (p.scale * sq) * D;
+    const float dP = score_grad(RowBackward<float>{sInv[j], sDdot[j], 0.0f, 0.0f}, g);
+    tS[tri(j, s)] = dP * D;
+    tQ[tri(j, s)] = P * sInv[j];
+  }
+  __syncthreads();
+  for (int s = tid; s < len; s += threads) {
+    float m1 = 0.0f, m2 = 0.0f;
+    if constexpr (OperandFormat<F>::kNarrowRange)
+      for (int j = s; j < len; ++j) {
+        m1 = math::max(m1, math::abs(tS[tri(j, s)]));
+        m2 = math::max(m2, math::abs(tQ[tri(j, s)]));
+      }
+    sExpS[s] = group_exponent<F>(m1);
+    sExpPd[s] = group_exponent<F>(m2);
+  }
+  __syncthreads();
+  // per source row s (a warp): dk, dlogE, dv
+  for (int s = warp; s < len; s += warps) {
+    const int64_t rs = row_of(s);
+    float dle = 0.0f;
+    for (int a = lane; a < DQK; a += 32) {
+      float dsq = 0.0f, dcv = 0.0f;
+      for (int j = s; j < len; ++j) dsq = mac_parts<F>(dsq, tS[tri(j, s)], q(j, a), form, sExpS[s]);
+      for (int e = 0; e < DV; ++e) dcv = mac_parts<F>(dcv, gn[a * W + e], v(s, e), form, sExpGr[a]);
+      const float state_part = sE[s] * (dcv + gn[a * W + DV]);
+      dle += k(s, a) * state_part;
+      b.dk[rs * p.DQK + a] = store_elem<T>(p.scale * dsq + state_part);
+    }
+    dle = warp_sum(dle);
+    if (lane == 0) b.ws.dloge[rs] = dle;
+    for (int e = lane; e < DV; e += 32) {
+      float pdh = 0.0f, dck = 0.0f;
+      for (int j = s; j < len; ++j) pdh = mac_parts<F>(pdh, tQ[tri(j, s)], dh(j, e), form, sExpPd[s]);
+      for (int a = 0; a < DQK; ++a) dck = mac_parts<F>(dck, gn[a * W + e], k(s, a), form, sExpGc[e]);
+      b.dv[rs * p.DV + e] = store_elem<T>(pdh + sE[s] * dck);
+    }
+  }
+}
+
+// ---- B5: gates -------------------------------------------------------------------------------
+
+template <class T>
+__global__ void __launch_bounds__(kFusedScanThreads) fused_gates_kernel(const __grid_constant__ FusedBackwardArgs<T> b) {
+  __shared__ float sAdd[kFusedScanThreads];
+  __shared__ int sPass[kFusedScanThreads];
+  const FusedArgs<T>& p = b.f;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t slot = blockIdx.x, u = slot / p.NH, hd = slot % p.NH;
+  const int64_t first = p.table.unit_first[u], count = p.table.unit_chunks[u];
+  const float dm_last = b.dm_last ? b.dm_last[slot] : 0.0f;
+  using Map = StabiliserGradMap<float>;
+  ChunkGateRow rows[kFusedMaxChunk];
+  GateGradRow<float> g[kFusedMaxChunk];
+  float di[kFusedMaxChunk], dlf[kFusedMaxChunk], scratch[kFusedMaxChunk];
+  Map carry = Map::identity();  // the chunks after this group, applied to dm_last
+  // groups of chunks from the unit's end; position t of a group is chunk count - 1 - (base + t)
+  for (int64_t base = 0; base < count; base += kFusedScanThreads) {
+    const int64_t i = count - 1 - (base + tid);
+    Map mine = Map::identity();
+    int32_t len = 0, origin_last = -1;
+    int64_t c = 0, start = 0;
+    if (i >= 0) {
+      c = first + i;
+      const int64_t kh = c * p.NH + hd;
+      start = p.table.chunk_start[c];
+      len = p.table.chunk_len[c];
+      const double mp = p.m_prev[kh], mn = fused_m_next(p, u, c, hd);
+      for (int j = 0; j < len; ++j) {
+        const int64_t r = p.row(u, hd, start + j);
+        rows[j] = gate_row_from_local(p.local_rows[r], mp);
+        g[j] = GateGradRow<float>{b.ws.da_row[r], b.ws.dmf[r], b.ws.dlogw[r], b.ws.dlogd_col[r], b.ws.dloge[r]};
+      }
+      float inner = 0.0f;
+      for (int cb = 0; cb < b.col_blocks; ++cb) inner += b.inner_part[kh * b.col_blocks + cb];
+      const float dlogw_last = state_decay_weight<float>(mp, rows[len - 1], mn) * inner;
+      b.ws.dlogw_last[kh] = dlogw_last;
+      const float add = chunk_gate_grad_local<float>(len, rows, g, dlogw_last, di, dlf, scratch);
+      origin_last = rows[len - 1].origin;
+      mine = Map{add, origin_last < 0};
+      b.ws.dmp_local[kh] = add;
+      b.ws.dmp_pass[kh] = origin_last < 0 ? 1 : 0;
+    }
+    // inclusive scan in group order: position t after the positions before it (later chunks)
+    sAdd[tid] = mine.add;
+    sPass[tid] = mine.pass ? 1 : 0;
+    __syncthreads();
+    for (int off = 1; off < kFusedScanThreads; off <<= 1) {
+      Map m{sAdd[tid], sPass[tid] != 0};
+      if (tid >= off) m = Map::compose(m, Map{sAdd[tid - off], sPass[tid - off] != 0});
+      __syncthreads();
+      sAdd[tid] = m.add;
+      sPass[tid] = m.pass ? 1 : 0;
+      __syncthreads();
+    }
+    const Map excl = tid == 0 ? Map::identity() : Map{sAdd[tid - 1], sPass[tid - 1] != 0};
+    if (i >= 0) {
+      const int64_t kh = c * p.NH + hd;
+      const float dmn = Map::compose(excl, carry).apply(dm_last);
+      b.ws.dm_next[kh] = dmn;
+      for (int j = 0; j < len; ++j) {
+        const int64_t r = p.row(u, hd, start + j);
+        b.digate[r] = store_elem<T>(digate_final(di[j], j, origin_last, dmn));
+        const float f = load_acc<float>(p.fgate[r]);
+        b.dfgate[r] = store_elem<T>(dlf_final(dlf[j], j, origin_last, dmn) * math::logsigmoid_grad(f));
+      }
+    }
+    carry = Map::compose(Map{sAdd[kFusedScanThreads - 1], sPass[kFusedScanThreads - 1] != 0}, carry);
+    __syncthreads();
+  }
+  if (tid == 0 && b.dm_init) b.dm_init[slot] = carry.apply(dm_last);
+}
+
+// ---- the launcher ----------------------------------------------------------------------------
+
+template <class T, int kParts, class F>
+Status launch_fused_backward_pass(const FusedBackwardArgs<T>& b, const int64_t* offsets, cudaStream_t stream) {
+  const FusedArgs<T>& a = b.f;
+  const int64_t slots = a.units * a.NH;
+  // F0, F1: the gate scan and the checkpoints
+  if (a.segments)
+    MOXE_RETURN_IF_ERROR(launch_kernel(fused_table_kernel<0>, 1, 1, 0, stream, a.table, a.units, a.chunks, a.S, a.L,
+                                       offsets));
+  MOXE_RETURN_IF_ERROR(
+      launch_kernel(fused_gate_scan_kernel<T>, static_cast<unsigned>(slots), kFusedScanThreads, 0, stream, a));
+  const std::size_t smem1 = fused_state_smem<T>(a.DQK);
+  const dim3 grid1(static_cast<unsigned>(slots), static_cast<unsigned>(b.col_blocks));
+  if (a.DQK > 16 * kFusedStateWarps) {
+    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_kernel<T, 2, kParts>, smem1));
+    MOXE_RETURN_IF_ERROR(launch_kernel(fused_state_kernel<T, 2, kParts>, grid1, kFusedStateThreads, smem1, stream, a));
+  } else {
+    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_kernel<T, 1, kParts>, smem1));
+    MOXE_RETURN_IF_ERROR(launch_kernel(fused_state_kernel<T, 1, kParts>, grid1, kFusedStateThreads, smem1, stream, a));
+  }
+  const std::size_t smem = fused_rows_smem(a.L);
+  const unsigned chunk_heads = static_cast<unsigned>(a.chunks * a.NH);
+  MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_kernel<T, F>, smem));
+  MOXE_RETURN_IF_ERROR(launch_kernel(fused_rows_kernel<T, F>, chunk_heads, kFusedRowThreads, smem, stream, b));
+  if constexpr (kFusedMma<T>) {
+    if (a.DQK > 16 * kFusedStateWarps) {
+      MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_grad_mma_kernel<T, 2, kParts>, smem1));
+      MOXE_RETURN_IF_ERROR(
+          launch_kernel(fused_state_grad_mma_kernel<T, 2, kParts>, grid1, kFusedStateThreads, smem1, stream, b));
+    } else {
+      MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_grad_mma_kernel<T, 1, kParts>, smem1));
+      MOXE_RETURN_IF_ERROR(
+          launch_kernel(fused_state_grad_mma_kernel<T, 1, kParts>, grid1, kFusedStateThreads, smem1, stream, b));
+    }
+  } else {
+    MOXE_RETURN_IF_ERROR(launch_kernel(fused_state_grad_kernel<T, F>, grid1, kFusedGradThreads, 0, stream, b));
+  }
+  MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_columns_kernel<T, F>, smem));
+  MOXE_RETURN_IF_ERROR(launch_kernel(fused_columns_kernel<T, F>, chunk_heads, kFusedRowThreads, smem, stream, b));
+  MOXE_RETURN_IF_ERROR(
+      launch_kernel(fused_gates_kernel<T>, static_cast<unsigned>(slots), kFusedScanThreads, 0, stream, b));
+  return check_launch(stream);
+}
+
+/// The fused backward: dq, dk, dv, digate, dfgate and (when given) dc_init, dn_init, dm_init.
+/// T float, __half or __nv_bfloat16; chunk_size 16..128 (multiples of 16); DQK, DV multiples
+/// of 16 up to 256; batch_per_pass as the forward. fwd.h is not read. bf16 / half need sm_80.
+template <class T>
+Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspace, std::size_t workspace_bytes,
+                                cudaStream_t stream) {
+  static_assert(std::is_same_v<T, float> || mma::is_mma_element_v<T>,
+                "fused chunkwise: T must be float, __half or __nv_bfloat16");
+  MOXE_RETURN_IF_ERROR(validate(p));
+  MOXE_RETURN_IF_ERROR(validate_chunkwise(p.fwd, /*need_h=*/false));
+  if (!fused_head_dim_supported(p.fwd.dims.dqk) || !fused_head_dim_supported(p.fwd.dims.dv))
+    return Status::unsupported;
+  if (workspace_bytes < fused_backward_workspace_size(p)) return Status::workspace_too_small;
+  if constexpr (kFusedMma<T>) {
+    int device = 0;
+    MOXE_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&device)));
+    MOXE_RETURN_IF_ERROR(mma::sm80_supported(device));
+  }
+  return for_each_batch_pass(p.fwd, [&](int64_t b0, int64_t nb) {
+    const BackwardParams<T, float> sb = batch_slice(p, b0, nb);
+    const ForwardParams<T, float>& s = sb.fwd;
+    WorkspaceCarver carver(workspace, workspace_bytes);
+    const FusedBackwardWorkspace w = carve_fused_backward_workspace(carver, s.dims, s.num_segments, s.chunk_size);
+    if (!carver.fits()) return Status::workspace_too_small;
+    FusedBackwardArgs<T> b{};
+    FusedArgs<T>& a = b.f;
+    a.q = s.q;
+    a.k = s.k;
+    a.v = s.v;
+    a.igate = s.igate;
+    a.fgate = s.fgate;
+    a.c_init = s.c_init;
+    a.n_init = s.n_init;
+    a.m_init = s.m_init;
+    a.h = nullptr;
+    a.c_last = nullptr;
+    a.n_last = nullptr;
+    a.m_last = nullptr;
+    a.scale = effective_qk_scale(s.qk_scale, s.dims.dqk);
+    a.eps = s.eps;
+    a.NH = s.dims.heads;
+    a.S = s.dims.seq_len;
+    a.DQK = s.dims.dqk;
+    a.DV = s.dims.dv;
+    a.units = sequence_units(s.dims, s.num_segments);
+    a.chunks = chunk_bound(s.dims, s.num_segments, s.chunk_size);
+    a.L = s.chunk_size;
+    a.segments = s.segment_offsets != nullptr;
+    auto al = [](const void* x) { return reinterpret_cast<std::uintptr_t>(x) % 16 == 0; };
+    a.aligned = al(s.q) && al(s.k) && al(s.v);
+    a.table = w.ws.table;
+    a.m_prev = w.ws.m_prev;
+    a.m_final = w.ws.m_final;
+    a.state = w.ws.state;
+    a.local_rows = w.local_rows;
+    b.dh = sb.dh;
+    b.dc_last = sb.dc_last;
+    b.dn_last = sb.dn_last;
+    b.dm_last = sb.dm_last;
+    b.dq = sb.dq;
+    b.dk = sb.dk;
+    b.dv = sb.dv;
+    b.digate = sb.digate;
+    b.dfgate = sb.dfgate;
+    b.dc_init = sb.dc_init;
+    b.dn_init = sb.dn_init;
+    b.dm_init = sb.dm_init;
+    b.col_blocks = static_cast<int>(ceil_div<int64_t>(s.dims.dv, kFusedColumns));
+    b.ws = w.ws;
+    b.inner_part = w.inner_part;
+    b.aligned = al(s.q) && al(sb.dh);
+    b.form = product_forms<T, float>(s.precision, /*allow_tf32=*/false).intermediate;
+    if constexpr (kFusedMma<T>) {
+      if (s.precision == Precision::accurate)
+        return launch_fused_backward_pass<T, 3, T>(b, s.segment_offsets, stream);
+      return launch_fused_backward_pass<T, 1, T>(b, s.segment_offsets, stream);
+    } else {
+      return launch_fused_backward_pass<T, 1, float>(b, s.segment_offsets, stream);
+    }
+  });
+}
+
+}  // namespace moxe::mlstm::detail

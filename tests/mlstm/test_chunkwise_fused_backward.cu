@@ -1,0 +1,464 @@
+// Device tests of the fused chunkwise backward (detail/fused_device_backward.cuh): every
+// gradient (dq, dk, dv, digate, dfgate, dc_init, dn_init, dm_init) against the recurrent
+// reference's backward in double AND against the host twin's backward
+// (chunkwise_fused_host.hpp) run with the same Precision and operand format (the same
+// arithmetic up to the order of fp32 additions). float, bf16 and half; fast and accurate;
+// S = 1, S not a multiple of the chunk, chunk sizes 16, 32, 64, DQK != DV (a partial
+// 64-column block), ragged and empty segments, initial states and upstream dc/dn/dm_last,
+// batch passes. Outputs and the workspace are poisoned (NaN; -1 in the integer arrays)
+// before every run; seeds are printed; two runs give the same bits. Small sizes: every case
+// runs on the simulator.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <iomanip>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "device_utils.cuh"
+#include "moxe/mlstm/chunkwise_fused_host.hpp"
+#include "moxe/mlstm/detail/fused_device_backward.cuh"
+#include "mlstm_testing.hpp"
+#include "moxe/mlstm/reference.hpp"
+#include "test_utils.hpp"
+
+namespace mm = moxe::mlstm;
+using moxe::Precision;
+using moxe::Status;
+using moxe::test::DeviceBuffer;
+
+namespace {
+
+struct Case {
+  int64_t batch = 1, heads = 2, seq_len = 37, dqk = 32, dv = 48;
+  int chunk_size = 16;
+  bool init_states = false, upstream = false;
+  std::vector<int64_t> offsets;
+  int64_t batch_per_pass = 0;
+  moxe::test::ExtremeGates extreme = moxe::test::ExtremeGates::none;  // (without segments)
+};
+
+struct Inputs {
+  Case cs;
+  int64_t rows = 0, slots = 0;
+  std::vector<double> q, k, v, ig, fg, c0, n0, m0, dh, dcl, dnl, dml;  // rounded through T (states: float)
+};
+
+template <class T>
+Inputs make_inputs(const Case& cs, moxe::test::Rng& rng) {
+  using moxe::test::round_through;
+  Inputs in;
+  in.cs = cs;
+  in.rows = cs.batch * cs.heads * cs.seq_len;
+  in.slots = (cs.offsets.empty() ? cs.batch : int64_t(cs.offsets.size()) - 1) * cs.heads;
+  in.q = round_through<T>(moxe::test::normal_vector<double>(rng, in.rows * cs.dqk));
+  in.k = round_through<T>(moxe::test::normal_vector<double>(rng, in.rows * cs.dqk));
+  in.v = round_through<T>(moxe::test::normal_vector<double>(rng, in.rows * cs.dv));
+  in.ig = moxe::test::uniform_vector<double>(rng, in.rows, -3.0, 3.0);
+  in.fg = moxe::test::uniform_vector<double>(rng, in.rows, -2.0, 6.0);
+  if (cs.extreme != moxe::test::ExtremeGates::none) {
+    moxe::test::apply_extreme_gates(cs.extreme, rng, cs.batch * cs.heads, cs.seq_len, in.ig, in.fg,
+                                    cs.extreme == moxe::test::ExtremeGates::resets);
+    if (cs.extreme == moxe::test::ExtremeGates::high_m) {
+      for (auto* x : {&in.q, &in.k})
+        for (double& e : *x) e = std::abs(e);  // n . qs away from 0 where exp(-m) underflows
+    }
+  }
+  in.ig = round_through<T>(in.ig);
+  in.fg = round_through<T>(in.fg);
+  in.dh = round_through<T>(moxe::test::normal_vector<double>(rng, in.rows * cs.dv));
+  if (cs.init_states) {
+    in.c0 = round_through<float>(moxe::test::normal_vector<double>(rng, in.slots * cs.dqk * cs.dv, 0.5));
+    in.n0 = round_through<float>(moxe::test::uniform_vector<double>(rng, in.slots * cs.dqk, -1.0, 1.0));
+    in.m0 = round_through<float>(moxe::test::uniform_vector<double>(rng, in.slots, -2.0, 2.0));
+  }
+  if (cs.upstream) {
+    in.dcl = round_through<float>(moxe::test::normal_vector<double>(rng, in.slots * cs.dqk * cs.dv, 0.3));
+    in.dnl = round_through<float>(moxe::test::normal_vector<double>(rng, in.slots * cs.dqk, 0.3));
+    in.dml = round_through<float>(moxe::test::normal_vector<double>(rng, in.slots, 0.3));
+  }
+  return in;
+}
+
+struct Grads {
+  std::vector<double> dq, dk, dv, di, df, dc, dn, dm;
+};
+
+/// The recurrent reference (A = double) or the fused host twin (A = float, operand format
+/// Fmt, `precision`), on the same inputs.
+template <class A, class Fmt>
+Grads host_backward(const Inputs& in, bool twin, Precision precision) {
+  const Case& cs = in.cs;
+  auto as = [](const std::vector<double>& x) { return std::vector<A>(x.begin(), x.end()); };
+  const auto q = as(in.q), k = as(in.k), v = as(in.v), ig = as(in.ig), fg = as(in.fg), dh = as(in.dh);
+  const auto c0 = as(in.c0), n0 = as(in.n0), m0 = as(in.m0), dcl = as(in.dcl), dnl = as(in.dnl), dml = as(in.dml);
+  mm::BackwardParams<A, A> b;
+  mm::ForwardParams<A, A>& p = b.fwd;
+  p.dims = mm::Dims{cs.batch, cs.heads, cs.seq_len, cs.dqk, cs.dv};
+  p.q = q.data();
+  p.k = k.data();
+  p.v = v.data();
+  p.igate = ig.data();
+  p.fgate = fg.data();
+  if (cs.init_states) {
+    p.c_init = c0.data();
+    p.n_init = n0.data();
+    p.m_init = m0.data();
+  }
+  if (!cs.offsets.empty()) {
+    p.segment_offsets = cs.offsets.data();
+    p.num_segments = int64_t(cs.offsets.size()) - 1;
+  }
+  p.chunk_size = cs.chunk_size;
+  p.precision = precision;
+  b.dh = dh.data();
+  if (cs.upstream) {
+    b.dc_last = dcl.data();
+    b.dn_last = dnl.data();
+    b.dm_last = dml.data();
+  }
+  std::vector<A> dq(in.rows * cs.dqk), dk(in.rows * cs.dqk), dv(in.rows * cs.dv), di(in.rows), df(in.rows);
+  std::vector<A> dc(cs.init_states ? in.slots * cs.dqk * cs.dv : 0), dn(cs.init_states ? in.slots * cs.dqk : 0),
+      dm(cs.init_states ? in.slots : 0);
+  b.dq = dq.data();
+  b.dk = dk.data();
+  b.dv = dv.data();
+  b.digate = di.data();
+  b.dfgate = df.data();
+  if (cs.init_states) {
+    b.dc_init = dc.data();
+    b.dn_init = dn.data();
+    b.dm_init = dm.data();
+  }
+  if (twin) {
+    REQUIRE(mm::chunkwise_fused_host::backward<Fmt>(b) == Status::ok);
+  } else {
+    REQUIRE(mm::reference::backward(b) == Status::ok);
+  }
+  auto d = [](const std::vector<A>& x) { return std::vector<double>(x.begin(), x.end()); };
+  return Grads{d(dq), d(dk), d(dv), d(di), d(df), d(dc), d(dn), d(dm)};
+}
+
+template <class T>
+struct Device {
+  Case cs;
+  DeviceBuffer<T> q, k, v, ig, fg, dh, dq, dk, dv, di, df;
+  DeviceBuffer<float> c0, n0, m0, dcl, dnl, dml, dc, dn, dm;
+  DeviceBuffer<int64_t> offsets;
+
+  explicit Device(const Inputs& in) : cs(in.cs) {
+    using moxe::test::convert_to;
+    q = DeviceBuffer<T>(convert_to<T>(in.q));
+    k = DeviceBuffer<T>(convert_to<T>(in.k));
+    v = DeviceBuffer<T>(convert_to<T>(in.v));
+    ig = DeviceBuffer<T>(convert_to<T>(in.ig));
+    fg = DeviceBuffer<T>(convert_to<T>(in.fg));
+    dh = DeviceBuffer<T>(convert_to<T>(in.dh));
+    dq = DeviceBuffer<T>(in.rows * cs.dqk);
+    dk = DeviceBuffer<T>(in.rows * cs.dqk);
+    dv = DeviceBuffer<T>(in.rows * cs.dv);
+    di = DeviceBuffer<T>(in.rows);
+    df = DeviceBuffer<T>(in.rows);
+    if (cs.init_states) {
+      c0 = DeviceBuffer<float>(convert_to<float>(in.c0));
+      n0 = DeviceBuffer<float>(convert_to<float>(in.n0));
+      m0 = DeviceBuffer<float>(convert_to<float>(in.m0));
+      dc = DeviceBuffer<float>(in.slots * cs.dqk * cs.dv);
+      dn = DeviceBuffer<float>(in.slots * cs.dqk);
+      dm = DeviceBuffer<float>(in.slots);
+    }
+    if (cs.upstream) {
+      dcl = DeviceBuffer<float>(convert_to<float>(in.dcl));
+      dnl = DeviceBuffer<float>(convert_to<float>(in.dnl));
+      dml = DeviceBuffer<float>(convert_to<float>(in.dml));
+    }
+    if (!cs.offsets.empty()) offsets = DeviceBuffer<int64_t>(cs.offsets);
+  }
+
+  mm::BackwardParams<T, float> params(Precision precision) const {
+    mm::BackwardParams<T, float> b;
+    mm::ForwardParams<T, float>& p = b.fwd;
+    p.dims = mm::Dims{cs.batch, cs.heads, cs.seq_len, cs.dqk, cs.dv};
+    p.q = q.get();
+    p.k = k.get();
+    p.v = v.get();
+    p.igate = ig.get();
+    p.fgate = fg.get();
+    if (cs.init_states) {
+      p.c_init = c0.get();
+      p.n_init = n0.get();
+      p.m_init = m0.get();
+      b.dc_init = dc.get();
+      b.dn_init = dn.get();
+      b.dm_init = dm.get();
+    }
+    p.chunk_size = cs.chunk_size;
+    p.batch_per_pass = cs.batch_per_pass;
+    p.precision = precision;
+    if (!cs.offsets.empty()) {
+      p.segment_offsets = offsets.get();
+      p.num_segments = int64_t(cs.offsets.size()) - 1;
+    }
+    b.dh = dh.get();
+    if (cs.upstream) {
+      b.dc_last = dcl.get();
+      b.dn_last = dnl.get();
+      b.dm_last = dml.get();
+    }
+    b.dq = dq.get();
+    b.dk = dk.get();
+    b.dv = dv.get();
+    b.digate = di.get();
+    b.dfgate = df.get();
+    return b;
+  }
+
+  Grads run(Precision precision) {
+    for (auto* x : {&dq, &dk, &dv, &di, &df}) x->poison();
+    if (cs.init_states)
+      for (auto* x : {&dc, &dn, &dm}) x->poison();
+    const auto b = params(precision);
+    DeviceBuffer<unsigned char> ws(mm::detail::fused_backward_workspace_size(b));
+    ws.poison();
+    REQUIRE(mm::detail::fused_chunkwise_backward(b, ws.get(), ws.size(), nullptr) == Status::ok);
+    MOXE_TEST_CUDA(cudaDeviceSynchronize());
+    using moxe::test::convert_to_double;
+    Grads g{convert_to_double(dq.download()), convert_to_double(dk.download()), convert_to_double(dv.download()),
+            convert_to_double(di.download()), convert_to_double(df.download()), {}, {}, {}};
+    if (cs.init_states) {
+      g.dc = convert_to_double(dc.download());
+      g.dn = convert_to_double(dn.download());
+      g.dm = convert_to_double(dm.download());
+    }
+    return g;
+  }
+};
+
+double norm(const std::vector<double>& v) {
+  double s = 0.0;
+  for (double x : v) s += x * x;
+  return std::sqrt(s);
+}
+
+/// ||out - ref|| / max(||ref||, floor): the floor keeps a gradient that is tiny next to the
+/// others (1e-2 of their norms' sum) from turning rounding into a large relative error.
+double rel_error(const std::vector<double>& out, const std::vector<double>& ref, double floor) {
+  if (out.size() != ref.size()) return std::numeric_limits<double>::infinity();
+  double num = 0.0;
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const double d = out[i] - ref[i];
+    num += d * d;
+  }
+  if (!std::isfinite(num)) return std::numeric_limits<double>::infinity();
+  return std::sqrt(num) / std::max({norm(ref), floor, 1e-30});
+}
+
+template <class T>
+std::string type_name() {
+  if constexpr (std::is_same_v<T, float>) return "float";
+  if constexpr (std::is_same_v<T, __half>) return "half";
+  return "bf16";
+}
+
+/// Bounds on the worst gradient (norm-wise relative, floored): against the double reference
+/// (the twin's documented bounds, gradients stored in T) and against the host twin (the
+/// same operands; the order of fp32 sums and the store to T differ).
+struct Bounds {
+  double ref, twin;
+};
+
+template <class T>
+Bounds bounds(Precision precision) {
+  if constexpr (std::is_same_v<T, float>) return Bounds{2e-5, 2e-5};
+  // against the twin: measured <= 7e-5; a sum order that flips one operand's rounding to T
+  // moves that term by 2^-8 (bf16) / 2^-11 (half) of itself
+  if (precision == Precision::accurate) return std::is_same_v<T, __half> ? Bounds{2e-3, 1e-3} : Bounds{1e-2, 1e-3};
+  return std::is_same_v<T, __half> ? Bounds{1e-2, 1e-3} : Bounds{5e-2, 1e-3};
+}
+
+template <class T>
+void check_case(const Case& cs, Precision precision) {
+  const auto seed = moxe::test::fresh_seed();
+  moxe::test::Rng rng(seed);
+  const Inputs in = make_inputs<T>(cs, rng);
+  using Fmt = std::conditional_t<std::is_same_v<T, float>, void, T>;
+  const Grads ref = host_backward<double, void>(in, false, precision);
+  const Grads twin = host_backward<float, Fmt>(in, true, precision);
+  Device<T> dev(in);
+  const Grads out = dev.run(precision);
+  const Grads again = dev.run(precision);
+  const Bounds b = bounds<T>(precision);
+  INFO("seed " << seed << " " << type_name<T>() << std::string(precision == Precision::fast ? " fast" : " accurate")
+               << " B " << cs.batch << " NH " << cs.heads << " S " << cs.seq_len << " DQK " << cs.dqk << " DV "
+               << cs.dv << " L " << cs.chunk_size << " segments " << cs.offsets.size() << " init "
+               << cs.init_states << " upstream " << cs.upstream);
+  using Field = std::vector<double> Grads::*;
+  const Field fields[] = {&Grads::dq, &Grads::dk, &Grads::dv, &Grads::di,
+                                                 &Grads::df, &Grads::dc, &Grads::dn, &Grads::dm};
+  const char* names[] = {"dq", "dk", "dv", "digate", "dfgate", "dc_init", "dn_init", "dm_init"};
+  double sum_norms = 0.0;
+  for (auto f : fields) sum_norms += norm(ref.*f);
+  const double floor = 1e-2 * sum_norms;
+  std::string line;
+  for (int i = 0; i < 8; ++i) {
+    const auto f = fields[i];
+    if ((ref.*f).empty()) continue;
+    // the twin's gradients rounded to T as a kernel stores them (dc/dn/dm_init are fp32)
+    const bool stored_t = i < 5;
+    const auto twin_t = stored_t ? moxe::test::round_through<T>(twin.*f) : twin.*f;
+    const double er = rel_error(out.*f, ref.*f, floor), et = rel_error(out.*f, twin_t, floor);
+    std::ostringstream os;
+    os << " " << names[i] << " " << std::setprecision(2) << std::scientific << er << "/" << et;
+    line += os.str();
+    CHECK_MESSAGE(er <= b.ref, names[i] << " vs reference " << er);
+    CHECK_MESSAGE(et <= b.twin, names[i] << " vs twin " << et);
+    CHECK_MESSAGE(std::memcmp((out.*f).data(), (again.*f).data(), (out.*f).size() * sizeof(double)) == 0,
+                  names[i] << ": two runs differ");
+  }
+  MESSAGE(type_name<T>() << std::string(precision == Precision::fast ? " fast" : " accurate") << " S "
+                         << cs.seq_len << " L " << cs.chunk_size << " DQK " << cs.dqk << " DV " << cs.dv
+                         << " (vs ref / vs twin):" << line);
+}
+
+template <class T>
+void check_all(const Case& cs) {
+  check_case<T>(cs, Precision::fast);
+  if constexpr (!std::is_same_v<T, float>) check_case<T>(cs, Precision::accurate);
+}
+
+template <class T>
+void basic_cases() {
+  Case cs;  // S 37 over chunks of 16 (partial last), DQK 32 != DV 48 (partial column block)
+  SUBCASE("S 37, L 16, DQK 32, DV 48, initial states, upstream, 2 batch entries in passes of 1") {
+    cs.batch = 2;
+    cs.init_states = true;
+    cs.upstream = true;
+    cs.batch_per_pass = 1;
+    check_all<T>(cs);
+  }
+  SUBCASE("S 1") {
+    cs.seq_len = 1;
+    cs.dqk = 16;
+    cs.dv = 16;
+    check_all<T>(cs);
+  }
+  SUBCASE("S 70, L 32, DV 80, upstream without initial states") {
+    cs.seq_len = 70;
+    cs.chunk_size = 32;
+    cs.dqk = 16;
+    cs.dv = 80;
+    cs.upstream = true;
+    check_all<T>(cs);
+  }
+  SUBCASE("segments ragged and empty, initial states, upstream") {
+    cs.seq_len = 41;
+    cs.offsets = {0, 5, 5, 23, 41};
+    cs.init_states = true;
+    cs.upstream = true;
+    cs.dqk = 16;
+    cs.dv = 32;
+    check_all<T>(cs);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("fused backward float") { basic_cases<float>(); }
+TEST_CASE("fused backward bf16") { basic_cases<__nv_bfloat16>(); }
+TEST_CASE("fused backward half") { basic_cases<__half>(); }
+
+TEST_CASE("fused backward chunk 64 and 128, DQK 256") {
+  Case cs;
+  cs.heads = 1;
+  cs.dqk = 16;
+  cs.dv = 16;
+  cs.init_states = true;
+  cs.upstream = true;
+  SUBCASE("L 64, S 70") {
+    cs.chunk_size = 64;
+    cs.seq_len = 70;
+    check_all<__nv_bfloat16>(cs);
+    check_case<float>(cs, Precision::fast);
+  }
+  SUBCASE("L 128, S 130") {
+    cs.chunk_size = 128;
+    cs.seq_len = 130;
+    check_case<__half>(cs, Precision::fast);
+    check_case<float>(cs, Precision::fast);
+  }
+  SUBCASE("DQK 256 (two row tiles per warp in the state gradient), DV 16") {
+    cs.dqk = 256;
+    cs.seq_len = 20;
+    check_all<__nv_bfloat16>(cs);
+  }
+}
+
+TEST_CASE("fused backward: extreme gates (resets, no input, exp(-m) beyond float's range)") {
+  using moxe::test::ExtremeGates;
+  for (ExtremeGates x : {ExtremeGates::resets, ExtremeGates::low_m, ExtremeGates::high_m}) {
+    INFO("gates " << std::string(moxe::test::name(x)));
+    Case cs;
+    cs.seq_len = 40;
+    cs.dqk = 16;
+    cs.dv = 16;
+    cs.init_states = true;
+    cs.upstream = true;
+    cs.extreme = x;
+    check_case<float>(cs, Precision::fast);
+    check_all<__nv_bfloat16>(cs);
+  }
+}
+
+TEST_CASE("fused backward: bad input launches nothing") {
+  Case cs;
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  const Inputs in = make_inputs<__nv_bfloat16>(cs, rng);
+  Device<__nv_bfloat16> dev(in);
+  dev.dq.poison();
+  const auto b = dev.params(Precision::fast);
+  const std::size_t bytes = mm::detail::fused_backward_workspace_size(b);
+  DeviceBuffer<unsigned char> ws(bytes);
+  CHECK(mm::detail::fused_chunkwise_backward(b, ws.get(), bytes - 1, nullptr) == Status::workspace_too_small);
+  auto bad = b;
+  bad.dh = nullptr;
+  CHECK(mm::detail::fused_chunkwise_backward(bad, ws.get(), bytes, nullptr) != Status::ok);
+  bad = b;
+  bad.fwd.chunk_size = 24;
+  CHECK(mm::detail::fused_chunkwise_backward(bad, ws.get(), bytes, nullptr) != Status::ok);
+  bad = b;
+  bad.fwd.dims.dqk = 20;
+  CHECK(mm::detail::fused_chunkwise_backward(bad, ws.get(), bytes, nullptr) != Status::ok);
+  MOXE_TEST_CUDA(cudaDeviceSynchronize());
+  // nothing written: dq still all NaN
+  for (double x : moxe::test::convert_to_double(dev.dq.download())) REQUIRE(std::isnan(x));
+}
+
+TEST_CASE("fused backward: bad segment offsets are clamped as the forward does") {
+  // {0, 30, 10, 50} at S = 41 clamps to {0, 30, 30, 41}: the same bits
+  Case cs;
+  cs.seq_len = 41;
+  cs.dqk = 16;
+  cs.dv = 16;
+  cs.init_states = true;
+  cs.upstream = true;
+  cs.offsets = {0, 30, 10, 50};
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  const Inputs in = make_inputs<__nv_bfloat16>(cs, rng);
+  Device<__nv_bfloat16> dev(in);
+  const Grads bad = dev.run(Precision::fast);
+  dev.offsets = DeviceBuffer<int64_t>(std::vector<int64_t>{0, 30, 30, 41});
+  const Grads good = dev.run(Precision::fast);
+  for (auto f : {&Grads::dq, &Grads::dk, &Grads::dv, &Grads::di, &Grads::df, &Grads::dc, &Grads::dn, &Grads::dm}) {
+    REQUIRE((bad.*f).size() == (good.*f).size());
+    CHECK(std::memcmp((bad.*f).data(), (good.*f).data(), (bad.*f).size() * sizeof(double)) == 0);
+  }
+}
