@@ -21,15 +21,18 @@ constexpr int64_t kTokens = 65536;
 
 /// One problem: the gate's buffers, its optional outputs, workspace.
 struct GateSet : moxe::bench::GateBuffers {
-  DeviceMemory probs, lse, entropy, difficulty, workspace;
+  DeviceMemory probs, lse, entropy, difficulty, totals, workspace;
   GateSet(int e, int k, int seed)
       : GateBuffers(kTokens, e, k, seed),
         probs(kTokens * e * sizeof(float)),
         lse(kTokens * sizeof(float)),
         entropy(kTokens * sizeof(float)),
-        difficulty(kTokens * sizeof(float)) {
+        difficulty(kTokens * sizeof(float)),
+        totals((e + 4) * sizeof(float)) {
+    auto recompute = bwd();
+    recompute.fwd.totals = nullptr;
     const std::size_t ws = std::max(moxe::router::gate_forward_workspace_size(fwd()),
-                                    moxe::router::gate_backward_workspace_size(bwd()));
+                                    moxe::router::gate_backward_workspace_size(recompute));
     workspace = DeviceMemory(std::max<std::size_t>(ws, (4 + e) * sizeof(float)));  // the composed form's sums too
     MOXE_BENCH_CUDA(cudaDeviceSynchronize());
   }
@@ -39,6 +42,7 @@ struct GateSet : moxe::bench::GateBuffers {
     p.lse = lse.as<float>();
     p.entropy = entropy.as<float>();
     p.difficulty = difficulty.as<float>();
+    p.totals = totals.as<float>();  // the backward takes u, P_m, P_s from them: one launch, one read of the logits
     return p;
   }
   moxe::router::GateBackwardParams<Bf16, float> bwd() const {
@@ -51,8 +55,9 @@ struct GateSet : moxe::bench::GateBuffers {
 double forward_bytes(int e, int k) {
   return double(kTokens) * (e * (2.0 + 4.0) + 2.0 + 3 * 4.0 + k * 12.0);
 }
-double backward_bytes(int e, int k, bool mass_pass) {
-  return double(kTokens) * (e * 2.0 * (mass_pass ? 2 : 1) + e * 2.0 + 2.0 * 2 + k * 12.0 * 2);
+/// recompute: without the forward's totals (a second read of the logits and of the saved top-k)
+double backward_bytes(int e, int k, bool recompute) {
+  return double(kTokens) * (e * 2.0 * (recompute ? 2 : 1) + e * 2.0 + 2.0 * 2 + k * (recompute ? 20.0 : 12.0));
 }
 
 // ---- the composed baseline: separate kernels, written plainly ---------------------------------
@@ -204,8 +209,20 @@ void BM_gate_backward_fused(benchmark::State& state) {
   const int e = int(state.range(0)), k = int(state.range(1));
   auto sets = sets_for(state, /*run_forward=*/true);
   if (sets.empty()) return;
-  moxe::bench::time_rotating(state, sets, backward_bytes(e, k, true), [](GateSet& s, cudaStream_t stream) {
+  moxe::bench::time_rotating(state, sets, backward_bytes(e, k, false), [](GateSet& s, cudaStream_t stream) {
     return moxe::router::gate_backward(s.bwd(), s.workspace.as<void>(), s.workspace.bytes(), stream);
+  });
+}
+
+/// The backward without the forward's totals: it sums u, P_m, P_s again (3 launches).
+void BM_gate_backward_fused_recompute(benchmark::State& state) {
+  const int e = int(state.range(0)), k = int(state.range(1));
+  auto sets = sets_for(state, /*run_forward=*/true);
+  if (sets.empty()) return;
+  moxe::bench::time_rotating(state, sets, backward_bytes(e, k, true), [](GateSet& s, cudaStream_t stream) {
+    auto b = s.bwd();
+    b.fwd.totals = nullptr;
+    return moxe::router::gate_backward(b, s.workspace.as<void>(), s.workspace.bytes(), stream);
   });
 }
 
@@ -241,6 +258,7 @@ void shapes(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_gate_forward_fused)->Apply(shapes);
 BENCHMARK(BM_gate_forward_composed)->Apply(shapes);
 BENCHMARK(BM_gate_backward_fused)->Apply(shapes);
+BENCHMARK(BM_gate_backward_fused_recompute)->Apply(shapes);
 BENCHMARK(BM_gate_backward_composed)->Apply(shapes);
 
 }  // namespace

@@ -381,6 +381,7 @@ class DeviceLayer {
   float *probs_ = nullptr, *lse_ = nullptr, *entropy_ = nullptr, *difficulty_ = nullptr;
   int32_t *topk_idx_ = nullptr, *routed_counts_ = nullptr;
   float *topk_prob_ = nullptr, *topk_weight_ = nullptr, *losses_ = nullptr;
+  float* gate_totals_ = nullptr;  // [E + 4] the gate forward's batch sums, read by its backward
   // dispatch
   int64_t *row_map_ = nullptr, *expert_offsets_ = nullptr, *sequence_of_row_ = nullptr, *segments_ = nullptr;
   int32_t* expert_counts_ = nullptr;
@@ -461,6 +462,7 @@ Status DeviceLayer<T>::init(const LayerConfig& c, const LayerWeights& w, cudaStr
   MOXE_RETURN_IF_ERROR(a.allocate(topk_weight_, T_ * K));
   MOXE_RETURN_IF_ERROR(a.allocate(routed_counts_, E));
   MOXE_RETURN_IF_ERROR(a.allocate(losses_, 4));
+  MOXE_RETURN_IF_ERROR(a.allocate(gate_totals_, E + 4));
 
   dispatch_dims_.tokens = T_;
   dispatch_dims_.hidden = int(D);
@@ -552,6 +554,7 @@ Status DeviceLayer<T>::init(const LayerConfig& c, const LayerWeights& w, cudaStr
   g.topk_weight = topk_weight_;
   g.expert_counts = routed_counts_;
   g.losses = losses_;
+  g.totals = gate_totals_;  // the gate backward then takes u, P_m, P_s from the forward: one launch
 
   // One workspace, the largest any launcher asks for. The cells' sizes depend on the
   // routing (rows per expert), so they are asked at their bounds, in this expert mode only:

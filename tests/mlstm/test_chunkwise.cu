@@ -378,7 +378,7 @@ struct Device {
     poison();
     const auto fp = forward_params();
     const auto bp = backward_params();
-    DeviceBuffer<unsigned char> fws(mm::chunkwise_forward_workspace_size(fp));
+    DeviceBuffer<unsigned char> fws(mm::detail::phase_forward_workspace_size(fp));
     DeviceBuffer<unsigned char> bws(mm::chunkwise_backward_workspace_size(bp));
     REQUIRE(mm::detail::chunkwise_forward_variant<kTiled>(fp, fws.get(), fws.size(), nullptr) == Status::ok);
     REQUIRE(mm::detail::chunkwise_backward_variant<kTiled>(bp, bws.get(), bws.size(), nullptr) == Status::ok);

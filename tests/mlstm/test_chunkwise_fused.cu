@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "device_utils.cuh"
+#include "mlstm_testing.hpp"
 #include "moxe/mlstm/chunkwise_fused_host.hpp"
 #include "moxe/mlstm/detail/fused_device.cuh"
 #include "moxe/mlstm/reference.hpp"
@@ -36,6 +37,7 @@ struct Case {
   bool init_states = false;
   std::vector<int64_t> offsets;
   int64_t batch_per_pass = 0;
+  moxe::test::ExtremeGates extreme = moxe::test::ExtremeGates::none;  // (without segments)
 };
 
 struct Inputs {
@@ -54,8 +56,17 @@ Inputs make_inputs(const Case& cs, moxe::test::Rng& rng) {
   in.q = round_through<T>(moxe::test::normal_vector<double>(rng, in.rows * cs.dqk));
   in.k = round_through<T>(moxe::test::normal_vector<double>(rng, in.rows * cs.dqk));
   in.v = round_through<T>(moxe::test::normal_vector<double>(rng, in.rows * cs.dv));
-  in.ig = round_through<T>(moxe::test::uniform_vector<double>(rng, in.rows, -3.0, 3.0));
-  in.fg = round_through<T>(moxe::test::uniform_vector<double>(rng, in.rows, -2.0, 6.0));
+  in.ig = moxe::test::uniform_vector<double>(rng, in.rows, -3.0, 3.0);
+  in.fg = moxe::test::uniform_vector<double>(rng, in.rows, -2.0, 6.0);
+  if (cs.extreme != moxe::test::ExtremeGates::none) {
+    const bool resets = cs.extreme == moxe::test::ExtremeGates::resets;
+    moxe::test::apply_extreme_gates(cs.extreme, rng, cs.batch * cs.heads, cs.seq_len, in.ig, in.fg, resets);
+    if (cs.extreme == moxe::test::ExtremeGates::high_m)  // q, k >= 0 keep n.qs away from 0
+      for (auto* x : {&in.q, &in.k})
+        for (double& e : *x) e = std::abs(e);
+  }
+  in.ig = round_through<T>(in.ig);
+  in.fg = round_through<T>(in.fg);
   if (cs.init_states) {
     in.c0 = round_through<float>(moxe::test::normal_vector<double>(rng, in.slots * cs.dqk * cs.dv, 0.5));
     in.n0 = round_through<float>(moxe::test::uniform_vector<double>(rng, in.slots * cs.dqk, -1.0, 1.0));
@@ -311,6 +322,11 @@ TEST_CASE("fused forward chunk sizes 48..128, DQK 256") {
     cs.seq_len = 50;
     check_all<__half>(cs);
   }
+  SUBCASE("L 16, S 2070: 130 chunks in a unit (the gate scan's carry over blocks of 128 chunks)") {
+    cs.seq_len = 2070;
+    cs.init_states = true;
+    check_case<__nv_bfloat16>(cs, Precision::fast);
+  }
   SUBCASE("DQK 256 (two row tiles per warp), DV 16") {
     cs.dqk = 256;
     cs.seq_len = 20;
@@ -365,4 +381,54 @@ TEST_CASE("fused forward: bad segment offsets are clamped as the phase design do
   clamped.cs.offsets = {0, 30, 30, 41};
   const Out ref = host_forward<double, void>(clamped, false, Precision::fast);
   CHECK(rel_error(good.h, ref.h) <= bounds<__nv_bfloat16>(Precision::fast).h_ref);
+}
+
+TEST_CASE("fused forward: q, k, v not 16-byte aligned (plain loads instead of cp.async) give the same bits") {
+  Case cs;
+  cs.seq_len = 21;
+  cs.dqk = 16;
+  cs.dv = 32;
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  const Inputs in = make_inputs<__half>(cs, rng);
+  Device<__half> dev(in);
+  const Out aligned = dev.run(Precision::accurate);
+  // copies one element (2 bytes) past an aligned start
+  auto shifted = [](const DeviceBuffer<__half>& src) {
+    DeviceBuffer<__half> b(src.size() + 1);
+    MOXE_TEST_CUDA(cudaMemcpy(b.get() + 1, src.get(), src.bytes(), cudaMemcpyDeviceToDevice));
+    return b;
+  };
+  DeviceBuffer<__half> q = shifted(dev.q), k = shifted(dev.k), v = shifted(dev.v);
+  dev.h.poison();
+  dev.c.poison();
+  auto p = dev.params(Precision::accurate);
+  p.q = q.get() + 1;
+  p.k = k.get() + 1;
+  p.v = v.get() + 1;
+  DeviceBuffer<unsigned char> ws(mm::detail::fused_chunkwise_forward_workspace_size(p));
+  ws.poison();
+  REQUIRE(mm::detail::fused_chunkwise_forward(p, ws.get(), ws.size(), nullptr) == Status::ok);
+  MOXE_TEST_CUDA(cudaDeviceSynchronize());
+  const auto h = moxe::test::convert_to_double(dev.h.download());
+  const auto c = moxe::test::convert_to_double(dev.c.download());
+  CHECK(h == aligned.h);
+  CHECK(c == aligned.c);
+}
+
+TEST_CASE("fused forward: extreme gates (resets inside chunks, no input, m ~ -200, m ~ 100)") {
+  using moxe::test::ExtremeGates;
+  for (ExtremeGates x : {ExtremeGates::resets, ExtremeGates::low_m, ExtremeGates::high_m}) {
+    INFO("gates " << std::string(moxe::test::name(x)));
+    Case cs;
+    cs.seq_len = 40;
+    cs.dqk = 16;
+    cs.dv = 16;
+    cs.init_states = true;
+    cs.extreme = x;
+    check_case<float>(cs, Precision::fast);
+    check_all<__nv_bfloat16>(cs);
+    if (x == ExtremeGates::resets) check_all<__half>(cs);
+  }
 }

@@ -48,6 +48,7 @@ struct GateProblem {
   // outputs of the last forward
   std::vector<double> probs, lse, entropy, difficulty, topk_prob, topk_weight, losses;
   std::vector<int32_t> topk_idx, expert_counts;
+  std::vector<double> totals;  // [E + 4] GateForwardParams::totals when not empty (else null)
 
   GateProblem(Rng& rng, int64_t tokens, int experts, int mlstm_experts, int top_k, router::Modulation m,
               bool with_head = true, double logit_scale = 1.0)
@@ -78,7 +79,9 @@ struct GateProblem {
   }
 
   router::GateForwardParams<double, double> forward_params() {
-    return gate_forward_params<router::GateForwardParams<double, double>>(*this, [](auto& v) { return v.data(); });
+    auto p = gate_forward_params<router::GateForwardParams<double, double>>(*this, [](auto& v) { return v.data(); });
+    p.totals = totals.empty() ? nullptr : totals.data();
+    return p;
   }
 
   Status forward() { return router::reference::gate_forward(forward_params()); }

@@ -1,7 +1,9 @@
 // Device tests of the fused gate: forward and backward against the double reference (float,
-// bf16 and half logits), determinism, poisoned outputs, token counts that are not
-// multiples of any block size, T = 1, grid-stride coverage, misaligned workspaces, a too
-// small workspace, graph capture, bad arguments.
+// bf16 and half logits), the backward both from the forward's totals and without them,
+// determinism, the forward's two-level finish rebuilt bit for bit on the host from the
+// workspace's block partials, poisoned outputs, token counts that are not multiples of any
+// block size, T = 1, grid-stride coverage, misaligned workspaces, a too small workspace,
+// graph capture (replayed twice: the tickets), bad arguments.
 // Small-size mode (MOXE_TEST_SMALL, the simulator) keeps every case, dtype, modulation, row
 // shape and top-k algorithm, T = 1 and multi-block grids, with fewer tokens; the grid-stride
 // pass runs once (float) at the smallest size that reaches it, T = 4097 at E = 129.
@@ -27,11 +29,12 @@ template <class T>
 struct DeviceGate {
   moxe::router::GateDims dims;
   mt::DeviceBuffer<T> logits, difficulty_logit, dlogits, ddifficulty;
-  mt::DeviceBuffer<float> probs, lse, entropy, difficulty, topk_prob, topk_weight, losses, dweight;
+  mt::DeviceBuffer<float> probs, lse, entropy, difficulty, topk_prob, topk_weight, losses, dweight, totals;
   mt::DeviceBuffer<int32_t> topk_idx, expert_counts;
   bool head;
   Modulation modulation;
   float gamma, tau;
+  bool use_totals = true;  // GateForwardParams::totals: the forward writes them, the backward reads them
 
   explicit DeviceGate(const mt::GateProblem& g)
       : dims(g.dims),
@@ -47,6 +50,7 @@ struct DeviceGate {
         topk_weight(dims.tokens * dims.top_k),
         losses(4),
         dweight(mt::convert_to<float>(g.dweight)),
+        totals(g.dims.experts + 4),
         topk_idx(dims.tokens * dims.top_k),
         expert_counts(dims.experts),
         head(g.head),
@@ -59,12 +63,14 @@ struct DeviceGate {
   void poison() {
     probs.poison(); lse.poison(); entropy.poison(); difficulty.poison(); topk_prob.poison();
     topk_weight.poison(); losses.poison(); topk_idx.poison(); expert_counts.poison();
-    dlogits.poison(); ddifficulty.poison();
+    dlogits.poison(); ddifficulty.poison(); totals.poison();
   }
 
   moxe::router::GateForwardParams<T, float> fwd() const {
-    return mt::gate_forward_params<moxe::router::GateForwardParams<T, float>>(*this,
-                                                                              [](const auto& b) { return b.get(); });
+    auto p = mt::gate_forward_params<moxe::router::GateForwardParams<T, float>>(*this,
+                                                                                [](const auto& b) { return b.get(); });
+    p.totals = use_totals ? totals.get() : nullptr;
+    return p;
   }
 
   moxe::router::GateBackwardParams<T, float> bwd(const mt::GateProblem& g) const {
@@ -133,6 +139,7 @@ void check_against_reference(mt::Rng& rng, int64_t tokens, int experts, int mlst
     // inputs on a bf16 grid; redraw when a selection is a near-tie float could order differently
     g.logits = mt::round_through<__nv_bfloat16>(g.logits);
     g.difficulty_logit = mt::round_through<T>(g.difficulty_logit);
+    g.totals.assign(experts + 4, NAN);
     REQUIRE(g.forward() == Status::ok);
     return g;
   };
@@ -150,12 +157,27 @@ void check_against_reference(mt::Rng& rng, int64_t tokens, int experts, int mlst
   CHECK(mt::rel_error(dev.topk_prob.download(), g.topk_prob) < 1e-5);
   CHECK(mt::rel_error(dev.topk_weight.download(), g.topk_weight) < 1e-5);
   check_losses(dev.losses.download(), g.losses);
+  const auto totals = dev.totals.download();  // loads, lse^2, (d - H)^2 and the masses: sums of float values
+  CHECK(mt::rel_error(std::vector<float>(totals.begin(), totals.begin() + experts), 
+                      std::vector<double>(g.totals.begin(), g.totals.begin() + experts)) < 1e-5);
+  for (int i = experts; i < experts + 4; ++i) {
+    CAPTURE(i);
+    CHECK(std::abs(totals[i] - g.totals[i]) <= 1e-5 * std::abs(g.totals[i]) + 1e-6 * double(tokens));
+  }
 
-  REQUIRE(dev.backward(g) == Status::ok);
+  // the backward twice: with the forward's totals (one launch), then without (the batch sums
+  // again from the saved top-k and the logits)
   std::vector<double> dz(g.logits.size()), da(tokens);
   REQUIRE(moxe::router::reference::gate_backward(g.backward_params(dz, da)) == Status::ok);
-  CHECK(mt::rel_error(mt::convert_to_double(dev.dlogits.download()), dz) < output_tolerance<T>());
-  if (head) CHECK(mt::rel_error(mt::convert_to_double(dev.ddifficulty.download()), da) < output_tolerance<T>());
+  for (bool use_totals : {true, false}) {
+    CAPTURE(use_totals);
+    dev.use_totals = use_totals;
+    dev.dlogits.poison();
+    dev.ddifficulty.poison();
+    REQUIRE(dev.backward(g) == Status::ok);
+    CHECK(mt::rel_error(mt::convert_to_double(dev.dlogits.download()), dz) < output_tolerance<T>());
+    if (head) CHECK(mt::rel_error(mt::convert_to_double(dev.ddifficulty.download()), da) < output_tolerance<T>());
+  }
 }
 
 }  // namespace
@@ -165,6 +187,9 @@ TEST_CASE_TEMPLATE("gate device forward and backward match the reference", T, fl
   for (Modulation m : {Modulation::none, Modulation::standard, Modulation::proportional, Modulation::masked})
     check_against_reference<T>(rng, 37, 8, 4, 2, m);
   check_against_reference<T>(rng, 1, 2, 1, 1, Modulation::standard);  // T = 1
+  check_against_reference<T>(rng, 7, 1, 0, 1, Modulation::standard);  // E = 1: H = 0, p = 1, an sLSTM group only
+  check_against_reference<T>(rng, 5, 1, 1, 1, Modulation::masked);     // E = 1 in the mLSTM group
+  check_against_reference<T>(rng, 19, 33, 17, 3, Modulation::masked);  // the (16, 4) shape's smallest E
   check_against_reference<T>(rng, 129, 4, 2, 1, Modulation::standard, false);
   check_against_reference<T>(rng, 77, 30, 12, 9, Modulation::masked);   // threshold top-k, 8 lanes
   // E > 32: 8 tokens a block, so the small sizes still span several blocks, the last partial
@@ -208,6 +233,8 @@ TEST_CASE("gate device: two runs give the same bits") {
   REQUIRE(dev.forward() == Status::ok);
   REQUIRE(dev.backward(g) == Status::ok);
   const auto losses = dev.losses.download();
+  const auto totals = dev.totals.download();
+  const auto counts = dev.expert_counts.download();
   const auto probs = dev.probs.download();
   const auto dz = dev.dlogits.download();
   const auto da = dev.ddifficulty.download();
@@ -215,6 +242,8 @@ TEST_CASE("gate device: two runs give the same bits") {
   REQUIRE(dev.forward() == Status::ok);
   REQUIRE(dev.backward(g) == Status::ok);
   CHECK(std::memcmp(losses.data(), dev.losses.download().data(), 4 * sizeof(float)) == 0);
+  CHECK(std::memcmp(totals.data(), dev.totals.download().data(), totals.size() * sizeof(float)) == 0);
+  CHECK(counts == dev.expert_counts.download());
   CHECK(std::memcmp(probs.data(), dev.probs.download().data(), probs.size() * sizeof(float)) == 0);
   const auto dz2 = dev.dlogits.download();
   const auto da2 = dev.ddifficulty.download();
@@ -222,13 +251,76 @@ TEST_CASE("gate device: two runs give the same bits") {
   CHECK(std::memcmp(da.data(), da2.data(), da.size() * sizeof(da[0])) == 0);
 }
 
+// The forward's finish (detail::gate_forward_kernel): the last block of each group of
+// kFinishGroup blocks adds its group's rows of partials in block order, the last group
+// finisher adds the group rows in group order. Here the same order on the host, in float,
+// from the partials the blocks left in the workspace: the totals, counts and the losses that
+// follow from them alone must match to the bit, whichever blocks finished last.
+TEST_CASE("gate device: the finish adds the block partials in block order (bits)") {
+  namespace rd = moxe::router::detail;
+  mt::Rng rng(mt::fresh_seed());
+  struct Case { int64_t tokens; int experts; };
+  // several groups, the last one partial: E = 64 has 16 tokens a block, E = 8 64, E = 100 8
+  const std::vector<Case> cases = mt::small_sizes()
+      ? std::vector<Case>{{16 * 40 + 5, 64}, {64 * 33 + 1, 8}, {17, 100}}
+      : std::vector<Case>{{65536, 64}, {65536 + 3, 8}, {8 * 700 + 1, 100}};
+  for (const Case& c : cases) {
+    CAPTURE(c.tokens);
+    CAPTURE(c.experts);
+    mt::GateProblem g(rng, c.tokens, c.experts, c.experts / 2, 2, Modulation::standard);
+    DeviceGate<float> dev(g);
+    const auto p = dev.fwd();
+    mt::MisalignedWorkspace ws(moxe::router::gate_forward_workspace_size(p), 5);
+    REQUIRE(moxe::router::gate_forward(p, ws.get(), ws.bytes(), nullptr) == Status::ok);
+    MOXE_TEST_CUDA(cudaDeviceSynchronize());
+    moxe::WorkspaceCarver carver(ws.get(), ws.bytes());
+    const rd::GateForwardScratch sc = rd::carve_gate_forward(carver, p.dims);
+    REQUIRE(carver.fits());
+    const int E = c.experts, W = E + rd::kGateScalars;
+    if (c.experts == 100) CHECK(sc.groups == 1);
+    else CHECK(sc.groups >= 2);
+    if (mt::small_sizes()) CHECK(sc.blocks % rd::kFinishGroup != 0);  // a partial last group
+    std::vector<float> part(std::size_t(sc.blocks) * W);
+    std::vector<int32_t> cpart(std::size_t(sc.blocks) * E);
+    MOXE_TEST_CUDA(cudaMemcpy(part.data(), sc.partials, part.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    MOXE_TEST_CUDA(cudaMemcpy(cpart.data(), sc.count_partials, cpart.size() * sizeof(int32_t), cudaMemcpyDeviceToHost));
+    std::vector<float> want(W, 0.f);
+    std::vector<int32_t> want_counts(E, 0);
+    for (int gi = 0; gi < sc.groups; ++gi) {
+      const int first = gi * rd::kFinishGroup, rows = std::min(rd::kFinishGroup, sc.blocks - first);
+      for (int col = 0; col < W; ++col) {
+        float acc = 0.f;
+        for (int r = 0; r < rows; ++r) acc += part[std::size_t(first + r) * W + col];
+        want[col] += acc;  // group rows in group order (the first: 0 + acc, exact)
+      }
+      for (int col = 0; col < E; ++col) {
+        int32_t acc = 0;
+        for (int r = 0; r < rows; ++r) acc += cpart[std::size_t(first + r) * E + col];
+        want_counts[col] += acc;
+      }
+    }
+    const auto totals = dev.totals.download();
+    CHECK(std::memcmp(totals.data(), want.data(), W * sizeof(float)) == 0);
+    CHECK(dev.expert_counts.download() == want_counts);
+    const auto losses = dev.losses.download();
+    const float inv_t = 1.f / static_cast<float>(c.tokens);
+    const float lz = want[E] * inv_t, ld = want[E + 1] * inv_t;
+    CHECK(std::memcmp(&losses[0], &lz, sizeof(float)) == 0);
+    CHECK(std::memcmp(&losses[2], &ld, sizeof(float)) == 0);
+  }
+}
+
 TEST_CASE("gate device: loss coefficients read from device memory give the scalars' bits") {
   mt::Rng rng(mt::fresh_seed());
-  for (double c_g : {0.01, 0.0}) {  // c_g = 0 through memory must still be exact (the mass pass runs)
+  // c_g = 0 through memory must still be exact (without totals: the mass pass runs)
+  for (bool use_totals : {true, false})
+  for (double c_g : {0.01, 0.0}) {
+    CAPTURE(use_totals);
     CAPTURE(c_g);
     mt::GateProblem g(rng, mt::size<int64_t>(777, 77), 16, 8, 2, Modulation::standard);  // small: 3 blocks
     g.c_g = c_g;
     DeviceGate<__nv_bfloat16> dev(g);
+    dev.use_totals = use_totals;
     REQUIRE(dev.forward() == Status::ok);
     REQUIRE(dev.backward(g) == Status::ok);
     const auto dz = dev.dlogits.download();
@@ -290,9 +382,13 @@ TEST_CASE("gate device: graph capture replays the same results") {
   REQUIRE(s == Status::ok);
   cudaGraphExec_t exec;
   MOXE_TEST_CUDA(cudaGraphInstantiate(&exec, graph, 0));
-  MOXE_TEST_CUDA(cudaGraphLaunch(exec, stream));
-  MOXE_TEST_CUDA(cudaStreamSynchronize(stream));
-  CHECK(std::memcmp(losses.data(), dev.losses.download().data(), 4 * sizeof(float)) == 0);
+  for (int replay = 0; replay < 2; ++replay) {  // the second one finds the tickets the first one left
+    CAPTURE(replay);
+    dev.losses.poison();
+    MOXE_TEST_CUDA(cudaGraphLaunch(exec, stream));
+    MOXE_TEST_CUDA(cudaStreamSynchronize(stream));
+    CHECK(std::memcmp(losses.data(), dev.losses.download().data(), 4 * sizeof(float)) == 0);
+  }
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
   cudaStreamDestroy(stream);
@@ -322,6 +418,14 @@ TEST_CASE("gate device: bad arguments and a small workspace launch nothing") {
   CHECK(std::all_of(losses.begin(), losses.end(), [](float x) { return std::isnan(x); }));
   const auto counts = dev.expert_counts.download();
   CHECK(std::all_of(counts.begin(), counts.end(), [](int32_t c) { return c == -1; }));
+  const auto totals = dev.totals.download();
+  CHECK(std::all_of(totals.begin(), totals.end(), [](float x) { return std::isnan(x); }));
+  // the backward given the forward's totals needs no workspace; without them it does
+  CHECK(moxe::router::gate_backward_workspace_size(dev.bwd(g)) == 0);
+  auto recompute = dev.bwd(g);
+  recompute.fwd.totals = nullptr;
+  CHECK(moxe::router::gate_backward_workspace_size(recompute) > 0);
+  CHECK(moxe::router::gate_backward(recompute, nullptr, 0, nullptr) == Status::workspace_too_small);
   moxe::router::GateForwardParams<float, float> big = p;
   big.dims.experts = 2048;
   big.dims.mlstm_experts = 0;
@@ -396,6 +500,7 @@ TEST_CASE("gate device backward skips -1 and corrupt top-k slots, as the referen
     mt::GateProblem g(rng, 29, E, E / 2, 3, Modulation::standard, true, 2.0);
     REQUIRE(g.forward() == Status::ok);
     DeviceGate<float> dev(g);
+    dev.use_totals = false;  // the loads from the edited slots, as the reference (the forward's totals would not be)
     REQUIRE(dev.forward() == Status::ok);
     // drop slots after the forward: -1 (not routed) and corrupt indices far out of range
     auto idx = dev.topk_idx.download();

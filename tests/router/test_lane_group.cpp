@@ -2,7 +2,8 @@
 // functions the kernels run (LaneGroup's reductions, rank_below and count, padding_bits,
 // float_key/key_float, the argmax rounds and the threshold top-k with its ballots and rank
 // sort), built by the host compiler over an emulated warp (emulated_warp.hpp) and checked
-// against moxe::router::reference's top-k for every row shape dispatch_row_shape picks.
+// against moxe::router::reference's top-k for every row shape dispatch_row_shape and the
+// fused gate's dispatch_gate_row_shape pick.
 #include <doctest/doctest.h>
 
 #include <array>
@@ -383,6 +384,40 @@ TEST_CASE("lane_group: group_topk (rounds and threshold) matches the reference t
   MESSAGE("rows checked (k candidates or more / fewer): rounds " << stats.rows[0][0] << " / " << stats.rows[0][1]
           << ", threshold " << stats.rows[1][0] << " / " << stats.rows[1][1] << "; " << stats.calls << " warp runs, "
           << stats.steps << " warp primitives");
+  CHECK(stats.failures == 0);
+}
+
+TEST_CASE("lane_group: the fused gate's ladder, (16, 4) for 33 <= E <= 64, matches the reference top-k") {
+  const uint64_t seed = moxe::test::fresh_seed();
+  MESSAGE("seed " << seed);
+  Rng rng(seed);
+  EmulatedWarp warp(seed);
+  TopKStats stats;
+  // the (16, 4) shape: two tokens a warp, no empty slot at E = 64; around it, the ladder
+  // of dispatch_row_shape
+  for (int experts : {1, 8, 9, 32, 33, 40, 63, 64, 65, 128, 129, 1024}) {
+    CAPTURE(experts);
+    const moxe::Status st = rd::dispatch_gate_row_shape(experts, [&](auto shape) {
+      using Shape = decltype(shape);
+      constexpr int kGroups = Group<Shape::kLanes>::kGroups;
+      int want_max_e = 0;
+      for (int max_e : {1024, 512, 256, 128, 64, 32, 8})
+        if (experts <= max_e) want_max_e = max_e;
+      CHECK(Shape::kLanes * Shape::kPerLane == want_max_e);
+      CHECK(Shape::kLanes == rd::gate_row_lanes(experts));
+      if (experts > 32 && experts <= 64) {
+        CHECK(Shape::kLanes == 16);
+        CHECK(Shape::kPerLane == 4);
+        check_topk<Shape::kLanes, Shape::kPerLane>(experts, 3, rng, warp, stats);  // 2 tokens a warp run
+      }
+      return moxe::Status::ok;
+    });
+    CHECK(st == moxe::Status::ok);
+  }
+  MESSAGE("rows checked (k candidates or more / fewer): rounds " << stats.rows[0][0] << " / " << stats.rows[0][1]
+          << ", threshold " << stats.rows[1][0] << " / " << stats.rows[1][1] << "; " << stats.calls << " warp runs");
+  CHECK(stats.rows[0][0] > 0);
+  CHECK(stats.rows[1][0] > 0);
   CHECK(stats.failures == 0);
 }
 

@@ -196,6 +196,48 @@ TEST_CASE("gate reference: loss coefficients from memory replace the scalars") {
   }
 }
 
+TEST_CASE("gate reference: the forward's totals, and the backward from them") {
+  mt::Rng rng(mt::fresh_seed());
+  for (int E : {1, 8, 64}) {
+    CAPTURE(E);
+    const int K = E < 2 ? 1 : 2;
+    mt::GateProblem g(rng, 13, E, E / 2, K, Modulation::standard);
+    g.totals.assign(E + 4, NAN);
+    REQUIRE(g.forward() == Status::ok);
+    // the totals are the sums the losses come from
+    const double T = double(g.dims.tokens), slots = T * K;
+    double routed = 0, lb = 0;
+    for (int e = 0; e < E; ++e) {
+      double load = 0;
+      for (int64_t i = 0; i < g.dims.tokens * K; ++i)
+        if (g.topk_idx[i] == e) load += g.topk_prob[i];
+      CHECK(g.totals[e] == doctest::Approx(load).epsilon(1e-12));
+      routed += g.totals[e];
+      lb += E * (g.totals[e] / slots - 1.0 / E) * (g.totals[e] / slots - 1.0 / E) / E;
+    }
+    CHECK(routed == doctest::Approx(std::accumulate(g.topk_prob.begin(), g.topk_prob.end(), 0.0)).epsilon(1e-12));
+    CHECK(g.losses[0] == doctest::Approx(g.totals[E] / T).epsilon(1e-12));
+    CHECK(g.losses[1] == doctest::Approx(lb).epsilon(1e-9));
+    CHECK(g.losses[2] == doctest::Approx(g.totals[E + 1] / T).epsilon(1e-12));
+    CHECK(g.totals[E + 2] + g.totals[E + 3] == doctest::Approx(T).epsilon(1e-12));  // the masses sum to 1 a token
+    // the backward from the totals equals the one that recomputes them
+    std::vector<double> dz(g.logits.size()), da(std::size_t(g.dims.tokens)), dz2(dz.size()), da2(da.size());
+    REQUIRE(rr::gate_backward(g.backward_params(dz, da)) == Status::ok);
+    const std::vector<double> totals = g.totals;
+    g.totals.clear();
+    REQUIRE(rr::gate_backward(g.backward_params(dz2, da2)) == Status::ok);
+    CHECK(mt::rel_error(dz, dz2) < 1e-13);
+    CHECK(mt::rel_error(da, da2) < 1e-13);
+    if (E == 1) continue;  // one expert: dz = 0 whatever the totals
+    // and it reads them: other totals give another gradient
+    g.totals = totals;
+    g.totals[E + 2] *= 1.5;
+    g.totals[0] *= 2;
+    REQUIRE(rr::gate_backward(g.backward_params(dz2, da2)) == Status::ok);
+    CHECK(mt::rel_error(dz, dz2) > 1e-6);
+  }
+}
+
 TEST_CASE("gate reference rejects bad input and writes nothing") {
   mt::Rng rng(mt::fresh_seed());
   mt::GateProblem g(rng, 3, 8, 4, 2, Modulation::standard);

@@ -94,6 +94,14 @@ TEST_CASE("per-token sLSTM rejects states, and bad arguments, writing nothing") 
                                                             state.data())) == Status::unsupported);
   CHECK(sl::reference::per_token_forward(mt::forward_params(in, nullptr, nullptr, nullptr, nullptr, nullptr)) ==
         Status::invalid_argument);
+  std::vector<double> tape = mt::poisoned<double>(7 * positions * H);  // the sequence path's tape
+  auto with_tape = mt::forward_params(in, y.data(), nullptr, nullptr, nullptr, nullptr);
+  with_tape.tape_gates = tape.data();
+  with_tape.tape_c = tape.data() + 4 * positions * H;
+  with_tape.tape_n = tape.data() + 5 * positions * H;
+  with_tape.tape_m = tape.data() + 6 * positions * H;
+  CHECK(sl::reference::per_token_forward(with_tape) == Status::unsupported);
+  for (double v : tape) CHECK(std::isnan(v));
   for (double v : y) CHECK(std::isnan(v));
   std::vector<double> dwx = mt::poisoned<double>(positions * 4 * H), dr(x.r.size()), dbias(4 * H);
   CHECK(sl::reference::per_token_backward(mt::backward_params(in, false, dwx.data(), dr.data(), dbias.data(),

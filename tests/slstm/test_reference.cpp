@@ -218,6 +218,72 @@ TEST_CASE("slstm reference forward matches the definition") {
       }
 }
 
+TEST_CASE("slstm reference forward writes the tape: raw gates and states of every step") {
+  // Layout check: step t of the tape, fed through the cell from step t-1's states (the
+  // initial ones at t = 0), gives step t's states and y_t; the last step's states are the
+  // final ones. Same y and final states as without the tape.
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  namespace dt = sl::detail;
+  for (bool init : {false, true}) {
+    const sl::Dims d{5, 3, 2, 4};
+    const auto p = make_problem<double>(rng, d, init);
+    const int64_t U = p.units(), B = d.batch, NH = d.heads, DH = d.head_dim;
+    const sl::TapeElements te = sl::tape_elements(d);
+    REQUIRE(te.gates == 4 * d.seq_len * U);
+    REQUIRE(te.state == d.seq_len * U);
+    std::vector<double> y(d.seq_len * U), yl(U), cl(U), nl(U), ml(U);
+    std::vector<double> tg(te.gates, 7.0), tc(te.state, 7.0), tn(te.state, 7.0), tm(te.state, 7.0);
+    auto f = moxe::test::forward_params(inputs_of(p), y.data(), yl.data(), cl.data(), nl.data(), ml.data());
+    f.tape_gates = tg.data();
+    f.tape_c = tc.data();
+    f.tape_n = tn.data();
+    f.tape_m = tm.data();
+    REQUIRE(sl::reference::forward(f) == Status::ok);
+    const Outputs plain = run_forward(p);
+    CHECK(y == plain.y);
+    CHECK(cl == plain.c_last);
+    CHECK(ml == plain.m_last);
+    for (int64_t t = 0; t < d.seq_len; ++t)
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t h = 0; h < NH; ++h)
+          for (int64_t j = 0; j < DH; ++j) {
+            const int64_t u0 = dt::unit_index(0, b, h, j, B, NH, DH), u = t * U + u0;
+            double c0 = 0, n0 = 0, m0 = 0;
+            if (t > 0) {
+              c0 = tc[u - U], n0 = tn[u - U], m0 = tm[u - U];
+            } else if (init) {
+              c0 = p.c_init[u0], n0 = p.n_init[u0], m0 = p.m_init[u0];
+            }
+            double raw[4];
+            for (int g = 0; g < 4; ++g) raw[g] = tg[dt::gate_index(t, b, g, h, j, B, NH, DH)];
+            const auto o = dt::cell_forward(dt::GatesRaw<double>{raw[0], raw[1], raw[2], raw[3]}, c0, n0, m0);
+            CHECK(o.c == tc[u]);
+            CHECK(o.n == tn[u]);
+            CHECK(o.m == tm[u]);
+            CHECK(o.y == y[u]);
+            if (t == d.seq_len - 1) {
+              CHECK(tc[u] == cl[u0]);
+              CHECK(tn[u] == nl[u0]);
+              CHECK(tm[u] == ml[u0]);
+            }
+          }
+    // the backward reads no tape (it replays in Acc): given one, the same gradients
+    std::vector<double> dwx_a(p.wx.size()), dr_a(p.r.size()), db_a(p.bias.size());
+    std::vector<double> dwx_b = dwx_a, dr_b = dr_a, db_b = db_a;
+    auto bp = moxe::test::backward_params(inputs_of(p), true, dwx_a.data(), dr_a.data(), db_a.data(), nullptr,
+                                          nullptr, nullptr, nullptr);
+    REQUIRE(sl::reference::backward(bp) == Status::ok);
+    bp.fwd = f;
+    bp.dwx = dwx_b.data(), bp.dr = dr_b.data(), bp.dbias = db_b.data();
+    REQUIRE(sl::reference::backward(bp) == Status::ok);
+    CHECK(dwx_a == dwx_b);
+    CHECK(dr_a == dr_b);
+    CHECK(db_a == db_b);
+  }
+}
+
 TEST_CASE("slstm reference in float agrees with double") {
   moxe::test::Rng rng(moxe::test::fresh_seed());
   const sl::Dims d{9, 2, 2, 16};
@@ -674,7 +740,17 @@ TEST_CASE("slstm reference: bad input writes nothing") {
     g.c_last = cl.data();
     g.n_last = nl.data();
   });
+  std::vector<double> tape(7 * 3 * p.units(), 7.0);  // gates, c, n, m
+  double* const tg = tape.data();
+  double *const tc = tg + 4 * 3 * p.units(), *const tn = tc + 3 * p.units(), *const tm = tn + 3 * p.units();
+  expect_forward_rejected([&](FP& g) { g.tape_gates = tg; });  // partial tape
+  expect_forward_rejected([&](FP& g) {  // the tape without tape_m
+    g.tape_gates = tg;
+    g.tape_c = tc;
+    g.tape_n = tn;
+  });
   CHECK(untouched());
+  for (double v : tape) CHECK(v == 7.0);
 
   std::vector<double> dwx(p.wx.size(), 7.0), dr(p.r.size(), 7.0), dbias(p.bias.size(), 7.0), dyi(p.units(), 7.0);
   sl::BackwardParams<double, double> b{};
@@ -706,6 +782,13 @@ TEST_CASE("slstm reference: bad input writes nothing") {
     g.dy_init = dyi.data();
     g.dc_init = dyi.data();
     g.dn_init = dyi.data();
+  });
+  expect_backward_rejected([&](BP& g) { g.fwd.tape_m = tm; });  // partial tape
+  expect_backward_rejected([&](BP& g) {  // a whole tape without the forward's y
+    g.fwd.tape_gates = tg;
+    g.fwd.tape_c = tc;
+    g.fwd.tape_n = tn;
+    g.fwd.tape_m = tm;
   });
   for (double v : dwx) CHECK(v == 7.0);
   for (double v : dr) CHECK(v == 7.0);

@@ -422,6 +422,225 @@ TEST_CASE_TEMPLATE("slstm backward is deterministic", T, float, __nv_bfloat16) {
   CHECK(same(a.dmi, d.dmi));
 }
 
+TEST_CASE_TEMPLATE("slstm backward with the training forward's tape equals it without, bit for bit", T, float,
+                   __nv_bfloat16, __half) {
+  // The forward writes the tape (raw gates, states of every step) when given; the backward
+  // then reads it and fwd.y instead of replaying the forward. Same bits as without the tape
+  // (the replay is the same kernel), the tape as the reference's in double, the tape and y
+  // left as they were, a smaller workspace. One block per group, several cooperative blocks
+  // (U = 16) and several launches; with and without initial states and upstream gradients.
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  struct Case {
+    sl::Dims d;
+    bool init, upstream;
+    Launch launch;
+  };
+  const std::vector<Case> cases = {
+      {{4, 3, 2, 16}, false, false, {}},
+      {{3, 17, 1, 32}, true, true, {16, 1}},
+      {{1, 2, 1, 64}, true, true, {0, 0}},
+  };
+  auto same = [](const auto& x, const auto& y) {
+    return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(x[0])) == 0;
+  };
+  for (const Case& cs : cases) {
+    CAPTURE(cs.d.seq_len);
+    CAPTURE(cs.d.batch);
+    CAPTURE(cs.d.head_dim);
+    CAPTURE(cs.launch.units);
+    CAPTURE(cs.launch.max_groups_per_launch);
+    const Problem<T> pb(rng, cs.d, cs.init);
+    const int64_t U = pb.units();
+    const sl::TapeElements te = sl::tape_elements(cs.d);
+    REQUIRE(te.gates == cs.d.seq_len * 4 * U);
+    REQUIRE(te.state == cs.d.seq_len * U);
+
+    // the training forward, with the tape, into poisoned buffers; y and the final states as
+    // without the tape
+    DeviceBuffer<T> y(cs.d.seq_len * U);
+    DeviceBuffer<float> yl(U), cl(U), nl(U), ml(U), tg(te.gates), tc(te.state), tn(te.state), tm(te.state);
+    for (auto* b : {&yl, &cl, &nl, &ml, &tg, &tc, &tn, &tm}) b->poison();
+    y.poison();
+    auto fp = forward_params(pb.device(), y.get(), yl.get(), cl.get(), nl.get(), ml.get());
+    apply(cs.launch, fp);
+    fp.tape_gates = tg.get();
+    fp.tape_c = tc.get();
+    fp.tape_n = tn.get();
+    fp.tape_m = tm.get();
+    REQUIRE(sl::sequence_forward_workspace_size(fp) == 0);
+    REQUIRE(sl::sequence_forward(fp, nullptr, 0, nullptr) == Status::ok);
+    MOXE_TEST_CUDA(cudaDeviceSynchronize());
+    const ForwardOut plain = run_device_forward(pb.device(), cs.launch);
+    CHECK(moxe::test::convert_to_double(y.download()) == plain.y);
+    CHECK(moxe::test::to_double(yl.download()) == plain.yl);
+    CHECK(moxe::test::to_double(cl.download()) == plain.cl);
+    CHECK(moxe::test::to_double(nl.download()) == plain.nl);
+    CHECK(moxe::test::to_double(ml.download()) == plain.ml);
+
+    // the tape against the reference forward's in double (same layout)
+    {
+      std::vector<double> ry(cs.d.seq_len * U), rg(te.gates), rc(te.state), rn(te.state), rm(te.state);
+      auto rp = forward_params(pb.host(), ry.data(), nullptr, nullptr, nullptr, nullptr);
+      rp.tape_gates = rg.data();
+      rp.tape_c = rc.data();
+      rp.tape_n = rn.data();
+      rp.tape_m = rm.data();
+      REQUIRE(sl::reference::forward(rp) == Status::ok);
+      const double tol = Tolerance<T>::fwd;
+      CHECK(moxe::test::rel_error(moxe::test::to_double(tg.download()), rg) < tol);
+      CHECK(moxe::test::rel_error(moxe::test::to_double(tc.download()), rc) < tol);
+      CHECK(moxe::test::rel_error(moxe::test::to_double(tn.download()), rn) < tol);
+      CHECK(moxe::test::rel_error(moxe::test::to_double(tm.download()), rm) < tol);
+    }
+    const auto tape_before = std::array<std::vector<float>, 4>{tg.download(), tc.download(), tn.download(),
+                                                                 tm.download()};
+    const auto y_before = y.download();
+
+    // the backward from the tape, into poisoned buffers
+    const int64_t H = sl::hidden(cs.d), DH = cs.d.head_dim;
+    DeviceBuffer<T> dwx(cs.d.seq_len * cs.d.batch * 4 * H), dr(cs.d.heads * 4 * DH * DH), dbias(4 * H);
+    DeviceBuffer<float> dyi(U), dci(U), dni(U), dmi(U);
+    for (auto* b : {&dwx, &dr, &dbias}) b->poison();
+    for (auto* b : {&dyi, &dci, &dni, &dmi}) b->poison();
+    sl::BackwardParams<T, float> bp = backward_params(pb.device(), cs.upstream, dwx.get(), dr.get(), dbias.get(),
+                                                      dyi.get(), dci.get(), dni.get(), dmi.get());
+    const std::size_t replay_bytes = sl::sequence_backward_workspace_size(bp);
+    bp.fwd = fp;
+    const std::size_t bytes = sl::sequence_backward_workspace_size(bp);
+    CHECK(bytes < replay_bytes);
+    moxe::test::MisalignedWorkspace ws(bytes, 3);
+    REQUIRE(sl::sequence_backward(bp, ws.get(), ws.bytes(), nullptr) == Status::ok);
+    MOXE_TEST_CUDA(cudaDeviceSynchronize());
+    BackwardOut o;
+    o.dwx = moxe::test::convert_to_double(dwx.download());
+    o.dr = moxe::test::convert_to_double(dr.download());
+    o.dbias = moxe::test::convert_to_double(dbias.download());
+    o.dyi = moxe::test::to_double(dyi.download());
+    o.dci = moxe::test::to_double(dci.download());
+    o.dni = moxe::test::to_double(dni.download());
+    o.dmi = moxe::test::to_double(dmi.download());
+
+    const BackwardOut replayed = run_device_backward(pb, cs.upstream, cs.launch, 1);
+    CHECK(same(o.dwx, replayed.dwx));
+    CHECK(same(o.dr, replayed.dr));
+    CHECK(same(o.dbias, replayed.dbias));
+    CHECK(same(o.dyi, replayed.dyi));
+    CHECK(same(o.dci, replayed.dci));
+    CHECK(same(o.dni, replayed.dni));
+    CHECK(same(o.dmi, replayed.dmi));
+    const BackwardOut ref = moxe::test::reference_gradients(pb, cs.upstream);
+    const double tol = Tolerance<T>::bwd;
+    CHECK(moxe::test::rel_error(o.dwx, ref.dwx) < tol);
+    CHECK(moxe::test::rel_error(o.dr, ref.dr) < tol);
+    CHECK(moxe::test::rel_error(o.dbias, ref.dbias) < tol);
+    CHECK(moxe::test::rel_error(o.dyi, ref.dyi) < tol);
+    CHECK(moxe::test::rel_error(o.dmi, ref.dmi) < tol);
+    // the backward reads the tape and y, and writes neither
+    CHECK(same(tg.download(), tape_before[0]));
+    CHECK(same(tc.download(), tape_before[1]));
+    CHECK(same(tn.download(), tape_before[2]));
+    CHECK(same(tm.download(), tape_before[3]));
+    CHECK(same(y.download(), y_before));
+  }
+}
+
+TEST_CASE_TEMPLATE("slstm device: a batch tile of at most 8 rows (the narrow product) equals the same rows of a full tile",
+                   T, __nv_bfloat16, __half) {
+  // With B <= 8 rows in a tile the tensor-core product runs mma m16n8k16 with the rows as N
+  // (recurrent.cuh, block_product_narrow); a full tile runs WMMA 16x16x16. Rows 0..3 of a
+  // batch of 20 (first tile full) and the same 4 rows as a batch of their own: the same
+  // MMA instruction (HMMA.16816) per output and k-step, so y, the final states, the tape,
+  // dwx and the initial-state gradients agree bit for bit. One block per group and two
+  // cooperative blocks.
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  const sl::Dims full{3, 20, 1, 32};
+  const int64_t rows = 4, H = sl::hidden(full), S = full.seq_len;
+  Problem<T> wide(rng, full, true);
+  Problem<T> narrow(rng, sl::Dims{S, rows, full.heads, full.head_dim}, true);
+  // rows [0, rows) of [S, B, X] (per_row = X elements per row)
+  auto slice = [&](const std::vector<double>& v, int64_t steps, int64_t per_row) {
+    std::vector<double> out(steps * rows * per_row);
+    for (int64_t t = 0; t < steps; ++t)
+      for (int64_t i = 0; i < rows * per_row; ++i) out[t * rows * per_row + i] = v[t * full.batch * per_row + i];
+    return out;
+  };
+  narrow.wx = slice(wide.wx, S, 4 * H);
+  narrow.r = wide.r;
+  narrow.bias = wide.bias;
+  narrow.dy = slice(wide.dy, S, H);
+  narrow.y0 = slice(wide.y0, 1, H);
+  narrow.c0 = slice(wide.c0, 1, H);
+  narrow.n0 = slice(wide.n0, 1, H);
+  narrow.m0 = slice(wide.m0, 1, H);
+  narrow.dy_last = slice(wide.dy_last, 1, H);
+  narrow.dc_last = slice(wide.dc_last, 1, H);
+  narrow.dn_last = slice(wide.dn_last, 1, H);
+  narrow.dm_last = slice(wide.dm_last, 1, H);
+  narrow.d_wx.upload(moxe::test::convert_to<T>(narrow.wx));
+  narrow.d_r.upload(moxe::test::convert_to<T>(narrow.r));
+  narrow.d_bias.upload(moxe::test::convert_to<T>(narrow.bias));
+  narrow.d_dy.upload(moxe::test::convert_to<T>(narrow.dy));
+  narrow.d_y0.upload(moxe::test::convert_to<float>(narrow.y0));
+  narrow.d_c0.upload(moxe::test::convert_to<float>(narrow.c0));
+  narrow.d_n0.upload(moxe::test::convert_to<float>(narrow.n0));
+  narrow.d_m0.upload(moxe::test::convert_to<float>(narrow.m0));
+  narrow.d_dy_last.upload(moxe::test::convert_to<float>(narrow.dy_last));
+  narrow.d_dc_last.upload(moxe::test::convert_to<float>(narrow.dc_last));
+  narrow.d_dn_last.upload(moxe::test::convert_to<float>(narrow.dn_last));
+  narrow.d_dm_last.upload(moxe::test::convert_to<float>(narrow.dm_last));
+
+  struct Run {
+    std::vector<double> y, yl, ml, tape_gates, tape_c;
+  };
+  auto forward_with_tape = [](const Problem<T>& pb, const Launch& launch) {
+    const int64_t U = pb.units();
+    const sl::TapeElements te = sl::tape_elements(pb.d);
+    DeviceBuffer<T> y(pb.d.seq_len * U);
+    DeviceBuffer<float> yl(U), cl(U), nl(U), ml(U), tg(te.gates), tc(te.state), tn(te.state), tm(te.state);
+    auto p = forward_params(pb.device(), y.get(), yl.get(), cl.get(), nl.get(), ml.get());
+    apply(launch, p);
+    p.tape_gates = tg.get();
+    p.tape_c = tc.get();
+    p.tape_n = tn.get();
+    p.tape_m = tm.get();
+    REQUIRE(sl::sequence_forward(p, nullptr, 0, nullptr) == Status::ok);
+    MOXE_TEST_CUDA(cudaDeviceSynchronize());
+    return Run{moxe::test::convert_to_double(y.download()), moxe::test::to_double(yl.download()),
+               moxe::test::to_double(ml.download()), moxe::test::to_double(tg.download()),
+               moxe::test::to_double(tc.download())};
+  };
+  // The simulator's WMMA accumulates half products in half (docs/simulator.md), its mma in
+  // float: there half agrees to rounding only
+  const bool exact = !(std::is_same_v<T, __half> && moxe::test::on_simulator());
+  if (!exact) MESSAGE("half on the simulator: its WMMA accumulates in half; compared to rounding, not bitwise");
+  auto agree = [exact](const std::vector<double>& a, const std::vector<double>& b, double tol) {
+    return exact ? a == b : moxe::test::rel_error(a, b) < tol;
+  };
+  const double fwd = Tolerance<T>::fwd, bwd = Tolerance<T>::bwd;
+  for (const Launch launch : {Launch{0, 0}, Launch{16, 0}}) {
+    CAPTURE(launch.units);
+    const Run w = forward_with_tape(wide, launch), n = forward_with_tape(narrow, launch);
+    CHECK(agree(slice(w.y, S, H), n.y, fwd));
+    CHECK(agree(slice(w.yl, 1, H), n.yl, fwd));
+    CHECK(agree(slice(w.ml, 1, H), n.ml, fwd));
+    CHECK(agree(slice(w.tape_gates, S, 4 * H), n.tape_gates, fwd));
+    CHECK(agree(slice(w.tape_c, S, H), n.tape_c, fwd));
+    const BackwardOut gw = run_device_backward(wide, true, launch), gn = run_device_backward(narrow, true, launch);
+    CHECK(agree(slice(gw.dwx, S, 4 * H), gn.dwx, bwd));
+    CHECK(agree(slice(gw.dyi, 1, H), gn.dyi, bwd));
+    CHECK(agree(slice(gw.dci, 1, H), gn.dci, bwd));
+    CHECK(agree(slice(gw.dmi, 1, H), gn.dmi, bwd));
+    // and the narrow run against the reference
+    const BackwardOut ref = moxe::test::reference_gradients(narrow, true);
+    CHECK(moxe::test::rel_error(gn.dwx, ref.dwx) < Tolerance<T>::bwd);
+    CHECK(moxe::test::rel_error(gn.dyi, ref.dyi) < Tolerance<T>::bwd);
+  }
+}
+
 TEST_CASE_TEMPLATE("slstm step matches the sequence reference", T, float, __nv_bfloat16) {
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
@@ -542,6 +761,23 @@ TEST_CASE("slstm device: bad input launches nothing and writes nothing") {
   expect_forward(Status::unsupported, [](FP& p) { p.dims.heads = 17; });
   expect_forward(Status::unsupported, [](FP& p) { p.units_per_block = 24; });
   expect_forward(Status::invalid_argument, [](FP& p) { p.max_groups_per_launch = -1; });
+  DeviceBuffer<float> tape(7 * 3 * U);  // a whole tape: gates, c, n, m
+  tape.poison();
+  float* const tg = tape.get();
+  float *const tc = tg + 4 * 3 * U, *const tn = tc + 3 * U, *const tm = tn + 3 * U;
+  expect_forward(Status::invalid_argument, [&](FP& p) { p.tape_gates = tg; });  // partial tape
+  expect_forward(Status::invalid_argument, [&](FP& p) {  // the tape without tape_m
+    p.tape_gates = tg;
+    p.tape_c = tc;
+    p.tape_n = tn;
+  });
+  expect_forward(Status::invalid_argument, [&](FP& p) {  // a whole tape, but bad sizes
+    p.tape_gates = tg;
+    p.tape_c = tc;
+    p.tape_n = tn;
+    p.tape_m = tm;
+    p.dims.seq_len = 0;
+  });
   MOXE_TEST_CUDA(cudaDeviceSynchronize());
   auto all_poison = [](const std::vector<float>& v) {
     for (float x : v) {
@@ -587,6 +823,18 @@ TEST_CASE("slstm device: bad input launches nothing and writes nothing") {
     p.dn_init = dyi.get();
   });
   expect_backward(Status::unsupported, [](BP& p) { p.fwd.dims.head_dim = 8; });
+  expect_backward(Status::invalid_argument, [&](BP& p) {  // partial tape
+    p.fwd.tape_c = tc;
+    p.fwd.tape_n = tn;
+    p.fwd.tape_m = tm;
+  });
+  expect_backward(Status::invalid_argument, [&](BP& p) {  // a whole tape without the forward's y
+    p.fwd.y = nullptr;
+    p.fwd.tape_gates = tg;
+    p.fwd.tape_c = tc;
+    p.fwd.tape_n = tn;
+    p.fwd.tape_m = tm;
+  });
   const sl::StepParams<float, float> s =
       step_params(pb.device(), 0, yl.get(), cl.get(), nl.get(), /*m: missing state*/ nullptr, y.get());
   CHECK(sl::step(s, nullptr, 0, nullptr) == Status::invalid_argument);
@@ -596,4 +844,5 @@ TEST_CASE("slstm device: bad input launches nothing and writes nothing") {
   CHECK(all_poison(dbias.download()));
   CHECK(all_poison(y.download()));
   CHECK(all_poison(yl.download()));
+  CHECK(all_poison(tape.download()));
 }

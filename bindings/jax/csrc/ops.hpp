@@ -353,7 +353,8 @@ ffi::Error gate_forward(Backend& be, AnyBuffer logits, AnyBuffer difficulty_logi
                         ffi::Result<AnyBuffer> lse, ffi::Result<AnyBuffer> entropy,
                         ffi::Result<AnyBuffer> difficulty, ffi::Result<AnyBuffer> topk_idx,
                         ffi::Result<AnyBuffer> topk_prob, ffi::Result<AnyBuffer> topk_weight,
-                        ffi::Result<AnyBuffer> expert_counts, ffi::Result<AnyBuffer> losses) {
+                        ffi::Result<AnyBuffer> expert_counts, ffi::Result<AnyBuffer> losses,
+                        ffi::Result<AnyBuffer> totals) {
   constexpr const char* op = "gate_forward";
   return be.dispatch_float(logits.element_type(), op, [&](auto types) -> ffi::Error {
     using T = typename decltype(types)::type;
@@ -374,6 +375,7 @@ ffi::Error gate_forward(Backend& be, AnyBuffer logits, AnyBuffer difficulty_logi
     c.tensor(*topk_weight, "topk_weight", a, {tokens, top_k});
     c.tensor(*expert_counts, "expert_counts", DataType::S32, {experts});
     c.tensor(*losses, "losses", a, {4});
+    c.tensor(*totals, "totals", a, {experts + 4});
     MOXE_JAX_RETURN_IF_FAILED(c);
     auto p = gate_params<T, Acc>(logits, difficulty_logit, mlstm_experts, top_k, modulation, gamma, tau);
     p.probs = data<Acc>(probs);
@@ -384,6 +386,7 @@ ffi::Error gate_forward(Backend& be, AnyBuffer logits, AnyBuffer difficulty_logi
     p.topk_weight = data<Acc>(topk_weight);
     p.expert_counts = data<int32_t>(expert_counts);
     p.losses = data<Acc>(losses);
+    p.totals = data<Acc>(totals);
     if (present(difficulty_logit)) {
       p.difficulty = data<Acc>(difficulty);
     } else {  // no difficulty head: d = 0 (the library leaves the output alone)
@@ -394,10 +397,13 @@ ffi::Error gate_forward(Backend& be, AnyBuffer logits, AnyBuffer difficulty_logi
 }
 
 /// dlosses [4] is the upstream gradient of the losses: the library reads it as the four
-/// coefficients (GateBackwardParams::loss_grad), on the device without a host copy.
+/// coefficients (GateBackwardParams::loss_grad), on the device without a host copy. totals
+/// [E + 4] are the forward's batch sums (GateForwardParams::totals): the backward reads them
+/// instead of the logits and the top-k a second time (one launch on the device, no scratch).
 template <class Backend>
 ffi::Error gate_backward(Backend& be, AnyBuffer logits, AnyBuffer difficulty_logit, AnyBuffer topk_idx,
-                         AnyBuffer topk_prob, AnyBuffer dweight, AnyBuffer dlosses, int64_t mlstm_experts,
+                         AnyBuffer topk_prob, AnyBuffer dweight, AnyBuffer dlosses, AnyBuffer totals,
+                         int64_t mlstm_experts,
                          int64_t modulation, double gamma, double tau, ffi::Result<AnyBuffer> dlogits,
                          ffi::Result<AnyBuffer> ddifficulty_logit) {
   constexpr const char* op = "gate_backward";
@@ -415,6 +421,7 @@ ffi::Error gate_backward(Backend& be, AnyBuffer logits, AnyBuffer difficulty_log
     c.tensor(topk_prob, "topk_prob", a, {tokens, top_k});
     c.tensor(dweight, "dweight", a, {tokens, top_k});
     c.tensor(dlosses, "dlosses", a, {4});
+    c.tensor(totals, "totals", a, {experts + 4});
     c.tensor(*dlogits, "dlogits", logits.element_type(), {tokens, experts});
     if (present(difficulty_logit))
       c.tensor(*ddifficulty_logit, "ddifficulty_logit", logits.element_type(), {tokens});
@@ -425,6 +432,7 @@ ffi::Error gate_backward(Backend& be, AnyBuffer logits, AnyBuffer difficulty_log
     b.fwd = gate_params<T, Acc>(logits, difficulty_logit, mlstm_experts, top_k, modulation, gamma, tau);
     b.fwd.topk_idx = data<int32_t>(topk_idx);
     b.fwd.topk_prob = data<Acc>(topk_prob);
+    b.fwd.totals = data<Acc>(totals);
     b.dweight = data<const Acc>(dweight);
     b.loss_grad = data<const Acc>(dlosses);
     b.dlogits = data<T>(dlogits);
@@ -699,7 +707,8 @@ auto gate_forward_binding(B base) {
       .template Ret<AnyBuffer>()   // topk_prob
       .template Ret<AnyBuffer>()   // topk_weight
       .template Ret<AnyBuffer>()   // expert_counts
-      .template Ret<AnyBuffer>();  // losses
+      .template Ret<AnyBuffer>()   // losses
+      .template Ret<AnyBuffer>();  // totals
 }
 
 template <class B>
@@ -710,6 +719,7 @@ auto gate_backward_binding(B base) {
       .template Arg<AnyBuffer>()         // topk_prob
       .template Arg<AnyBuffer>()         // dweight
       .template Arg<AnyBuffer>()         // dlosses
+      .template Arg<AnyBuffer>()         // totals
       .template Attr<int64_t>("mlstm_experts")
       .template Attr<int64_t>("modulation")
       .template Attr<double>("gamma")

@@ -399,31 +399,36 @@ def _gate_vjp(mlstm_experts: int, top_k: int, modulation: int, gamma: float, tau
         acc = acc_dtype(logits.dtype)
         results = [_sds((T, E), acc), _sds((T,), acc), _sds((T,), acc), _sds((T,), acc),
                    _sds((T, top_k), jnp.int32), _sds((T, top_k), acc), _sds((T, top_k), acc),
-                   _sds((E,), jnp.int32), _sds((4,), acc)]
+                   _sds((E,), jnp.int32), _sds((4,), acc), _sds((E + 4,), acc)]
         return _call("gate_forward", results, logits, difficulty_logit, vmap_method="sequential",
                      mlstm_experts=mlstm_experts, top_k=top_k, modulation=modulation, gamma=gamma, tau=tau)
 
-    def backward(logits, difficulty_logit, topk_idx, topk_prob, dweight, dlosses):
+    def backward(logits, difficulty_logit, topk_idx, topk_prob, dweight, dlosses, totals):
         T, E = logits.shape
         results = [_sds((T, E), logits.dtype), _sds((T,), logits.dtype) if has_head else _empty(logits.dtype)]
         return _call("gate_backward", results, logits, difficulty_logit, topk_idx, topk_prob, dweight, dlosses,
-                     vmap_method="sequential", mlstm_experts=mlstm_experts, modulation=modulation, gamma=gamma,
+                     totals, vmap_method="sequential", mlstm_experts=mlstm_experts, modulation=modulation, gamma=gamma,
                      tau=tau)
+
+    def outputs(logits, difficulty_logit):
+        probs, lse, entropy, difficulty, idx, prob, weight, counts, losses, totals = forward(logits, difficulty_logit)
+        return (weight, losses, idx, probs, lse, entropy, difficulty, prob, counts), totals
 
     @jax.custom_vjp
     def f(logits, difficulty_logit):
-        probs, lse, entropy, difficulty, idx, prob, weight, counts, losses = forward(logits, difficulty_logit)
-        return weight, losses, idx, probs, lse, entropy, difficulty, prob, counts
+        return outputs(logits, difficulty_logit)[0]
 
     def f_fwd(logits, difficulty_logit):
-        out = f(logits, difficulty_logit)
-        return out, (logits, difficulty_logit, out[2], out[7])
+        out, totals = outputs(logits, difficulty_logit)
+        return out, (logits, difficulty_logit, out[2], out[7], totals)
 
     def f_bwd(res, ct):
-        logits, difficulty_logit, idx, prob = res
+        logits, difficulty_logit, idx, prob, totals = res
         acc = acc_dtype(logits.dtype)
         dweight, dlosses = ct[0].astype(acc), ct[1].astype(acc)
-        dlogits, ddifficulty = backward(logits, difficulty_logit, idx, prob, dweight, dlosses)
+        # the forward's batch sums (load per expert, loss sums, group masses): the backward
+        # does not read the logits and the top-k a second time
+        dlogits, ddifficulty = backward(logits, difficulty_logit, idx, prob, dweight, dlosses, totals)
         return dlogits, ddifficulty if has_head else jnp.zeros((0,), logits.dtype)
 
     f.defvjp(f_fwd, f_bwd)

@@ -8,12 +8,19 @@
 //                             cudaStream_t stream);
 //
 // T in {float, __half, __nv_bfloat16}; states and accumulation in float. Float inputs
-// compute in fp32 throughout (no TF32); half and bf16 inputs multiply the chunk matrices on
-// tensor cores (3xTF32 operands, fp32 accumulation: about fp32 accuracy).
-// chunk_size a multiple of 16 in [16, 128]; DQK, DV multiples of 16 up to 256; any S >= 1;
-// segment_offsets (device memory, batch 1) restart the recurrence at every segment.
+// compute in fp32 throughout (no TF32). chunk_size a multiple of 16 in [16, 128]; DQK, DV
+// multiples of 16 up to 256; any S >= 1; segment_offsets (device memory, batch 1) restart
+// the recurrence at every segment.
 //
-// The algorithm is a sequence of phases (detail/chunkwise_math.hpp): a chunk table built
+// The forward is the fused design (detail/fused_device.cuh, docs/mlstm.md "Fused device
+// forward"): a gate scan over chunks, a state walk writing one fp32 checkpoint per chunk and
+// an output kernel per chunk, half and bf16 on mma.sync with ForwardParams::precision (fast:
+// intermediate operands rounded to T; accurate: split in three T parts); bf16 and half need
+// sm_80. The backward (and detail::chunkwise_forward_variant, the phase forward it recomputes
+// in its own workspace) is the phase design below, whose half and bf16 tile products run on
+// tensor cores as 3xTF32 (about fp32 accuracy) whatever the precision.
+//
+// The phase design is a sequence of phases (detail/chunkwise_math.hpp): a chunk table built
 // on the device from the segment offsets, a scan of the gates (stabiliser m exactly as
 // the recurrence computes it), each chunk's local state, the inter-chunk recurrence of the
 // boundary states, the intra-chunk scores, and the outputs; the backward adds the reverse
@@ -36,6 +43,7 @@
 #include "moxe/core/status.hpp"
 #include "moxe/core/workspace.hpp"
 #include "moxe/mlstm/detail/chunkwise_math.hpp"
+#include "moxe/mlstm/detail/fused_device.cuh"
 #include "moxe/mlstm/params.hpp"
 
 namespace moxe::mlstm {
@@ -239,12 +247,22 @@ struct DeviceRunner {
 
 }  // namespace detail
 
-/// Bytes of workspace chunkwise_forward needs: one pass's (ForwardParams::batch_per_pass).
+namespace detail {
+/// Bytes of workspace the phase design's forward (chunkwise_forward_variant) needs.
+template <class T, class Acc>
+std::size_t phase_forward_workspace_size(const ForwardParams<T, Acc>& p) {
+  WorkspaceCarver c;
+  carve_chunk_workspace<Acc>(c, pass_dims(p), p.num_segments, p.chunk_size, /*backward=*/false);
+  return c.required_bytes();
+}
+}  // namespace detail
+
+/// Bytes of workspace chunkwise_forward needs (the fused forward's): one pass's
+/// (ForwardParams::batch_per_pass).
 template <class T, class Acc>
 std::size_t chunkwise_forward_workspace_size(const ForwardParams<T, Acc>& p) {
-  WorkspaceCarver c;
-  detail::carve_chunk_workspace<Acc>(c, detail::pass_dims(p), p.num_segments, p.chunk_size, /*backward=*/false);
-  return c.required_bytes();
+  static_assert(std::is_same_v<Acc, float>, "chunkwise: the device keeps states in float");
+  return detail::fused_chunkwise_forward_workspace_size(p);
 }
 
 /// Bytes of workspace chunkwise_backward needs: one pass's (ForwardParams::batch_per_pass).
@@ -263,7 +281,7 @@ template <bool kTiled, class T, class Acc>
 Status chunkwise_forward_variant(const ForwardParams<T, Acc>& p, void* workspace, std::size_t workspace_bytes,
                                  cudaStream_t stream) {
   MOXE_RETURN_IF_ERROR(validate_device_chunkwise(p, /*need_h=*/true));
-  if (workspace_bytes < chunkwise_forward_workspace_size(p)) return Status::workspace_too_small;
+  if (workspace_bytes < phase_forward_workspace_size(p)) return Status::workspace_too_small;
   return for_each_batch_pass(p, [&](int64_t b0, int64_t nb) {  // one pass unless batch_per_pass
     const ForwardParams<T, Acc> s = batch_slice(p, b0, nb);
     WorkspaceCarver carver(workspace, workspace_bytes);
@@ -292,11 +310,15 @@ Status chunkwise_backward_variant(const BackwardParams<T, Acc>& p, void* workspa
 
 }  // namespace detail
 
-/// h, and the final states (c_last, n_last, m_last) when given.
+/// h, and the final states (c_last, n_last, m_last) when given: the fused forward
+/// (detail/fused_device.cuh; ForwardParams::precision picks fast or accurate for half and
+/// bf16). The phase design's forward stays as detail::chunkwise_forward_variant (the
+/// backward recomputes its own forward phases in its own workspace).
 template <class T, class Acc>
 Status chunkwise_forward(const ForwardParams<T, Acc>& p, void* workspace, std::size_t workspace_bytes,
                          cudaStream_t stream) {
-  return detail::chunkwise_forward_variant<detail::kChunkwiseTiled>(p, workspace, workspace_bytes, stream);
+  static_assert(std::is_same_v<Acc, float>, "chunkwise: the device keeps states in float");
+  return detail::fused_chunkwise_forward(p, workspace, workspace_bytes, stream);
 }
 
 /// dq, dk, dv, digate, dfgate, and dc_init, dn_init, dm_init when given: the exact

@@ -38,14 +38,14 @@ struct ForwardParams {
   /// (weighted keys, scores, states, score gradients) rounded to T (fast, one MMA each) or
   /// split into three T parts (accurate, about fp32; three MMAs). States, statistics and
   /// accumulation are fp32 in both. Float inputs: fp32 FMAs in both, unless allow_tf32.
-  /// The chunkwise device kernels do not read it yet; the host twin of the fused design
-  /// (chunkwise_fused_host.hpp) does. docs/mlstm.md "Fused decomposition" has the measured
-  /// (host-emulated) error of each.
+  /// Read by chunkwise_forward (the fused device forward) and the fused host twin
+  /// (chunkwise_fused_host.hpp); chunkwise_backward (phase design) does not read it.
+  /// docs/mlstm.md "Fused decomposition" / "Fused device forward" have the measured errors.
   Precision precision = Precision::fast;
   /// Float inputs, chunkwise path: with precision fast, the chunk products may run on TF32
   /// tensor cores (every operand rounded to TF32, inputs included: ~1e-3 relative). Off by
   /// default (fp32, as PyTorch's default); no effect for half, bf16 or the other paths.
-  /// The chunkwise device kernels do not read it yet; the host twin does.
+  /// Not implemented by the device kernels (float stays fp32 there); the host twin reads it.
   bool allow_tf32 = false;
 };
 

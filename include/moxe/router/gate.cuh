@@ -1,8 +1,11 @@
 // moxe::router: the fused entropy-aware gate on the device, forward and backward
 // (docs/router.md). One pass over each token's logits: difficulty, modulation, conditioned
 // softmax and lse, normalised entropy of the unbiased softmax, top-k with renormalised
-// weights; per-expert loads, counts and the loss sums are per-block partials reduced by a
-// second kernel in a fixed order (no float atomics: same bits every run).
+// weights; per-expert loads, counts and the loss sums are per-block partials that the last
+// blocks to finish add in block order (two levels of the last-block pattern; no float
+// atomics: same bits every run). Forward: one kernel (and a memset of its tickets).
+// Backward: one kernel given the forward's totals (GateForwardParams::totals), else the
+// batch sums again first (two more launches).
 //
 //   size_t bytes = gate_forward_workspace_size(params);
 //   Status s = gate_forward(params, workspace, bytes, stream);
@@ -32,7 +35,9 @@ inline constexpr int kGateWarps = 8;
 inline constexpr int kGateThreads = kGateWarps * kWarpSize;
 inline constexpr int kGateScalars = 4;  // per-block sums: lse^2, (d - H)^2, mass_m, mass_s
 
-inline int64_t gate_tokens_per_block(int experts) { return int64_t(kGateWarps) * (kWarpSize / row_lanes(experts)); }
+inline int64_t gate_tokens_per_block(int experts) {
+  return int64_t(kGateWarps) * (kWarpSize / gate_row_lanes(experts));
+}
 
 /// Blocks of the batch-statistics kernels (one row of partials each), a function of T and E
 /// only, so the bits are the same on every device. The per-token work is a latency-bound
@@ -46,21 +51,35 @@ inline int gate_partial_blocks(const GateDims& d) {
   return loss::detail::partial_blocks(d.tokens, gate_tokens_per_block(d.experts), gate_max_blocks(d.experts));
 }
 
+/// Blocks per first-level group of the forward's finish: the last block of each group to
+/// finish adds the group's rows of partials, and the last of those adds the group rows.
+/// Two levels of at most 32 rows each (<= 1024 blocks), so neither finisher reads more than
+/// 32 rows per column: a single last block reading all 1,024 rows would be bound by one
+/// SM's L2 bandwidth (~0.5 MB at E = 64, ~5 us).
+inline constexpr int kFinishGroup = 32;
+
+inline int gate_finish_groups(int blocks) { return (blocks + kFinishGroup - 1) / kFinishGroup; }
+
 struct GateForwardScratch {
-  float* partials;          // [blocks, E + 4]
+  float* partials;          // [blocks, E + 4]: routed load sums, lse^2, (d - H)^2, mass_m, mass_s
   int32_t* count_partials;  // [blocks, E]
-  float* totals;            // [E + 4]
-  int blocks;
+  float* group_partials;    // [groups, E + 4]: the first-level sums
+  int32_t* group_counts;    // [groups, E]
+  uint32_t* tickets;        // [groups + 1]: arrivals per group, then of the group finishers
+  int blocks, groups;
 };
 
 inline GateForwardScratch carve_gate_forward(WorkspaceCarver& c, const GateDims& d) {
   GateForwardScratch s{};
   if (validate_dims(d) != Status::ok) return s;
   s.blocks = gate_partial_blocks(d);
+  s.groups = gate_finish_groups(s.blocks);
   const std::size_t width = static_cast<std::size_t>(d.experts) + kGateScalars;
   s.partials = c.carve<float>(s.blocks * width);
   s.count_partials = c.carve<int32_t>(static_cast<std::size_t>(s.blocks) * d.experts);
-  s.totals = c.carve<float>(width);
+  s.group_partials = c.carve<float>(s.groups * width);
+  s.group_counts = c.carve<int32_t>(static_cast<std::size_t>(s.groups) * d.experts);
+  s.tickets = c.carve<uint32_t>(static_cast<std::size_t>(s.groups) + 1);
   return s;
 }
 
@@ -70,9 +89,11 @@ struct GateBackwardScratch {
   int blocks;
 };
 
-inline GateBackwardScratch carve_gate_backward(WorkspaceCarver& c, const GateDims& d) {
+/// `recompute`: no totals from the forward (GateForwardParams::totals null); with them the
+/// backward needs no workspace.
+inline GateBackwardScratch carve_gate_backward(WorkspaceCarver& c, const GateDims& d, bool recompute) {
   GateBackwardScratch s{};
-  if (validate_dims(d) != Status::ok) return s;
+  if (!recompute || validate_dims(d) != Status::ok) return s;
   s.blocks = gate_partial_blocks(d);
   const std::size_t width = static_cast<std::size_t>(d.experts) + 2;
   s.partials = c.carve<float>(s.blocks * width);
@@ -192,10 +213,40 @@ MOXE_DEVICE MOXE_FORCEINLINE float token_entropy(const LaneGroup<kLanes>& g, con
   return g.sum(h) * inv_log_experts<float>(experts);
 }
 
+/// The last-block pattern: every block's writes, then its arrival on `ticket`; true in the
+/// block that arrives last of `expected` (block-uniform, through the shared `last`), which
+/// also resets the ticket to 0 (every arrival of this call has been counted). All threads
+/// of the block call it. The writes of the other blocks are then visible to the last one
+/// through L2 (sum_rows reads with ld.cg).
+MOXE_DEVICE MOXE_FORCEINLINE bool arrive_last(uint32_t* ticket, int expected, bool& last) {
+  __threadfence();  // this block's rows before its ticket
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last = atomicAdd(ticket, 1u) == static_cast<uint32_t>(expected - 1);
+    if (last) atomicExch(ticket, 0u);
+  }
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
+/// out[c] = sum of rows [first, first + n) of a [*, width] matrix at column c, in row order
+/// (one column per thread, the block's threads over the columns).
+template <class V>
+MOXE_DEVICE MOXE_FORCEINLINE void sum_rows(const V* rows, int first, int n, int width, V* out) {
+  for (int c = threadIdx.x; c < width; c += kGateThreads) {
+    const V* col = rows + int64_t(first) * width + c;
+    V acc = V(0);
+#pragma unroll 8
+    for (int r = 0; r < n; ++r) acc += __ldcg(col + int64_t(r) * width);
+    out[c] = acc;
+  }
+}
+
 template <class T, int kLanes, int kPerLane>
 __global__ void __launch_bounds__(kGateThreads)
     gate_forward_kernel(const __grid_constant__ GateForwardParams<T, float> p, int64_t row_stride, int64_t diff_step,
-                        float* __restrict__ partials, int32_t* __restrict__ count_partials) {
+                        const GateForwardScratch ws) {
   using Group = LaneGroup<kLanes>;
   constexpr int kGroups = Group::kGroups;
   constexpr int kMaxE = kLanes * kPerLane;
@@ -273,36 +324,45 @@ __global__ void __launch_bounds__(kGateThreads)
   }
   __syncthreads();
   const int width = E + kGateScalars;
-  float* out = partials + int64_t(blockIdx.x) * width;
+  float* out = ws.partials + int64_t(blockIdx.x) * width;
   for (int e = threadIdx.x; e < width; e += kGateThreads) {
-    float s = 0.f;
-    for (int w = 0; w < kGateWarps; ++w) s += e < E ? load_smem[w][e] : scalar_smem[w][e - E];
-    out[e] = s;
+    float sum = 0.f;
+    for (int w = 0; w < kGateWarps; ++w) sum += e < E ? load_smem[w][e] : scalar_smem[w][e - E];
+    out[e] = sum;
   }
-  for (int e = threadIdx.x; e < E; e += kGateThreads) count_partials[int64_t(blockIdx.x) * E + e] = count_smem[e];
-}
+  for (int e = threadIdx.x; e < E; e += kGateThreads) ws.count_partials[int64_t(blockIdx.x) * E + e] = count_smem[e];
 
-inline constexpr int kLossThreads = 256;
-
-/// The four losses from the reduced totals [u_sum(E), sum lse^2, sum (d - H)^2, mass_m, mass_s].
-template <class A>
-__global__ void __launch_bounds__(kLossThreads)
-    gate_losses_kernel(const A* __restrict__ totals, int experts, int64_t tokens, int top_k, A* __restrict__ losses) {
-  using Reduce = BlockAllReduce<A, kLossThreads>;
-  __shared__ typename Reduce::TempStorage storage;
-  const A slots = static_cast<A>(tokens) * static_cast<A>(top_k);
-  A lb = A(0);
-  for (int e = threadIdx.x; e < experts; e += kLossThreads)
-    lb += loss::detail::load_balance_term(totals[e] / slots, static_cast<A>(experts));
-  lb = Reduce(storage).sum(lb);
+  // the finish: the last block of each group of kFinishGroup adds its group's rows, the last
+  // of those adds the group rows and forms the losses (rows in index order at both levels:
+  // the bits do not depend on which block finishes last)
+  __shared__ bool last;
+  __shared__ typename BlockAllReduce<float, kGateThreads>::TempStorage reduce_storage;
+  const int group = blockIdx.x / kFinishGroup;
+  const int first_row = group * kFinishGroup;
+  const int rows = min(kFinishGroup, int(gridDim.x) - first_row);
+  if (!arrive_last(ws.tickets + group, rows, last)) return;
+  sum_rows(ws.partials, first_row, rows, width, ws.group_partials + int64_t(group) * width);
+  sum_rows(ws.count_partials, first_row, rows, E, ws.group_counts + int64_t(group) * E);
+  if (!arrive_last(ws.tickets + ws.groups, ws.groups, last)) return;
+  float* totals = &load_smem[0][0];  // E + 4 <= kGateWarps * kMaxE floats, free by now
+  sum_rows(ws.group_partials, 0, ws.groups, width, totals);
+  sum_rows(ws.group_counts, 0, ws.groups, E, p.expert_counts);
+  __syncthreads();
+  const float routed_slots = static_cast<float>(T_) * static_cast<float>(K);
+  float lb = 0.f;
+  for (int e = threadIdx.x; e < E; e += kGateThreads)
+    lb += loss::detail::load_balance_term(totals[e] / routed_slots, static_cast<float>(E));
+  lb = BlockAllReduce<float, kGateThreads>(reduce_storage).sum(lb);
   if (threadIdx.x == 0) {
-    const A inv_t = A(1) / static_cast<A>(tokens);
-    losses[0] = totals[experts] * inv_t;
-    losses[1] = lb;
-    losses[2] = totals[experts + 1] * inv_t;
-    losses[3] = loss::detail::group_loss_term(totals[experts + 2] * inv_t, A(2)) +
-                loss::detail::group_loss_term(totals[experts + 3] * inv_t, A(2));
+    const float inv_t = 1.f / static_cast<float>(T_);
+    p.losses[0] = totals[E] * inv_t;
+    p.losses[1] = lb;
+    p.losses[2] = totals[E + 1] * inv_t;
+    p.losses[3] = loss::detail::group_loss_term(totals[E + 2] * inv_t, 2.f) +
+                  loss::detail::group_loss_term(totals[E + 3] * inv_t, 2.f);
   }
+  if (p.totals != nullptr)
+    for (int e = threadIdx.x; e < width; e += kGateThreads) p.totals[e] = totals[e];
 }
 
 /// Backward stage one: per-block sums of the saved top-k probabilities per expert and,
@@ -364,7 +424,7 @@ __global__ void __launch_bounds__(kGateThreads)
 template <class T, int kLanes, int kPerLane>
 __global__ void __launch_bounds__(kGateThreads)
     gate_backward_kernel(const __grid_constant__ GateBackwardParams<T, float> b, int64_t row_stride, int64_t diff_step,
-                         const float* __restrict__ totals) {
+                         const float* __restrict__ loads, const float* __restrict__ masses) {
   using Group = LaneGroup<kLanes>;
   constexpr int kGroups = Group::kGroups;
   constexpr int kMaxE = kLanes * kPerLane;
@@ -383,7 +443,7 @@ __global__ void __launch_bounds__(kGateThreads)
   const float inv_t = 1.f / static_cast<float>(T_);
   const float fe = static_cast<float>(E), ft = static_cast<float>(T_);
   const LossCoefficients<float> co = loss_coefficients(b);
-  const auto sc = gate_backward_scalars(co.c_z, co.c_g, co.c_d, totals[E] * inv_t, totals[E + 1] * inv_t, T_);
+  const auto sc = gate_backward_scalars(co.c_z, co.c_g, co.c_d, masses[0] * inv_t, masses[1] * inv_t, T_);
   const float inv_log = inv_log_experts<float>(E);
   const int64_t step = int64_t(gridDim.x) * kGateWarps * kGroups;
   const int64_t first = (int64_t(blockIdx.x) * kGateWarps + warp) * kGroups;
@@ -406,7 +466,7 @@ __global__ void __launch_bounds__(kGateThreads)
         const int e = idx_k[k];
         if (e < 0 || e >= E) continue;
         const float r = renorm_grad(dw_k != nullptr ? dw_k[k] : 0.f, w_dot, inv_total) +
-                        co.c_lb * loss::detail::load_balance_grad(totals[e] / slots, fe, slots);
+                        co.c_lb * loss::detail::load_balance_grad(loads[e] / slots, fe, slots);
         p_dot_gp += prob_k[k] * r;
         routed_signed += (e < Em ? prob_k[k] : -prob_k[k]) * r;
         if (k % kLanes == g.lane) routed[e] = r;
@@ -492,26 +552,21 @@ Status gate_forward(const GateForwardParams<T, float>& p, void* workspace, std::
   if (!c.fits()) return Status::workspace_too_small;
   const int64_t row_stride = logits_row_stride(p.dims, p.logits_stride);
   const int64_t diff_step = difficulty_step(p.difficulty_stride);
-  MOXE_RETURN_IF_ERROR(detail::dispatch_row_shape(p.dims.experts, [&](auto shape) {
+  // the tickets start at 0 in every call (a caller's workspace need not be zeroed; the kernel
+  // leaves them 0 as well): a memset node, no kernel
+  MOXE_CUDA_TRY(cudaMemsetAsync(s.tickets, 0, sizeof(uint32_t) * (static_cast<std::size_t>(s.groups) + 1), stream));
+  return detail::dispatch_gate_row_shape(p.dims.experts, [&](auto shape) {
     using Shape = decltype(shape);
     MOXE_RETURN_IF_ERROR(launch_kernel(detail::gate_forward_kernel<T, Shape::kLanes, Shape::kPerLane>, s.blocks,
-                                       detail::kGateThreads, 0, stream, p, row_stride, diff_step, s.partials,
-                                       s.count_partials));
+                                       detail::kGateThreads, 0, stream, p, row_stride, diff_step, s));
     return check_launch(stream);
-  }));
-  const int E = p.dims.experts;
-  MOXE_RETURN_IF_ERROR(
-      loss::detail::launch_column_sum<float>(s.partials, s.blocks, E + detail::kGateScalars, s.totals, stream));
-  MOXE_RETURN_IF_ERROR(loss::detail::launch_column_sum<int32_t>(s.count_partials, s.blocks, E, p.expert_counts, stream));
-  MOXE_RETURN_IF_ERROR(launch_kernel(detail::gate_losses_kernel<float>, 1, detail::kLossThreads, 0, stream, s.totals, E,
-                                     p.dims.tokens, p.dims.top_k, p.losses));
-  return check_launch(stream);
+  });
 }
 
 template <class T>
 std::size_t gate_backward_workspace_size(const GateBackwardParams<T, float>& b) {
   WorkspaceCarver c;
-  detail::carve_gate_backward(c, b.fwd.dims);
+  detail::carve_gate_backward(c, b.fwd.dims, b.fwd.totals == nullptr);
   return c.required_bytes();
 }
 
@@ -524,20 +579,27 @@ Status gate_backward(const GateBackwardParams<T, float>& b, void* workspace, std
   MOXE_RETURN_IF_ERROR(validate(b));
   MOXE_RETURN_IF_ERROR(detail::check_gate_device_limits(b.fwd));
   WorkspaceCarver c(workspace, workspace_bytes);
-  const detail::GateBackwardScratch s = detail::carve_gate_backward(c, b.fwd.dims);
+  const detail::GateBackwardScratch s = detail::carve_gate_backward(c, b.fwd.dims, b.fwd.totals == nullptr);
   if (!c.fits()) return Status::workspace_too_small;
   const int64_t row_stride = logits_row_stride(b.fwd.dims, b.fwd.logits_stride);
   const int64_t diff_step = difficulty_step(b.fwd.difficulty_stride);
   const int E = b.fwd.dims.experts;
-  return detail::dispatch_row_shape(E, [&](auto shape) {
+  const float* totals = b.fwd.totals;  // the forward's: [loads (E), lse^2, (d - H)^2, mass_m, mass_s]
+  return detail::dispatch_gate_row_shape(E, [&](auto shape) {
     using Shape = decltype(shape);
-    MOXE_RETURN_IF_ERROR(launch_kernel(detail::gate_batch_kernel<T, Shape::kLanes, Shape::kPerLane>, s.blocks,
-                                       detail::kGateThreads, 0, stream, b.fwd, row_stride, diff_step,
-                                       /*need_mass=*/b.loss_grad != nullptr || b.c_g != 0.f, s.partials));
-    MOXE_RETURN_IF_ERROR(loss::detail::launch_column_sum<float>(s.partials, s.blocks, E + 2, s.totals, stream));
+    const float* loads = totals;
+    const float* masses = totals != nullptr ? totals + E + 2 : nullptr;
+    if (totals == nullptr) {  // no totals from the forward: the batch sums again, from the saved top-k and the logits
+      MOXE_RETURN_IF_ERROR(launch_kernel(detail::gate_batch_kernel<T, Shape::kLanes, Shape::kPerLane>, s.blocks,
+                                         detail::kGateThreads, 0, stream, b.fwd, row_stride, diff_step,
+                                         /*need_mass=*/b.loss_grad != nullptr || b.c_g != 0.f, s.partials));
+      MOXE_RETURN_IF_ERROR(loss::detail::launch_column_sum<float>(s.partials, s.blocks, E + 2, s.totals, stream));
+      loads = s.totals;
+      masses = s.totals + E;
+    }
     const int grid = detail::token_grid(b.fwd.dims.tokens, detail::gate_tokens_per_block(E));
     MOXE_RETURN_IF_ERROR(launch_kernel(detail::gate_backward_kernel<T, Shape::kLanes, Shape::kPerLane>, grid,
-                                       detail::kGateThreads, 0, stream, b, row_stride, diff_step, s.totals));
+                                       detail::kGateThreads, 0, stream, b, row_stride, diff_step, loads, masses));
     return check_launch(stream);
   });
 }

@@ -42,6 +42,12 @@ struct GateForwardParams {
   Acc* losses = nullptr;                  // [4] L_z, L_lb, L_d, L_g, required
   int64_t logits_stride = 0;              // elements between rows of logits; 0: experts
   int64_t difficulty_stride = 0;          // elements between tokens of difficulty_logit; 0: 1
+  /// [E + 4] the forward's batch sums (optional): per expert e the routed probability sum
+  /// sum of p_t,e over the (t, k) routed to e (T K u_e), then sum_t lse_t^2,
+  /// sum_t (d_t - H_t)^2, sum_t mass_m,t, sum_t mass_s,t (T P_m, T P_s). The forward writes
+  /// them when set; the backward (GateBackwardParams::fwd) reads them when set instead of
+  /// recomputing u_e, P_m, P_s (one read of the logits and two launches fewer).
+  Acc* totals = nullptr;
 };
 
 template <class T, class Acc = float>

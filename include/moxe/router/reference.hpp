@@ -143,6 +143,13 @@ Status gate_forward(const GateForwardParams<T, Acc>& p) {
   p.losses[1] = lb;
   p.losses[2] = sum_d * inv_t;
   p.losses[3] = ld::group_loss_term(sum_m * inv_t, Acc(2)) + ld::group_loss_term(sum_s * inv_t, Acc(2));
+  if (p.totals) {
+    for (int e = 0; e < E; ++e) p.totals[e] = load[e];
+    p.totals[E] = sum_z;
+    p.totals[E + 1] = sum_d;
+    p.totals[E + 2] = sum_m;
+    p.totals[E + 3] = sum_s;
+  }
   return Status::ok;
 }
 
@@ -159,15 +166,23 @@ Status gate_backward(const GateBackwardParams<T, Acc>& b) {
   const bool head = p.difficulty_logit != nullptr;
   const LossCoefficients<Acc> co = loss_coefficients(b);
   std::vector<Acc> z(E), load(E, Acc(0)), routed(E, Acc(0));
-  // batch quantities: u_e from the saved top-k, P_m and P_s recomputed from the logits
-  // slots outside [0, E) (-1: not routed) add to no load and get no gradient (as the kernels)
+  // batch quantities: the forward's totals when given, else u_e from the saved top-k and
+  // P_m, P_s recomputed from the logits; slots outside [0, E) (-1: not routed) add to no
+  // load and get no gradient (as the kernels)
   auto routed_slot = [E](int32_t e) { return e >= 0 && e < E; };
-  for (int64_t i = 0; i < T_ * K; ++i)
-    if (routed_slot(p.topk_idx[i])) load[p.topk_idx[i]] += p.topk_prob[i];
+  if (p.totals) {
+    for (int e = 0; e < E; ++e) load[e] = p.totals[e];
+  } else {
+    for (int64_t i = 0; i < T_ * K; ++i)
+      if (routed_slot(p.topk_idx[i])) load[p.topk_idx[i]] += p.topk_prob[i];
+  }
   const Acc slots = static_cast<Acc>(T_) * static_cast<Acc>(K);
   for (int e = 0; e < E; ++e) load[e] /= slots;
   Acc sum_m = 0, sum_s = 0;
-  if (co.c_g != Acc(0)) {
+  if (p.totals) {
+    sum_m = p.totals[E + 2];
+    sum_s = p.totals[E + 3];
+  } else if (co.c_g != Acc(0)) {
     for (int64_t t = 0; t < T_; ++t) {
       const auto st = detail::token_state(p, t, z);
       sum_m += st.sm.mass_m;

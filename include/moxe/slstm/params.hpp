@@ -6,6 +6,8 @@
 //   bias  [4, NH, DH]
 //   y     [S, B, NH, DH]     output (T)
 //   states y, c, n, m        [B, NH, DH] (Acc)
+//   tape (optional)          tape_gates [S, B, 4, NH, DH], tape_c/n/m [S, B, NH, DH] (Acc):
+//                            the raw gates and the states after each step
 #pragma once
 
 #include <cstdint>
@@ -43,11 +45,30 @@ struct ForwardParams {
   /// launch of a recurrent kernel (0: as many as fit). Tests use it to force several
   /// launches (group_begin > 0) for every element type; the results do not change.
   int64_t max_groups_per_launch = 0;
+  /// Optional tape of a training forward (all four or none), written by the forward and
+  /// read by the backward, which then skips its own replay of the forward:
+  ///   tape_gates [S, B, 4, NH, DH]  raw gate pre-activations raw_g of every step
+  ///   tape_c, tape_n, tape_m [S, B, NH, DH]  the states after every step
+  /// (tape_elements(dims) gives the sizes). The backward reads it, with fwd.y, as the
+  /// forward of the same inputs (wx, r, bias, initial states) wrote them; it writes neither.
+  Acc* tape_gates = nullptr;
+  Acc *tape_c = nullptr, *tape_n = nullptr, *tape_m = nullptr;
 };
+
+/// Elements of the optional forward tape: `gates` for tape_gates (S*B*4*H), `state` for each
+/// of tape_c, tape_n, tape_m (S*B*H); in all 7*S*B*H elements of Acc.
+struct TapeElements {
+  int64_t gates, state;
+};
+inline TapeElements tape_elements(const Dims& d) {
+  const int64_t state = d.seq_len * d.batch * hidden(d);
+  return {4 * state, state};
+}
 
 template <class T, class Acc = float>
 struct BackwardParams {
-  ForwardParams<T, Acc> fwd;  // the forward's inputs (fwd.y and the *_last are unused)
+  ForwardParams<T, Acc> fwd;  // the forward's inputs; fwd.y and the fwd.tape_* are read when the
+                              // tape is given (else unused, as are the *_last)
   const T* dy;                // [S, B, NH, DH]
   const Acc *dy_last = nullptr, *dc_last = nullptr, *dn_last = nullptr,
             *dm_last = nullptr;  // [B, NH, DH], optional upstream (all or none)
@@ -89,13 +110,21 @@ Status validate(const ForwardParams<T, Acc>& p, bool need_y = true) {
   MOXE_REQUIRE(all_or_none(p.y_last, p.c_last, p.n_last, p.m_last));
   MOXE_REQUIRE(p.units_per_block >= 0);
   MOXE_REQUIRE(p.max_groups_per_launch >= 0);
+  MOXE_REQUIRE(all_or_none(p.tape_gates, p.tape_c, p.tape_n, p.tape_m));
   return Status::ok;
+}
+
+/// Whether the forward params carry a tape (validated: then all four pointers are set).
+template <class T, class Acc>
+bool has_tape(const ForwardParams<T, Acc>& p) {
+  return p.tape_gates != nullptr;
 }
 
 template <class T, class Acc>
 Status validate(const BackwardParams<T, Acc>& p) {
   MOXE_RETURN_IF_ERROR(validate(p.fwd, /*need_y=*/false));
   MOXE_REQUIRE(p.dy && p.dwx && p.dr && p.dbias);
+  MOXE_REQUIRE(!has_tape(p.fwd) || p.fwd.y);  // the tape's y_t is the forward's output
   MOXE_REQUIRE(all_or_none(p.dy_last, p.dc_last, p.dn_last, p.dm_last));
   MOXE_REQUIRE(all_or_none(p.dy_init, p.dc_init, p.dn_init, p.dm_init));
   // dy_init etc. without fwd.*_init: the gradients at the zero initial states, taken on the

@@ -22,12 +22,12 @@
 
 namespace moxe::slstm {
 
-/// The checks of the per-token path on top of validate(): no initial or final states and
-/// no state gradients (Status::unsupported): those belong to sequence_* and step().
+/// The checks of the per-token path on top of validate(): no initial or final states, no
+/// tape and no state gradients (Status::unsupported): those belong to sequence_* and step().
 template <class T, class Acc>
 Status validate_per_token(const ForwardParams<T, Acc>& p, bool need_y) {
   MOXE_RETURN_IF_ERROR(validate(p, need_y));
-  if (p.y_init || p.y_last) return Status::unsupported;
+  if (p.y_init || p.y_last || has_tape(p)) return Status::unsupported;
   return Status::ok;
 }
 

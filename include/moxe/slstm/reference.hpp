@@ -5,6 +5,7 @@
 // is the same detail::cell_forward / detail::cell_backward.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -98,11 +99,23 @@ void run_forward(const ForwardParams<T, Acc>& p, Tape<Acc>* tape) {
 
 }  // namespace detail_ref
 
-/// y_t for t = 1..S and (optionally) the final states. See docs/slstm.md.
+/// y_t for t = 1..S, (optionally) the final states and (optionally) the tape: raw gates and
+/// states of every step. See docs/slstm.md.
 template <class T, class Acc>
 Status forward(const ForwardParams<T, Acc>& p) {
   MOXE_RETURN_IF_ERROR(validate(p));
-  detail_ref::run_forward(p, static_cast<detail_ref::Tape<Acc>*>(nullptr));
+  if (!has_tape(p)) {
+    detail_ref::run_forward(p, static_cast<detail_ref::Tape<Acc>*>(nullptr));
+    return Status::ok;
+  }
+  detail_ref::Tape<Acc> tape;
+  detail_ref::run_forward(p, &tape);
+  for (std::size_t i = 0; i < tape.gates.size(); ++i) p.tape_gates[i] = tape.gates[i];
+  for (std::size_t i = 0; i < tape.c.size(); ++i) {
+    p.tape_c[i] = tape.c[i];
+    p.tape_n[i] = tape.n[i];
+    p.tape_m[i] = tape.m[i];
+  }
   return Status::ok;
 }
 
@@ -128,11 +141,13 @@ Status backward(const BackwardParams<T, Acc>& p) {
   const int64_t S = f.dims.seq_len, B = f.dims.batch, NH = f.dims.heads, DH = f.dims.head_dim;
   const int64_t units = B * NH * DH;
 
-  // Replay the forward into a tape (y goes to a scratch copy: fwd.y is not written).
+  // Replay the forward into a tape (y goes to a scratch copy: fwd.y is not written). The
+  // caller's tape (fwd.tape_*), checked by validate, is not read: the replay is in Acc.
   std::vector<T> y_scratch(S * units);
   ForwardParams<T, Acc> replay = f;
   replay.y = y_scratch.data();
   replay.y_last = replay.c_last = replay.n_last = replay.m_last = nullptr;
+  replay.tape_gates = replay.tape_c = replay.tape_n = replay.tape_m = nullptr;
   detail_ref::Tape<Acc> tape;
   detail_ref::run_forward(replay, &tape);
 

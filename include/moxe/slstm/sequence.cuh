@@ -5,6 +5,11 @@
 //   size_t sequence_backward_workspace_size(const BackwardParams<T, float>&);
 //   Status sequence_backward(const BackwardParams<T, float>&, void* ws, size_t bytes, cudaStream_t);
 //
+// Training: give the forward a tape (ForwardParams::tape_*, sizes from tape_elements) and
+// pass the same params, tape and y included, as the backward's fwd: the backward then reads
+// the tape instead of replaying the forward (one launch and a forward's work fewer, and a
+// smaller workspace) and gets the same bits as without it.
+//
 // T in {float, __half, __nv_bfloat16}; states and accumulation in float. heads 1..16,
 // head_dim a multiple of 16 in [16, 256], any seq_len and batch.
 #pragma once
@@ -25,27 +30,31 @@ namespace moxe::slstm {
 
 namespace detail {
 
-/// The backward's scratch: the forward tape (raw gates, later dgates; states; y in T) and
-/// the partials of the two weight-gradient reductions.
+/// The backward's scratch: dgates (float, for dr; without the caller's tape also the replay's
+/// raw gates, overwritten step by step), the replayed tape (states, y in T) when the caller
+/// gives none, and the partials of the two weight-gradient reductions.
 template <class T>
 struct BackwardScratch {
-  float* tape_gates;  // [S, B, 4, NH, DH]
-  float *tape_c, *tape_n, *tape_m;  // [S, B, NH, DH]
-  T* y_tape;                        // [S, B, NH, DH]
+  float* dgates;                    // [S, B, 4, NH, DH]
+  float *tape_c, *tape_n, *tape_m;  // [S, B, NH, DH]; null with the caller's tape
+  T* y_tape;                        // [S, B, NH, DH]; null with the caller's tape
   float* dbias_partial;             // [B, 4, NH, DH]
   float* dr_partial;                // [chunks, NH, 4, DH, DH]
 };
 
+/// `replay`: the backward replays the forward (no tape from the caller).
 template <class T>
-BackwardScratch<T> carve_backward(WorkspaceCarver& c, const Dims& d) {
+BackwardScratch<T> carve_backward(WorkspaceCarver& c, const Dims& d, bool replay) {
   const std::size_t units = static_cast<std::size_t>(d.seq_len * d.batch * d.heads * d.head_dim);
   const DrSplit split = dr_split(d.seq_len, d.batch, d.heads, d.head_dim);
-  BackwardScratch<T> s;
-  s.tape_gates = c.carve<float>(4 * units);
-  s.tape_c = c.carve<float>(units);
-  s.tape_n = c.carve<float>(units);
-  s.tape_m = c.carve<float>(units);
-  s.y_tape = c.carve<T>(units);
+  BackwardScratch<T> s{};
+  s.dgates = c.carve<float>(4 * units);
+  if (replay) {
+    s.tape_c = c.carve<float>(units);
+    s.tape_n = c.carve<float>(units);
+    s.tape_m = c.carve<float>(units);
+    s.y_tape = c.carve<T>(units);
+  }
   s.dbias_partial = c.carve<float>(static_cast<std::size_t>(d.batch * 4 * d.heads * d.head_dim));
   s.dr_partial = c.carve<float>(static_cast<std::size_t>(split.chunks * d.heads * 4 * d.head_dim * d.head_dim));
   return s;
@@ -144,6 +153,10 @@ ForwardArgs<T> forward_args(const ForwardParams<T, float>& p) {
   a.c_last = p.c_last;
   a.n_last = p.n_last;
   a.m_last = p.m_last;
+  a.tape_gates = p.tape_gates;
+  a.tape_c = p.tape_c;
+  a.tape_n = p.tape_n;
+  a.tape_m = p.tape_m;
   return a;
 }
 
@@ -156,7 +169,8 @@ std::size_t sequence_forward_workspace_size(const ForwardParams<T, Acc>& p) {
   return 0;
 }
 
-/// y_t for t = 1..S and (optionally) the final states, in one persistent kernel.
+/// y_t for t = 1..S, (optionally) the final states and (optionally) the tape for the
+/// backward, in one persistent kernel.
 template <class T, class Acc>
 Status sequence_forward(const ForwardParams<T, Acc>& p, void* workspace, std::size_t workspace_bytes,
                         cudaStream_t stream) {
@@ -164,7 +178,7 @@ Status sequence_forward(const ForwardParams<T, Acc>& p, void* workspace, std::si
   MOXE_RETURN_IF_ERROR(detail::check_device_params(p));
   WorkspaceCarver carver(workspace, workspace_bytes);
   if (!carver.fits()) return Status::workspace_too_small;
-  const auto kernel_for = detail::forward_kernel_for<T, false>;
+  const auto kernel_for = has_tape(p) ? detail::forward_kernel_for<T, true> : detail::forward_kernel_for<T, false>;
   detail::LaunchPlan plan;
   MOXE_RETURN_IF_ERROR(
       detail::plan_recurrent<T>(kernel_for, p.dims, p.units_per_block, p.max_groups_per_launch, false, &plan));
@@ -184,41 +198,56 @@ std::size_t sequence_backward_workspace_size(const BackwardParams<T, Acc>& p) {
   const Dims& d = p.fwd.dims;
   if (d.seq_len <= 0 || d.batch <= 0 || d.heads <= 0 || d.head_dim <= 0) return 0;  // launcher rejects
   WorkspaceCarver carver;
-  detail::carve_backward<T>(carver, p.fwd.dims);
+  detail::carve_backward<T>(carver, p.fwd.dims, /*replay=*/!has_tape(p.fwd));
   return carver.required_bytes();
 }
 
-/// dwx, dr, dbias and (optionally) dy_init, dc_init, dn_init, dm_init. Replays the forward into the
-/// workspace (raw gates, states, y), walks time backward in one persistent kernel, then
-/// reduces dr and dbias deterministically.
+/// dwx, dr, dbias and (optionally) dy_init, dc_init, dn_init, dm_init. Without a tape in fwd,
+/// replays the forward into the workspace (raw gates, states, y); with it, reads the tape
+/// and fwd.y. Walks time backward in one persistent kernel, then reduces dr and dbias
+/// deterministically. The workspace is smaller with a tape (sequence_backward_workspace_size
+/// sees it).
 template <class T, class Acc>
 Status sequence_backward(const BackwardParams<T, Acc>& p, void* workspace, std::size_t workspace_bytes,
                          cudaStream_t stream) {
   MOXE_RETURN_IF_ERROR(validate(p));
   MOXE_RETURN_IF_ERROR(detail::check_device_params(p.fwd));
   const Dims& d = p.fwd.dims;
+  const bool replay = !has_tape(p.fwd);
   WorkspaceCarver carver(workspace, workspace_bytes);
-  const detail::BackwardScratch<T> s = detail::carve_backward<T>(carver, d);
+  const detail::BackwardScratch<T> s = detail::carve_backward<T>(carver, d, replay);
   if (!carver.fits()) return Status::workspace_too_small;
 
   const auto fwd_kernel_for = detail::forward_kernel_for<T, true>;
   const auto bwd_kernel_for = detail::backward_kernel_for<T>;
   detail::LaunchPlan fwd_plan, bwd_plan;
-  MOXE_RETURN_IF_ERROR(detail::plan_recurrent<T>(fwd_kernel_for, d, p.fwd.units_per_block,
-                                                 p.fwd.max_groups_per_launch, false, &fwd_plan));
+  if (replay)
+    MOXE_RETURN_IF_ERROR(detail::plan_recurrent<T>(fwd_kernel_for, d, p.fwd.units_per_block,
+                                                   p.fwd.max_groups_per_launch, false, &fwd_plan));
   MOXE_RETURN_IF_ERROR(detail::plan_recurrent<T>(bwd_kernel_for, d, p.fwd.units_per_block,
                                                  p.fwd.max_groups_per_launch, true, &bwd_plan));
 
-  // 1. forward replay with tape
-  detail::ForwardArgs<T> fa = detail::forward_args(p.fwd);
-  fa.splits = fwd_plan.splits;
-  fa.y = s.y_tape;
-  fa.y_last = fa.c_last = fa.n_last = fa.m_last = nullptr;
-  fa.tape_gates = s.tape_gates;
-  fa.tape_c = s.tape_c;
-  fa.tape_n = s.tape_n;
-  fa.tape_m = s.tape_m;
-  MOXE_RETURN_IF_ERROR(detail::launch_recurrent(fwd_kernel_for(fwd_plan.units), fa, fwd_plan, stream));
+  // 1. the tape: the caller's (from a forward with these inputs), or a forward replay
+  const float* tape_gates = p.fwd.tape_gates;
+  const float *tape_c = p.fwd.tape_c, *tape_n = p.fwd.tape_n, *tape_m = p.fwd.tape_m;
+  const T* y_tape = p.fwd.y;
+  if (replay) {
+    detail::ForwardArgs<T> fa = detail::forward_args(p.fwd);
+    fa.splits = fwd_plan.splits;
+    fa.init_barrier = false;  // y is the workspace's: it overlaps nothing
+    fa.y = s.y_tape;
+    fa.y_last = fa.c_last = fa.n_last = fa.m_last = nullptr;
+    fa.tape_gates = s.dgates;  // the raw gates, replaced by the dgates step by step
+    fa.tape_c = s.tape_c;
+    fa.tape_n = s.tape_n;
+    fa.tape_m = s.tape_m;
+    MOXE_RETURN_IF_ERROR(detail::launch_recurrent(fwd_kernel_for(fwd_plan.units), fa, fwd_plan, stream));
+    tape_gates = s.dgates;
+    tape_c = s.tape_c;
+    tape_n = s.tape_n;
+    tape_m = s.tape_m;
+    y_tape = s.y_tape;
+  }
 
   // 2. backward through time
   detail::BackwardArgs<T> ba{};
@@ -236,31 +265,36 @@ Status sequence_backward(const BackwardParams<T, Acc>& p, void* workspace, std::
   ba.c_init = p.fwd.c_init;
   ba.n_init = p.fwd.n_init;
   ba.m_init = p.fwd.m_init;
-  ba.tape_gates = s.tape_gates;
-  ba.tape_c = s.tape_c;
-  ba.tape_n = s.tape_n;
-  ba.tape_m = s.tape_m;
+  ba.tape_gates = tape_gates;
+  ba.tape_c = tape_c;
+  ba.tape_n = tape_n;
+  ba.tape_m = tape_m;
+  ba.dgates = s.dgates;
   ba.dwx = p.dwx;
   ba.dy_init = p.dy_init;
   ba.dc_init = p.dc_init;
   ba.dn_init = p.dn_init;
   ba.dm_init = p.dm_init;
-  ba.dbias_partial = s.dbias_partial;
   MOXE_RETURN_IF_ERROR(detail::launch_recurrent(bwd_kernel_for(bwd_plan.units), ba, bwd_plan, stream));
 
-  // 3. dr = sum_t dgates_t y_{t-1}^T (split-K partials, summed in chunk order), dbias
+  // 3. dr = sum_t dgates_t y_{t-1}^T (split-K partials, summed in chunk order), dbias (per
+  // batch row in the backward's t order, then the rows in order)
   const detail::DrSplit split = detail::dr_split(d.seq_len, d.batch, d.heads, d.head_dim);
   const int64_t tiles = ((4 * d.head_dim + detail::kDrTile - 1) / detail::kDrTile) *
                         ((d.head_dim + detail::kDrTile - 1) / detail::kDrTile);
   MOXE_RETURN_IF_ERROR(launch_kernel(
       detail::dr_partial_kernel<T>,
       dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(d.heads), static_cast<unsigned>(split.chunks)), 256, 0,
-      stream, s.tape_gates, s.y_tape, p.fwd.y_init, d.seq_len, d.batch, d.heads, d.head_dim, split.chunk_len,
+      stream, s.dgates, y_tape, p.fwd.y_init, d.seq_len, d.batch, d.heads, d.head_dim, split.chunk_len,
       s.dr_partial));
   const int64_t dr_count = d.heads * 4 * d.head_dim * d.head_dim;
   MOXE_RETURN_IF_ERROR(launch_kernel(detail::sum_partials_kernel<T>, static_cast<unsigned>((dr_count + 255) / 256), 256,
                                      0, stream, s.dr_partial, split.chunks, dr_count, p.dr));
   const int64_t bias_count = 4 * d.heads * d.head_dim;
+  MOXE_RETURN_IF_ERROR(launch_kernel(detail::dbias_rows_kernel<>,
+                                     static_cast<unsigned>((d.batch * bias_count + 255) / 256), 256, 0, stream,
+                                     static_cast<const float*>(s.dgates), d.seq_len, d.batch, bias_count,
+                                     s.dbias_partial));
   MOXE_RETURN_IF_ERROR(launch_kernel(detail::sum_partials_kernel<T>, static_cast<unsigned>((bias_count + 255) / 256),
                                      256, 0, stream, s.dbias_partial, d.batch, bias_count, p.dbias));
   return check_launch(stream);

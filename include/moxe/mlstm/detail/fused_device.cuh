@@ -11,7 +11,7 @@
 //            last reset) go to `local_rows`, the chunk's map (ChunkMap::of_last_row) into a
 //            block scan; m_prev of every chunk = the exclusive scan of the maps seeded by
 //            m_init (or 0), m_final after the last. Without segments it also fills the table.
-//   F1 state, grid (U*NH, ceil(DV/64)), 8 warps: the state C[:, 64-column block] of the slot
+//   F1 state, grid U*NH x ceil(DV/64) (column blocks of a slot adjacent), 8 warps: the state C[:, 64-column block] of the slot
 //            in mma accumulators (warp w: DQK rows 16w.., +128), n in fp32 registers (block 0,
 //            one DQK row per thread). Per chunk: the checkpoint C'_c (fp32) to the workspace,
 //            E_s and w_L from the scan's m_prev on both sides, K and V staged by cp.async in
@@ -19,7 +19,7 @@
 //            operand built in registers (rounded to T: fast; split in three T parts:
 //            accurate; half: scaled by a power of two per DQK row), n <- w_L n + K^T E by
 //            FFMA. The final states when asked for.
-//   F2 output, grid (K*NH, ceil(DV/64)), one warp per 16 rows of the chunk: S = Q K^T (causal
+//   F2 output, grid K*NH x ceil(DV/64) (column blocks of a chunk adjacent), one warp per 16 rows of the chunk: S = Q K^T (causal
 //            k-steps only) and inter = Q C_c on mma.sync over 64-wide DQK slices (Q, K by
 //            cp.async; C_c converted from the fp32 checkpoint to T parts in shared memory),
 //            P = scale S o D in registers (never stored; rounded / split per row as the
@@ -116,16 +116,22 @@ struct FusedArgs {
   }
 };
 
-/// 16 bytes of T from global (n valid elements of 16 / sizeof(T); n <= 0: zeros) to shared.
+/// 16 bytes of T from global (n valid elements of 16 / sizeof(T); n <= 0: zeros) to shared:
+/// cp.async where the source is 16-byte aligned and the architecture has it (sm_80; the
+/// float kernels also run below), plain loads otherwise (the same values).
 template <class T>
 MOXE_DEVICE MOXE_FORCEINLINE void stage16(T* dst, const T* src, int n, bool aligned) {
   constexpr int kVec = 16 / sizeof(T);
+#if MOXE_MMA_SM80
   if (aligned) {
-    mma::cp_async_16(dst, n > 0 ? src : dst, n > 0 ? 16 : 0);
-  } else {
-    MOXE_PRAGMA_UNROLL
-    for (int i = 0; i < kVec; ++i) dst[i] = i < n ? src[i] : T(0.0f);
+    mma::cp_async_16(dst, src, n > 0 ? 16 : 0);  // n <= 0: nothing read, zeros written
+    return;
   }
+#else
+  (void)aligned;
+#endif
+  MOXE_PRAGMA_UNROLL
+  for (int i = 0; i < kVec; ++i) dst[i] = i < n ? src[i] : T(0.0f);
 }
 
 // ---- segments: the chunk table ---------------------------------------------------------------
@@ -236,7 +242,7 @@ inline std::size_t fused_state_smem(int64_t dqk) {
 }
 
 template <class T, int kRT, int kParts>
-__global__ void __launch_bounds__(kFusedStateThreads) fused_state_kernel(const __grid_constant__ FusedArgs<T> p) {
+__global__ void __launch_bounds__(kFusedStateThreads, 1) fused_state_kernel(const __grid_constant__ FusedArgs<T> p) {
   extern __shared__ __align__(16) unsigned char fused_smem[];
   __shared__ float sE[kFusedMaxChunk];
   __shared__ int sExp[kFusedMaxHeadDim];
@@ -246,8 +252,11 @@ __global__ void __launch_bounds__(kFusedStateThreads) fused_state_kernel(const _
   T* Ks = reinterpret_cast<T*>(fused_smem);  // [2][16][ldk]
   T* Vs = Ks + 2 * 16 * ldk;                 // [2][16][ldv]
   const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
-  const int64_t slot = blockIdx.x, u = slot / p.NH, hd = slot % p.NH;
-  const int cb = static_cast<int>(blockIdx.y) * kFusedColumns;
+  // block x = slot * column blocks + column block: a slot's column blocks run together (K
+  // is read from DRAM once, by the first of them, and from L2 by the others)
+  const int64_t col_blocks = ceil_div<int64_t>(p.DV, kFusedColumns);
+  const int64_t slot = blockIdx.x / col_blocks, u = slot / p.NH, hd = slot % p.NH;
+  const int cby = static_cast<int>(blockIdx.x % col_blocks), cb = cby * kFusedColumns;
   const int64_t W = p.DV + 1, first = p.table.unit_first[u], count = p.table.unit_chunks[u];
 
   mma::FragmentC st[kRT][kNT], acc[kRT][kNT];
@@ -264,7 +273,7 @@ __global__ void __launch_bounds__(kFusedStateThreads) fused_state_kernel(const _
         const int col = cb + nt * 8 + mma::fragment_c_col(lane, e);
         st[i][nt].c[e] = (p.c_init && active_rt(i) && col < DV) ? p.c_init[(slot * p.DQK + a) * p.DV + col] : 0.0f;
       }
-  const bool n_owner = blockIdx.y == 0 && tid < DQK;
+  const bool n_owner = cby == 0 && tid < DQK;
   float n_reg = (n_owner && p.n_init) ? p.n_init[slot * p.DQK + tid] : 0.0f;
 
   for (int64_t c = first; c < first + count; ++c) {
@@ -292,21 +301,18 @@ __global__ void __launch_bounds__(kFusedStateThreads) fused_state_kernel(const _
     for (int s = tid; s < kFusedMaxChunk; s += kFusedStateThreads)
       sE[s] = s < len ? state_source_weight<float>(p.local_rows[row_of(s)].x, s, last, mn) : 0.0f;
     __syncthreads();
-    // per DQK row: the half exponent of E_s k_s[a] over the chunk; n <- w_L n + sum_s E_s k_s
+    // half: per DQK row, the power of two of E_s k_s[a] over the whole chunk (one pass over
+    // the chunk's K before the products; bf16 and float need none)
     if (tid < DQK) {
-      float max_abs = 0.0f, nsum = 0.0f;
-      const bool need_max = OperandFormat<T>::kNarrowRange;
-      if (need_max || n_owner) {
-        for (int s = 0; s < len; ++s) {
-          const float ek = sE[s] * load_acc<float>(p.k[row_of(s) * p.DQK + tid]);
-          max_abs = math::max(max_abs, math::abs(ek));
-          nsum += ek;
-        }
+      float max_abs = 0.0f;
+      if constexpr (OperandFormat<T>::kNarrowRange) {
+#pragma unroll 8
+        for (int s = 0; s < len; ++s)
+          max_abs = math::max(max_abs, math::abs(sE[s] * load_acc<float>(p.k[row_of(s) * p.DQK + tid])));
       }
-      sExp[tid] = kParts >= 1 && kFusedMma<T> ? operand_exponent<T>(max_abs) : 0;
-      if (n_owner) n_reg = wL * n_reg + nsum;
+      sExp[tid] = kFusedMma<T> ? operand_exponent<T>(max_abs) : 0;
     }
-
+    float nsum = 0.0f;  // n's update: sum_s E_s k_s[a] in fp32, s in order (from the staged K)
     MOXE_PRAGMA_UNROLL
     for (int i = 0; i < kRT; ++i)
       MOXE_PRAGMA_UNROLL
@@ -345,6 +351,9 @@ __global__ void __launch_bounds__(kFusedStateThreads) fused_state_kernel(const _
       const T* kb = Ks + buf * 16 * ldk;
       const T* vb = Vs + buf * 16 * ldv;
       const float* eb = sE + b * 16;
+      if (n_owner) {  // rows past len: E_s = 0 and K zero-filled, exact zeros added
+        for (int s = 0; s < 16; ++s) nsum += eb[s] * static_cast<float>(kb[s * ldk + tid]);
+      }
       MOXE_PRAGMA_UNROLL
       for (int i = 0; i < kRT; ++i) {
         if (!active_rt(i)) continue;
@@ -396,6 +405,7 @@ __global__ void __launch_bounds__(kFusedStateThreads) fused_state_kernel(const _
           const float down = active_rt(i) ? exp2_int(-sExp[a]) : 1.0f;
           st[i][nt].c[e] = wL * st[i][nt].c[e] + acc[i][nt].c[e] * down;
         }
+    if (n_owner) n_reg = wL * n_reg + nsum;
     __syncthreads();  // sE, sExp
   }
   if (p.c_last) {
@@ -410,7 +420,7 @@ __global__ void __launch_bounds__(kFusedStateThreads) fused_state_kernel(const _
           if (active_rt(i) && col < DV) p.c_last[(slot * p.DQK + a) * p.DV + col] = st[i][nt].c[e];
         }
     if (n_owner) p.n_last[slot * p.DQK + tid] = n_reg;
-    if (blockIdx.y == 0 && tid == 0) p.m_last[slot] = static_cast<float>(p.m_final[slot]);
+    if (cby == 0 && tid == 0) p.m_last[slot] = static_cast<float>(p.m_final[slot]);
   }
 }
 
@@ -434,11 +444,14 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2) fused_output_kernel(const 
   extern __shared__ __align__(16) unsigned char fused_smem[];
   __shared__ double sX[kFusedMaxChunk], sA[kFusedMaxChunk], sM[kFusedMaxChunk];
   __shared__ int sReset[kFusedMaxChunk];
-  __shared__ float sW[kFusedMaxChunk], sNq[kFusedMaxChunk];
+  __shared__ float sW[kFusedMaxChunk], sNq[kFusedMaxChunk], sN[kFusedSlice<T>];
   __shared__ int sExpC[kFusedColumns];
   constexpr int kNT = kFusedColumns / 8, kST = kFusedMaxChunk / 8, kAS = kFusedSlice<T>;
   constexpr int ld = kAS + kFusedPad<T>, ldc = kFusedColumns + kFusedPad<T>;
-  const int64_t kh = blockIdx.x, c = kh / p.NH, hd = kh % p.NH;
+  // block x = (chunk * NH + head) * column blocks + column block: the column blocks of a
+  // chunk run together (Q, K and the checkpoint's n column from L2 after the first)
+  const int64_t col_blocks = ceil_div<int64_t>(p.DV, kFusedColumns);
+  const int64_t kh = blockIdx.x / col_blocks, c = kh / p.NH, hd = kh % p.NH;
   const int len = p.table.chunk_len[c];
   if (len == 0) return;  // uniform: past the chunks in use
   const int L = p.L, DQK = static_cast<int>(p.DQK), DV = static_cast<int>(p.DV);
@@ -449,7 +462,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2) fused_output_kernel(const 
   float* Pw = reinterpret_cast<float*>(Cs + kParts * kAS * ldc);  // FMA path: [warps][16][17]
   const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
   const int threads = static_cast<int>(blockDim.x);
-  const int cb = static_cast<int>(blockIdx.y) * kFusedColumns;
+  const int cb = static_cast<int>(blockIdx.x % col_blocks) * kFusedColumns;
   const int64_t u = p.table.chunk_unit[c], start = p.table.chunk_start[c], W = p.DV + 1;
   const double mp = p.m_prev[kh];
   const float* ck = p.state + kh * p.DQK * W;
@@ -472,17 +485,12 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2) fused_output_kernel(const 
       sM[j] = row.m();
       sReset[j] = row.reset;
       sW[j] = decay_weight<float>(mp, row);
-      float nq = 0.0f;
-      const int64_t rq = row_of(j) * p.DQK;
-      for (int a = 0; a < DQK; ++a) nq += ck[a * W + p.DV] * load_acc<float>(p.q[rq + a]);
-      sNq[j] = nq;
     } else {
       sX[j] = -math::infinity<double>();
       sA[j] = 0.0;
       sM[j] = 0.0;
       sReset[j] = -1;
       sW[j] = 0.0f;
-      sNq[j] = 0.0f;
     }
   }
   // half: one power of two per column of C_c (over all DQK rows), as the host twin's groups
@@ -490,6 +498,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2) fused_output_kernel(const 
     float max_abs = 0.0f;
     if constexpr (OperandFormat<T>::kNarrowRange) {
       if (cb + e < DV)
+#pragma unroll 8
         for (int a = 0; a < DQK; ++a) max_abs = math::max(max_abs, math::abs(ck[a * W + cb + e]));
     }
     sExpC[e] = kFusedMma<T> ? operand_exponent<T>(max_abs) : 0;
@@ -499,6 +508,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2) fused_output_kernel(const 
   const int j0 = warp * 16;
   const bool warp_rows = j0 < len;
   mma::FragmentC sacc[kST], iacc[kNT];
+  float nq = 0.0f;  // thread j < L: n_c . q_j in fp32, a in order (from the staged Q)
   auto active_nt = [&](int nt) { return cb + nt * 8 < DV; };
   auto active_st = [&](int nt) { return nt * 8 < j0 + 16 && nt * 8 < len; };  // causal, inside the chunk
 
@@ -525,8 +535,11 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2) fused_output_kernel(const 
         Cs[(2 * kAS + a) * ldc + e] = T(sp.lo);
       }
     }
+    for (int a = tid; a < kAS; a += threads) sN[a] = a < width ? ck[(a0 + a) * W + p.DV] : 0.0f;
     mma::cp_async_wait<0>();
     __syncthreads();
+    if (tid < L)
+      for (int a = 0; a < width; ++a) nq += sN[a] * static_cast<float>(Qs[tid * ld + a]);
     if (warp_rows) {
       for (int kk = 0; kk < width; kk += 16) {
         if constexpr (kFusedMma<T>) {
@@ -574,6 +587,8 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2) fused_output_kernel(const 
     }
     __syncthreads();  // Qs, Ks, Cs are staged again
   }
+  if (tid < L) sNq[tid] = nq;
+  __syncthreads();
   if (!warp_rows) return;  // no barrier follows
 
   // P = (scale S) o D in registers; its row sums (fp32) and, for half, each row's exponent
@@ -693,27 +708,38 @@ std::size_t fused_chunkwise_forward_workspace_size(const ForwardParams<T, float>
   return c.required_bytes();
 }
 
+/// Dynamic shared memory of F1 and F2 for this call, set before anything is launched (a
+/// size the device cannot give is Status::unsupported with nothing written). The attribute
+/// is set to this call's size: two host threads launching one instance with different
+/// sizes at the same moment can undo each other's setting (then a launch fails with
+/// cuda_error; serialise such calls).
+template <class T, int kParts>
+Status prepare_fused_smem(int64_t dqk, int chunk) {
+  const std::size_t smem1 = fused_state_smem<T>(dqk);
+  if (dqk > 16 * kFusedStateWarps)
+    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_kernel<T, 2, kParts>, smem1));
+  else
+    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_kernel<T, 1, kParts>, smem1));
+  return set_max_dynamic_smem(fused_output_kernel<T, kParts>, fused_output_smem<T, kParts>(chunk));
+}
+
 template <class T, int kParts>
 Status launch_fused_pass(const FusedArgs<T>& a, const int64_t* offsets, cudaStream_t stream) {
   const int64_t slots = a.units * a.NH;
-  const unsigned col_blocks = static_cast<unsigned>(ceil_div<int64_t>(a.DV, kFusedColumns));
+  const int64_t col_blocks = ceil_div<int64_t>(a.DV, kFusedColumns);
   if (a.segments)
     MOXE_RETURN_IF_ERROR(launch_kernel(fused_table_kernel<0>, 1, 1, 0, stream, a.table, a.units, a.chunks, a.S, a.L,
                                        offsets));
   MOXE_RETURN_IF_ERROR(
       launch_kernel(fused_gate_scan_kernel<T>, static_cast<unsigned>(slots), kFusedScanThreads, 0, stream, a));
   const std::size_t smem1 = fused_state_smem<T>(a.DQK);
-  const dim3 grid1(static_cast<unsigned>(slots), col_blocks);
-  if (a.DQK > 16 * kFusedStateWarps) {
-    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_kernel<T, 2, kParts>, smem1));
+  const dim3 grid1(static_cast<unsigned>(slots * col_blocks));
+  if (a.DQK > 16 * kFusedStateWarps)
     MOXE_RETURN_IF_ERROR(launch_kernel(fused_state_kernel<T, 2, kParts>, grid1, kFusedStateThreads, smem1, stream, a));
-  } else {
-    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_kernel<T, 1, kParts>, smem1));
+  else
     MOXE_RETURN_IF_ERROR(launch_kernel(fused_state_kernel<T, 1, kParts>, grid1, kFusedStateThreads, smem1, stream, a));
-  }
   const std::size_t smem2 = fused_output_smem<T, kParts>(a.L);
-  const dim3 grid2(static_cast<unsigned>(a.chunks * a.NH), col_blocks);
-  MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_output_kernel<T, kParts>, smem2));
+  const dim3 grid2(static_cast<unsigned>(a.chunks * a.NH * col_blocks));
   MOXE_RETURN_IF_ERROR(launch_kernel(fused_output_kernel<T, kParts>, grid2, (a.L / 16) * 32, smem2, stream, a));
   return check_launch(stream);
 }
@@ -733,10 +759,23 @@ Status fused_chunkwise_forward(const ForwardParams<T, float>& p, void* workspace
   MOXE_RETURN_IF_ERROR(validate_chunkwise(p, /*need_h=*/true));
   if (!fused_head_dim_supported(p.dims.dqk) || !fused_head_dim_supported(p.dims.dv)) return Status::unsupported;
   if (workspace_bytes < fused_chunkwise_forward_workspace_size(p)) return Status::workspace_too_small;
+  {  // grid sizes (F2: chunks x heads x column blocks) within one grid dimension
+    const int64_t blocks = chunk_bound(pass_dims(p), p.num_segments, p.chunk_size) * p.dims.heads *
+                           ceil_div<int64_t>(p.dims.dv, kFusedColumns);
+    if (blocks > int64_t(0x7fffffff)) return Status::unsupported;
+  }
   if constexpr (kFusedMma<T>) {
     int device = 0;
     MOXE_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&device)));
     MOXE_RETURN_IF_ERROR(mma::sm80_supported(device));
+  }
+  if constexpr (kFusedMma<T>) {
+    if (p.precision == Precision::accurate)
+      MOXE_RETURN_IF_ERROR((prepare_fused_smem<T, 3>(p.dims.dqk, p.chunk_size)));
+    else
+      MOXE_RETURN_IF_ERROR((prepare_fused_smem<T, 1>(p.dims.dqk, p.chunk_size)));
+  } else {
+    MOXE_RETURN_IF_ERROR((prepare_fused_smem<T, 1>(p.dims.dqk, p.chunk_size)));
   }
   return for_each_batch_pass(p, [&](int64_t b0, int64_t nb) {
     const ForwardParams<T, float> s = batch_slice(p, b0, nb);

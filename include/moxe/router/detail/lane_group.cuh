@@ -322,4 +322,15 @@ Status dispatch_row_shape(int experts, F&& f) {
   return Status::unsupported;
 }
 
+/// The fused gate's ladder (router/gate.cuh): as dispatch_row_shape, but 33 <= E <= 64 on
+/// (16, 4), two tokens per warp and no empty slot, instead of (32, 4) with half the slots
+/// empty (the gate's per-token chain of shuffles is its cost: half the chains per warp).
+inline int gate_row_lanes(int experts) { return experts <= 8 ? 4 : experts <= 32 ? 8 : experts <= 64 ? 16 : 32; }
+
+template <class F>
+Status dispatch_gate_row_shape(int experts, F&& f) {
+  if (experts > 32 && experts <= 64) return f(RowShape<16, 4>{});
+  return dispatch_row_shape(experts, static_cast<F&&>(f));
+}
+
 }  // namespace moxe::router::detail

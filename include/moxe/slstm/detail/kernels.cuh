@@ -4,8 +4,10 @@
 //                    of its units on chip and updates their states in registers; optional
 //                    tape (raw gates, states) for the backward
 //   backward_kernel  persistent, walks t = S-1..0 with the transposed r slice on chip;
-//                    overwrites the gate tape with dgates, writes dwx, per-row dbias partials
-//   dr_partial_kernel / sum_partials_kernel   deterministic reductions
+//                    reads the tape (raw gates, states), writes dgates (float, for dr and
+//                    dbias) and dwx; dgates may be the gate tape itself (the launcher's own
+//                    replay: each raw gate is read before its dgate replaces it)
+//   dr_partial_kernel / dbias_rows_kernel / sum_partials_kernel   deterministic reductions
 //
 // The two recurrent kernels take the units per block as a template parameter kU;
 // forward_kernel_for / backward_kernel_for pick the instance at launch.
@@ -49,11 +51,11 @@ struct BackwardArgs {
   const T* dy;
   const float *dy_last, *dc_last, *dn_last, *dm_last;  // all or none
   const float *c_init, *n_init, *m_init;               // all or none
-  float* tape_gates;                                   // in: raw gates; out: dgates (float)
-  const float *tape_c, *tape_n, *tape_m;
+  const float* tape_gates;                             // raw gates [S, B, 4, NH, DH]
+  const float *tape_c, *tape_n, *tape_m;               // states [S, B, NH, DH]
+  float* dgates;                                       // out [S, B, 4, NH, DH]; may be tape_gates
   T* dwx;
   float *dy_init, *dc_init, *dn_init, *dm_init;  // all or none
-  float* dbias_partial;                          // [B, 4, NH, DH]
 };
 
 /// End of a time step: every block of the group has published its part of the step.
@@ -83,10 +85,12 @@ struct PairOffsets {
 };
 template <int kU>
 MOXE_DEVICE MOXE_FORCEINLINE PairOffsets pair_offsets(int tid, int k, int64_t b0, int64_t B, int H) {
-  const int p = tid + k * kThreads;
+  // unsigned arithmetic: with int the bf16 U = 128 forward took 30 more registers and the
+  // backward spilled (nvcc 13, sm_90)
+  const unsigned p = static_cast<unsigned>(tid) + static_cast<unsigned>(k) * kThreads;
   PairOffsets o;
-  o.bl = p / kU;
-  o.jl = p % kU;
+  o.bl = static_cast<int>(p / kU);
+  o.jl = static_cast<int>(p % kU);
   o.gate = o.bl * 4 * H + o.jl;
   o.unit = o.bl * H + o.jl;
   o.valid = b0 + o.bl < B;
@@ -110,6 +114,8 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
   const int tid = static_cast<int>(threadIdx.x);
   const BlockTile tile = block_tile(a.group_begin + blockIdx.x, static_cast<int64_t>(blockIdx.y), kU, NH);
   const int64_t h = tile.h, b0 = tile.b0, j0 = tile.j0;
+  // rows of the tile within the batch (the rest are zero): at most 8 takes the narrow product
+  const int tile_rows = B - b0 < kBatchTile ? static_cast<int>(B - b0) : kBatchTile;
 
   // r rows of this block's units: row n = g*kU + jl holds r[h][g][j0 + jl][:]
   for (int idx = tid; idx < 4 * kU * dh; idx += kThreads) {
@@ -192,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
       for (int g = 0; g < 4; ++g) wx[k][g] = po[k].valid ? to_float(wx_t[po[k].gate + g * H]) : 0.f;
     }
     __syncthreads();
-    block_product<T>(y_s, L.ldy, r_s, L.ldr, g_s, L.ldg, 4 * kU, dh);
+    block_product<T, 4 * kU>(y_s, L.ldy, r_s, L.ldr, g_s, L.ldg, dh, tile_rows);
     __syncthreads();
     MOXE_PRAGMA_UNROLL
     for (int k = 0; k < P; ++k) {
@@ -254,7 +260,7 @@ MOXE_DEVICE MOXE_FORCEINLINE void load_dgates_tile(const BackwardArgs<T>& a, con
   const int bl = static_cast<int>(threadIdx.x) / kRowThreads, lane = static_cast<int>(threadIdx.x) % kRowThreads;
   const int dh = static_cast<int>(a.DH), H = static_cast<int>(a.NH * a.DH);
   const int64_t b = b0 + bl;
-  const float* src = b < a.B ? a.tape_gates + gate_index(t, b, 0, h, 0, a.B, a.NH, a.DH) : nullptr;
+  const float* src = b < a.B ? a.dgates + gate_index(t, b, 0, h, 0, a.B, a.NH, a.DH) : nullptr;
   // column col = g*DH + j is src[g*H + j]; j runs up to DH, then the next gate starts
   int j = lane, off = lane;
   for (int col = lane; col < 4 * dh; col += kRowThreads) {
@@ -268,6 +274,9 @@ MOXE_DEVICE MOXE_FORCEINLINE void load_dgates_tile(const BackwardArgs<T>& a, con
     }
   }
 }
+
+/// The backward product's K = 4*DH in one part per gate (tensor cores; block_product).
+inline constexpr int kBackwardKSplit = 4;
 
 template <class T, int kU>
 __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArgs<T> a) {
@@ -286,6 +295,8 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
   const int tid = static_cast<int>(threadIdx.x);
   const BlockTile tile = block_tile(a.group_begin + blockIdx.x, static_cast<int64_t>(blockIdx.y), kU, NH);
   const int64_t h = tile.h, b0 = tile.b0, j0 = tile.j0;
+  // rows of the tile within the batch (the rest are zero): at most 8 takes the narrow product
+  const int tile_rows = B - b0 < kBatchTile ? static_cast<int>(B - b0) : kBatchTile;
 
   // transposed slice: row dl, column n = g*DH + j holds r[h][g][j][j0 + dl]
   for (int idx = tid; idx < 4 * dh * kU; idx += kThreads) {
@@ -304,13 +315,11 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
   const int64_t unit_base = unit_index(0, b0, h, j0, B, NH, DH);
   const int64_t gate_base = gate_index(0, b0, 0, h, j0, B, NH, DH);
   PairOffsets po[P];
-  float dc[P], dn[P], dm[P], dbias[P][4];
+  float dc[P], dn[P], dm[P];
   MOXE_PRAGMA_UNROLL
   for (int k = 0; k < P; ++k) {
     po[k] = pair_offsets<kU>(tid, k, b0, B, H);
     dc[k] = dn[k] = dm[k] = 0.f;
-    MOXE_PRAGMA_UNROLL
-    for (int g = 0; g < 4; ++g) dbias[k][g] = 0.f;
     if (po[k].valid && a.dc_last != nullptr) {
       const int64_t u = unit_base + po[k].unit;
       dc[k] = a.dc_last[u];
@@ -319,48 +328,55 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
     }
   }
 
-  // step t's slices of dy, the gate tape and dwx (at unit_base / gate_base) and step t-1's
-  // of the state tapes (used for t > 0), one step back after each step
+  // step t's slices of dy, the gate tape, dgates and dwx (at unit_base / gate_base) and step
+  // t-1's of the state tapes (used for t > 0), one step back after each step
   const T* dy_t = a.dy + (unit_base + (S - 1) * BH);
-  float* tape_gates_t = a.tape_gates + (gate_base + (S - 1) * 4 * BH);
+  const float* tape_gates_t = a.tape_gates + (gate_base + (S - 1) * 4 * BH);
+  float* dgates_t = a.dgates + (gate_base + (S - 1) * 4 * BH);
   T* dwx_t = a.dwx + (gate_base + (S - 1) * 4 * BH);
   const int64_t prev_base = unit_base + (S > 1 ? (S - 2) * BH : 0);
   const float *tape_c_prev = a.tape_c + prev_base, *tape_n_prev = a.tape_n + prev_base,
               *tape_m_prev = a.tape_m + prev_base;
 
   for (int64_t t = S - 1; t >= 0; --t) {
+    // this step's dy, raw gates and previous states, fetched before the product to hide
+    // their latency (none of them depends on it)
+    float dy[P], raw[P][4], c0[P], n0[P], m0[P];
+    MOXE_PRAGMA_UNROLL
+    for (int k = 0; k < P; ++k) {
+      dy[k] = c0[k] = n0[k] = m0[k] = 0.f;
+      MOXE_PRAGMA_UNROLL
+      for (int g = 0; g < 4; ++g) raw[k][g] = 0.f;
+      if (po[k].valid) {
+        const int64_t u0 = unit_base + po[k].unit;
+        dy[k] = to_float(dy_t[po[k].unit]);
+        if (t == S - 1 && a.dy_last != nullptr) dy[k] += a.dy_last[u0];
+        MOXE_PRAGMA_UNROLL
+        for (int g = 0; g < 4; ++g) raw[k][g] = tape_gates_t[po[k].gate + g * H];
+        if (t > 0) {
+          c0[k] = tape_c_prev[po[k].unit];
+          n0[k] = tape_n_prev[po[k].unit];
+          m0[k] = tape_m_prev[po[k].unit];
+        } else if (a.c_init != nullptr) {
+          c0[k] = a.c_init[u0];
+          n0[k] = a.n_init[u0];
+          m0[k] = a.m_init[u0];
+        }
+      }
+    }
     if (t < S - 1) {  // recurrent part of dy_t: r^T dgates_{t+1}, for this block's units
       if (!own_head) load_dgates_tile(a, L, dg_s, t + 1, b0, h);
       __syncthreads();
-      block_product<T>(dg_s, L.ldk, rt_s, L.ldk, out_s, L.ldo, kU, 4 * dh);
+      block_product<T, kU, kBackwardKSplit>(dg_s, L.ldk, rt_s, L.ldk, out_s, L.ldo, 4 * dh, tile_rows);
       __syncthreads();
     }
     MOXE_PRAGMA_UNROLL
     for (int k = 0; k < P; ++k) {
       const int bl = po[k].bl, jl = po[k].jl;
       if (po[k].valid) {
-        const int64_t u0 = unit_base + po[k].unit;
-        float dy = to_float(dy_t[po[k].unit]);
-        if (t < S - 1) {
-          dy += out_s[bl * L.ldo + jl];
-        } else if (a.dy_last != nullptr) {
-          dy += a.dy_last[u0];
-        }
-        float raw[4];
-        MOXE_PRAGMA_UNROLL
-        for (int g = 0; g < 4; ++g) raw[g] = tape_gates_t[po[k].gate + g * H];
-        float c0 = 0.f, n0 = 0.f, m0 = 0.f;
-        if (t > 0) {
-          c0 = tape_c_prev[po[k].unit];
-          n0 = tape_n_prev[po[k].unit];
-          m0 = tape_m_prev[po[k].unit];
-        } else if (a.c_init != nullptr) {
-          c0 = a.c_init[u0];
-          n0 = a.n_init[u0];
-          m0 = a.m_init[u0];
-        }
-        const CellGrad<float> gd =
-            cell_backward(GatesRaw<float>{raw[0], raw[1], raw[2], raw[3]}, c0, n0, m0, dy, dc[k], dn[k], dm[k]);
+        const float dy_total = t < S - 1 ? dy[k] + out_s[bl * L.ldo + jl] : dy[k];
+        const CellGrad<float> gd = cell_backward(GatesRaw<float>{raw[k][0], raw[k][1], raw[k][2], raw[k][3]}, c0[k],
+                                                 n0[k], m0[k], dy_total, dc[k], dn[k], dm[k]);
         dc[k] = gd.dc0;
         dn[k] = gd.dn0;
         dm[k] = gd.dm0;
@@ -368,16 +384,16 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
         MOXE_PRAGMA_UNROLL
         for (int g = 0; g < 4; ++g) {
           const int gi = po[k].gate + g * H;
-          tape_gates_t[gi] = d4[g];
+          dgates_t[gi] = d4[g];
           dwx_t[gi] = from_float<T>(d4[g]);
           if (own_head) dg_s[bl * L.ldk + g * dh + static_cast<int>(j0) + jl] = from_float<T>(d4[g]);
-          dbias[k][g] += d4[g];
         }
       }
     }
     if (t > 0) {
       dy_t -= BH;
       tape_gates_t -= 4 * BH;
+      dgates_t -= 4 * BH;
       dwx_t -= 4 * BH;
     }
     if (t > 1) {
@@ -392,21 +408,19 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
   if (a.dy_init != nullptr) {
     if (!own_head) load_dgates_tile(a, L, dg_s, 0, b0, h);
     __syncthreads();
-    block_product<T>(dg_s, L.ldk, rt_s, L.ldk, out_s, L.ldo, kU, 4 * dh);
+    block_product<T, kU, kBackwardKSplit>(dg_s, L.ldk, rt_s, L.ldk, out_s, L.ldo, 4 * dh, tile_rows);
     __syncthreads();
   }
-  MOXE_PRAGMA_UNROLL
-  for (int k = 0; k < P; ++k) {
-    if (po[k].valid) {
-      const int64_t u0 = unit_base + po[k].unit;
-      if (a.dy_init != nullptr) {
+  if (a.dy_init != nullptr) {
+    MOXE_PRAGMA_UNROLL
+    for (int k = 0; k < P; ++k) {
+      if (po[k].valid) {
+        const int64_t u0 = unit_base + po[k].unit;
         a.dy_init[u0] = out_s[po[k].bl * L.ldo + po[k].jl];
         a.dc_init[u0] = dc[k];
         a.dn_init[u0] = dn[k];
         a.dm_init[u0] = dm[k];
       }
-      MOXE_PRAGMA_UNROLL
-      for (int g = 0; g < 4; ++g) a.dbias_partial[gate_base + po[k].gate + g * H] = dbias[k][g];
     }
   }
 }
@@ -512,6 +526,19 @@ __global__ void __launch_bounds__(256) dr_partial_kernel(const float* dgates, co
       if (mm < M && nn < DH) out[mm * DH + nn] = acc[i][jn];
     }
   }
+}
+
+/// dbias partials per batch row: partial[b][i] = sum over t = S-1..0 (the backward's order)
+/// of dgates[t][b][i], i < 4H; sum_partials_kernel then adds the rows in row order.
+template <int = 0>
+__global__ void __launch_bounds__(256) dbias_rows_kernel(const float* dgates, int64_t S, int64_t B, int64_t H4,
+                                                         float* partial) {
+  const int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;  // b * H4 + i
+  if (e >= B * H4) return;
+  const int64_t step = B * H4;
+  float s = 0.f;
+  for (int64_t t = S - 1; t >= 0; --t) s += dgates[t * step + e];
+  partial[e] = s;
 }
 
 /// out[i] = sum_c partial[c * count + i] in chunk order, as T.
