@@ -281,9 +281,10 @@ Bounds bounds(Precision precision) {
   return std::is_same_v<T, __half> ? Bounds{1e-2, 1e-3} : Bounds{5e-2, 1e-3};
 }
 
+/// seed 0: a fresh one (printed); else these inputs (a pinned regression case).
 template <class T>
-void check_case(const Case& cs, Precision precision) {
-  const auto seed = moxe::test::fresh_seed();
+void check_case(const Case& cs, Precision precision, std::uint64_t pinned_seed = 0) {
+  const auto seed = pinned_seed != 0 ? pinned_seed : moxe::test::fresh_seed();
   moxe::test::Rng rng(seed);
   const Inputs in = make_inputs<T>(cs, rng);
   using Fmt = std::conditional_t<std::is_same_v<T, float>, void, T>;
@@ -398,6 +399,21 @@ TEST_CASE("fused backward chunk 64 and 128, DQK 256") {
   }
 }
 
+TEST_CASE("fused backward: two slots over two column blocks (F1 launched on the forward's grid)") {
+  // F1 (the forward's state walk) reads its slot and column block from a 1-D grid; launched
+  // on (slots, column blocks) it left every slot after the first without checkpoints (the
+  // NaN poison reached every gradient). Pinned: the inputs of the first failing run.
+  Case cs;
+  cs.seq_len = 70;
+  cs.chunk_size = 32;
+  cs.dqk = 16;
+  cs.dv = 80;
+  cs.upstream = true;
+  constexpr std::uint64_t kSeed = 1615524615264149973ull;
+  check_case<float>(cs, Precision::fast, kSeed);
+  check_case<__nv_bfloat16>(cs, Precision::fast, kSeed);
+}
+
 TEST_CASE("fused backward: extreme gates (resets, no input, exp(-m) beyond float's range)") {
   using moxe::test::ExtremeGates;
   for (ExtremeGates x : {ExtremeGates::resets, ExtremeGates::low_m, ExtremeGates::high_m}) {
@@ -462,3 +478,4 @@ TEST_CASE("fused backward: bad segment offsets are clamped as the forward does")
     CHECK(std::memcmp((bad.*f).data(), (good.*f).data(), (bad.*f).size() * sizeof(double)) == 0);
   }
 }
+

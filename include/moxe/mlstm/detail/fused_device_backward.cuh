@@ -758,13 +758,18 @@ Status launch_fused_backward_pass(const FusedBackwardArgs<T>& b, const int64_t* 
   MOXE_RETURN_IF_ERROR(
       launch_kernel(fused_gate_scan_kernel<T>, static_cast<unsigned>(slots), kFusedScanThreads, 0, stream, a));
   const std::size_t smem1 = fused_state_smem<T>(a.DQK);
+  // F1 takes the forward's 1-D grid (block x = slot * column blocks + column block, as
+  // launch_fused_pass launches it); B3 below takes (slots, column blocks)
+  const dim3 grid_f1(static_cast<unsigned>(slots * b.col_blocks));
   const dim3 grid1(static_cast<unsigned>(slots), static_cast<unsigned>(b.col_blocks));
   if (a.DQK > 16 * kFusedStateWarps) {
     MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_kernel<T, 2, kParts>, smem1));
-    MOXE_RETURN_IF_ERROR(launch_kernel(fused_state_kernel<T, 2, kParts>, grid1, kFusedStateThreads, smem1, stream, a));
+    MOXE_RETURN_IF_ERROR(
+        launch_kernel(fused_state_kernel<T, 2, kParts>, grid_f1, kFusedStateThreads, smem1, stream, a));
   } else {
     MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_kernel<T, 1, kParts>, smem1));
-    MOXE_RETURN_IF_ERROR(launch_kernel(fused_state_kernel<T, 1, kParts>, grid1, kFusedStateThreads, smem1, stream, a));
+    MOXE_RETURN_IF_ERROR(
+        launch_kernel(fused_state_kernel<T, 1, kParts>, grid_f1, kFusedStateThreads, smem1, stream, a));
   }
   const std::size_t smem = fused_rows_smem(a.L);
   const unsigned chunk_heads = static_cast<unsigned>(a.chunks * a.NH);
