@@ -714,17 +714,24 @@ std::size_t fused_chunkwise_forward_workspace_size(const ForwardParams<T, float>
 /// sizes at the same moment can undo each other's setting (then a launch fails with
 /// cuda_error; serialise such calls).
 template <class T, int kParts>
-Status prepare_fused_smem(int64_t dqk, int chunk) {
+Status prepare_state_smem(int64_t dqk) {
   const std::size_t smem1 = fused_state_smem<T>(dqk);
-  if (dqk > 16 * kFusedStateWarps)
-    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_kernel<T, 2, kParts>, smem1));
-  else
-    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_kernel<T, 1, kParts>, smem1));
-  return set_max_dynamic_smem(fused_output_kernel<T, kParts>, fused_output_smem<T, kParts>(chunk));
+  if (dqk > 16 * kFusedStateWarps) return set_max_dynamic_smem(fused_state_kernel<T, 2, kParts>, smem1);
+  return set_max_dynamic_smem(fused_state_kernel<T, 1, kParts>, smem1);
 }
 
 template <class T, int kParts>
-Status launch_fused_pass(const FusedArgs<T>& a, const int64_t* offsets, cudaStream_t stream) {
+Status prepare_fused_smem(int64_t dqk, int chunk) {
+  MOXE_RETURN_IF_ERROR((prepare_state_smem<T, kParts>(dqk)));
+  return set_max_dynamic_smem(fused_output_kernel<T, kParts>, fused_output_smem<T, kParts>(chunk));
+}
+
+/// The chunk table (segments only), F0 and F1: what the forward and the backward both run
+/// first (the checkpoints). F1's grid is 1-D: block x = slot * column blocks + column
+/// block, the column blocks of a slot adjacent. Its shared memory is set beforehand
+/// (prepare_state_smem).
+template <class T, int kParts>
+Status launch_gate_scan_and_states(const FusedArgs<T>& a, const int64_t* offsets, cudaStream_t stream) {
   const int64_t slots = a.units * a.NH;
   const int64_t col_blocks = ceil_div<int64_t>(a.DV, kFusedColumns);
   if (a.segments)
@@ -735,9 +742,14 @@ Status launch_fused_pass(const FusedArgs<T>& a, const int64_t* offsets, cudaStre
   const std::size_t smem1 = fused_state_smem<T>(a.DQK);
   const dim3 grid1(static_cast<unsigned>(slots * col_blocks));
   if (a.DQK > 16 * kFusedStateWarps)
-    MOXE_RETURN_IF_ERROR(launch_kernel(fused_state_kernel<T, 2, kParts>, grid1, kFusedStateThreads, smem1, stream, a));
-  else
-    MOXE_RETURN_IF_ERROR(launch_kernel(fused_state_kernel<T, 1, kParts>, grid1, kFusedStateThreads, smem1, stream, a));
+    return launch_kernel(fused_state_kernel<T, 2, kParts>, grid1, kFusedStateThreads, smem1, stream, a);
+  return launch_kernel(fused_state_kernel<T, 1, kParts>, grid1, kFusedStateThreads, smem1, stream, a);
+}
+
+template <class T, int kParts>
+Status launch_fused_pass(const FusedArgs<T>& a, const int64_t* offsets, cudaStream_t stream) {
+  const int64_t col_blocks = ceil_div<int64_t>(a.DV, kFusedColumns);
+  MOXE_RETURN_IF_ERROR((launch_gate_scan_and_states<T, kParts>(a, offsets, stream)));
   const std::size_t smem2 = fused_output_smem<T, kParts>(a.L);
   const dim3 grid2(static_cast<unsigned>(a.chunks * a.NH * col_blocks));
   MOXE_RETURN_IF_ERROR(launch_kernel(fused_output_kernel<T, kParts>, grid2, (a.L / 16) * 32, smem2, stream, a));

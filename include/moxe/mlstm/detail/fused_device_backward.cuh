@@ -751,26 +751,11 @@ template <class T, int kParts, class F>
 Status launch_fused_backward_pass(const FusedBackwardArgs<T>& b, const int64_t* offsets, cudaStream_t stream) {
   const FusedArgs<T>& a = b.f;
   const int64_t slots = a.units * a.NH;
-  // F0, F1: the gate scan and the checkpoints
-  if (a.segments)
-    MOXE_RETURN_IF_ERROR(launch_kernel(fused_table_kernel<0>, 1, 1, 0, stream, a.table, a.units, a.chunks, a.S, a.L,
-                                       offsets));
-  MOXE_RETURN_IF_ERROR(
-      launch_kernel(fused_gate_scan_kernel<T>, static_cast<unsigned>(slots), kFusedScanThreads, 0, stream, a));
+  // F0, F1: the gate scan and the checkpoints, as the forward runs them
+  MOXE_RETURN_IF_ERROR((prepare_state_smem<T, kParts>(a.DQK)));
+  MOXE_RETURN_IF_ERROR((launch_gate_scan_and_states<T, kParts>(a, offsets, stream)));
   const std::size_t smem1 = fused_state_smem<T>(a.DQK);
-  // F1 takes the forward's 1-D grid (block x = slot * column blocks + column block, as
-  // launch_fused_pass launches it); B3 below takes (slots, column blocks)
-  const dim3 grid_f1(static_cast<unsigned>(slots * b.col_blocks));
-  const dim3 grid1(static_cast<unsigned>(slots), static_cast<unsigned>(b.col_blocks));
-  if (a.DQK > 16 * kFusedStateWarps) {
-    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_kernel<T, 2, kParts>, smem1));
-    MOXE_RETURN_IF_ERROR(
-        launch_kernel(fused_state_kernel<T, 2, kParts>, grid_f1, kFusedStateThreads, smem1, stream, a));
-  } else {
-    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_kernel<T, 1, kParts>, smem1));
-    MOXE_RETURN_IF_ERROR(
-        launch_kernel(fused_state_kernel<T, 1, kParts>, grid_f1, kFusedStateThreads, smem1, stream, a));
-  }
+  const dim3 grid1(static_cast<unsigned>(slots), static_cast<unsigned>(b.col_blocks));  // B3
   const std::size_t smem = fused_rows_smem(a.L);
   const unsigned chunk_heads = static_cast<unsigned>(a.chunks * a.NH);
   MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_kernel<T, F>, smem));
