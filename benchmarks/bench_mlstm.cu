@@ -23,7 +23,7 @@ using moxe::bench::EventTimer;
 using T = __nv_bfloat16;
 
 constexpr int64_t kTokens = 65536, kHeads = 16, kDqk = 128, kDv = 256;
-constexpr int kChunk = 64;
+constexpr int kChunk = 128;  // triton_xl_chunk's default: like for like (NOTES section 1)
 
 /// FLOPs of one forward per (head, token): intra-chunk Q K^T and P V (causal: half of L x L),
 /// inter-chunk Q C_prev, and the chunk state update K^T V.

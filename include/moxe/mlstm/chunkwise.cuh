@@ -12,13 +12,17 @@
 // multiples of 16 up to 256; any S >= 1; segment_offsets (device memory, batch 1) restart
 // the recurrence at every segment.
 //
-// The forward is the fused design (detail/fused_device.cuh, docs/mlstm.md "Fused device
-// forward"): a gate scan over chunks, a state walk writing one fp32 checkpoint per chunk and
-// an output kernel per chunk, half and bf16 on mma.sync with ForwardParams::precision (fast:
-// intermediate operands rounded to T; accurate: split in three T parts); bf16 and half need
-// sm_80. The backward (and detail::chunkwise_forward_variant, the phase forward it recomputes
-// in its own workspace) is the phase design below, whose half and bf16 tile products run on
-// tensor cores as 3xTF32 (about fp32 accuracy) whatever the precision.
+// Both directions are the fused design (detail/fused_device.cuh, fused_device_backward.cuh;
+// docs/mlstm.md "Fused device forward" / "Fused device backward"): a gate scan over chunks, a
+// state walk writing one fp32 checkpoint per chunk, an output kernel per chunk; the backward
+// runs the gate scan and the state walk again, then a row kernel (dq), the reverse
+// state-gradient walk, a column kernel (dk, dv) and the gate gradients. half and bf16 run on
+// mma.sync with ForwardParams::precision (fast: intermediate operands rounded to T;
+// accurate: split in three T parts, about fp32); bf16 and half need sm_80.
+//
+// The phase design stays as detail::chunkwise_forward_variant / chunkwise_backward_variant
+// (tests compare both designs against the reference; its half and bf16 tile products run
+// on tensor cores as 3xTF32, about fp32 accuracy, whatever the precision).
 //
 // The phase design is a sequence of phases (detail/chunkwise_math.hpp): a chunk table built
 // on the device from the segment offsets, a scan of the gates (stabiliser m exactly as
@@ -44,6 +48,7 @@
 #include "moxe/core/workspace.hpp"
 #include "moxe/mlstm/detail/chunkwise_math.hpp"
 #include "moxe/mlstm/detail/fused_device.cuh"
+#include "moxe/mlstm/detail/fused_device_backward.cuh"
 #include "moxe/mlstm/params.hpp"
 
 namespace moxe::mlstm {
@@ -265,14 +270,23 @@ std::size_t chunkwise_forward_workspace_size(const ForwardParams<T, Acc>& p) {
   return detail::fused_chunkwise_forward_workspace_size(p);
 }
 
-/// Bytes of workspace chunkwise_backward needs: one pass's (ForwardParams::batch_per_pass).
+/// Bytes of workspace chunkwise_backward needs (the fused backward's): one pass's
+/// (ForwardParams::batch_per_pass).
 template <class T, class Acc>
 std::size_t chunkwise_backward_workspace_size(const BackwardParams<T, Acc>& p) {
+  static_assert(std::is_same_v<Acc, float>, "chunkwise: the device keeps states in float");
+  return detail::fused_backward_workspace_size(p);
+}
+
+namespace detail {
+/// Bytes of workspace the phase design's backward (chunkwise_backward_variant) needs.
+template <class T, class Acc>
+std::size_t phase_backward_workspace_size(const BackwardParams<T, Acc>& p) {
   WorkspaceCarver c;
-  detail::carve_chunk_workspace<Acc>(c, detail::pass_dims(p.fwd), p.fwd.num_segments, p.fwd.chunk_size,
-                                     /*backward=*/true);
+  carve_chunk_workspace<Acc>(c, pass_dims(p.fwd), p.fwd.num_segments, p.fwd.chunk_size, /*backward=*/true);
   return c.required_bytes();
 }
+}  // namespace detail
 
 namespace detail {
 
@@ -297,7 +311,7 @@ Status chunkwise_backward_variant(const BackwardParams<T, Acc>& p, void* workspa
                                   cudaStream_t stream) {
   MOXE_RETURN_IF_ERROR(validate(p));
   MOXE_RETURN_IF_ERROR(validate_device_chunkwise(p.fwd, /*need_h=*/false));
-  if (workspace_bytes < chunkwise_backward_workspace_size(p)) return Status::workspace_too_small;
+  if (workspace_bytes < phase_backward_workspace_size(p)) return Status::workspace_too_small;
   return for_each_batch_pass(p.fwd, [&](int64_t b0, int64_t nb) {  // one pass unless batch_per_pass
     const BackwardParams<T, Acc> s = batch_slice(p, b0, nb);
     WorkspaceCarver carver(workspace, workspace_bytes);
@@ -312,8 +326,7 @@ Status chunkwise_backward_variant(const BackwardParams<T, Acc>& p, void* workspa
 
 /// h, and the final states (c_last, n_last, m_last) when given: the fused forward
 /// (detail/fused_device.cuh; ForwardParams::precision picks fast or accurate for half and
-/// bf16). The phase design's forward stays as detail::chunkwise_forward_variant (the
-/// backward recomputes its own forward phases in its own workspace).
+/// bf16). The phase design's forward stays as detail::chunkwise_forward_variant.
 template <class T, class Acc>
 Status chunkwise_forward(const ForwardParams<T, Acc>& p, void* workspace, std::size_t workspace_bytes,
                          cudaStream_t stream) {
@@ -322,11 +335,13 @@ Status chunkwise_forward(const ForwardParams<T, Acc>& p, void* workspace, std::s
 }
 
 /// dq, dk, dv, digate, dfgate, and dc_init, dn_init, dm_init when given: the exact
-/// gradient of the recurrent definition (forward phases recomputed, h not needed).
+/// gradient of the recurrent definition (gate scan and checkpoints recomputed, h not read),
+/// by the fused backward (detail/fused_device_backward.cuh; the forward's precision).
 template <class T, class Acc>
 Status chunkwise_backward(const BackwardParams<T, Acc>& p, void* workspace, std::size_t workspace_bytes,
                           cudaStream_t stream) {
-  return detail::chunkwise_backward_variant<detail::kChunkwiseTiled>(p, workspace, workspace_bytes, stream);
+  static_assert(std::is_same_v<Acc, float>, "chunkwise: the device keeps states in float");
+  return detail::fused_chunkwise_backward(p, workspace, workspace_bytes, stream);
 }
 
 }  // namespace moxe::mlstm

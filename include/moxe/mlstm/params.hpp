@@ -38,9 +38,9 @@ struct ForwardParams {
   /// (weighted keys, scores, states, score gradients) rounded to T (fast, one MMA each) or
   /// split into three T parts (accurate, about fp32; three MMAs). States, statistics and
   /// accumulation are fp32 in both. Float inputs: fp32 FMAs in both, unless allow_tf32.
-  /// Read by chunkwise_forward (the fused device forward) and the fused host twin
-  /// (chunkwise_fused_host.hpp); chunkwise_backward (phase design) does not read it.
-  /// docs/mlstm.md "Fused decomposition" / "Fused device forward" have the measured errors.
+  /// Read by chunkwise_forward, chunkwise_backward (the fused device design) and the fused
+  /// host twin (chunkwise_fused_host.hpp). docs/mlstm.md "Fused decomposition", "Fused
+  /// device forward" and "Fused device backward" have the measured errors.
   Precision precision = Precision::fast;
   /// Float inputs, chunkwise path: with precision fast, the chunk products may run on TF32
   /// tensor cores (every operand rounded to TF32, inputs included: ~1e-3 relative). Off by

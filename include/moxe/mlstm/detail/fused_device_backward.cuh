@@ -793,6 +793,8 @@ Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspa
   if (!fused_head_dim_supported(p.fwd.dims.dqk) || !fused_head_dim_supported(p.fwd.dims.dv))
     return Status::unsupported;
   if (workspace_bytes < fused_backward_workspace_size(p)) return Status::workspace_too_small;
+  if (chunk_bound(pass_dims(p.fwd), p.fwd.num_segments, p.fwd.chunk_size) * p.fwd.dims.heads > int64_t(0x7fffffff))
+    return Status::unsupported;  // B2 / B4: one block per (chunk, head) in one grid dimension
   if constexpr (kFusedMma<T>) {
     int device = 0;
     MOXE_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&device)));
