@@ -9,10 +9,14 @@
 //                    replay: each raw gate is read before its dgate replaces it)
 //   dr_partial_kernel / dbias_rows_kernel / sum_partials_kernel   deterministic reductions
 //
+//   forward_cluster_kernel  (sm_90) the forward with a group's blocks as one thread-block
+//                    cluster: y_t exchanged through distributed shared memory, one cluster
+//                    barrier per step (ForwardParams::cluster_size)
+//
 // The two recurrent kernels take the units per block as a template parameter kU;
-// forward_kernel_for / backward_kernel_for pick the instance at launch.
-// Blocks of one group (splits > 1) exchange y_t / dgates_t through global memory and a
-// cooperative-groups grid barrier; with one block per group a __syncthreads suffices.
+// forward_kernel_for / backward_kernel_for / forward_cluster_kernel_for pick the instance
+// at launch. Blocks of one group (splits > 1) exchange y_t / dgates_t through global memory
+// and a cooperative-groups grid barrier; with one block per group a __syncthreads suffices.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -67,6 +71,73 @@ MOXE_DEVICE MOXE_FORCEINLINE void step_barrier(int splits) {
   }
 }
 
+// ---- the cluster exchange (sm_90; compiled only there, a trap elsewhere) ----------------
+
+/// The cluster barrier: every thread of every CTA of the cluster arrives (release: its
+/// earlier shared-memory writes, and its reads of the peers' shared memory, are ordered
+/// before it) and waits for all (acquire). Also a barrier of the CTA's own threads.
+MOXE_DEVICE MOXE_FORCEINLINE void cluster_barrier() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+/// 16 bytes at shared-memory offset `addr` (a shared::cta address of this CTA) in the
+/// shared memory of the cluster's CTA `rank` (mapa + ld.shared::cluster).
+MOXE_DEVICE MOXE_FORCEINLINE uint4 load_peer_16(uint32_t addr, uint32_t rank) {
+  uint4 v{};
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
+  asm volatile("ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(remote)
+               : "memory");
+#else
+  (void)addr;
+  (void)rank;
+  __trap();
+#endif
+  return v;
+}
+
+/// y_s[row][col] = y_t of the head for rows < `rows`, gathered from the published slices of
+/// the cluster's CTAs: CTA q's slice [kBatchTile][kU] of T lies at shared::cta offset
+/// `slices` in q's shared memory (exchange_chunk: which CTA and column each 16-byte chunk
+/// comes from). Called by all threads; no barrier inside.
+template <class T, int kU>
+MOXE_DEVICE MOXE_FORCEINLINE void gather_cluster_y(uint32_t slices, T* y_s, int ldy, int dh, int rows) {
+  constexpr unsigned kElems = 16 / sizeof(T);
+  const unsigned chunks = static_cast<unsigned>(rows) * (static_cast<unsigned>(dh) / kElems);
+  for (unsigned c = threadIdx.x; c < chunks; c += kThreads) {
+    const ExchangeChunk e = exchange_chunk(c, static_cast<unsigned>(dh), kU, kElems);
+    const uint4 v = load_peer_16(slices + static_cast<uint32_t>((e.row * kU + e.slice_col) * sizeof(T)),
+                                 static_cast<uint32_t>(e.rank));
+    T* dst = y_s + e.row * ldy + e.head_col;
+    if constexpr (sizeof(T) == 2) {  // rows of ldy = DH + 8 16-bit elements: 16-byte aligned
+      *reinterpret_cast<uint4*>(dst) = v;
+    } else {  // float rows of ldy = DH + 1: element by element
+      const float f[4] = {__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z), __uint_as_float(v.w)};
+      MOXE_PRAGMA_UNROLL
+      for (int i = 0; i < 4; ++i) dst[i] = f[i];
+    }
+  }
+}
+
+/// End of a time step (or the y_init barrier) of the group: the cluster barrier in the
+/// cluster kernel, else step_barrier.
+template <bool kCluster>
+MOXE_DEVICE MOXE_FORCEINLINE void group_barrier(int splits) {
+  if constexpr (kCluster) {
+    cluster_barrier();
+  } else {
+    step_barrier(splits);
+  }
+}
+
 /// (row, unit) pairs per thread in a block of kU units: pair k of thread tid is
 /// p = tid + k*kThreads, row p / kU, unit p % kU. kU is a multiple of 16, so the
 /// kBatchTile*kU pairs fill every thread's kPairs exactly.
@@ -97,8 +168,11 @@ MOXE_DEVICE MOXE_FORCEINLINE PairOffsets pair_offsets(int tid, int k, int64_t b0
   return o;
 }
 
-template <class T, int kU, bool kTape>
-__global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<T> a) {
+/// The forward of one block (forward_kernel) or one cluster CTA (forward_cluster_kernel,
+/// kCluster: the block's group and split from its cluster, y_{t-1} gathered from the peers'
+/// shared memory instead of reloaded from y, the cluster barrier instead of the grid's).
+template <class T, int kU, bool kTape, bool kCluster>
+MOXE_DEVICE MOXE_FORCEINLINE void forward_block(const ForwardArgs<T>& a) {
   constexpr bool kTC = uses_tensor_cores_v<T>;
   constexpr int P = kPairs<kU>;
   static_assert(kU % 16 == 0 && kU <= kMaxUnits && P * kThreads == kBatchTile * kU, "units per block");
@@ -112,7 +186,16 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
   float* g_s = reinterpret_cast<float*>(smem + L.gates_off);
 
   const int tid = static_cast<int>(threadIdx.x);
-  const BlockTile tile = block_tile(a.group_begin + blockIdx.x, static_cast<int64_t>(blockIdx.y), kU, NH);
+  BlockTile tile;
+  // the cluster CTA's published y_t slices, [2][kBatchTile][kU] (step t's in t % 2)
+  T* x_s = nullptr;
+  if constexpr (kCluster) {
+    const ClusterBlock cb = cluster_block(static_cast<int64_t>(blockIdx.x), a.splits);
+    tile = block_tile(a.group_begin + cb.group, cb.rank, kU, NH);
+    x_s = reinterpret_cast<T*>(smem + forward_cluster_smem(DH, kU, static_cast<int>(sizeof(T)), kTC).x_off);
+  } else {
+    tile = block_tile(a.group_begin + blockIdx.x, static_cast<int64_t>(blockIdx.y), kU, NH);
+  }
   const int64_t h = tile.h, b0 = tile.b0, j0 = tile.j0;
   // rows of the tile within the batch (the rest are zero): at most 8 takes the narrow product
   const int tile_rows = B - b0 < kBatchTile ? static_cast<int>(B - b0) : kBatchTile;
@@ -170,11 +253,28 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
   }
 
   // With one block per group, y_t goes straight into y_s (the product of step t has read
-  // y_s before the pointwise phase writes it); with several, every step reloads y_{t-1}.
+  // y_s before the pointwise phase writes it); with several, every step reloads y_{t-1}
+  // (from y, or in a cluster from the peers' slices).
+  //
+  // The cluster's exchange needs one barrier per step because the slices are double
+  // buffered. In step t a CTA writes its slice t % 2 (the cell), arrives at barrier t, and
+  // after it reads the peers' slices t % 2 (the gather of step t + 1) before arriving at
+  // barrier t + 1. Its next write of a slice t % 2 is in step t + 2, after barrier t + 1,
+  // which every peer reaches only once its reads of step t + 1 are done; the writes of step
+  // t + 1 go to the other slice, which nobody reads then (the reads of step t + 1 are of
+  // slices t % 2). The barrier's release / acquire makes the writes of step t visible to the
+  // reads of step t + 1. The last reads of a peer's shared memory (step S - 1) come before the
+  // last barrier, so no CTA exits while a peer may still read its slices.
   const bool own_head = a.splits == 1;
   for (int64_t t = 0; t < S; ++t) {
     // y_{t-1} of the whole head for the tile's rows (zeros past the batch)
-    if (t == 0 || !own_head) {
+    if constexpr (kCluster) {
+      if (t > 0) {
+        const T* slices = x_s + ((t - 1) & 1) * kBatchTile * kU;
+        gather_cluster_y<T, kU>(static_cast<uint32_t>(__cvta_generic_to_shared(slices)), y_s, L.ldy, dh, tile_rows);
+      }
+    }
+    if ((!kCluster || t == 0) && (t == 0 || !own_head)) {
       for (int d = ld_col; d < dh; d += kRowThreads) {
         T v = from_float<T>(0.f);
         if (ld_valid) {
@@ -189,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
     }
     // y may overlap y_init (an in-place step with y_out == y): every block of the group
     // has read y_init before any block writes y_0
-    if (t == 0 && a.init_barrier) step_barrier(a.splits);
+    if (t == 0 && a.init_barrier) group_barrier<kCluster>(a.splits);
     // this step's input projections, fetched before the product to hide their latency
     float wx[P][4];
     MOXE_PRAGMA_UNROLL
@@ -215,6 +315,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
         y_last[k] = o.y;
         y_t[po[k].unit] = from_float<T>(o.y);
         if (own_head) y_s[bl * L.ldy + static_cast<int>(j0) + jl] = from_float<T>(o.y);
+        if constexpr (kCluster) x_s[((t & 1) * kBatchTile + bl) * kU + jl] = from_float<T>(o.y);
         if constexpr (kTape) {
           MOXE_PRAGMA_UNROLL
           for (int g = 0; g < 4; ++g) tape_gates_t[po[k].gate + g * H] = raw[g];
@@ -234,7 +335,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
         tape_m_t += BH;
       }
     }
-    step_barrier(a.splits);
+    group_barrier<kCluster>(a.splits);
   }
 
   if (a.y_last != nullptr) {  // after the last barrier: y_init may alias y_last (decoding step)
@@ -249,6 +350,24 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
       }
     }
   }
+}
+
+template <class T, int kU, bool kTape>
+__global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<T> a) {
+  forward_block<T, kU, kTape, false>(a);
+}
+
+/// The forward with each group's a.splits blocks as one cluster of (a.splits, 1, 1) CTAs;
+/// grid.x = groups * a.splits. Its device code is compiled for sm_90 and later only (a trap
+/// elsewhere: the launcher never launches it there).
+template <class T, int kU, bool kTape>
+__global__ void __launch_bounds__(kThreads, 1) forward_cluster_kernel(const ForwardArgs<T> a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  forward_block<T, kU, kTape, true>(a);
+#else
+  (void)a;
+  __trap();
+#endif
 }
 
 /// Loads dgates_t of the group's rows (all 4*DH gate units of head h) into dg_s as T:
@@ -444,6 +563,22 @@ ForwardKernel<T> forward_kernel_for(int units) {
     case 96: return forward_kernel<T, 96, kTape>;
     case 112: return forward_kernel<T, 112, kTape>;
     case 128: return forward_kernel<T, 128, kTape>;
+    default: return nullptr;
+  }
+}
+
+template <class T, bool kTape>
+ForwardKernel<T> forward_cluster_kernel_for(int units) {
+  static_assert(kMaxUnits == 128, "one case per multiple of 16 up to kMaxUnits");
+  switch (units) {
+    case 16: return forward_cluster_kernel<T, 16, kTape>;
+    case 32: return forward_cluster_kernel<T, 32, kTape>;
+    case 48: return forward_cluster_kernel<T, 48, kTape>;
+    case 64: return forward_cluster_kernel<T, 64, kTape>;
+    case 80: return forward_cluster_kernel<T, 80, kTape>;
+    case 96: return forward_cluster_kernel<T, 96, kTape>;
+    case 112: return forward_cluster_kernel<T, 112, kTape>;
+    case 128: return forward_cluster_kernel<T, 128, kTape>;
     default: return nullptr;
   }
 }

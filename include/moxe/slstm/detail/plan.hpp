@@ -138,6 +138,65 @@ MOXE_HD inline BlockTile block_tile(int64_t group, int64_t split, int units, int
   return {group % heads, (group / heads) * kBatchTile, split * units};
 }
 
+// ---- the cluster split (sm_90, ForwardParams::cluster_size) ---------------------------
+// A group's `cluster_size` CTAs form one thread-block cluster: CTA `rank` owns the units
+// [rank*U, (rank+1)*U) of every gate (U = DH / cluster_size), keeps their r rows in its
+// shared memory as a block of the split path does, and publishes its y_t slice [16][U] in
+// its own shared memory; after one cluster barrier per step every CTA copies the whole
+// y_t of the head from the slices of its peers (distributed shared memory).
+inline constexpr int kMaxClusterSize = 8;  // the portable cluster size
+
+/// Units per CTA of a head of `dh` units split over a cluster of `cluster_size` CTAs: DH /
+/// cluster_size when cluster_size is 2, 4 or 8 and that is a multiple of 16 of at most
+/// kMaxUnits (the units-per-block rules of choose_units); 0 otherwise.
+MOXE_HD inline int cluster_units(int64_t dh, int cluster_size) {
+  if (cluster_size != 2 && cluster_size != 4 && cluster_size != kMaxClusterSize) return 0;
+  if (dh <= 0 || dh % cluster_size != 0) return 0;
+  const int64_t u = dh / cluster_size;
+  return u % 16 == 0 && u <= kMaxUnits ? static_cast<int>(u) : 0;
+}
+
+/// CTA `block` (blockIdx.x) of a cluster launch, whose grid.x is groups * cluster_size and
+/// whose clusters are (cluster_size, 1, 1): the group (relative to the launch's first) and
+/// the CTA's rank in its cluster, which is also its slice of the units (block_tile's split).
+/// The hardware numbers the CTAs of a 1-D cluster by blockIdx.x % cluster_size, so `rank`
+/// is the rank the distributed shared memory is addressed by.
+struct ClusterBlock {
+  int64_t group;
+  int rank;
+};
+MOXE_HD inline ClusterBlock cluster_block(int64_t block, int cluster_size) {
+  return {block / cluster_size, static_cast<int>(block % cluster_size)};
+}
+
+/// The per-step exchange: chunk `c` (16 bytes, `elems` = 16 / sizeof(T) elements) of the
+/// head's y_t tile, row-major over [rows][dh]: its batch row, the head's column it starts
+/// at, and where it lies in the cluster: CTA `rank`'s slice, column `slice_col`. U is a
+/// multiple of 16 (>= elems), so a chunk never straddles two slices.
+struct ExchangeChunk {
+  int row, head_col, rank, slice_col;
+};
+MOXE_HD inline ExchangeChunk exchange_chunk(unsigned c, unsigned dh, unsigned units, unsigned elems) {
+  const unsigned per_row = dh / elems;
+  const unsigned head_col = (c % per_row) * elems;
+  return {static_cast<int>(c / per_row), static_cast<int>(head_col), static_cast<int>(head_col / units),
+          static_cast<int>(head_col % units)};
+}
+
+/// The cluster CTA's shared memory: the split block's (forward_smem: r slice, y tile,
+/// gates), then its published y slices, two of them ([2][16][U] of T: step t's in t % 2).
+struct ForwardClusterSmem {
+  ForwardSmem block;
+  std::size_t x_off, bytes;
+};
+MOXE_HD inline ForwardClusterSmem forward_cluster_smem(int64_t dh, int units, int elem_bytes, bool tensor_cores) {
+  ForwardClusterSmem s{};
+  s.block = forward_smem(dh, units, elem_bytes, tensor_cores);
+  s.x_off = s.block.bytes;
+  s.bytes = align_smem(s.x_off + std::size_t(2) * kBatchTile * units * elem_bytes);
+  return s;
+}
+
 // ---- the weight-gradient reduction ----------------------------------------------------
 // dr[h][m][d] = sum_k dgates[k][m] * y_prev[k][d] over k = t*B + b (m = g*DH + j), a GEMM
 // per head with K = S*B, tiled kDrTile x kDrTile and split along K into fixed chunks whose
