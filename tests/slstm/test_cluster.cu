@@ -1,14 +1,15 @@
-// Device tests of the sLSTM cluster forward (ForwardParams::cluster_size, sm_90): on a
-// device of compute capability 9.0 or more, against the double reference for every element
-// type at the split-head shapes (B 1, 4, 9; DH 64, 128, 256; S 1, 7, 33; clusters of 2, 4
-// and 8 where head_dim / cluster_size is a whole 16-unit slice), and bit for bit against the
-// split path at units_per_block = head_dim / cluster_size (the same product, the same
-// rounding of y through T: only the exchange differs), tape and final states included; the
-// in-place float step; graph capture. Below 9.0 (the GPU simulator is sm_80-like) a valid
-// cluster_size is unsupported and writes nothing; bad cluster sizes are rejected on every
-// device.
+// Device tests of the sLSTM cluster path (ForwardParams::cluster_size, sm_90): on a device
+// of compute capability 9.0 or more, the forward and the backward against the double
+// reference for every element type at the split-head shapes (B 1, 4, 9; DH 64, 128, 256;
+// S 1, 7, 33; clusters of 2, 4 and 8 where head_dim / cluster_size is a whole 16-unit
+// slice), and bit for bit against the split path at units_per_block = head_dim /
+// cluster_size (the same products, the same rounding of y and dgates through T: only the
+// exchange differs), tape, final states and every gradient included; the in-place float
+// step; graph capture. Below 9.0 (the GPU simulator is sm_80-like) a valid cluster_size is
+// unsupported and writes nothing; bad cluster sizes are rejected on every device.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -27,6 +28,7 @@ namespace {
 namespace sl = moxe::slstm;
 using moxe::Status;
 using moxe::test::DeviceBuffer;
+using moxe::test::backward_params;
 using moxe::test::forward_params;
 using moxe::test::step_params;
 
@@ -35,7 +37,7 @@ template <class T>
 struct Problem : moxe::test::SequenceProblem<T> {
   using Base = moxe::test::SequenceProblem<T>;
   DeviceBuffer<T> d_wx, d_r, d_bias, d_dy;
-  DeviceBuffer<float> d_y0, d_c0, d_n0, d_m0;
+  DeviceBuffer<float> d_y0, d_c0, d_n0, d_m0, d_dy_last, d_dc_last, d_dn_last, d_dm_last;
 
   Problem(moxe::test::Rng& rng, sl::Dims dims, bool with_init)
       : Base(rng, dims, with_init),
@@ -46,7 +48,11 @@ struct Problem : moxe::test::SequenceProblem<T> {
         d_y0(moxe::test::convert_to<float>(this->y0)),
         d_c0(moxe::test::convert_to<float>(this->c0)),
         d_n0(moxe::test::convert_to<float>(this->n0)),
-        d_m0(moxe::test::convert_to<float>(this->m0)) {}
+        d_m0(moxe::test::convert_to<float>(this->m0)),
+        d_dy_last(moxe::test::convert_to<float>(this->dy_last)),
+        d_dc_last(moxe::test::convert_to<float>(this->dc_last)),
+        d_dn_last(moxe::test::convert_to<float>(this->dn_last)),
+        d_dm_last(moxe::test::convert_to<float>(this->dm_last)) {}
 
   moxe::test::SequenceInputs<T, float> device() const {
     const float* none = nullptr;
@@ -54,7 +60,7 @@ struct Problem : moxe::test::SequenceProblem<T> {
     return {this->d,
             d_wx.get(), d_r.get(), d_bias.get(),
             init ? d_y0.get() : none, init ? d_c0.get() : none, init ? d_n0.get() : none, init ? d_m0.get() : none,
-            d_dy.get(), none, none, none, none};
+            d_dy.get(), d_dy_last.get(), d_dc_last.get(), d_dn_last.get(), d_dm_last.get()};
   }
 };
 
@@ -124,6 +130,43 @@ ForwardRun<T> run_forward(const Problem<T>& pb, int units, int cluster, bool tap
   return r;
 }
 
+/// One device backward's gradients (T and float buffers poisoned before the run), and its
+/// status.
+template <class T>
+struct BackwardRun {
+  Status status = Status::ok;
+  std::vector<T> dwx, dr, dbias;
+  std::vector<float> dyi, dci, dni, dmi;
+};
+
+/// The device backward of `pb` (with the upstream gradients of the final states, the
+/// initial-state gradients, the forward replayed) at `units` and `cluster` (0: split path).
+template <class T>
+BackwardRun<T> run_backward(const Problem<T>& pb, int units, int cluster) {
+  const int64_t U = pb.units(), H = sl::hidden(pb.d), DH = pb.d.head_dim;
+  DeviceBuffer<T> dwx(pb.d.seq_len * pb.d.batch * 4 * H), dr(pb.d.heads * 4 * DH * DH), dbias(4 * H);
+  DeviceBuffer<float> dyi(U), dci(U), dni(U), dmi(U);
+  for (auto* b : {&dwx, &dr, &dbias}) b->poison();
+  for (auto* b : {&dyi, &dci, &dni, &dmi}) b->poison();
+  sl::BackwardParams<T, float> p =
+      backward_params(pb.device(), true, dwx.get(), dr.get(), dbias.get(), dyi.get(), dci.get(), dni.get(), dmi.get());
+  p.fwd.units_per_block = units;
+  p.fwd.cluster_size = cluster;
+  const std::size_t bytes = sl::sequence_backward_workspace_size(p);
+  moxe::test::MisalignedWorkspace ws(bytes);
+  BackwardRun<T> r;
+  r.status = sl::sequence_backward(p, ws.get(), ws.bytes(), nullptr);
+  MOXE_TEST_CUDA(cudaDeviceSynchronize());
+  r.dwx = dwx.download();
+  r.dr = dr.download();
+  r.dbias = dbias.download();
+  r.dyi = dyi.download();
+  r.dci = dci.download();
+  r.dni = dni.download();
+  r.dmi = dmi.download();
+  return r;
+}
+
 }  // namespace
 
 TEST_CASE_TEMPLATE("slstm cluster forward (sm_90): the reference, and the split path bit for bit", T, float,
@@ -182,6 +225,70 @@ TEST_CASE_TEMPLATE("slstm cluster forward (sm_90): the reference, and the split 
           CHECK(same_bits(c.ml, s.ml));
           CHECK(same_bits(c.tape, s.tape));
           if (!tape) CHECK(all_poison(c.tape));
+        }
+      }
+    }
+  }
+  MESSAGE(ran << " cluster runs, " << too_large << " shapes beyond the shared memory (unsupported)");
+  CHECK(ran > 0);
+}
+
+TEST_CASE_TEMPLATE("slstm cluster backward (sm_90): the reference, and the split path bit for bit", T, float,
+                   __nv_bfloat16, __half) {
+  if (compute_capability_major() < 9) {
+    MESSAGE("cluster backward: device below compute capability 9.0, not run (the unsupported case checks it)");
+    return;
+  }
+  const auto seed = moxe::test::fresh_seed();
+  INFO("seed " << seed);
+  moxe::test::Rng rng(seed);
+  const std::size_t optin = optin_smem();
+  const double tol = moxe::test::SlstmTolerance<T>::bwd;
+  constexpr int kElem = static_cast<int>(sizeof(T));
+  constexpr bool kTC = sl::detail::uses_tensor_cores_v<T>;
+  int ran = 0, too_large = 0;
+  for (int64_t S : {1, 7, 33}) {
+    for (int64_t B : {1, 4, 9}) {
+      for (int64_t DH : {64, 128, 256}) {
+        for (int cs : {2, 4, 8}) {
+          const int units = sl::detail::cluster_units(DH, cs);
+          if (units == 0) continue;
+          CAPTURE(S);
+          CAPTURE(B);
+          CAPTURE(DH);
+          CAPTURE(cs);
+          const Problem<T> pb(rng, sl::Dims{S, B, 2, DH}, (S + B) % 2 == 1);
+          const BackwardRun<T> c = run_backward(pb, 0, cs);
+          // the replay (forward) and the backward kernel must both fit
+          const std::size_t smem = std::max(sl::detail::forward_cluster_smem(DH, units, kElem, kTC).bytes,
+                                            sl::detail::backward_cluster_smem(DH, units, kElem, kTC).bytes);
+          if (smem > optin) {
+            CHECK(c.status == Status::unsupported);
+            CHECK(all_poison(c.dwx));
+            CHECK(all_poison(c.dr));
+            CHECK(all_poison(c.dyi));
+            ++too_large;
+            continue;
+          }
+          REQUIRE(c.status == Status::ok);
+          ++ran;
+          const moxe::test::ReferenceGradients ref = moxe::test::reference_gradients(pb, true);
+          CHECK(moxe::test::rel_error(moxe::test::convert_to_double(c.dwx), ref.dwx) < tol);
+          CHECK(moxe::test::rel_error(moxe::test::convert_to_double(c.dr), ref.dr) < tol);
+          CHECK(moxe::test::rel_error(moxe::test::convert_to_double(c.dbias), ref.dbias) < tol);
+          CHECK(moxe::test::rel_error(moxe::test::to_double(c.dyi), ref.dyi) < tol);
+          CHECK(moxe::test::rel_error(moxe::test::to_double(c.dci), ref.dci) < tol);
+          CHECK(moxe::test::rel_error(moxe::test::to_double(c.dni), ref.dni) < tol);
+          CHECK(moxe::test::rel_error(moxe::test::to_double(c.dmi), ref.dmi) < tol);
+          const BackwardRun<T> s = run_backward(pb, units, 0);
+          REQUIRE(s.status == Status::ok);
+          CHECK(same_bits(c.dwx, s.dwx));
+          CHECK(same_bits(c.dr, s.dr));
+          CHECK(same_bits(c.dbias, s.dbias));
+          CHECK(same_bits(c.dyi, s.dyi));
+          CHECK(same_bits(c.dci, s.dci));
+          CHECK(same_bits(c.dni, s.dni));
+          CHECK(same_bits(c.dmi, s.dmi));
         }
       }
     }
@@ -295,7 +402,34 @@ TEST_CASE_TEMPLATE("slstm cluster: bad cluster sizes, and below sm_90 any, launc
   expect_step(Status::invalid_argument, -4);
   expect_step(Status::unsupported, 3);
   if (compute_capability_major() < 9) expect_step(Status::unsupported, 2);
+  // the backward (its replay and its recurrent kernel run as clusters)
+  DeviceBuffer<T> dwx(pb.wx.size()), dr(pb.r.size()), dbias(pb.bias.size());
+  DeviceBuffer<float> dyi(U), dci(U), dni(U), dmi(U);
+  for (auto* b : {&dwx, &dr, &dbias}) b->poison();
+  for (auto* b : {&dyi, &dci, &dni, &dmi}) b->poison();
+  sl::BackwardParams<T, float> bp =
+      backward_params(pb.device(), true, dwx.get(), dr.get(), dbias.get(), dyi.get(), dci.get(), dni.get(), dmi.get());
+  const std::size_t bytes = sl::sequence_backward_workspace_size(bp);
+  moxe::test::MisalignedWorkspace ws(bytes);
+  auto expect_backward = [&](Status want, int cluster) {
+    CAPTURE(cluster);
+    auto b = bp;
+    b.fwd.cluster_size = cluster;
+    CHECK(sl::sequence_backward(b, ws.get(), ws.bytes(), nullptr) == want);
+  };
+  expect_backward(Status::invalid_argument, -2);
+  expect_backward(Status::unsupported, 3);
+  expect_backward(Status::unsupported, 8);
+  if (compute_capability_major() < 9) {
+    expect_backward(Status::unsupported, 2);
+    expect_backward(Status::unsupported, 4);
+  }
   MOXE_TEST_CUDA(cudaDeviceSynchronize());
+  CHECK(all_poison(dwx.download()));
+  CHECK(all_poison(dr.download()));
+  CHECK(all_poison(dbias.download()));
+  CHECK(all_poison(dyi.download()));
+  CHECK(all_poison(dmi.download()));
   CHECK(all_poison(y.download()));
   CHECK(all_poison(yl.download()));
   CHECK(all_poison(cl.download()));

@@ -1,8 +1,9 @@
 // Host tests of the sLSTM cluster split's index arithmetic (detail/plan.hpp): which cluster
 // sizes and head dims are taken, which CTA of a cluster launch owns which group and units,
 // and where each 16-byte chunk of the per-step exchange comes from and lands. Every unit of
-// a head is owned by exactly one CTA, and every element of the y_t tile is gathered exactly
-// once, from the CTA that owns it, for every allowed cluster size and head dim.
+// a head is owned by exactly one CTA, and every element of the y_t tile (forward) and of the
+// dgates_t tile (backward) is gathered exactly once, from the CTA that owns it, for every
+// allowed cluster size and head dim.
 #include <doctest/doctest.h>
 
 #include <cstdint>
@@ -85,37 +86,47 @@ TEST_CASE("slstm cluster plan: every unit of every group is owned by exactly one
   }
 }
 
-TEST_CASE("slstm cluster plan: the exchange gathers every element of y_t once, from its owner") {
+TEST_CASE("slstm cluster plan: the exchange gathers every element of y_t / dgates_t once, from its owner") {
   for (int cs : {2, 4, 8}) {
     for (int64_t dh = 16; dh <= 256; dh += 16) {
       const int u = sd::cluster_units(dh, cs);
       if (u == 0) continue;
-      for (unsigned elems : {4u, 8u}) {  // 16 bytes of float, of half / bf16
-        for (int rows : {1, 4, 8, 9, 16}) {
-          CAPTURE(cs);
-          CAPTURE(dh);
-          CAPTURE(elems);
-          CAPTURE(rows);
-          std::vector<int> got(static_cast<std::size_t>(rows * dh), 0);
-          bool in_slice = true, owner = true;
-          const unsigned chunks = static_cast<unsigned>(rows) * (static_cast<unsigned>(dh) / elems);
-          for (unsigned c = 0; c < chunks; ++c) {
-            const sd::ExchangeChunk e = sd::exchange_chunk(c, static_cast<unsigned>(dh), static_cast<unsigned>(u), elems);
-            // the chunk lies within one CTA's slice, and that CTA owns those units
-            in_slice = in_slice && e.row >= 0 && e.row < rows && e.rank >= 0 && e.rank < cs && e.slice_col >= 0 &&
-                       e.slice_col + static_cast<int>(elems) <= u;
-            owner = owner && e.rank * u + e.slice_col == e.head_col &&
-                    sd::block_tile(0, e.rank, u, 1).j0 == static_cast<int64_t>(e.rank) * u;
-            for (unsigned i = 0; i < elems; ++i) {
-              const int64_t col = e.head_col + static_cast<int64_t>(i);
-              if (e.row >= 0 && e.row < rows && col >= 0 && col < dh) ++got[static_cast<std::size_t>(e.row * dh + col)];
+      for (unsigned gates : {1u, 4u}) {  // the forward's y_t, the backward's dgates_t
+        for (unsigned elems : {4u, 8u}) {  // 16 bytes of float, of half / bf16
+          for (int rows : {1, 4, 8, 9, 16}) {
+            CAPTURE(cs);
+            CAPTURE(dh);
+            CAPTURE(gates);
+            CAPTURE(elems);
+            CAPTURE(rows);
+            const int64_t width = gates * dh;  // the head's tile: column g*DH + j
+            std::vector<int> got(static_cast<std::size_t>(rows * width), 0);
+            bool in_slice = true, owner = true;
+            const unsigned chunks = static_cast<unsigned>(rows) * (static_cast<unsigned>(width) / elems);
+            for (unsigned c = 0; c < chunks; ++c) {
+              const sd::ExchangeChunk e =
+                  sd::exchange_chunk(c, static_cast<unsigned>(dh), static_cast<unsigned>(u), elems, gates);
+              // the chunk lies within one gate of one CTA's slice [rows][gates*U] (column g*U + jl),
+              // and that CTA owns those units
+              const int g = e.head_col / static_cast<int>(dh), j = e.head_col % static_cast<int>(dh);
+              const int jl = e.slice_col % u;
+              in_slice = in_slice && e.row >= 0 && e.row < rows && e.rank >= 0 && e.rank < cs && e.slice_col >= 0 &&
+                         e.slice_col < static_cast<int>(gates) * u && e.slice_col / u == g &&
+                         jl + static_cast<int>(elems) <= u && j + static_cast<int>(elems) <= dh;
+              owner = owner && e.rank * u + jl == j &&
+                      sd::block_tile(0, e.rank, u, 1).j0 == static_cast<int64_t>(e.rank) * u;
+              for (unsigned i = 0; i < elems; ++i) {
+                const int64_t col = e.head_col + static_cast<int64_t>(i);
+                if (e.row >= 0 && e.row < rows && col >= 0 && col < width)
+                  ++got[static_cast<std::size_t>(e.row * width + col)];
+              }
             }
+            CHECK(in_slice);
+            CHECK(owner);
+            bool once = true;
+            for (int n : got) once = once && n == 1;
+            CHECK(once);
           }
-          CHECK(in_slice);
-          CHECK(owner);
-          bool once = true;
-          for (int g : got) once = once && g == 1;
-          CHECK(once);
         }
       }
     }
@@ -144,6 +155,16 @@ TEST_CASE("slstm cluster plan: the published slices follow the split block's sha
         CHECK((u * eb) % 16 == 0);
         // the 16-bit y tile's rows (ldy) are 16-byte aligned: the gather stores 16 bytes at once
         if (tc) CHECK((b.ldy * eb) % 16 == 0);
+        // the backward: its block's layout, then [2][16][4U]; the dgates tile's rows (ldk) too
+        const sd::BackwardClusterSmem bs = sd::backward_cluster_smem(dh, u, eb, tc);
+        const sd::BackwardSmem bb = sd::backward_smem(dh, u, eb, tc);
+        CHECK(bs.block.bytes == bb.bytes);
+        CHECK(bs.block.dg_off == bb.dg_off);
+        CHECK(bs.x_off >= bb.bytes);
+        CHECK(bs.x_off % 16 == 0);
+        CHECK(bs.bytes >= bs.x_off + std::size_t(2) * sd::kBatchTile * 4 * u * eb);
+        CHECK(bs.bytes % sd::kSmemAlign == 0);
+        if (tc) CHECK((bb.ldk * eb) % 16 == 0);
       }
     }
   }

@@ -53,10 +53,10 @@ struct ForwardParams {
   /// forward of the same inputs (wx, r, bias, initial states) wrote them; it writes neither.
   Acc* tape_gates = nullptr;
   Acc *tape_c = nullptr, *tape_n = nullptr, *tape_m = nullptr;
-  /// Device only, sm_90 and later (sequence_forward and step; the backward runs its own plan
-  /// whatever this says): 0 (default) the plan above; 2, 4 or 8 a head's units split over
-  /// that many CTAs of one thread-block cluster, exchanging y_t through distributed shared
-  /// memory with one cluster barrier per step. head_dim / cluster_size must be a multiple of
+  /// Device only, sm_90 and later (sequence_forward, step, and as the backward's fwd its
+  /// replay and its own recurrent kernel): 0 (default) the plan above; 2, 4 or 8 a head's
+  /// units split over that many CTAs of one thread-block cluster, exchanging y_t (dgates_t)
+  /// through distributed shared memory with one cluster barrier per step. head_dim / cluster_size must be a multiple of
   /// 16 of at most 128 (units_per_block, when set, must equal it); unsupported otherwise,
   /// below compute capability 9.0, or when a cluster of that size cannot be resident.
   int cluster_size = 0;

@@ -9,13 +9,14 @@
 //                    replay: each raw gate is read before its dgate replaces it)
 //   dr_partial_kernel / dbias_rows_kernel / sum_partials_kernel   deterministic reductions
 //
-//   forward_cluster_kernel  (sm_90) the forward with a group's blocks as one thread-block
-//                    cluster: y_t exchanged through distributed shared memory, one cluster
-//                    barrier per step (ForwardParams::cluster_size)
+//   forward_cluster_kernel / backward_cluster_kernel  (sm_90) the recurrent kernels with a
+//                    group's blocks as one thread-block cluster: y_t / dgates_t exchanged
+//                    through distributed shared memory, one cluster barrier per step
+//                    (ForwardParams::cluster_size)
 //
 // The two recurrent kernels take the units per block as a template parameter kU;
-// forward_kernel_for / backward_kernel_for / forward_cluster_kernel_for pick the instance
-// at launch. Blocks of one group (splits > 1) exchange y_t / dgates_t through global memory
+// forward_kernel_for / backward_kernel_for and their cluster_ twins pick the instance at
+// launch. Blocks of one group (splits > 1) exchange y_t / dgates_t through global memory
 // and a cooperative-groups grid barrier; with one block per group a __syncthreads suffices.
 #pragma once
 
@@ -104,22 +105,23 @@ MOXE_DEVICE MOXE_FORCEINLINE uint4 load_peer_16(uint32_t addr, uint32_t rank) {
   return v;
 }
 
-/// y_s[row][col] = y_t of the head for rows < `rows`, gathered from the published slices of
-/// the cluster's CTAs: CTA q's slice [kBatchTile][kU] of T lies at shared::cta offset
+/// tile[row][col] = the head's tile (forward: y_t, kGates = 1; backward: dgates_t, kGates =
+/// 4, column g*DH + j) for rows < `rows`, gathered from the published slices of the
+/// cluster's CTAs: CTA q's slice [kBatchTile][kGates*kU] of T lies at shared::cta offset
 /// `slices` in q's shared memory (exchange_chunk: which CTA and column each 16-byte chunk
 /// comes from). Called by all threads; no barrier inside.
-template <class T, int kU>
-MOXE_DEVICE MOXE_FORCEINLINE void gather_cluster_y(uint32_t slices, T* y_s, int ldy, int dh, int rows) {
+template <class T, int kU, int kGates>
+MOXE_DEVICE MOXE_FORCEINLINE void gather_cluster_tile(uint32_t slices, T* tile, int ld, int dh, int rows) {
   constexpr unsigned kElems = 16 / sizeof(T);
-  const unsigned chunks = static_cast<unsigned>(rows) * (static_cast<unsigned>(dh) / kElems);
+  const unsigned chunks = static_cast<unsigned>(rows) * (kGates * static_cast<unsigned>(dh) / kElems);
   for (unsigned c = threadIdx.x; c < chunks; c += kThreads) {
-    const ExchangeChunk e = exchange_chunk(c, static_cast<unsigned>(dh), kU, kElems);
-    const uint4 v = load_peer_16(slices + static_cast<uint32_t>((e.row * kU + e.slice_col) * sizeof(T)),
+    const ExchangeChunk e = exchange_chunk(c, static_cast<unsigned>(dh), kU, kElems, kGates);
+    const uint4 v = load_peer_16(slices + static_cast<uint32_t>((e.row * kGates * kU + e.slice_col) * sizeof(T)),
                                  static_cast<uint32_t>(e.rank));
-    T* dst = y_s + e.row * ldy + e.head_col;
-    if constexpr (sizeof(T) == 2) {  // rows of ldy = DH + 8 16-bit elements: 16-byte aligned
+    T* dst = tile + e.row * ld + e.head_col;
+    if constexpr (sizeof(T) == 2) {  // rows of ld = kGates*DH + 8 16-bit elements: 16-byte aligned
       *reinterpret_cast<uint4*>(dst) = v;
-    } else {  // float rows of ldy = DH + 1: element by element
+    } else {  // float rows of ld = kGates*DH + 1: element by element
       const float f[4] = {__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z), __uint_as_float(v.w)};
       MOXE_PRAGMA_UNROLL
       for (int i = 0; i < 4; ++i) dst[i] = f[i];
@@ -257,21 +259,22 @@ MOXE_DEVICE MOXE_FORCEINLINE void forward_block(const ForwardArgs<T>& a) {
   // (from y, or in a cluster from the peers' slices).
   //
   // The cluster's exchange needs one barrier per step because the slices are double
-  // buffered. In step t a CTA writes its slice t % 2 (the cell), arrives at barrier t, and
-  // after it reads the peers' slices t % 2 (the gather of step t + 1) before arriving at
-  // barrier t + 1. Its next write of a slice t % 2 is in step t + 2, after barrier t + 1,
-  // which every peer reaches only once its reads of step t + 1 are done; the writes of step
-  // t + 1 go to the other slice, which nobody reads then (the reads of step t + 1 are of
-  // slices t % 2). The barrier's release / acquire makes the writes of step t visible to the
-  // reads of step t + 1. The last reads of a peer's shared memory (step S - 1) come before the
-  // last barrier, so no CTA exits while a peer may still read its slices.
+  // buffered. Slice t % 2 of each CTA is written in step t (its own cell, before barrier t)
+  // and read in step t + 1 (every CTA's gather, after barrier t and before barrier t + 1).
+  // Its next write is in step t + 2, after barrier t + 1, which no CTA passes before all
+  // have arrived, i.e. finished their reads of step t + 1. The writes of step t + 1 go to
+  // the other slice, whose reads (step t) all came before barrier t. Barrier t's release /
+  // acquire makes the writes of step t visible to the reads of step t + 1. The last reads
+  // of a peer's shared memory (step S - 1) come before the last barrier, so no CTA exits
+  // while a peer may still read its slices.
   const bool own_head = a.splits == 1;
   for (int64_t t = 0; t < S; ++t) {
     // y_{t-1} of the whole head for the tile's rows (zeros past the batch)
     if constexpr (kCluster) {
       if (t > 0) {
         const T* slices = x_s + ((t - 1) & 1) * kBatchTile * kU;
-        gather_cluster_y<T, kU>(static_cast<uint32_t>(__cvta_generic_to_shared(slices)), y_s, L.ldy, dh, tile_rows);
+        gather_cluster_tile<T, kU, 1>(static_cast<uint32_t>(__cvta_generic_to_shared(slices)), y_s, L.ldy, dh,
+                                      tile_rows);
       }
     }
     if ((!kCluster || t == 0) && (t == 0 || !own_head)) {
@@ -397,8 +400,10 @@ MOXE_DEVICE MOXE_FORCEINLINE void load_dgates_tile(const BackwardArgs<T>& a, con
 /// The backward product's K = 4*DH in one part per gate (tensor cores; block_product).
 inline constexpr int kBackwardKSplit = 4;
 
-template <class T, int kU>
-__global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArgs<T> a) {
+/// The backward of one block (backward_kernel) or one cluster CTA (backward_cluster_kernel,
+/// kCluster: as forward_block, with the dgates_t slices exchanged).
+template <class T, int kU, bool kCluster>
+MOXE_DEVICE MOXE_FORCEINLINE void backward_block(const BackwardArgs<T>& a) {
   constexpr bool kTC = uses_tensor_cores_v<T>;
   constexpr int P = kPairs<kU>;
   static_assert(kU % 16 == 0 && kU <= kMaxUnits && P * kThreads == kBatchTile * kU, "units per block");
@@ -412,10 +417,26 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
   float* out_s = reinterpret_cast<float*>(smem + L.out_off);
 
   const int tid = static_cast<int>(threadIdx.x);
-  const BlockTile tile = block_tile(a.group_begin + blockIdx.x, static_cast<int64_t>(blockIdx.y), kU, NH);
+  BlockTile tile;
+  // the cluster CTA's published dgates_t slices, [2][kBatchTile][4*kU] (step t's in t % 2)
+  T* x_s = nullptr;
+  if constexpr (kCluster) {
+    const ClusterBlock cb = cluster_block(static_cast<int64_t>(blockIdx.x), a.splits);
+    tile = block_tile(a.group_begin + cb.group, cb.rank, kU, NH);
+    x_s = reinterpret_cast<T*>(smem + backward_cluster_smem(DH, kU, static_cast<int>(sizeof(T)), kTC).x_off);
+  } else {
+    tile = block_tile(a.group_begin + blockIdx.x, static_cast<int64_t>(blockIdx.y), kU, NH);
+  }
   const int64_t h = tile.h, b0 = tile.b0, j0 = tile.j0;
   // rows of the tile within the batch (the rest are zero): at most 8 takes the narrow product
   const int tile_rows = B - b0 < kBatchTile ? static_cast<int>(B - b0) : kBatchTile;
+  // dgates_{t} of the head from the peers' slices t % 2 (cluster; see forward_block for why
+  // one barrier per step suffices: the same argument with the steps walked backward)
+  auto gather = [&](auto t) {  // generic: instantiated only where called (kCluster)
+    const T* slices = x_s + (t & 1) * kBatchTile * 4 * kU;
+    gather_cluster_tile<T, kU, 4>(static_cast<uint32_t>(__cvta_generic_to_shared(slices)), dg_s, L.ldk, dh,
+                                  tile_rows);
+  };
 
   // transposed slice: row dl, column n = g*DH + j holds r[h][g][j][j0 + dl]
   for (int idx = tid; idx < 4 * dh * kU; idx += kThreads) {
@@ -484,7 +505,11 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
       }
     }
     if (t < S - 1) {  // recurrent part of dy_t: r^T dgates_{t+1}, for this block's units
-      if (!own_head) load_dgates_tile(a, L, dg_s, t + 1, b0, h);
+      if constexpr (kCluster) {
+        gather(t + 1);
+      } else {
+        if (!own_head) load_dgates_tile(a, L, dg_s, t + 1, b0, h);
+      }
       __syncthreads();
       block_product<T, kU, kBackwardKSplit>(dg_s, L.ldk, rt_s, L.ldk, out_s, L.ldo, 4 * dh, tile_rows);
       __syncthreads();
@@ -506,6 +531,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
           dgates_t[gi] = d4[g];
           dwx_t[gi] = from_float<T>(d4[g]);
           if (own_head) dg_s[bl * L.ldk + g * dh + static_cast<int>(j0) + jl] = from_float<T>(d4[g]);
+          if constexpr (kCluster) x_s[((t & 1) * kBatchTile + bl) * 4 * kU + g * kU + jl] = from_float<T>(d4[g]);
         }
       }
     }
@@ -520,15 +546,24 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
       tape_n_prev -= BH;
       tape_m_prev -= BH;
     }
-    step_barrier(a.splits);
+    group_barrier<kCluster>(a.splits);
   }
 
   // dy_init = r^T dgates_0 (after the last barrier every block's dgates_0 is visible)
   if (a.dy_init != nullptr) {
-    if (!own_head) load_dgates_tile(a, L, dg_s, 0, b0, h);
+    if constexpr (kCluster) {
+      gather(0);
+    } else {
+      if (!own_head) load_dgates_tile(a, L, dg_s, 0, b0, h);
+    }
     __syncthreads();
     block_product<T, kU, kBackwardKSplit>(dg_s, L.ldk, rt_s, L.ldk, out_s, L.ldo, 4 * dh, tile_rows);
-    __syncthreads();
+    // a cluster CTA's slices are read by its peers up to here: none exits before all are done
+    if constexpr (kCluster) {
+      cluster_barrier();
+    } else {
+      __syncthreads();
+    }
   }
   if (a.dy_init != nullptr) {
     MOXE_PRAGMA_UNROLL
@@ -542,6 +577,23 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
       }
     }
   }
+}
+
+template <class T, int kU>
+__global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArgs<T> a) {
+  backward_block<T, kU, false>(a);
+}
+
+/// The backward with each group's a.splits blocks as one cluster (as forward_cluster_kernel);
+/// compiled for sm_90 and later only.
+template <class T, int kU>
+__global__ void __launch_bounds__(kThreads, 1) backward_cluster_kernel(const BackwardArgs<T> a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  backward_block<T, kU, true>(a);
+#else
+  (void)a;
+  __trap();
+#endif
 }
 
 /// The kernel instances per units per block (a multiple of 16 up to kMaxUnits); null for
@@ -595,6 +647,22 @@ BackwardKernel<T> backward_kernel_for(int units) {
     case 96: return backward_kernel<T, 96>;
     case 112: return backward_kernel<T, 112>;
     case 128: return backward_kernel<T, 128>;
+    default: return nullptr;
+  }
+}
+
+template <class T>
+BackwardKernel<T> backward_cluster_kernel_for(int units) {
+  static_assert(kMaxUnits == 128, "one case per multiple of 16 up to kMaxUnits");
+  switch (units) {
+    case 16: return backward_cluster_kernel<T, 16>;
+    case 32: return backward_cluster_kernel<T, 32>;
+    case 48: return backward_cluster_kernel<T, 48>;
+    case 64: return backward_cluster_kernel<T, 64>;
+    case 80: return backward_cluster_kernel<T, 80>;
+    case 96: return backward_cluster_kernel<T, 96>;
+    case 112: return backward_cluster_kernel<T, 112>;
+    case 128: return backward_cluster_kernel<T, 128>;
     default: return nullptr;
   }
 }

@@ -143,7 +143,8 @@ MOXE_HD inline BlockTile block_tile(int64_t group, int64_t split, int units, int
 // [rank*U, (rank+1)*U) of every gate (U = DH / cluster_size), keeps their r rows in its
 // shared memory as a block of the split path does, and publishes its y_t slice [16][U] in
 // its own shared memory; after one cluster barrier per step every CTA copies the whole
-// y_t of the head from the slices of its peers (distributed shared memory).
+// y_t of the head from the slices of its peers (distributed shared memory). The backward
+// does the same with dgates_t ([16][4U] per CTA, the transposed r slice of its units).
 inline constexpr int kMaxClusterSize = 8;  // the portable cluster size
 
 /// Units per CTA of a head of `dh` units split over a cluster of `cluster_size` CTAs: DH /
@@ -170,17 +171,21 @@ MOXE_HD inline ClusterBlock cluster_block(int64_t block, int cluster_size) {
 }
 
 /// The per-step exchange: chunk `c` (16 bytes, `elems` = 16 / sizeof(T) elements) of the
-/// head's y_t tile, row-major over [rows][dh]: its batch row, the head's column it starts
-/// at, and where it lies in the cluster: CTA `rank`'s slice, column `slice_col`. U is a
-/// multiple of 16 (>= elems), so a chunk never straddles two slices.
+/// head's tile, row-major over [rows][gates * dh] (the forward's y_t: gates = 1; the
+/// backward's dgates_t: gates = 4, column g*DH + j): its batch row, the head's column it
+/// starts at, and where it lies in the cluster: CTA `rank`'s slice [rows][gates * units],
+/// column `slice_col` = g*units + (j - rank*units). U is a multiple of 16 (>= elems), so a
+/// chunk never straddles two slices or two gates.
 struct ExchangeChunk {
   int row, head_col, rank, slice_col;
 };
-MOXE_HD inline ExchangeChunk exchange_chunk(unsigned c, unsigned dh, unsigned units, unsigned elems) {
-  const unsigned per_row = dh / elems;
+MOXE_HD inline ExchangeChunk exchange_chunk(unsigned c, unsigned dh, unsigned units, unsigned elems,
+                                            unsigned gates = 1) {
+  const unsigned per_row = gates * dh / elems;
   const unsigned head_col = (c % per_row) * elems;
-  return {static_cast<int>(c / per_row), static_cast<int>(head_col), static_cast<int>(head_col / units),
-          static_cast<int>(head_col % units)};
+  const unsigned g = head_col / dh, j = head_col % dh;
+  return {static_cast<int>(c / per_row), static_cast<int>(head_col), static_cast<int>(j / units),
+          static_cast<int>(g * units + j % units)};
 }
 
 /// The cluster CTA's shared memory: the split block's (forward_smem: r slice, y tile,
@@ -194,6 +199,20 @@ MOXE_HD inline ForwardClusterSmem forward_cluster_smem(int64_t dh, int units, in
   s.block = forward_smem(dh, units, elem_bytes, tensor_cores);
   s.x_off = s.block.bytes;
   s.bytes = align_smem(s.x_off + std::size_t(2) * kBatchTile * units * elem_bytes);
+  return s;
+}
+
+/// The backward's cluster CTA: the split block's (backward_smem), then its published
+/// dgates slices, two of them ([2][16][4U] of T, column g*U + jl: step t's in t % 2).
+struct BackwardClusterSmem {
+  BackwardSmem block;
+  std::size_t x_off, bytes;
+};
+MOXE_HD inline BackwardClusterSmem backward_cluster_smem(int64_t dh, int units, int elem_bytes, bool tensor_cores) {
+  BackwardClusterSmem s{};
+  s.block = backward_smem(dh, units, elem_bytes, tensor_cores);
+  s.x_off = s.block.bytes;
+  s.bytes = align_smem(s.x_off + std::size_t(2) * kBatchTile * 4 * units * elem_bytes);
   return s;
 }
 
