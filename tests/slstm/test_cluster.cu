@@ -91,6 +91,18 @@ bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
 }
 
+/// out[blockIdx.x] = the CTA's rank in its cluster as the hardware numbers it (sm_90).
+template <int = 0>
+__global__ void cluster_rank_kernel(int* out) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  if (threadIdx.x == 0) out[blockIdx.x] = static_cast<int>(rank);
+#else
+  (void)out;
+#endif
+}
+
 /// One device forward's outputs (poisoned before the run), and its status.
 template <class T>
 struct ForwardRun {
@@ -168,6 +180,30 @@ BackwardRun<T> run_backward(const Problem<T>& pb, int units, int cluster) {
 }
 
 }  // namespace
+
+TEST_CASE("slstm cluster (sm_90): launch_cluster, and the hardware's rank is cluster_block's") {
+  if (compute_capability_major() < 9) {
+    MESSAGE("cluster launch: device below compute capability 9.0, not run");
+    return;
+  }
+  for (int cs : {2, 4, 8}) {
+    CAPTURE(cs);
+    int clusters = 0;
+    REQUIRE(moxe::max_active_clusters(cluster_rank_kernel<>, static_cast<unsigned>(cs), 32, 0, &clusters) ==
+            Status::ok);
+    CHECK(clusters > 0);
+    const int blocks = 5 * cs;
+    DeviceBuffer<int> out(static_cast<std::size_t>(blocks));
+    out.poison();
+    REQUIRE(moxe::launch_cluster(cluster_rank_kernel<>, dim3(static_cast<unsigned>(blocks)), 32, 0, nullptr,
+                                 static_cast<unsigned>(cs), out.get()) == Status::ok);
+    MOXE_TEST_CUDA(cudaDeviceSynchronize());
+    const std::vector<int> rank = out.download();
+    bool same = true;
+    for (int b = 0; b < blocks; ++b) same = same && rank[b] == sl::detail::cluster_block(b, cs).rank;
+    CHECK(same);
+  }
+}
 
 TEST_CASE_TEMPLATE("slstm cluster forward (sm_90): the reference, and the split path bit for bit", T, float,
                    __nv_bfloat16, __half) {
