@@ -103,9 +103,10 @@ TEST_CASE("slstm cluster plan: the exchange gathers every element of y_t / dgate
             std::vector<int> got(static_cast<std::size_t>(rows * width), 0);
             bool in_slice = true, owner = true;
             const unsigned chunks = static_cast<unsigned>(rows) * (static_cast<unsigned>(width) / elems);
+            const unsigned log2_cs = sd::cluster_log2(cs);
+            CHECK((1 << log2_cs) == cs);
             for (unsigned c = 0; c < chunks; ++c) {
-              const sd::ExchangeChunk e =
-                  sd::exchange_chunk(c, static_cast<unsigned>(dh), static_cast<unsigned>(u), elems, gates);
+              const sd::ExchangeChunk e = sd::exchange_chunk(c, log2_cs, static_cast<unsigned>(u), elems, gates);
               // the chunk lies within one gate of one CTA's slice [rows][gates*U] (column g*U + jl),
               // and that CTA owns those units
               const int g = e.head_col / static_cast<int>(dh), j = e.head_col % static_cast<int>(dh);

@@ -111,11 +111,11 @@ MOXE_DEVICE MOXE_FORCEINLINE uint4 load_peer_16(uint32_t addr, uint32_t rank) {
 /// `slices` in q's shared memory (exchange_chunk: which CTA and column each 16-byte chunk
 /// comes from). Called by all threads; no barrier inside.
 template <class T, int kU, int kGates>
-MOXE_DEVICE MOXE_FORCEINLINE void gather_cluster_tile(uint32_t slices, T* tile, int ld, int dh, int rows) {
+MOXE_DEVICE MOXE_FORCEINLINE void gather_cluster_tile(uint32_t slices, T* tile, int ld, unsigned log2_cs, int rows) {
   constexpr unsigned kElems = 16 / sizeof(T);
-  const unsigned chunks = static_cast<unsigned>(rows) * (kGates * static_cast<unsigned>(dh) / kElems);
+  const unsigned chunks = (static_cast<unsigned>(rows) << log2_cs) * (kGates * kU / kElems);
   for (unsigned c = threadIdx.x; c < chunks; c += kThreads) {
-    const ExchangeChunk e = exchange_chunk(c, static_cast<unsigned>(dh), kU, kElems, kGates);
+    const ExchangeChunk e = exchange_chunk(c, log2_cs, kU, kElems, kGates);
     const uint4 v = load_peer_16(slices + static_cast<uint32_t>((e.row * kGates * kU + e.slice_col) * sizeof(T)),
                                  static_cast<uint32_t>(e.rank));
     T* dst = tile + e.row * ld + e.head_col;
@@ -273,8 +273,8 @@ MOXE_DEVICE MOXE_FORCEINLINE void forward_block(const ForwardArgs<T>& a) {
     if constexpr (kCluster) {
       if (t > 0) {
         const T* slices = x_s + ((t - 1) & 1) * kBatchTile * kU;
-        gather_cluster_tile<T, kU, 1>(static_cast<uint32_t>(__cvta_generic_to_shared(slices)), y_s, L.ldy, dh,
-                                      tile_rows);
+        gather_cluster_tile<T, kU, 1>(static_cast<uint32_t>(__cvta_generic_to_shared(slices)), y_s, L.ldy,
+                                      cluster_log2(a.splits), tile_rows);
       }
     }
     if ((!kCluster || t == 0) && (t == 0 || !own_head)) {
@@ -434,8 +434,8 @@ MOXE_DEVICE MOXE_FORCEINLINE void backward_block(const BackwardArgs<T>& a) {
   // one barrier per step suffices: the same argument with the steps walked backward)
   auto gather = [&](auto t) {  // generic: instantiated only where called (kCluster)
     const T* slices = x_s + (t & 1) * kBatchTile * 4 * kU;
-    gather_cluster_tile<T, kU, 4>(static_cast<uint32_t>(__cvta_generic_to_shared(slices)), dg_s, L.ldk, dh,
-                                  tile_rows);
+    gather_cluster_tile<T, kU, 4>(static_cast<uint32_t>(__cvta_generic_to_shared(slices)), dg_s, L.ldk,
+                                  cluster_log2(a.splits), tile_rows);
   };
 
   // transposed slice: row dl, column n = g*DH + j holds r[h][g][j][j0 + dl]

@@ -170,22 +170,30 @@ MOXE_HD inline ClusterBlock cluster_block(int64_t block, int cluster_size) {
   return {block / cluster_size, static_cast<int>(block % cluster_size)};
 }
 
+/// log2 of a cluster size of 2, 4 or 8 (the kernels shift by it instead of dividing).
+MOXE_HD constexpr unsigned cluster_log2(int cluster_size) {
+  return cluster_size == 2 ? 1u : cluster_size == 4 ? 2u : 3u;
+}
+
 /// The per-step exchange: chunk `c` (16 bytes, `elems` = 16 / sizeof(T) elements) of the
-/// head's tile, row-major over [rows][gates * dh] (the forward's y_t: gates = 1; the
-/// backward's dgates_t: gates = 4, column g*DH + j): its batch row, the head's column it
-/// starts at, and where it lies in the cluster: CTA `rank`'s slice [rows][gates * units],
-/// column `slice_col` = g*units + (j - rank*units). U is a multiple of 16 (>= elems), so a
-/// chunk never straddles two slices or two gates.
+/// head's tile [rows][gates * DH] (the forward's y_t: gates = 1; the backward's dgates_t:
+/// gates = 4, column g*DH + j), DH = units << log2_cs. The chunks are ordered by row, then
+/// by CTA, then along the CTA's slice row [gates * units] (column g*units + jl), so that
+/// consecutive threads read consecutive 16 bytes of one peer and every division is by a
+/// compile-time constant or a shift. Gives the chunk's batch row, the head's column it
+/// starts at, and where it lies: CTA `rank`'s slice, column `slice_col`. U is a multiple of
+/// 16 (>= elems), so a chunk never straddles two gates.
 struct ExchangeChunk {
   int row, head_col, rank, slice_col;
 };
-MOXE_HD inline ExchangeChunk exchange_chunk(unsigned c, unsigned dh, unsigned units, unsigned elems,
+MOXE_HD inline ExchangeChunk exchange_chunk(unsigned c, unsigned log2_cs, unsigned units, unsigned elems,
                                             unsigned gates = 1) {
-  const unsigned per_row = gates * dh / elems;
-  const unsigned head_col = (c % per_row) * elems;
-  const unsigned g = head_col / dh, j = head_col % dh;
-  return {static_cast<int>(c / per_row), static_cast<int>(head_col), static_cast<int>(j / units),
-          static_cast<int>(g * units + j % units)};
+  const unsigned per_slice_row = gates * units / elems;
+  const unsigned q = c / per_slice_row, slice_col = (c % per_slice_row) * elems;
+  const unsigned rank = q & ((1u << log2_cs) - 1u), row = q >> log2_cs;
+  const unsigned g = slice_col / units, jl = slice_col % units;
+  return {static_cast<int>(row), static_cast<int>(((g << log2_cs) + rank) * units + jl), static_cast<int>(rank),
+          static_cast<int>(slice_col)};
 }
 
 /// The cluster CTA's shared memory: the split block's (forward_smem: r slice, y tile,
