@@ -232,9 +232,10 @@ Status sequence_forward(const ForwardParams<T, Acc>& p, void* workspace, std::si
   WorkspaceCarver carver(workspace, workspace_bytes);
   if (!carver.fits()) return Status::workspace_too_small;
   const bool cluster = p.cluster_size != 0;
+  const bool tape = has_tape(p);
   const auto kernel_for =
-      cluster ? (has_tape(p) ? detail::forward_cluster_kernel_for<T, true> : detail::forward_cluster_kernel_for<T, false>)
-              : (has_tape(p) ? detail::forward_kernel_for<T, true> : detail::forward_kernel_for<T, false>);
+      cluster ? (tape ? detail::forward_cluster_kernel_for<T, true> : detail::forward_cluster_kernel_for<T, false>)
+              : (tape ? detail::forward_kernel_for<T, true> : detail::forward_kernel_for<T, false>);
   detail::LaunchPlan plan;
   if (cluster) {
     MOXE_RETURN_IF_ERROR(detail::plan_cluster<T>(kernel_for, p.dims, p.cluster_size, p.units_per_block,
@@ -283,7 +284,8 @@ Status sequence_backward(const BackwardParams<T, Acc>& p, void* workspace, std::
 
   // with fwd.cluster_size both recurrent kernels (the replay and the backward) run as clusters
   const int cs = p.fwd.cluster_size;
-  const auto fwd_kernel_for = cs != 0 ? detail::forward_cluster_kernel_for<T, true> : detail::forward_kernel_for<T, true>;
+  const auto fwd_kernel_for =
+      cs != 0 ? detail::forward_cluster_kernel_for<T, true> : detail::forward_kernel_for<T, true>;
   const auto bwd_kernel_for = cs != 0 ? detail::backward_cluster_kernel_for<T> : detail::backward_kernel_for<T>;
   auto plan = [&](auto kernel_for, bool backward, detail::LaunchPlan* out) {
     return cs != 0 ? detail::plan_cluster<T>(kernel_for, d, cs, p.fwd.units_per_block, p.fwd.max_groups_per_launch,
