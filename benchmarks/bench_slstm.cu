@@ -6,6 +6,7 @@
 //
 //   */dh:{64,128,256}/batch:16     B = 16, S = 1024, NH = 4
 //   */dh:128/batch:{2..256}        the batch sweep
+//   slstm_cluster_*/dh:128/batch:{4,16}/cluster:{2,4}   the cluster path (sm_90)
 //
 // FLOPs count the recurrent products only (2*S*B*4H*DH forward; 3x that for forward +
 // backward: the forward, dy_{t-1} = r^T dgates_t, and dr); bytes count the tensors each pass
@@ -104,7 +105,9 @@ void time_iterations(benchmark::State& state, const Shape& s, bool with_backward
 
 // ---- moxe ---------------------------------------------------------------------------------
 
-void run_moxe(benchmark::State& state, bool with_backward) {
+/// `cluster` > 0: the cluster path (ForwardParams::cluster_size, sm_90) with that many CTAs
+/// per head.
+void run_moxe(benchmark::State& state, bool with_backward, int cluster = 0) {
   const Shape s = shape_of(state);
   auto inputs = make_inputs(s);
   DeviceMemory r = random_bf16(s.r_elems(), 3u, 1.f / std::sqrt(float(s.DH)));
@@ -116,6 +119,7 @@ void run_moxe(benchmark::State& state, bool with_backward) {
   f.r = r.as<T>();
   f.bias = bias.as<T>();
   f.y = y.as<T>();
+  f.cluster_size = cluster;
   sl::BackwardParams<T, float> b{};
   b.fwd = f;
   b.dwx = dwx.as<T>();
@@ -138,6 +142,10 @@ void run_moxe(benchmark::State& state, bool with_backward) {
 
 void BM_slstm_forward(benchmark::State& state) { run_moxe(state, false); }
 void BM_slstm_forward_backward(benchmark::State& state) { run_moxe(state, true); }
+void BM_slstm_cluster_forward(benchmark::State& state) { run_moxe(state, false, static_cast<int>(state.range(2))); }
+void BM_slstm_cluster_forward_backward(benchmark::State& state) {
+  run_moxe(state, true, static_cast<int>(state.range(2)));
+}
 
 // ---- baseline: cuBLAS GEMM + pointwise kernel per time step -------------------------------
 
@@ -302,7 +310,17 @@ void shapes(benchmark::internal::Benchmark* b) {
   b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
 }
 
+/// The cluster path (sm_90; an error elsewhere): DH 128 at B = 4 and 16, clusters of 2 and 4.
+void cluster_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"dh", "batch", "cluster"});
+  for (int64_t batch : {4, 16})
+    for (int64_t cluster : {2, 4}) b->Args({128, batch, cluster});
+  b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
+}
+
 BENCHMARK(BM_slstm_forward)->Apply(shapes);
+BENCHMARK(BM_slstm_cluster_forward)->Apply(cluster_shapes);
+BENCHMARK(BM_slstm_cluster_forward_backward)->Apply(cluster_shapes);
 BENCHMARK(BM_baseline_forward)->Apply(shapes);
 BENCHMARK(BM_slstm_forward_backward)->Apply(shapes);
 BENCHMARK(BM_baseline_forward_backward)->Apply(shapes);

@@ -49,19 +49,50 @@ inline Status check_launch(cudaStream_t stream) {
 
 namespace detail {
 
+/// How a kernel is launched: plainly, cooperatively, or as thread-block clusters of
+/// `cluster` CTAs along x (cluster > 0; sm_90).
+struct LaunchKind {
+  bool cooperative = false;
+  unsigned cluster = 0;
+};
+
+/// A launch configuration of clusters of `cluster` CTAs along x (grid.x a multiple of it).
+struct ClusterConfig {
+  cudaLaunchConfig_t config{};
+  cudaLaunchAttribute attribute[1]{};
+  ClusterConfig(dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream, unsigned cluster) {
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = cluster;
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+  }
+  ClusterConfig(const ClusterConfig&) = delete;  // config.attrs points into this object
+  ClusterConfig& operator=(const ClusterConfig&) = delete;
+};
+
 template <class Args, std::size_t... I>
 inline cudaError_t launch_with_tuple(const void* kernel, dim3 grid, dim3 block, std::size_t smem,
-                                     cudaStream_t stream, bool cooperative, Args& args,
+                                     cudaStream_t stream, LaunchKind kind, Args& args,
                                      std::index_sequence<I...>) {
   void* pointers[sizeof...(I) + 1] = {const_cast<void*>(static_cast<const void*>(&std::get<I>(args)))...,
                                       nullptr};
-  return cooperative ? cudaLaunchCooperativeKernel(kernel, grid, block, pointers, smem, stream)
-                     : cudaLaunchKernel(kernel, grid, block, pointers, smem, stream);
+  if (kind.cluster > 0) {
+    const ClusterConfig c(grid, block, smem, stream, kind.cluster);
+    return cudaLaunchKernelExC(&c.config, kernel, pointers);
+  }
+  return kind.cooperative ? cudaLaunchCooperativeKernel(kernel, grid, block, pointers, smem, stream)
+                          : cudaLaunchKernel(kernel, grid, block, pointers, smem, stream);
 }
 
 template <class... Params, class... Args>
 inline Status launch_impl(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
-                          bool cooperative, Args&&... args) {
+                          LaunchKind kind, Args&&... args) {
   static_assert(sizeof...(Params) == sizeof...(Args), "launch_kernel: wrong number of kernel arguments");
   // a reference parameter would be passed as the address <<<>>> takes, not the value stored here
   static_assert((!std::is_reference_v<Params> && ...), "launch_kernel: kernel parameters must be by value");
@@ -70,8 +101,8 @@ inline Status launch_impl(void (*kernel)(Params...), dim3 grid, dim3 block, std:
                 "launch_kernel: an argument does not convert implicitly to its kernel parameter");
   // each argument converted to the kernel's parameter type, as a <<<>>> call would
   std::tuple<std::remove_cv_t<std::remove_reference_t<Params>>...> values(std::forward<Args>(args)...);
-  return from_cuda(launch_with_tuple(reinterpret_cast<const void*>(kernel), grid, block, smem, stream, cooperative,
-                                     values, std::index_sequence_for<Params...>{}));
+  return from_cuda(launch_with_tuple(reinterpret_cast<const void*>(kernel), grid, block, smem, stream, kind, values,
+                                     std::index_sequence_for<Params...>{}));
 }
 
 }  // namespace detail
@@ -80,7 +111,7 @@ inline Status launch_impl(void (*kernel)(Params...), dim3 grid, dim3 block, std:
 template <class... Params, class... Args>
 inline Status launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
                             Args&&... args) {
-  return detail::launch_impl(kernel, grid, block, smem, stream, false, std::forward<Args>(args)...);
+  return detail::launch_impl(kernel, grid, block, smem, stream, detail::LaunchKind{}, std::forward<Args>(args)...);
 }
 
 /// A cooperative launch (all blocks co-resident, grid-wide barriers allowed); capturable
@@ -88,7 +119,29 @@ inline Status launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, st
 template <class... Params, class... Args>
 inline Status launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem,
                                  cudaStream_t stream, Args&&... args) {
-  return detail::launch_impl(kernel, grid, block, smem, stream, true, std::forward<Args>(args)...);
+  return detail::launch_impl(kernel, grid, block, smem, stream, detail::LaunchKind{true, 0},
+                             std::forward<Args>(args)...);
+}
+
+/// A launch of thread-block clusters of `cluster` CTAs along x (sm_90;
+/// cudaLaunchKernelEx with cudaLaunchAttributeClusterDimension): grid.x must be a multiple
+/// of `cluster`. The CTAs of a cluster are co-resident and may use cluster barriers and
+/// distributed shared memory. Capturable into a CUDA graph (a kernel node with the cluster
+/// attribute). Returns this launch's own error.
+template <class... Params, class... Args>
+inline Status launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
+                             unsigned cluster, Args&&... args) {
+  return detail::launch_impl(kernel, grid, block, smem, stream, detail::LaunchKind{false, cluster},
+                             std::forward<Args>(args)...);
+}
+
+/// How many clusters of `cluster` CTAs (of `block` threads and `smem` dynamic shared memory)
+/// the device can hold at once (cudaOccupancyMaxActiveClusters); 0: such a cluster cannot be
+/// resident. Launches nothing.
+template <class Kernel>
+inline Status max_active_clusters(Kernel kernel, unsigned cluster, dim3 block, std::size_t smem, int* count) {
+  const detail::ClusterConfig c(dim3(cluster), block, smem, nullptr, cluster);
+  return from_cuda(cudaOccupancyMaxActiveClusters(count, kernel, &c.config));
 }
 
 /// Raise a kernel's dynamic shared memory limit when it needs more than the default 48 KB.

@@ -53,6 +53,13 @@ struct ForwardParams {
   /// forward of the same inputs (wx, r, bias, initial states) wrote them; it writes neither.
   Acc* tape_gates = nullptr;
   Acc *tape_c = nullptr, *tape_n = nullptr, *tape_m = nullptr;
+  /// Device only, sm_90 and later (sequence_forward, step, and as the backward's fwd its
+  /// replay and its own recurrent kernel): 0 (default) the plan above; 2, 4 or 8 a head's
+  /// units split over that many CTAs of one thread-block cluster, exchanging y_t (dgates_t)
+  /// through distributed shared memory with one cluster barrier per step. head_dim / cluster_size must be a multiple of
+  /// 16 of at most 128 (units_per_block, when set, must equal it); unsupported otherwise,
+  /// below compute capability 9.0, or when a cluster of that size cannot be resident.
+  int cluster_size = 0;
 };
 
 /// Elements of the optional forward tape: `gates` for tape_gates (S*B*4*H), `state` for each
@@ -89,6 +96,7 @@ struct StepParams {
   Acc *y, *c, *n, *m;  // [B, NH, DH] states, in and out
   T* y_out;            // [B, NH, DH] this step's output in T
   int units_per_block = 0;  // as in ForwardParams
+  int cluster_size = 0;     // as in ForwardParams (sm_90)
 };
 
 /// All-or-none check for an optional group of pointers.
@@ -110,6 +118,7 @@ Status validate(const ForwardParams<T, Acc>& p, bool need_y = true) {
   MOXE_REQUIRE(all_or_none(p.y_last, p.c_last, p.n_last, p.m_last));
   MOXE_REQUIRE(p.units_per_block >= 0);
   MOXE_REQUIRE(p.max_groups_per_launch >= 0);
+  MOXE_REQUIRE(p.cluster_size >= 0);
   MOXE_REQUIRE(all_or_none(p.tape_gates, p.tape_c, p.tape_n, p.tape_m));
   return Status::ok;
 }
@@ -137,6 +146,7 @@ Status validate(const StepParams<T, Acc>& p) {
   MOXE_REQUIRE(p.batch > 0 && p.heads > 0 && p.head_dim > 0);
   MOXE_REQUIRE(p.wx && p.r && p.bias && p.y && p.c && p.n && p.m && p.y_out);
   MOXE_REQUIRE(p.units_per_block >= 0);
+  MOXE_REQUIRE(p.cluster_size >= 0);
   return Status::ok;
 }
 
@@ -158,6 +168,7 @@ ForwardParams<T, Acc> as_forward(const StepParams<T, Acc>& s) {
   p.n_last = s.n;
   p.m_last = s.m;
   p.units_per_block = s.units_per_block;
+  p.cluster_size = s.cluster_size;
   return p;
 }
 

@@ -123,6 +123,57 @@ Status launch_recurrent(Kernel kernel, Args args, const LaunchPlan& plan, cudaSt
   return Status::ok;
 }
 
+/// The plan of a cluster kernel (ForwardParams::cluster_size = plan->splits CTAs per group,
+/// one cluster each; plan->groups_per_launch only bounds grid.x and honours
+/// max_groups_per_launch, clusters need no co-residency with each other). Unsupported below
+/// compute capability 9.0, for a cluster size or head_dim that cluster_units rejects, for
+/// units_per_block other than 0 or head_dim / cluster_size, for too much shared memory, or
+/// when the device cannot hold one such cluster. Queries the device; launches nothing.
+template <class T, class KernelFor>
+Status plan_cluster(KernelFor kernel_for, const Dims& d, int cluster_size, int requested_units,
+                    int64_t max_groups_per_launch, bool backward, LaunchPlan* plan) {
+  const int units = cluster_units(d.head_dim, cluster_size);
+  if (units == 0 || (requested_units != 0 && requested_units != units)) return Status::unsupported;
+  int device = 0, major = 0, optin = 0;
+  MOXE_CUDA_TRY(cudaGetDevice(&device));
+  MOXE_CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (major < 9) return Status::unsupported;  // clusters and distributed shared memory: sm_90
+  MOXE_CUDA_TRY(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  constexpr int kElem = static_cast<int>(sizeof(T));
+  const std::size_t smem = backward ? backward_cluster_smem(d.head_dim, units, kElem, uses_tensor_cores_v<T>).bytes
+                                    : forward_cluster_smem(d.head_dim, units, kElem, uses_tensor_cores_v<T>).bytes;
+  if (smem > static_cast<std::size_t>(optin)) return Status::unsupported;
+  const auto kernel = kernel_for(units);
+  if (kernel == nullptr) return Status::unsupported;
+  MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(kernel, smem));
+  int clusters = 0;
+  MOXE_RETURN_IF_ERROR(max_active_clusters(kernel, static_cast<unsigned>(cluster_size), kThreads, smem, &clusters));
+  if (clusters == 0) return Status::unsupported;
+  plan->units = units;
+  plan->splits = cluster_size;
+  plan->smem = smem;
+  plan->groups = num_groups(d.batch, d.heads);
+  const int64_t max_groups = 0x7fffffff / cluster_size;  // grid.x = groups * cluster_size
+  plan->groups_per_launch = plan->groups < max_groups ? plan->groups : max_groups;
+  if (max_groups_per_launch > 0 && plan->groups_per_launch > max_groups_per_launch)
+    plan->groups_per_launch = max_groups_per_launch;
+  return Status::ok;
+}
+
+/// Launches a cluster kernel over all groups of `plan` (grid.x = groups * splits, clusters
+/// of splits CTAs).
+template <class Kernel, class Args>
+Status launch_cluster_recurrent(Kernel kernel, Args args, const LaunchPlan& plan, cudaStream_t stream) {
+  for (int64_t g0 = 0; g0 < plan.groups; g0 += plan.groups_per_launch) {
+    args.group_begin = g0;
+    const int64_t count = plan.groups - g0 < plan.groups_per_launch ? plan.groups - g0 : plan.groups_per_launch;
+    const dim3 grid(static_cast<unsigned>(count * plan.splits));
+    MOXE_RETURN_IF_ERROR(
+        launch_cluster(kernel, grid, kThreads, plan.smem, stream, static_cast<unsigned>(plan.splits), args));
+  }
+  return Status::ok;
+}
+
 template <class T, class Acc>
 Status check_device_params(const ForwardParams<T, Acc>& p) {
   static_assert(is_device_element_v<T>, "sLSTM device kernels take float, __half or __nv_bfloat16");
@@ -170,7 +221,9 @@ std::size_t sequence_forward_workspace_size(const ForwardParams<T, Acc>& p) {
 }
 
 /// y_t for t = 1..S, (optionally) the final states and (optionally) the tape for the
-/// backward, in one persistent kernel.
+/// backward, in one persistent kernel. With p.cluster_size (sm_90) a head's blocks form a
+/// thread-block cluster and exchange y_t through distributed shared memory; the results
+/// are the same bits as the split path's at units_per_block = head_dim / cluster_size.
 template <class T, class Acc>
 Status sequence_forward(const ForwardParams<T, Acc>& p, void* workspace, std::size_t workspace_bytes,
                         cudaStream_t stream) {
@@ -178,10 +231,19 @@ Status sequence_forward(const ForwardParams<T, Acc>& p, void* workspace, std::si
   MOXE_RETURN_IF_ERROR(detail::check_device_params(p));
   WorkspaceCarver carver(workspace, workspace_bytes);
   if (!carver.fits()) return Status::workspace_too_small;
-  const auto kernel_for = has_tape(p) ? detail::forward_kernel_for<T, true> : detail::forward_kernel_for<T, false>;
+  const bool cluster = p.cluster_size != 0;
+  const bool tape = has_tape(p);
+  const auto kernel_for =
+      cluster ? (tape ? detail::forward_cluster_kernel_for<T, true> : detail::forward_cluster_kernel_for<T, false>)
+              : (tape ? detail::forward_kernel_for<T, true> : detail::forward_kernel_for<T, false>);
   detail::LaunchPlan plan;
-  MOXE_RETURN_IF_ERROR(
-      detail::plan_recurrent<T>(kernel_for, p.dims, p.units_per_block, p.max_groups_per_launch, false, &plan));
+  if (cluster) {
+    MOXE_RETURN_IF_ERROR(detail::plan_cluster<T>(kernel_for, p.dims, p.cluster_size, p.units_per_block,
+                                                 p.max_groups_per_launch, false, &plan));
+  } else {
+    MOXE_RETURN_IF_ERROR(
+        detail::plan_recurrent<T>(kernel_for, p.dims, p.units_per_block, p.max_groups_per_launch, false, &plan));
+  }
   detail::ForwardArgs<T> args = detail::forward_args(p);
   args.splits = plan.splits;
   // an output y that overlaps y_init (e.g. step() with y_out == y in float) needs a group
@@ -190,7 +252,8 @@ Status sequence_forward(const ForwardParams<T, Acc>& p, void* workspace, std::si
   args.init_barrier = plan.splits > 1 &&
                       detail::ranges_overlap(p.y, static_cast<std::size_t>(p.dims.seq_len) * state_elems * sizeof(T),
                                              p.y_init, state_elems * sizeof(float));
-  return detail::launch_recurrent(kernel_for(plan.units), args, plan, stream);
+  return cluster ? detail::launch_cluster_recurrent(kernel_for(plan.units), args, plan, stream)
+                 : detail::launch_recurrent(kernel_for(plan.units), args, plan, stream);
 }
 
 template <class T, class Acc>
@@ -206,7 +269,8 @@ std::size_t sequence_backward_workspace_size(const BackwardParams<T, Acc>& p) {
 /// replays the forward into the workspace (raw gates, states, y); with it, reads the tape
 /// and fwd.y. Walks time backward in one persistent kernel, then reduces dr and dbias
 /// deterministically. The workspace is smaller with a tape (sequence_backward_workspace_size
-/// sees it).
+/// sees it). With p.fwd.cluster_size (sm_90) the replay and the backward kernel run as
+/// clusters, the same bits as the split path at units_per_block = head_dim / cluster_size.
 template <class T, class Acc>
 Status sequence_backward(const BackwardParams<T, Acc>& p, void* workspace, std::size_t workspace_bytes,
                          cudaStream_t stream) {
@@ -218,14 +282,24 @@ Status sequence_backward(const BackwardParams<T, Acc>& p, void* workspace, std::
   const detail::BackwardScratch<T> s = detail::carve_backward<T>(carver, d, replay);
   if (!carver.fits()) return Status::workspace_too_small;
 
-  const auto fwd_kernel_for = detail::forward_kernel_for<T, true>;
-  const auto bwd_kernel_for = detail::backward_kernel_for<T>;
+  // with fwd.cluster_size both recurrent kernels (the replay and the backward) run as clusters
+  const int cs = p.fwd.cluster_size;
+  const auto fwd_kernel_for =
+      cs != 0 ? detail::forward_cluster_kernel_for<T, true> : detail::forward_kernel_for<T, true>;
+  const auto bwd_kernel_for = cs != 0 ? detail::backward_cluster_kernel_for<T> : detail::backward_kernel_for<T>;
+  auto plan = [&](auto kernel_for, bool backward, detail::LaunchPlan* out) {
+    return cs != 0 ? detail::plan_cluster<T>(kernel_for, d, cs, p.fwd.units_per_block, p.fwd.max_groups_per_launch,
+                                             backward, out)
+                   : detail::plan_recurrent<T>(kernel_for, d, p.fwd.units_per_block, p.fwd.max_groups_per_launch,
+                                               backward, out);
+  };
+  auto launch = [&](auto kernel, auto args, const detail::LaunchPlan& pl) {
+    return cs != 0 ? detail::launch_cluster_recurrent(kernel, args, pl, stream)
+                   : detail::launch_recurrent(kernel, args, pl, stream);
+  };
   detail::LaunchPlan fwd_plan, bwd_plan;
-  if (replay)
-    MOXE_RETURN_IF_ERROR(detail::plan_recurrent<T>(fwd_kernel_for, d, p.fwd.units_per_block,
-                                                   p.fwd.max_groups_per_launch, false, &fwd_plan));
-  MOXE_RETURN_IF_ERROR(detail::plan_recurrent<T>(bwd_kernel_for, d, p.fwd.units_per_block,
-                                                 p.fwd.max_groups_per_launch, true, &bwd_plan));
+  if (replay) MOXE_RETURN_IF_ERROR(plan(fwd_kernel_for, false, &fwd_plan));
+  MOXE_RETURN_IF_ERROR(plan(bwd_kernel_for, true, &bwd_plan));
 
   // 1. the tape: the caller's (from a forward with these inputs), or a forward replay
   const float* tape_gates = p.fwd.tape_gates;
@@ -241,7 +315,7 @@ Status sequence_backward(const BackwardParams<T, Acc>& p, void* workspace, std::
     fa.tape_c = s.tape_c;
     fa.tape_n = s.tape_n;
     fa.tape_m = s.tape_m;
-    MOXE_RETURN_IF_ERROR(detail::launch_recurrent(fwd_kernel_for(fwd_plan.units), fa, fwd_plan, stream));
+    MOXE_RETURN_IF_ERROR(launch(fwd_kernel_for(fwd_plan.units), fa, fwd_plan));
     tape_gates = s.dgates;
     tape_c = s.tape_c;
     tape_n = s.tape_n;
@@ -275,7 +349,7 @@ Status sequence_backward(const BackwardParams<T, Acc>& p, void* workspace, std::
   ba.dc_init = p.dc_init;
   ba.dn_init = p.dn_init;
   ba.dm_init = p.dm_init;
-  MOXE_RETURN_IF_ERROR(detail::launch_recurrent(bwd_kernel_for(bwd_plan.units), ba, bwd_plan, stream));
+  MOXE_RETURN_IF_ERROR(launch(bwd_kernel_for(bwd_plan.units), ba, bwd_plan));
 
   // 3. dr = sum_t dgates_t y_{t-1}^T (split-K partials, summed in chunk order), dbias (per
   // batch row in the backward's t order, then the rows in order)

@@ -9,10 +9,15 @@
 //                    replay: each raw gate is read before its dgate replaces it)
 //   dr_partial_kernel / dbias_rows_kernel / sum_partials_kernel   deterministic reductions
 //
+//   forward_cluster_kernel / backward_cluster_kernel  (sm_90) the recurrent kernels with a
+//                    group's blocks as one thread-block cluster: y_t / dgates_t exchanged
+//                    through distributed shared memory, one cluster barrier per step
+//                    (ForwardParams::cluster_size)
+//
 // The two recurrent kernels take the units per block as a template parameter kU;
-// forward_kernel_for / backward_kernel_for pick the instance at launch.
-// Blocks of one group (splits > 1) exchange y_t / dgates_t through global memory and a
-// cooperative-groups grid barrier; with one block per group a __syncthreads suffices.
+// forward_kernel_for / backward_kernel_for and their cluster_ twins pick the instance at
+// launch. Blocks of one group (splits > 1) exchange y_t / dgates_t through global memory
+// and a cooperative-groups grid barrier; with one block per group a __syncthreads suffices.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -67,6 +72,74 @@ MOXE_DEVICE MOXE_FORCEINLINE void step_barrier(int splits) {
   }
 }
 
+// ---- the cluster exchange (sm_90; compiled only there, a trap elsewhere) ----------------
+
+/// The cluster barrier: every thread of every CTA of the cluster arrives (release: its
+/// earlier shared-memory writes, and its reads of the peers' shared memory, are ordered
+/// before it) and waits for all (acquire). Also a barrier of the CTA's own threads.
+MOXE_DEVICE MOXE_FORCEINLINE void cluster_barrier() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+/// 16 bytes at shared-memory offset `addr` (a shared::cta address of this CTA) in the
+/// shared memory of the cluster's CTA `rank` (mapa + ld.shared::cluster).
+MOXE_DEVICE MOXE_FORCEINLINE uint4 load_peer_16(uint32_t addr, uint32_t rank) {
+  uint4 v{};
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
+  asm volatile("ld.shared::cluster.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(remote)
+               : "memory");
+#else
+  (void)addr;
+  (void)rank;
+  __trap();
+#endif
+  return v;
+}
+
+/// tile[row][col] = the head's tile (forward: y_t, kGates = 1; backward: dgates_t, kGates =
+/// 4, column g*DH + j) for rows < `rows`, gathered from the published slices of the
+/// cluster's CTAs: CTA q's slice [kBatchTile][kGates*kU] of T lies at shared::cta offset
+/// `slices` in q's shared memory (exchange_chunk: which CTA and column each 16-byte chunk
+/// comes from). Called by all threads; no barrier inside.
+template <class T, int kU, int kGates>
+MOXE_DEVICE MOXE_FORCEINLINE void gather_cluster_tile(uint32_t slices, T* tile, int ld, unsigned log2_cs, int rows) {
+  constexpr unsigned kElems = 16 / sizeof(T);
+  const unsigned chunks = (static_cast<unsigned>(rows) << log2_cs) * (kGates * kU / kElems);
+  for (unsigned c = threadIdx.x; c < chunks; c += kThreads) {
+    const ExchangeChunk e = exchange_chunk(c, log2_cs, kU, kElems, kGates);
+    const uint4 v = load_peer_16(slices + static_cast<uint32_t>((e.row * kGates * kU + e.slice_col) * sizeof(T)),
+                                 static_cast<uint32_t>(e.rank));
+    T* dst = tile + e.row * ld + e.head_col;
+    if constexpr (sizeof(T) == 2) {  // rows of ld = kGates*DH + 8 16-bit elements: 16-byte aligned
+      *reinterpret_cast<uint4*>(dst) = v;
+    } else {  // float rows of ld = kGates*DH + 1: element by element
+      const float f[4] = {__uint_as_float(v.x), __uint_as_float(v.y), __uint_as_float(v.z), __uint_as_float(v.w)};
+      MOXE_PRAGMA_UNROLL
+      for (int i = 0; i < 4; ++i) dst[i] = f[i];
+    }
+  }
+}
+
+/// End of a time step (or the y_init barrier) of the group: the cluster barrier in the
+/// cluster kernel, else step_barrier.
+template <bool kCluster>
+MOXE_DEVICE MOXE_FORCEINLINE void group_barrier(int splits) {
+  if constexpr (kCluster) {
+    cluster_barrier();
+  } else {
+    step_barrier(splits);
+  }
+}
+
 /// (row, unit) pairs per thread in a block of kU units: pair k of thread tid is
 /// p = tid + k*kThreads, row p / kU, unit p % kU. kU is a multiple of 16, so the
 /// kBatchTile*kU pairs fill every thread's kPairs exactly.
@@ -97,8 +170,11 @@ MOXE_DEVICE MOXE_FORCEINLINE PairOffsets pair_offsets(int tid, int k, int64_t b0
   return o;
 }
 
-template <class T, int kU, bool kTape>
-__global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<T> a) {
+/// The forward of one block (forward_kernel) or one cluster CTA (forward_cluster_kernel,
+/// kCluster: the block's group and split from its cluster, y_{t-1} gathered from the peers'
+/// shared memory instead of reloaded from y, the cluster barrier instead of the grid's).
+template <class T, int kU, bool kTape, bool kCluster>
+MOXE_DEVICE MOXE_FORCEINLINE void forward_block(const ForwardArgs<T>& a) {
   constexpr bool kTC = uses_tensor_cores_v<T>;
   constexpr int P = kPairs<kU>;
   static_assert(kU % 16 == 0 && kU <= kMaxUnits && P * kThreads == kBatchTile * kU, "units per block");
@@ -112,7 +188,16 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
   float* g_s = reinterpret_cast<float*>(smem + L.gates_off);
 
   const int tid = static_cast<int>(threadIdx.x);
-  const BlockTile tile = block_tile(a.group_begin + blockIdx.x, static_cast<int64_t>(blockIdx.y), kU, NH);
+  BlockTile tile;
+  // the cluster CTA's published y_t slices, [2][kBatchTile][kU] (step t's in t % 2)
+  T* x_s = nullptr;
+  if constexpr (kCluster) {
+    const ClusterBlock cb = cluster_block(static_cast<int64_t>(blockIdx.x), a.splits);
+    tile = block_tile(a.group_begin + cb.group, cb.rank, kU, NH);
+    x_s = reinterpret_cast<T*>(smem + forward_cluster_smem(DH, kU, static_cast<int>(sizeof(T)), kTC).x_off);
+  } else {
+    tile = block_tile(a.group_begin + blockIdx.x, static_cast<int64_t>(blockIdx.y), kU, NH);
+  }
   const int64_t h = tile.h, b0 = tile.b0, j0 = tile.j0;
   // rows of the tile within the batch (the rest are zero): at most 8 takes the narrow product
   const int tile_rows = B - b0 < kBatchTile ? static_cast<int>(B - b0) : kBatchTile;
@@ -170,11 +255,29 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
   }
 
   // With one block per group, y_t goes straight into y_s (the product of step t has read
-  // y_s before the pointwise phase writes it); with several, every step reloads y_{t-1}.
+  // y_s before the pointwise phase writes it); with several, every step reloads y_{t-1}
+  // (from y, or in a cluster from the peers' slices).
+  //
+  // The cluster's exchange needs one barrier per step because the slices are double
+  // buffered. Slice t % 2 of each CTA is written in step t (its own cell, before barrier t)
+  // and read in step t + 1 (every CTA's gather, after barrier t and before barrier t + 1).
+  // Its next write is in step t + 2, after barrier t + 1, which no CTA passes before all
+  // have arrived, i.e. finished their reads of step t + 1. The writes of step t + 1 go to
+  // the other slice, whose reads (step t) all came before barrier t. Barrier t's release /
+  // acquire makes the writes of step t visible to the reads of step t + 1. The last reads
+  // of a peer's shared memory (step S - 1) come before the last barrier, so no CTA exits
+  // while a peer may still read its slices.
   const bool own_head = a.splits == 1;
   for (int64_t t = 0; t < S; ++t) {
     // y_{t-1} of the whole head for the tile's rows (zeros past the batch)
-    if (t == 0 || !own_head) {
+    if constexpr (kCluster) {
+      if (t > 0) {
+        const T* slices = x_s + ((t - 1) & 1) * kBatchTile * kU;
+        gather_cluster_tile<T, kU, 1>(static_cast<uint32_t>(__cvta_generic_to_shared(slices)), y_s, L.ldy,
+                                      cluster_log2(a.splits), tile_rows);
+      }
+    }
+    if ((!kCluster || t == 0) && (t == 0 || !own_head)) {
       for (int d = ld_col; d < dh; d += kRowThreads) {
         T v = from_float<T>(0.f);
         if (ld_valid) {
@@ -189,7 +292,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
     }
     // y may overlap y_init (an in-place step with y_out == y): every block of the group
     // has read y_init before any block writes y_0
-    if (t == 0 && a.init_barrier) step_barrier(a.splits);
+    if (t == 0 && a.init_barrier) group_barrier<kCluster>(a.splits);
     // this step's input projections, fetched before the product to hide their latency
     float wx[P][4];
     MOXE_PRAGMA_UNROLL
@@ -215,6 +318,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
         y_last[k] = o.y;
         y_t[po[k].unit] = from_float<T>(o.y);
         if (own_head) y_s[bl * L.ldy + static_cast<int>(j0) + jl] = from_float<T>(o.y);
+        if constexpr (kCluster) x_s[((t & 1) * kBatchTile + bl) * kU + jl] = from_float<T>(o.y);
         if constexpr (kTape) {
           MOXE_PRAGMA_UNROLL
           for (int g = 0; g < 4; ++g) tape_gates_t[po[k].gate + g * H] = raw[g];
@@ -234,7 +338,7 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
         tape_m_t += BH;
       }
     }
-    step_barrier(a.splits);
+    group_barrier<kCluster>(a.splits);
   }
 
   if (a.y_last != nullptr) {  // after the last barrier: y_init may alias y_last (decoding step)
@@ -249,6 +353,24 @@ __global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<
       }
     }
   }
+}
+
+template <class T, int kU, bool kTape>
+__global__ void __launch_bounds__(kThreads, 1) forward_kernel(const ForwardArgs<T> a) {
+  forward_block<T, kU, kTape, false>(a);
+}
+
+/// The forward with each group's a.splits blocks as one cluster of (a.splits, 1, 1) CTAs;
+/// grid.x = groups * a.splits. Its device code is compiled for sm_90 and later only (a trap
+/// elsewhere: the launcher never launches it there).
+template <class T, int kU, bool kTape>
+__global__ void __launch_bounds__(kThreads, 1) forward_cluster_kernel(const ForwardArgs<T> a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  forward_block<T, kU, kTape, true>(a);
+#else
+  (void)a;
+  __trap();
+#endif
 }
 
 /// Loads dgates_t of the group's rows (all 4*DH gate units of head h) into dg_s as T:
@@ -278,8 +400,10 @@ MOXE_DEVICE MOXE_FORCEINLINE void load_dgates_tile(const BackwardArgs<T>& a, con
 /// The backward product's K = 4*DH in one part per gate (tensor cores; block_product).
 inline constexpr int kBackwardKSplit = 4;
 
-template <class T, int kU>
-__global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArgs<T> a) {
+/// The backward of one block (backward_kernel) or one cluster CTA (backward_cluster_kernel,
+/// kCluster: as forward_block, with the dgates_t slices exchanged).
+template <class T, int kU, bool kCluster>
+MOXE_DEVICE MOXE_FORCEINLINE void backward_block(const BackwardArgs<T>& a) {
   constexpr bool kTC = uses_tensor_cores_v<T>;
   constexpr int P = kPairs<kU>;
   static_assert(kU % 16 == 0 && kU <= kMaxUnits && P * kThreads == kBatchTile * kU, "units per block");
@@ -293,10 +417,26 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
   float* out_s = reinterpret_cast<float*>(smem + L.out_off);
 
   const int tid = static_cast<int>(threadIdx.x);
-  const BlockTile tile = block_tile(a.group_begin + blockIdx.x, static_cast<int64_t>(blockIdx.y), kU, NH);
+  BlockTile tile;
+  // the cluster CTA's published dgates_t slices, [2][kBatchTile][4*kU] (step t's in t % 2)
+  T* x_s = nullptr;
+  if constexpr (kCluster) {
+    const ClusterBlock cb = cluster_block(static_cast<int64_t>(blockIdx.x), a.splits);
+    tile = block_tile(a.group_begin + cb.group, cb.rank, kU, NH);
+    x_s = reinterpret_cast<T*>(smem + backward_cluster_smem(DH, kU, static_cast<int>(sizeof(T)), kTC).x_off);
+  } else {
+    tile = block_tile(a.group_begin + blockIdx.x, static_cast<int64_t>(blockIdx.y), kU, NH);
+  }
   const int64_t h = tile.h, b0 = tile.b0, j0 = tile.j0;
   // rows of the tile within the batch (the rest are zero): at most 8 takes the narrow product
   const int tile_rows = B - b0 < kBatchTile ? static_cast<int>(B - b0) : kBatchTile;
+  // dgates_{t} of the head from the peers' slices t % 2 (cluster; see forward_block for why
+  // one barrier per step suffices: the same argument with the steps walked backward)
+  auto gather = [&](auto t) {  // generic: instantiated only where called (kCluster)
+    const T* slices = x_s + (t & 1) * kBatchTile * 4 * kU;
+    gather_cluster_tile<T, kU, 4>(static_cast<uint32_t>(__cvta_generic_to_shared(slices)), dg_s, L.ldk,
+                                  cluster_log2(a.splits), tile_rows);
+  };
 
   // transposed slice: row dl, column n = g*DH + j holds r[h][g][j][j0 + dl]
   for (int idx = tid; idx < 4 * dh * kU; idx += kThreads) {
@@ -365,7 +505,11 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
       }
     }
     if (t < S - 1) {  // recurrent part of dy_t: r^T dgates_{t+1}, for this block's units
-      if (!own_head) load_dgates_tile(a, L, dg_s, t + 1, b0, h);
+      if constexpr (kCluster) {
+        gather(t + 1);
+      } else {
+        if (!own_head) load_dgates_tile(a, L, dg_s, t + 1, b0, h);
+      }
       __syncthreads();
       block_product<T, kU, kBackwardKSplit>(dg_s, L.ldk, rt_s, L.ldk, out_s, L.ldo, 4 * dh, tile_rows);
       __syncthreads();
@@ -387,6 +531,7 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
           dgates_t[gi] = d4[g];
           dwx_t[gi] = from_float<T>(d4[g]);
           if (own_head) dg_s[bl * L.ldk + g * dh + static_cast<int>(j0) + jl] = from_float<T>(d4[g]);
+          if constexpr (kCluster) x_s[((t & 1) * kBatchTile + bl) * 4 * kU + g * kU + jl] = from_float<T>(d4[g]);
         }
       }
     }
@@ -401,15 +546,24 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
       tape_n_prev -= BH;
       tape_m_prev -= BH;
     }
-    step_barrier(a.splits);
+    group_barrier<kCluster>(a.splits);
   }
 
   // dy_init = r^T dgates_0 (after the last barrier every block's dgates_0 is visible)
   if (a.dy_init != nullptr) {
-    if (!own_head) load_dgates_tile(a, L, dg_s, 0, b0, h);
+    if constexpr (kCluster) {
+      gather(0);
+    } else {
+      if (!own_head) load_dgates_tile(a, L, dg_s, 0, b0, h);
+    }
     __syncthreads();
     block_product<T, kU, kBackwardKSplit>(dg_s, L.ldk, rt_s, L.ldk, out_s, L.ldo, 4 * dh, tile_rows);
-    __syncthreads();
+    // a cluster CTA's slices are read by its peers up to here: none exits before all are done
+    if constexpr (kCluster) {
+      cluster_barrier();
+    } else {
+      __syncthreads();
+    }
   }
   if (a.dy_init != nullptr) {
     MOXE_PRAGMA_UNROLL
@@ -423,6 +577,23 @@ __global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArg
       }
     }
   }
+}
+
+template <class T, int kU>
+__global__ void __launch_bounds__(kThreads, 1) backward_kernel(const BackwardArgs<T> a) {
+  backward_block<T, kU, false>(a);
+}
+
+/// The backward with each group's a.splits blocks as one cluster (as forward_cluster_kernel);
+/// compiled for sm_90 and later only.
+template <class T, int kU>
+__global__ void __launch_bounds__(kThreads, 1) backward_cluster_kernel(const BackwardArgs<T> a) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  backward_block<T, kU, true>(a);
+#else
+  (void)a;
+  __trap();
+#endif
 }
 
 /// The kernel instances per units per block (a multiple of 16 up to kMaxUnits); null for
@@ -448,6 +619,22 @@ ForwardKernel<T> forward_kernel_for(int units) {
   }
 }
 
+template <class T, bool kTape>
+ForwardKernel<T> forward_cluster_kernel_for(int units) {
+  static_assert(kMaxUnits == 128, "one case per multiple of 16 up to kMaxUnits");
+  switch (units) {
+    case 16: return forward_cluster_kernel<T, 16, kTape>;
+    case 32: return forward_cluster_kernel<T, 32, kTape>;
+    case 48: return forward_cluster_kernel<T, 48, kTape>;
+    case 64: return forward_cluster_kernel<T, 64, kTape>;
+    case 80: return forward_cluster_kernel<T, 80, kTape>;
+    case 96: return forward_cluster_kernel<T, 96, kTape>;
+    case 112: return forward_cluster_kernel<T, 112, kTape>;
+    case 128: return forward_cluster_kernel<T, 128, kTape>;
+    default: return nullptr;
+  }
+}
+
 template <class T>
 BackwardKernel<T> backward_kernel_for(int units) {
   static_assert(kMaxUnits == 128, "one case per multiple of 16 up to kMaxUnits");
@@ -460,6 +647,22 @@ BackwardKernel<T> backward_kernel_for(int units) {
     case 96: return backward_kernel<T, 96>;
     case 112: return backward_kernel<T, 112>;
     case 128: return backward_kernel<T, 128>;
+    default: return nullptr;
+  }
+}
+
+template <class T>
+BackwardKernel<T> backward_cluster_kernel_for(int units) {
+  static_assert(kMaxUnits == 128, "one case per multiple of 16 up to kMaxUnits");
+  switch (units) {
+    case 16: return backward_cluster_kernel<T, 16>;
+    case 32: return backward_cluster_kernel<T, 32>;
+    case 48: return backward_cluster_kernel<T, 48>;
+    case 64: return backward_cluster_kernel<T, 64>;
+    case 80: return backward_cluster_kernel<T, 80>;
+    case 96: return backward_cluster_kernel<T, 96>;
+    case 112: return backward_cluster_kernel<T, 112>;
+    case 128: return backward_cluster_kernel<T, 128>;
     default: return nullptr;
   }
 }

@@ -138,6 +138,92 @@ MOXE_HD inline BlockTile block_tile(int64_t group, int64_t split, int units, int
   return {group % heads, (group / heads) * kBatchTile, split * units};
 }
 
+// ---- the cluster split (sm_90, ForwardParams::cluster_size) ---------------------------
+// A group's `cluster_size` CTAs form one thread-block cluster: CTA `rank` owns the units
+// [rank*U, (rank+1)*U) of every gate (U = DH / cluster_size), keeps their r rows in its
+// shared memory as a block of the split path does, and publishes its y_t slice [16][U] in
+// its own shared memory; after one cluster barrier per step every CTA copies the whole
+// y_t of the head from the slices of its peers (distributed shared memory). The backward
+// does the same with dgates_t ([16][4U] per CTA, the transposed r slice of its units).
+inline constexpr int kMaxClusterSize = 8;  // the portable cluster size
+
+/// Units per CTA of a head of `dh` units split over a cluster of `cluster_size` CTAs: DH /
+/// cluster_size when cluster_size is 2, 4 or 8 and that is a multiple of 16 of at most
+/// kMaxUnits (the units-per-block rules of choose_units); 0 otherwise.
+MOXE_HD inline int cluster_units(int64_t dh, int cluster_size) {
+  if (cluster_size != 2 && cluster_size != 4 && cluster_size != kMaxClusterSize) return 0;
+  if (dh <= 0 || dh % cluster_size != 0) return 0;
+  const int64_t u = dh / cluster_size;
+  return u % 16 == 0 && u <= kMaxUnits ? static_cast<int>(u) : 0;
+}
+
+/// CTA `block` (blockIdx.x) of a cluster launch, whose grid.x is groups * cluster_size and
+/// whose clusters are (cluster_size, 1, 1): the group (relative to the launch's first) and
+/// the CTA's rank in its cluster, which is also its slice of the units (block_tile's split).
+/// The hardware numbers the CTAs of a 1-D cluster by blockIdx.x % cluster_size, so `rank`
+/// is the rank the distributed shared memory is addressed by.
+struct ClusterBlock {
+  int64_t group;
+  int rank;
+};
+MOXE_HD inline ClusterBlock cluster_block(int64_t block, int cluster_size) {
+  return {block / cluster_size, static_cast<int>(block % cluster_size)};
+}
+
+/// log2 of a cluster size of 2, 4 or 8 (the kernels shift by it instead of dividing).
+MOXE_HD constexpr unsigned cluster_log2(int cluster_size) {
+  return cluster_size == 2 ? 1u : cluster_size == 4 ? 2u : 3u;
+}
+
+/// The per-step exchange: chunk `c` (16 bytes, `elems` = 16 / sizeof(T) elements) of the
+/// head's tile [rows][gates * DH] (the forward's y_t: gates = 1; the backward's dgates_t:
+/// gates = 4, column g*DH + j), DH = units << log2_cs. The chunks are ordered by row, then
+/// by CTA, then along the CTA's slice row [gates * units] (column g*units + jl), so that
+/// consecutive threads read consecutive 16 bytes of one peer and every division is by a
+/// compile-time constant or a shift. Gives the chunk's batch row, the head's column it
+/// starts at, and where it lies: CTA `rank`'s slice, column `slice_col`. U is a multiple of
+/// 16 (>= elems), so a chunk never straddles two gates.
+struct ExchangeChunk {
+  int row, head_col, rank, slice_col;
+};
+MOXE_HD inline ExchangeChunk exchange_chunk(unsigned c, unsigned log2_cs, unsigned units, unsigned elems,
+                                            unsigned gates = 1) {
+  const unsigned per_slice_row = gates * units / elems;
+  const unsigned q = c / per_slice_row, slice_col = (c % per_slice_row) * elems;
+  const unsigned rank = q & ((1u << log2_cs) - 1u), row = q >> log2_cs;
+  const unsigned g = slice_col / units, jl = slice_col % units;
+  return {static_cast<int>(row), static_cast<int>(((g << log2_cs) + rank) * units + jl), static_cast<int>(rank),
+          static_cast<int>(slice_col)};
+}
+
+/// The cluster CTA's shared memory: the split block's (forward_smem: r slice, y tile,
+/// gates), then its published y slices, two of them ([2][16][U] of T: step t's in t % 2).
+struct ForwardClusterSmem {
+  ForwardSmem block;
+  std::size_t x_off, bytes;
+};
+MOXE_HD inline ForwardClusterSmem forward_cluster_smem(int64_t dh, int units, int elem_bytes, bool tensor_cores) {
+  ForwardClusterSmem s{};
+  s.block = forward_smem(dh, units, elem_bytes, tensor_cores);
+  s.x_off = s.block.bytes;
+  s.bytes = align_smem(s.x_off + std::size_t(2) * kBatchTile * units * elem_bytes);
+  return s;
+}
+
+/// The backward's cluster CTA: the split block's (backward_smem), then its published
+/// dgates slices, two of them ([2][16][4U] of T, column g*U + jl: step t's in t % 2).
+struct BackwardClusterSmem {
+  BackwardSmem block;
+  std::size_t x_off, bytes;
+};
+MOXE_HD inline BackwardClusterSmem backward_cluster_smem(int64_t dh, int units, int elem_bytes, bool tensor_cores) {
+  BackwardClusterSmem s{};
+  s.block = backward_smem(dh, units, elem_bytes, tensor_cores);
+  s.x_off = s.block.bytes;
+  s.bytes = align_smem(s.x_off + std::size_t(2) * kBatchTile * 4 * units * elem_bytes);
+  return s;
+}
+
 // ---- the weight-gradient reduction ----------------------------------------------------
 // dr[h][m][d] = sum_k dgates[k][m] * y_prev[k][d] over k = t*B + b (m = g*DH + j), a GEMM
 // per head with K = S*B, tiled kDrTile x kDrTile and split along K into fixed chunks whose
