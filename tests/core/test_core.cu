@@ -54,6 +54,17 @@ __global__ void write_kernel(float* out, float value) {
   if (threadIdx.x == 0) out[0] = value;
 }
 
+/// 40 KiB of static shared memory plus `dyn` floats of dynamic: their sum, not the dynamic
+/// part alone, is what the default 48 KiB limit holds.
+__global__ void static_and_dynamic_smem_kernel(float* out, int dyn) {
+  __shared__ float fixed[10 * 1024];
+  extern __shared__ float extra[];
+  for (int i = threadIdx.x; i < 10 * 1024; i += blockDim.x) fixed[i] = 1.f;
+  for (int i = threadIdx.x; i < dyn; i += blockDim.x) extra[i] = 2.f;
+  __syncthreads();
+  if (threadIdx.x == 0) out[0] = fixed[10 * 1024 - 1] + extra[dyn - 1];
+}
+
 }  // namespace
 
 TEST_CASE("block and warp reductions") {
@@ -123,4 +134,21 @@ TEST_CASE("a launcher reports its own launch errors, never an earlier one") {
     CHECK(std::isfinite(g.download()[0]));
     CHECK(std::isnan(out.download()[0]));
   }
+}
+
+TEST_CASE("set_max_dynamic_smem opts in when static + dynamic shared memory pass 48 KiB") {
+  MOXE_TEST_CUDA(cudaDeviceSynchronize());
+  (void)cudaGetLastError();
+  mt::DeviceBuffer<float> out(1);
+  out.poison();
+  // 40 KiB static + 16 KiB dynamic = 56 KiB: under every sm_80+ opt-in limit, over the default
+  const int dyn = 4 * 1024;
+  const std::size_t bytes = dyn * sizeof(float);
+  REQUIRE(moxe::set_max_dynamic_smem(static_and_dynamic_smem_kernel, bytes) == moxe::Status::ok);
+  CHECK(moxe::launch_kernel(static_and_dynamic_smem_kernel, 1, 128, bytes, nullptr, out.get(), dyn) ==
+        moxe::Status::ok);
+  CHECK(out.download()[0] == 3.f);
+  // more than any device's opt-in limit together: unsupported, nothing set
+  CHECK(moxe::set_max_dynamic_smem(static_and_dynamic_smem_kernel, std::size_t(1) << 30) ==
+        moxe::Status::unsupported);
 }

@@ -144,15 +144,23 @@ inline Status max_active_clusters(Kernel kernel, unsigned cluster, dim3 block, s
   return from_cuda(cudaOccupancyMaxActiveClusters(count, kernel, &c.config));
 }
 
-/// Raise a kernel's dynamic shared memory limit when it needs more than the default 48 KB.
+/// Raise a kernel's dynamic shared memory limit to `bytes` when its static and dynamic shared
+/// memory together exceed the default 48 KB a block may use without opting in (the driver
+/// rejects such a launch otherwise, even with `bytes` alone under 48 KB); Status::unsupported
+/// when the two together exceed the device's opt-in limit. No synchronisation; legal during
+/// graph capture. Call it before the first launch of the instance with these bytes.
 template <class Kernel>
 inline Status set_max_dynamic_smem(Kernel kernel, std::size_t bytes) {
-  if (bytes <= 48 * 1024) return Status::ok;
+  if (bytes == 0) return Status::ok;
+  cudaFuncAttributes fa{};
+  MOXE_RETURN_IF_ERROR(from_cuda(cudaFuncGetAttributes(&fa, kernel)));
+  const std::size_t total = bytes + fa.sharedSizeBytes;
+  if (total <= 48 * 1024) return Status::ok;
   int device = 0;
   MOXE_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&device)));
   int optin = 0;
   MOXE_RETURN_IF_ERROR(from_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)));
-  if (bytes > static_cast<std::size_t>(optin)) return Status::unsupported;
+  if (total > static_cast<std::size_t>(optin)) return Status::unsupported;
   return from_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bytes)));
 }
