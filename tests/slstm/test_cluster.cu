@@ -218,8 +218,8 @@ TEST_CASE_TEMPLATE("slstm cluster forward (sm_90): the reference, and the split 
   const double tol = moxe::test::SlstmTolerance<T>::fwd;
   int ran = 0, too_large = 0;
   for (int64_t S : {1, 7, 33}) {
-    for (int64_t B : {1, 4, 9}) {
-      for (int64_t DH : {64, 128, 256}) {
+    for (int64_t B : {1, 4, 9, 16, 33}) {  // 16: a full tile; 33: three tiles, the last of one row
+      for (int64_t DH : {64, 96, 128, 192, 256}) {  // 96, 192: units of 48, 96 (non-power-of-two slices)
         for (int cs : {2, 4, 8}) {
           const int units = sl::detail::cluster_units(DH, cs);
           if (units == 0) continue;  // DH 64 over 8 CTAs: 8 units, not a whole tile
@@ -284,8 +284,8 @@ TEST_CASE_TEMPLATE("slstm cluster backward (sm_90): the reference, and the split
   constexpr bool kTC = sl::detail::uses_tensor_cores_v<T>;
   int ran = 0, too_large = 0;
   for (int64_t S : {1, 7, 33}) {
-    for (int64_t B : {1, 4, 9}) {
-      for (int64_t DH : {64, 128, 256}) {
+    for (int64_t B : {1, 4, 9, 16, 33}) {  // 16: a full tile; 33: three tiles, the last of one row
+      for (int64_t DH : {64, 96, 128, 192, 256}) {  // 96, 192: units of 48, 96 (non-power-of-two slices)
         for (int cs : {2, 4, 8}) {
           const int units = sl::detail::cluster_units(DH, cs);
           if (units == 0) continue;

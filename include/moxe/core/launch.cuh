@@ -2,7 +2,7 @@
 // MOXE_DEBUG_SYNC is defined (and then never while the stream is being captured).
 //
 // Errors are the call's own. Every kernel launch goes through launch_kernel (or
-// launch_cooperative), which takes the error code that this very launch returns: a launcher
+// launch_cooperative, launch_cluster), which takes the error code that this very launch returns: a launcher
 // never reads, reports or clears an error left in the runtime by earlier, unrelated work
 // (CUDA's cudaGetLastError would hand it over as if it were ours). When one of a launcher's
 // own runtime calls fails, the launcher returns Status::cuda_error and, as after any failed
@@ -147,15 +147,18 @@ inline Status max_active_clusters(Kernel kernel, unsigned cluster, dim3 block, s
 /// Raise a kernel's dynamic shared memory limit to `bytes` when its static and dynamic shared
 /// memory together exceed the default 48 KB a block may use without opting in (the driver
 /// rejects such a launch otherwise, even with `bytes` alone under 48 KB); Status::unsupported
-/// when the two together exceed the device's opt-in limit. No synchronisation; legal during
-/// graph capture. Call it before the first launch of the instance with these bytes.
+/// when the two together exceed the device's opt-in limit. Only ever raises the limit. No
+/// synchronisation; legal during graph capture. Call it before the first launch of the
+/// instance with these bytes.
 template <class Kernel>
 inline Status set_max_dynamic_smem(Kernel kernel, std::size_t bytes) {
   if (bytes == 0) return Status::ok;
   cudaFuncAttributes fa{};
   MOXE_RETURN_IF_ERROR(from_cuda(cudaFuncGetAttributes(&fa, kernel)));
   const std::size_t total = bytes + fa.sharedSizeBytes;
-  if (total <= 48 * 1024) return Status::ok;
+  // never lowered: an instance serves several sizes, and a smaller call must not undo the
+  // setting a larger one (another host thread's, say) made for its launch
+  if (total <= 48 * 1024 || static_cast<std::size_t>(fa.maxDynamicSharedSizeBytes) >= bytes) return Status::ok;
   int device = 0;
   MOXE_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&device)));
   int optin = 0;

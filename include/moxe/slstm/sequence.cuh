@@ -127,8 +127,9 @@ Status launch_recurrent(Kernel kernel, Args args, const LaunchPlan& plan, cudaSt
 /// one cluster each; plan->groups_per_launch only bounds grid.x and honours
 /// max_groups_per_launch, clusters need no co-residency with each other). Unsupported below
 /// compute capability 9.0, for a cluster size or head_dim that cluster_units rejects, for
-/// units_per_block other than 0 or head_dim / cluster_size, for too much shared memory, or
-/// when the device cannot hold one such cluster. Queries the device; launches nothing.
+/// units_per_block other than 0 or head_dim / cluster_size, for too much shared memory, for
+/// a kernel built from PTX older than compute_90 (its body is a trap there), or when the
+/// device cannot hold one such cluster. Queries the device; launches nothing.
 template <class T, class KernelFor>
 Status plan_cluster(KernelFor kernel_for, const Dims& d, int cluster_size, int requested_units,
                     int64_t max_groups_per_launch, bool backward, LaunchPlan* plan) {
@@ -145,6 +146,11 @@ Status plan_cluster(KernelFor kernel_for, const Dims& d, int cluster_size, int r
   if (smem > static_cast<std::size_t>(optin)) return Status::unsupported;
   const auto kernel = kernel_for(units);
   if (kernel == nullptr) return Status::unsupported;
+  // the kernel's body exists where __CUDA_ARCH__ >= 900 only: code the driver JIT-compiles
+  // from older PTX (a compute_80 build run on an H100) is the trap stub
+  cudaFuncAttributes fa{};
+  MOXE_CUDA_TRY(cudaFuncGetAttributes(&fa, kernel));
+  if (fa.ptxVersion < 90) return Status::unsupported;
   MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(kernel, smem));
   int clusters = 0;
   MOXE_RETURN_IF_ERROR(max_active_clusters(kernel, static_cast<unsigned>(cluster_size), kThreads, smem, &clusters));

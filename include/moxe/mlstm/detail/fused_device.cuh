@@ -710,9 +710,8 @@ std::size_t fused_chunkwise_forward_workspace_size(const ForwardParams<T, float>
 
 /// Dynamic shared memory of F1 and F2 for this call, set before anything is launched (a
 /// size the device cannot give is Status::unsupported with nothing written). The attribute
-/// is set to this call's size: two host threads launching one instance with different
-/// sizes at the same moment can undo each other's setting (then a launch fails with
-/// cuda_error; serialise such calls).
+/// is only ever raised (set_max_dynamic_smem), so calls of different sizes from several
+/// host threads do not undo each other's setting.
 template <class T, int kParts>
 Status prepare_state_smem(int64_t dqk) {
   const std::size_t smem1 = fused_state_smem<T>(dqk);
