@@ -283,6 +283,362 @@ __global__ void __launch_bounds__(kFusedRowThreads) fused_rows_kernel(const __gr
   }
 }
 
+// ---- B2 on the tensor cores (bf16, half) -----------------------------------------------------
+
+/// DQK / DV columns per staged slice of B2 and B4 on the tensor cores.
+inline constexpr int kFusedBwdSlice = 64;
+
+/// Dynamic shared memory of B2 on the tensor cores: two [L][64] slices of inputs (Q, K, V or
+/// dh) and one 64 x 64 slice of the checkpoint C in kParts T parts (61.5 KiB at L 128, three parts).
+template <class T, int kParts>
+inline std::size_t fused_rows_mma_smem(int L) {
+  constexpr int ld = kFusedBwdSlice + kFusedPad<T>;
+  return sizeof(T) * (2 * static_cast<std::size_t>(L) * ld + static_cast<std::size_t>(kParts) * kFusedBwdSlice * ld);
+}
+
+/// B2 for bf16 / half: one warp per 16 rows of the chunk (L / 16 warps), F2's structure. In
+/// order, over staged 64-wide slices (cp.async):
+///   A  inter = Q C_c (A: Q; B: C_c converted to T parts, a power of two per column for half)
+///      -> dli_j = dh_j . inter_j (dh from global at the accumulator positions);
+///   B  S = Q K^T (causal k16 steps) and n_c . q_j (fp32);
+///   C  dhv = dh V^T (causal);
+///   then per row: P = scale S o D, dot, the normaliser, r = inv_den (dli + sum_s P~_js dhv_js)
+///      (P~: P rounded / split per row as the twin's P V' operand: r_j = dh_j . h_j with the
+///      product P V' folded into dh V^T, the same operands and rounding points), the row
+///      scalars, dP = inv_den dhv + ddot, dS = dP D, dlogD = dP P (column sums through shared
+///      memory, warps in order);
+///   D  per 64 DQK columns: cdh = dh C_c^T (B: C_c's parts, a power of two per DQK row for
+///      half) and dsk = dS K (A: dS from registers rounded / split per row), dq = scale
+///      (w (inv_den cdh + ddot n) + dsk).
+template <class T, int kParts>
+__global__ void __launch_bounds__(kFusedMaxChunk * 2)
+    fused_rows_mma_kernel(const __grid_constant__ FusedBackwardArgs<T> b) {
+  extern __shared__ __align__(16) unsigned char fused_smem[];
+  __shared__ ChunkGateRow sRow[kFusedMaxChunk];
+  __shared__ float sW[kFusedMaxChunk], sNq[kFusedMaxChunk];
+  __shared__ int sExpC[kFusedMaxHeadDim], sExpCr[kFusedMaxHeadDim];
+  __shared__ float sCol[kFusedMaxChunk / 16][kFusedMaxChunk];
+  constexpr int kSl = kFusedBwdSlice, ld = kSl + kFusedPad<T>, kVec = 16 / sizeof(T);
+  constexpr int kNT = kSl / 8, kST = kFusedMaxChunk / 8;
+  constexpr OperandForm kForm = kParts == 3 ? OperandForm::split3 : OperandForm::rounded;
+  const FusedArgs<T>& p = b.f;
+  const int64_t kh = blockIdx.x, c = kh / p.NH, hd = kh % p.NH;
+  const int len = p.table.chunk_len[c];
+  if (len == 0) return;  // uniform: past the chunks in use
+  const int L = p.L, DQK = static_cast<int>(p.DQK), DV = static_cast<int>(p.DV);
+  T* X0 = reinterpret_cast<T*>(fused_smem);  // [L][ld]: Q, then Q, dh, dh
+  T* X1 = X0 + L * ld;                       // [L][ld]: -, K, V, K
+  T* Cs = X1 + L * ld;                       // [kParts][kSl][ld]: C_c's slice
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
+  const int threads = static_cast<int>(blockDim.x), warps = threads / 32;
+  const int64_t u = p.table.chunk_unit[c], start = p.table.chunk_start[c], W = p.DV + 1;
+  const double mp = p.m_prev[kh];
+  const float* ck = p.state + kh * p.DQK * W;
+  const bool aligned = p.aligned && b.aligned;
+  auto row_of = [&](int s) { return p.row(u, hd, start + s); };
+
+  // the rows' gate quantities (rows past len: no sources, weight 1, written nowhere)
+  for (int j = tid; j < kFusedMaxChunk; j += threads) {
+    const ChunkGateRow row =
+        j < len ? gate_row_from_local(p.local_rows[row_of(j)], mp) : ChunkGateRow::before(0.0);
+    sRow[j] = row;
+    sW[j] = j < len ? decay_weight<float>(mp, row) : 0.0f;
+  }
+  // half: the powers of two of C_c's columns (inter) and rows (C dh), as the twin's groups
+  for (int e = tid; e < DV; e += threads) {
+    float mx = 0.0f;
+    if constexpr (OperandFormat<T>::kNarrowRange)
+      for (int a = 0; a < DQK; ++a) mx = math::max(mx, math::abs(ck[a * W + e]));
+    sExpC[e] = operand_exponent<T>(mx);
+  }
+  for (int a = tid; a < DQK; a += threads) {
+    float mx = 0.0f;
+    if constexpr (OperandFormat<T>::kNarrowRange)
+      for (int e = 0; e < DV; ++e) mx = math::max(mx, math::abs(ck[a * W + e]));
+    sExpCr[a] = operand_exponent<T>(mx);
+  }
+  // rows [0, L) of a T matrix (row stride ldg), columns c0..c0+63 (zeros past len and past limit)
+  auto stage = [&](T* dst, const T* src, int64_t ldg, int c0, int limit) {
+    for (int idx = tid; idx < L * (kSl / kVec); idx += threads) {
+      const int s = idx / (kSl / kVec), col = (idx % (kSl / kVec)) * kVec;
+      const bool in = s < len && c0 + col < limit;
+      stage16(dst + s * ld + col, src + (s < len ? row_of(s) : 0) * ldg + c0 + col, in ? kVec : 0, aligned);
+    }
+  };
+  // C_c[a0.., e0..] into Cs (scaled by its row's or its column's power of two, in parts)
+  auto convert_c = [&](int a0, int e0, bool by_row) {
+    for (int idx = tid; idx < kSl * kSl; idx += threads) {
+      const int a = idx / kSl, e = idx % kSl;
+      float x = 0.0f;
+      if (a0 + a < DQK && e0 + e < DV) x = ck[(a0 + a) * W + e0 + e] * exp2_int(by_row ? sExpCr[a0 + a] : sExpC[e0 + e]);
+      if constexpr (kParts == 1) {
+        Cs[a * ld + e] = T(x);
+      } else {
+        const Split3 sp = split3<T>(x);
+        Cs[a * ld + e] = T(sp.hi);
+        Cs[(kSl + a) * ld + e] = T(sp.mid);
+        Cs[(2 * kSl + a) * ld + e] = T(sp.lo);
+      }
+    }
+  };
+  __syncthreads();  // sRow, sW, sExpC, sExpCr
+
+  const int j0 = warp * 16;
+  const bool warp_rows = j0 < len;
+  const int g0 = mma::fragment_c_row(lane, 0), g1 = mma::fragment_c_row(lane, 2);
+  const int jr[2] = {j0 + g0, j0 + g1};
+  auto active_st = [&](int nt) { return nt * 8 < j0 + 16 && nt * 8 < len; };  // causal, inside the chunk
+  auto quad_sum = [](float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+  };
+  auto quad_max = [](float x) {
+    x = math::max(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return math::max(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  };
+
+  // A: dli_j = dh_j . (C_c^T q_j) (times w_j scale below)
+  float dli[2] = {0.0f, 0.0f};
+  for (int e0 = 0; e0 < DV; e0 += kSl) {
+    mma::FragmentC iacc[kNT];
+    for (int a0 = 0; a0 < DQK; a0 += kSl) {
+      stage(X0, p.q, p.DQK, a0, DQK);
+      mma::cp_async_commit();
+      convert_c(a0, e0, /*by_row=*/false);
+      mma::cp_async_wait<0>();
+      __syncthreads();
+      if (warp_rows) {
+        const int width = math::min(kSl, DQK - a0);
+        for (int kk = 0; kk < width; kk += 16) {
+          const mma::FragmentA qa = mma::load_a(X0, ld, j0, kk, lane);
+          MOXE_PRAGMA_UNROLL
+          for (int nt = 0; nt < kNT; ++nt) {
+            if (e0 + nt * 8 >= DV) continue;
+            MOXE_PRAGMA_UNROLL
+            for (int pt = 0; pt < kParts; ++pt) {
+              const mma::FragmentB cf = mma::load_b(Cs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/true);
+              mma::mma_16816<T>(iacc[nt], qa, cf);
+            }
+          }
+        }
+      }
+      __syncthreads();  // X0, Cs are staged again
+    }
+    MOXE_PRAGMA_UNROLL
+    for (int nt = 0; nt < kNT; ++nt)
+      MOXE_PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e / 2, j = jr[h2], col = e0 + nt * 8 + mma::fragment_c_col(lane, e);
+        if (j < len && col < DV)
+          dli[h2] += load_acc<float>(b.dh[row_of(j) * p.DV + col]) * (iacc[nt].c[e] * exp2_int(-sExpC[col]));
+      }
+  }
+
+  // B: S = Q K^T; n_c . q_j (thread j, fp32, a in order)
+  mma::FragmentC sacc[kST];
+  float nq = 0.0f;
+  for (int a0 = 0; a0 < DQK; a0 += kSl) {
+    stage(X0, p.q, p.DQK, a0, DQK);
+    stage(X1, p.k, p.DQK, a0, DQK);
+    mma::cp_async_commit();
+    mma::cp_async_wait<0>();
+    __syncthreads();
+    const int width = math::min(kSl, DQK - a0);
+    if (tid < L)
+      for (int a = 0; a < width; ++a) nq += ck[(a0 + a) * W + DV] * static_cast<float>(X0[tid * ld + a]);
+    if (warp_rows) {
+      for (int kk = 0; kk < width; kk += 16) {
+        const mma::FragmentA qa = mma::load_a(X0, ld, j0, kk, lane);
+        MOXE_PRAGMA_UNROLL
+        for (int nt = 0; nt < kST; ++nt) {
+          if (!active_st(nt)) continue;
+          const mma::FragmentB kb = mma::load_b(X1, ld, kk, nt * 8, lane, /*k_major=*/false);
+          mma::mma_16816<T>(sacc[nt], qa, kb);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (tid < L) sNq[tid] = nq;
+
+  // C: dhv = dh V^T
+  mma::FragmentC gacc[kST];
+  for (int e0 = 0; e0 < DV; e0 += kSl) {
+    stage(X0, b.dh, p.DV, e0, DV);
+    stage(X1, p.v, p.DV, e0, DV);
+    mma::cp_async_commit();
+    mma::cp_async_wait<0>();
+    __syncthreads();
+    if (warp_rows) {
+      const int width = math::min(kSl, DV - e0);
+      for (int kk = 0; kk < width; kk += 16) {
+        const mma::FragmentA ha = mma::load_a(X0, ld, j0, kk, lane);
+        MOXE_PRAGMA_UNROLL
+        for (int nt = 0; nt < kST; ++nt) {
+          if (!active_st(nt)) continue;
+          const mma::FragmentB vb = mma::load_b(X1, ld, kk, nt * 8, lane, /*k_major=*/false);
+          mma::mma_16816<T>(gacc[nt], ha, vb);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  // the rows: P, dot, the normaliser, r, the row scalars, dS, dlogD
+  float ws[2], inv[2], dd[2];
+  int dexp[2] = {0, 0};
+  {
+    float psum[2] = {0.0f, 0.0f}, pmax[2] = {0.0f, 0.0f};
+    MOXE_PRAGMA_UNROLL
+    for (int nt = 0; nt < kST; ++nt)
+      MOXE_PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e / 2, j = jr[h2], s = nt * 8 + mma::fragment_c_col(lane, e);
+        float P = 0.0f;
+        if (active_st(nt) && s <= j && j < len)
+          P = (p.scale * sacc[nt].c[e]) * source_weight<float>(sRow[s].x, s, sRow[j]);
+        sacc[nt].c[e] = P;
+        psum[h2] += P;
+        pmax[h2] = math::max(pmax[h2], math::abs(P));
+      }
+    int pexp[2];
+    MOXE_PRAGMA_UNROLL
+    for (int h2 = 0; h2 < 2; ++h2) {
+      psum[h2] = quad_sum(psum[h2]);
+      pexp[h2] = operand_exponent<T>(quad_max(pmax[h2]));
+      dli[h2] = quad_sum(dli[h2]);
+    }
+    // sum_s P~_js dhv_js (P~: the twin's operand of P V')
+    float spv[2] = {0.0f, 0.0f};
+    MOXE_PRAGMA_UNROLL
+    for (int nt = 0; nt < kST; ++nt)
+      MOXE_PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e / 2;
+        const OperandParts op = operand_parts<T>(sacc[nt].c[e], kForm, pexp[h2]);
+        float t = op.part[0] * gacc[nt].c[e];
+        if (op.count == 3) t += op.part[1] * gacc[nt].c[e] + op.part[2] * gacc[nt].c[e];
+        spv[h2] += t;
+      }
+    RowBackward<float> rb[2];
+    MOXE_PRAGMA_UNROLL
+    for (int h2 = 0; h2 < 2; ++h2) {
+      const int j = jr[h2];
+      spv[h2] = quad_sum(spv[h2]);
+      ws[h2] = sW[j] * p.scale;
+      const float inter_dot = ws[h2] * sNq[j], dl = ws[h2] * dli[h2];
+      const float dot = inter_dot + psum[h2];
+      const Normaliser<float> nz = row_normaliser(dot, sRow[j], p.eps);
+      rb[h2] = row_backward(dot, sRow[j], p.eps, nz.inv_den * (dl + spv[h2]));
+      inv[h2] = rb[h2].inv_den;
+      dd[h2] = rb[h2].ddot;
+      if (lane % 4 == 0 && j < len) {
+        const int64_t rj = row_of(j);
+        b.ws.inv_den[rj] = rb[h2].inv_den;
+        b.ws.ddot[rj] = rb[h2].ddot;
+        b.ws.dmf[rj] = rb[h2].dmf;
+        b.ws.da_row[rj] = rb[h2].da;
+        b.ws.dlogw[rj] = log_decay_grad(rb[h2], dl, inter_dot);
+      }
+    }
+    // dP = inv_den dhv + ddot; dS = dP D (into sacc); dlogD = dP P (column sums)
+    float dmax[2] = {0.0f, 0.0f};
+    MOXE_PRAGMA_UNROLL
+    for (int nt = 0; nt < kST; ++nt) {
+      float colp[2] = {0.0f, 0.0f};
+      MOXE_PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e / 2, j = jr[h2], s = nt * 8 + mma::fragment_c_col(lane, e);
+        float dS = 0.0f, dl = 0.0f;
+        if (active_st(nt) && s <= j && j < len) {
+          const float dP = score_grad(rb[h2], gacc[nt].c[e]);
+          dS = dP * source_weight<float>(sRow[s].x, s, sRow[j]);
+          dl = dP * sacc[nt].c[e];
+        }
+        sacc[nt].c[e] = dS;
+        dmax[h2] = math::max(dmax[h2], math::abs(dS));
+        colp[e % 2] += dl;
+      }
+      MOXE_PRAGMA_UNROLL
+      for (int t = 0; t < 2; ++t) {  // over the 8 row groups of the warp (lanes 4 apart)
+        for (int off = 4; off < 32; off <<= 1) colp[t] += __shfl_xor_sync(0xffffffffu, colp[t], off);
+        if (lane < 4 && nt * 8 < L) sCol[warp][nt * 8 + mma::fragment_c_col(lane, t)] = colp[t];
+      }
+    }
+    MOXE_PRAGMA_UNROLL
+    for (int h2 = 0; h2 < 2; ++h2) dexp[h2] = operand_exponent<T>(quad_max(dmax[h2]));
+  }
+  __syncthreads();  // sCol
+  for (int s = tid; s < len; s += threads) {
+    float col = 0.0f;
+    for (int w = 0; w < warps; ++w) col += sCol[w][s];
+    b.ws.dlogd_col[row_of(s)] = col;
+  }
+
+  // D: dq = scale (w (inv_den C dh + ddot n) + dS K), 64 DQK columns at a time
+  const int ksteps = math::min(warp + 1, (len + 15) / 16);
+  for (int ab = 0; ab < DQK; ab += kSl) {
+    mma::FragmentC cacc[kNT], kacc[kNT];
+    stage(X1, p.k, p.DQK, ab, DQK);
+    for (int e0 = 0; e0 < DV; e0 += kSl) {
+      stage(X0, b.dh, p.DV, e0, DV);
+      mma::cp_async_commit();
+      convert_c(ab, e0, /*by_row=*/true);
+      mma::cp_async_wait<0>();
+      __syncthreads();
+      if (warp_rows) {
+        const int width = math::min(kSl, DV - e0);
+        for (int kk = 0; kk < width; kk += 16) {
+          const mma::FragmentA ha = mma::load_a(X0, ld, j0, kk, lane);
+          MOXE_PRAGMA_UNROLL
+          for (int nt = 0; nt < kNT; ++nt) {
+            if (ab + nt * 8 >= DQK) continue;
+            MOXE_PRAGMA_UNROLL
+            for (int pt = 0; pt < kParts; ++pt) {
+              const mma::FragmentB cf = mma::load_b(Cs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/false);
+              mma::mma_16816<T>(cacc[nt], ha, cf);
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+    if (warp_rows) {
+      MOXE_PRAGMA_UNROLL
+      for (int ks = 0; ks < kST / 2; ++ks) {
+        if (ks >= ksteps) break;
+        float x[8];
+        MOXE_PRAGMA_UNROLL
+        for (int r = 0; r < 4; ++r) {
+          const float up = exp2_int(dexp[r % 2]);
+          x[2 * r] = sacc[2 * ks + r / 2].c[(r % 2) * 2] * up;
+          x[2 * r + 1] = sacc[2 * ks + r / 2].c[(r % 2) * 2 + 1] * up;
+        }
+        mma::FragmentA fa[kParts];
+        pack_a_parts<T, kParts>(fa, x);
+        MOXE_PRAGMA_UNROLL
+        for (int nt = 0; nt < kNT; ++nt) {
+          if (ab + nt * 8 >= DQK) continue;
+          const mma::FragmentB kb = mma::load_b(X1, ld, ks * 16, nt * 8, lane, /*k_major=*/true);
+          MOXE_PRAGMA_UNROLL
+          for (int pt = 0; pt < kParts; ++pt) mma::mma_16816<T>(kacc[nt], fa[pt], kb);
+        }
+      }
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt)
+        MOXE_PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int h2 = e / 2, j = jr[h2], a = ab + nt * 8 + mma::fragment_c_col(lane, e);
+          if (j >= len || a >= DQK) continue;
+          const float cdh = cacc[nt].c[e] * exp2_int(-sExpCr[a]);
+          const float inter = sW[j] * (inv[h2] * cdh + dd[h2] * ck[a * W + DV]);
+          b.dq[row_of(j) * p.DQK + a] = store_elem<T>(p.scale * (inter + kacc[nt].c[e] * exp2_int(-dexp[h2])));
+        }
+    }
+    __syncthreads();  // X1 is staged again
+  }
+}
+
 // ---- B3: the state gradient ------------------------------------------------------------------
 
 template <class T, class F>
@@ -747,33 +1103,53 @@ __global__ void __launch_bounds__(kFusedScanThreads) fused_gates_kernel(const __
 
 // ---- the launcher ----------------------------------------------------------------------------
 
+/// Dynamic shared memory of every kernel of the backward for this call (F1, B2, B3, B4),
+/// set before anything is launched: a size the device cannot give is Status::unsupported
+/// with nothing written (the same caveat as prepare_fused_smem for concurrent host threads).
+template <class T, int kParts, class F>
+Status prepare_backward_smem(int64_t dqk, int chunk) {
+  MOXE_RETURN_IF_ERROR((prepare_state_smem<T, kParts>(dqk)));
+  const std::size_t smem1 = fused_state_smem<T>(dqk), smem = fused_rows_smem(chunk);
+  if constexpr (kFusedMma<T>) {
+    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_mma_kernel<T, kParts>, fused_rows_mma_smem<T, kParts>(chunk)));
+    if (dqk > 16 * kFusedStateWarps)
+      MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_grad_mma_kernel<T, 2, kParts>, smem1));
+    else
+      MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_grad_mma_kernel<T, 1, kParts>, smem1));
+  } else {
+    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_kernel<T, F>, smem));
+  }
+  return set_max_dynamic_smem(fused_columns_kernel<T, F>, smem);
+}
+
 template <class T, int kParts, class F>
 Status launch_fused_backward_pass(const FusedBackwardArgs<T>& b, const int64_t* offsets, cudaStream_t stream) {
   const FusedArgs<T>& a = b.f;
   const int64_t slots = a.units * a.NH;
-  // F0, F1: the gate scan and the checkpoints, as the forward runs them
-  MOXE_RETURN_IF_ERROR((prepare_state_smem<T, kParts>(a.DQK)));
+  // F0, F1: the gate scan and the checkpoints, as the forward runs them (every kernel's
+  // shared memory was set beforehand: prepare_backward_smem)
   MOXE_RETURN_IF_ERROR((launch_gate_scan_and_states<T, kParts>(a, offsets, stream)));
   const std::size_t smem1 = fused_state_smem<T>(a.DQK);
   const dim3 grid1(static_cast<unsigned>(slots), static_cast<unsigned>(b.col_blocks));  // B3
   const std::size_t smem = fused_rows_smem(a.L);
   const unsigned chunk_heads = static_cast<unsigned>(a.chunks * a.NH);
-  MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_kernel<T, F>, smem));
-  MOXE_RETURN_IF_ERROR(launch_kernel(fused_rows_kernel<T, F>, chunk_heads, kFusedRowThreads, smem, stream, b));
+  if constexpr (kFusedMma<T>) {
+    MOXE_RETURN_IF_ERROR(launch_kernel(fused_rows_mma_kernel<T, kParts>, chunk_heads, (a.L / 16) * 32,
+                                       fused_rows_mma_smem<T, kParts>(a.L), stream, b));
+  } else {
+    MOXE_RETURN_IF_ERROR(launch_kernel(fused_rows_kernel<T, F>, chunk_heads, kFusedRowThreads, smem, stream, b));
+  }
   if constexpr (kFusedMma<T>) {
     if (a.DQK > 16 * kFusedStateWarps) {
-      MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_grad_mma_kernel<T, 2, kParts>, smem1));
       MOXE_RETURN_IF_ERROR(
           launch_kernel(fused_state_grad_mma_kernel<T, 2, kParts>, grid1, kFusedStateThreads, smem1, stream, b));
     } else {
-      MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_grad_mma_kernel<T, 1, kParts>, smem1));
       MOXE_RETURN_IF_ERROR(
           launch_kernel(fused_state_grad_mma_kernel<T, 1, kParts>, grid1, kFusedStateThreads, smem1, stream, b));
     }
   } else {
     MOXE_RETURN_IF_ERROR(launch_kernel(fused_state_grad_kernel<T, F>, grid1, kFusedGradThreads, 0, stream, b));
   }
-  MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_columns_kernel<T, F>, smem));
   MOXE_RETURN_IF_ERROR(launch_kernel(fused_columns_kernel<T, F>, chunk_heads, kFusedRowThreads, smem, stream, b));
   MOXE_RETURN_IF_ERROR(
       launch_kernel(fused_gates_kernel<T>, static_cast<unsigned>(slots), kFusedScanThreads, 0, stream, b));
@@ -797,6 +1173,14 @@ Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspa
     int device = 0;
     MOXE_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&device)));
     MOXE_RETURN_IF_ERROR(mma::sm80_supported(device));
+  }
+  if constexpr (kFusedMma<T>) {
+    if (p.fwd.precision == Precision::accurate)
+      MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 3, T>(p.fwd.dims.dqk, p.fwd.chunk_size)));
+    else
+      MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 1, T>(p.fwd.dims.dqk, p.fwd.chunk_size)));
+  } else {
+    MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 1, float>(p.fwd.dims.dqk, p.fwd.chunk_size)));
   }
   return for_each_batch_pass(p.fwd, [&](int64_t b0, int64_t nb) {
     const BackwardParams<T, float> sb = batch_slice(p, b0, nb);
