@@ -1028,6 +1028,277 @@ __global__ void __launch_bounds__(kFusedRowThreads)
   }
 }
 
+// ---- B4 on the tensor cores (bf16, half) -----------------------------------------------------
+
+/// B4 for bf16 / half: one warp per 16 source rows s of the chunk (L / 16 warps), B2's
+/// structure transposed (rows j >= s). Over staged 64-wide slices (cp.async):
+///   S^T = K Q^T and dh . v as V dh^T (anti-causal k16 steps), then per entry: P = scale S D,
+///      dS = (inv_den dh . v + ddot) D and P inv_den in registers (rounded / split per source
+///      row as the twin's operands);
+///   per 64 DQK columns: dcv = V dC_{c+1}^T (B: dC_{c+1}'s parts, a power of two per DQK row
+///      for half) and dsq = dS^T Q; dk = scale dsq + E (dcv + dn), dlogE = k . E (dcv + dn);
+///   per 64 DV columns: dck = K dC_{c+1} (a power of two per DV column for half) and
+///      pdh = (P inv_den)^T dh; dv = pdh + E dck.
+template <class T, int kParts>
+__global__ void __launch_bounds__(kFusedMaxChunk * 2)
+    fused_columns_mma_kernel(const __grid_constant__ FusedBackwardArgs<T> b) {
+  extern __shared__ __align__(16) unsigned char fused_smem[];
+  __shared__ ChunkGateRow sRow[kFusedMaxChunk];
+  __shared__ float sInv[kFusedMaxChunk], sDdot[kFusedMaxChunk], sE[kFusedMaxChunk];
+  __shared__ int sExpGc[kFusedMaxHeadDim], sExpGr[kFusedMaxHeadDim];
+  constexpr int kSl = kFusedBwdSlice, ld = kSl + kFusedPad<T>, kVec = 16 / sizeof(T);
+  constexpr int kNT = kSl / 8, kST = kFusedMaxChunk / 8;
+  const FusedArgs<T>& p = b.f;
+  const int64_t kh = blockIdx.x, c = kh / p.NH, hd = kh % p.NH;
+  const int len = p.table.chunk_len[c];
+  if (len == 0) return;  // uniform: past the chunks in use
+  const int L = p.L, DQK = static_cast<int>(p.DQK), DV = static_cast<int>(p.DV);
+  T* X0 = reinterpret_cast<T*>(fused_smem);  // [L][ld]: K, V, V, K
+  T* X1 = X0 + L * ld;                       // [L][ld]: Q, dh, Q, dh
+  T* Gs = X1 + L * ld;                       // [kParts][kSl][ld]: dC_{c+1}'s slice
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
+  const int threads = static_cast<int>(blockDim.x);
+  const int64_t u = p.table.chunk_unit[c], start = p.table.chunk_start[c], W = p.DV + 1;
+  const double mp = p.m_prev[kh], mn = fused_m_next(p, u, c, hd);
+  const float* gn = b.ws.dstate + kh * p.DQK * W;  // dC'_{c+1}
+  const bool aligned = p.aligned && b.aligned;
+  auto row_of = [&](int s) { return p.row(u, hd, start + s); };
+
+  for (int j = tid; j < kFusedMaxChunk; j += threads) {
+    const bool in = j < len;
+    sRow[j] = in ? gate_row_from_local(p.local_rows[row_of(j)], mp) : ChunkGateRow::before(0.0);
+    sInv[j] = in ? b.ws.inv_den[row_of(j)] : 0.0f;
+    sDdot[j] = in ? b.ws.ddot[row_of(j)] : 0.0f;
+  }
+  for (int e = tid; e < DV; e += threads) {
+    float mx = 0.0f;
+    if constexpr (OperandFormat<T>::kNarrowRange)
+      for (int a = 0; a < DQK; ++a) mx = math::max(mx, math::abs(gn[a * W + e]));
+    sExpGc[e] = operand_exponent<T>(mx);
+  }
+  for (int a = tid; a < DQK; a += threads) {
+    float mx = 0.0f;
+    if constexpr (OperandFormat<T>::kNarrowRange)
+      for (int e = 0; e < DV; ++e) mx = math::max(mx, math::abs(gn[a * W + e]));
+    sExpGr[a] = operand_exponent<T>(mx);
+  }
+  auto stage = [&](T* dst, const T* src, int64_t ldg, int c0, int limit) {
+    for (int idx = tid; idx < L * (kSl / kVec); idx += threads) {
+      const int s = idx / (kSl / kVec), col = (idx % (kSl / kVec)) * kVec;
+      const bool in = s < len && c0 + col < limit;
+      stage16(dst + s * ld + col, src + (s < len ? row_of(s) : 0) * ldg + c0 + col, in ? kVec : 0, aligned);
+    }
+  };
+  // dC_{c+1}[a0.., e0..] into Gs (scaled by its row's or its column's power of two, in parts)
+  auto convert_g = [&](int a0, int e0, bool by_row) {
+    for (int idx = tid; idx < kSl * kSl; idx += threads) {
+      const int a = idx / kSl, e = idx % kSl;
+      float x = 0.0f;
+      if (a0 + a < DQK && e0 + e < DV)
+        x = gn[(a0 + a) * W + e0 + e] * exp2_int(by_row ? sExpGr[a0 + a] : sExpGc[e0 + e]);
+      if constexpr (kParts == 1) {
+        Gs[a * ld + e] = T(x);
+      } else {
+        const Split3 sp = split3<T>(x);
+        Gs[a * ld + e] = T(sp.hi);
+        Gs[(kSl + a) * ld + e] = T(sp.mid);
+        Gs[(2 * kSl + a) * ld + e] = T(sp.lo);
+      }
+    }
+  };
+  __syncthreads();  // sRow, sInv, sDdot, the exponents
+  for (int s = tid; s < len; s += threads) sE[s] = state_source_weight<float>(sRow[s].x, s, sRow[len - 1], mn);
+
+  const int s0 = warp * 16;
+  const bool warp_rows = s0 < len;
+  const int g0 = mma::fragment_c_row(lane, 0), g1 = mma::fragment_c_row(lane, 2);
+  const int sr[2] = {s0 + g0, s0 + g1};
+  auto active_jt = [&](int nt) { return nt * 8 + 8 > s0 && nt * 8 < len; };  // j >= s, inside the chunk
+  auto quad_max = [](float x) {
+    x = math::max(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return math::max(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  };
+
+  // S^T = K Q^T and V dh^T
+  mma::FragmentC sacc[kST], gacc[kST];
+  for (int pass = 0; pass < 2; ++pass) {
+    const int D = pass == 0 ? DQK : DV;
+    for (int a0 = 0; a0 < D; a0 += kSl) {
+      if (pass == 0) {
+        stage(X0, p.k, p.DQK, a0, DQK);
+        stage(X1, p.q, p.DQK, a0, DQK);
+      } else {
+        stage(X0, p.v, p.DV, a0, DV);
+        stage(X1, b.dh, p.DV, a0, DV);
+      }
+      mma::cp_async_commit();
+      mma::cp_async_wait<0>();
+      __syncthreads();
+      if (warp_rows) {
+        const int width = math::min(kSl, D - a0);
+        for (int kk = 0; kk < width; kk += 16) {
+          const mma::FragmentA xa = mma::load_a(X0, ld, s0, kk, lane);
+          MOXE_PRAGMA_UNROLL
+          for (int nt = 0; nt < kST; ++nt) {
+            if (!active_jt(nt)) continue;
+            const mma::FragmentB yb = mma::load_b(X1, ld, kk, nt * 8, lane, /*k_major=*/false);
+            if (pass == 0)
+              mma::mma_16816<T>(sacc[nt], xa, yb);
+            else
+              mma::mma_16816<T>(gacc[nt], xa, yb);
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  // dS^T (into gacc) and (P inv_den)^T (into sacc); each source row's powers of two
+  int dexp[2], pexp[2];
+  {
+    float dmax[2] = {0.0f, 0.0f}, pmax[2] = {0.0f, 0.0f};
+    MOXE_PRAGMA_UNROLL
+    for (int nt = 0; nt < kST; ++nt)
+      MOXE_PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e / 2, s = sr[h2], j = nt * 8 + mma::fragment_c_col(lane, e);
+        float dS = 0.0f, PI = 0.0f;
+        if (active_jt(nt) && j >= s && j < len) {
+          const float D = source_weight<float>(sRow[s].x, s, sRow[j]);
+          const float dP = score_grad(RowBackward<float>{sInv[j], sDdot[j], 0.0f, 0.0f}, gacc[nt].c[e]);
+          dS = dP * D;
+          PI = ((p.scale * sacc[nt].c[e]) * D) * sInv[j];
+        }
+        gacc[nt].c[e] = dS;
+        sacc[nt].c[e] = PI;
+        dmax[h2] = math::max(dmax[h2], math::abs(dS));
+        pmax[h2] = math::max(pmax[h2], math::abs(PI));
+      }
+    MOXE_PRAGMA_UNROLL
+    for (int h2 = 0; h2 < 2; ++h2) {
+      dexp[h2] = operand_exponent<T>(quad_max(dmax[h2]));
+      pexp[h2] = operand_exponent<T>(quad_max(pmax[h2]));
+    }
+  }
+  __syncthreads();  // sE
+  const int kfirst = warp, kend = (len + 15) / 16;
+  // the k16 steps j >= s of an A operand in registers (src: 16 accumulator tiles of the strip)
+  auto product = [&](mma::FragmentC(&acc)[kNT], const mma::FragmentC(&src)[kST], const int(&ex)[2], int n0, int limit) {
+    MOXE_PRAGMA_UNROLL
+    for (int ks = 0; ks < kST / 2; ++ks) {
+      if (ks < kfirst || ks >= kend) continue;
+      float x[8];
+      MOXE_PRAGMA_UNROLL
+      for (int r = 0; r < 4; ++r) {
+        const float up = exp2_int(ex[r % 2]);
+        x[2 * r] = src[2 * ks + r / 2].c[(r % 2) * 2] * up;
+        x[2 * r + 1] = src[2 * ks + r / 2].c[(r % 2) * 2 + 1] * up;
+      }
+      mma::FragmentA fa[kParts];
+      pack_a_parts<T, kParts>(fa, x);
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt) {
+        if (n0 + nt * 8 >= limit) continue;
+        const mma::FragmentB yb = mma::load_b(X1, ld, ks * 16, nt * 8, lane, /*k_major=*/true);
+        MOXE_PRAGMA_UNROLL
+        for (int pt = 0; pt < kParts; ++pt) mma::mma_16816<T>(acc[nt], fa[pt], yb);
+      }
+    }
+  };
+
+  // dk, dlogE: 64 DQK columns at a time
+  float dle[2] = {0.0f, 0.0f};
+  for (int ab = 0; ab < DQK; ab += kSl) {
+    mma::FragmentC cacc[kNT], qacc[kNT];
+    stage(X1, p.q, p.DQK, ab, DQK);
+    for (int e0 = 0; e0 < DV; e0 += kSl) {
+      stage(X0, p.v, p.DV, e0, DV);
+      mma::cp_async_commit();
+      convert_g(ab, e0, /*by_row=*/true);
+      mma::cp_async_wait<0>();
+      __syncthreads();
+      if (warp_rows) {
+        const int width = math::min(kSl, DV - e0);
+        for (int kk = 0; kk < width; kk += 16) {
+          const mma::FragmentA va = mma::load_a(X0, ld, s0, kk, lane);
+          MOXE_PRAGMA_UNROLL
+          for (int nt = 0; nt < kNT; ++nt) {
+            if (ab + nt * 8 >= DQK) continue;
+            MOXE_PRAGMA_UNROLL
+            for (int pt = 0; pt < kParts; ++pt) {
+              const mma::FragmentB gf = mma::load_b(Gs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/false);
+              mma::mma_16816<T>(cacc[nt], va, gf);
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+    if (warp_rows) {
+      product(qacc, gacc, dexp, ab, DQK);
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt)
+        MOXE_PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int h2 = e / 2, s = sr[h2], a = ab + nt * 8 + mma::fragment_c_col(lane, e);
+          if (s >= len || a >= DQK) continue;
+          const int64_t rs = row_of(s);
+          const float state_part = sE[s] * (cacc[nt].c[e] * exp2_int(-sExpGr[a]) + gn[a * W + DV]);
+          dle[h2] += load_acc<float>(p.k[rs * p.DQK + a]) * state_part;
+          b.dk[rs * p.DQK + a] = store_elem<T>(p.scale * (qacc[nt].c[e] * exp2_int(-dexp[h2])) + state_part);
+        }
+    }
+    __syncthreads();  // X1 is staged again
+  }
+  MOXE_PRAGMA_UNROLL
+  for (int h2 = 0; h2 < 2; ++h2) {
+    dle[h2] += __shfl_xor_sync(0xffffffffu, dle[h2], 1);
+    dle[h2] += __shfl_xor_sync(0xffffffffu, dle[h2], 2);
+    if (lane % 4 == 0 && sr[h2] < len) b.ws.dloge[row_of(sr[h2])] = dle[h2];
+  }
+
+  // dv: 64 DV columns at a time
+  for (int eb = 0; eb < DV; eb += kSl) {
+    mma::FragmentC kacc[kNT], pacc[kNT];
+    stage(X1, b.dh, p.DV, eb, DV);
+    for (int a0 = 0; a0 < DQK; a0 += kSl) {
+      stage(X0, p.k, p.DQK, a0, DQK);
+      mma::cp_async_commit();
+      convert_g(a0, eb, /*by_row=*/false);
+      mma::cp_async_wait<0>();
+      __syncthreads();
+      if (warp_rows) {
+        const int width = math::min(kSl, DQK - a0);
+        for (int kk = 0; kk < width; kk += 16) {
+          const mma::FragmentA ka = mma::load_a(X0, ld, s0, kk, lane);
+          MOXE_PRAGMA_UNROLL
+          for (int nt = 0; nt < kNT; ++nt) {
+            if (eb + nt * 8 >= DV) continue;
+            MOXE_PRAGMA_UNROLL
+            for (int pt = 0; pt < kParts; ++pt) {
+              const mma::FragmentB gf = mma::load_b(Gs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/true);
+              mma::mma_16816<T>(kacc[nt], ka, gf);
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+    if (warp_rows) {
+      product(pacc, sacc, pexp, eb, DV);
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt)
+        MOXE_PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int h2 = e / 2, s = sr[h2], col = eb + nt * 8 + mma::fragment_c_col(lane, e);
+          if (s >= len || col >= DV) continue;
+          const float dck = kacc[nt].c[e] * exp2_int(-sExpGc[col]);
+          b.dv[row_of(s) * p.DV + col] = store_elem<T>(pacc[nt].c[e] * exp2_int(-pexp[h2]) + sE[s] * dck);
+        }
+    }
+    __syncthreads();  // X1 is staged again
+  }
+}
+
 // ---- B5: gates -------------------------------------------------------------------------------
 
 template <class T>
@@ -1116,10 +1387,11 @@ Status prepare_backward_smem(int64_t dqk, int chunk) {
       MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_grad_mma_kernel<T, 2, kParts>, smem1));
     else
       MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_grad_mma_kernel<T, 1, kParts>, smem1));
+    return set_max_dynamic_smem(fused_columns_mma_kernel<T, kParts>, fused_rows_mma_smem<T, kParts>(chunk));
   } else {
     MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_kernel<T, F>, smem));
+    return set_max_dynamic_smem(fused_columns_kernel<T, F>, smem);
   }
-  return set_max_dynamic_smem(fused_columns_kernel<T, F>, smem);
 }
 
 template <class T, int kParts, class F>
@@ -1150,7 +1422,12 @@ Status launch_fused_backward_pass(const FusedBackwardArgs<T>& b, const int64_t* 
   } else {
     MOXE_RETURN_IF_ERROR(launch_kernel(fused_state_grad_kernel<T, F>, grid1, kFusedGradThreads, 0, stream, b));
   }
-  MOXE_RETURN_IF_ERROR(launch_kernel(fused_columns_kernel<T, F>, chunk_heads, kFusedRowThreads, smem, stream, b));
+  if constexpr (kFusedMma<T>) {
+    MOXE_RETURN_IF_ERROR(launch_kernel(fused_columns_mma_kernel<T, kParts>, chunk_heads, (a.L / 16) * 32,
+                                       fused_rows_mma_smem<T, kParts>(a.L), stream, b));
+  } else {
+    MOXE_RETURN_IF_ERROR(launch_kernel(fused_columns_kernel<T, F>, chunk_heads, kFusedRowThreads, smem, stream, b));
+  }
   MOXE_RETURN_IF_ERROR(
       launch_kernel(fused_gates_kernel<T>, static_cast<unsigned>(slots), kFusedScanThreads, 0, stream, b));
   return check_launch(stream);
