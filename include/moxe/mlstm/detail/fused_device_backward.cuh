@@ -7,34 +7,46 @@
 //
 //   F0, F1   the forward's gate scan and state walk (fused_device.cuh) again: m_prev of every
 //            chunk and the fp32 checkpoints C'_c (no final states).
-//   B2 rows, grid (K*NH), 8 warps: the chunk's gate rows from m_prev; P = (scale Q K^T) o D
-//            and, later, dS = dP o D and dlogD = dP o P in two triangular fp32 tiles in
-//            shared memory (never stored); per row (a warp): dot = w scale n.q + sum_s P (fp32),
-//            inter = w scale C^T q and num = inter + P V (the intermediate operands C and P
-//            transformed per Precision, grouped as the twin groups them), r = dh . h,
-//            row_backward -> inv_den, ddot, dmf, da, dlogw to the workspace (O(rows)
-//            scalars); dP = inv_den (dh . v) + ddot; dlogD's column sums (per source row);
-//            dq = scale (w (inv_den C dh + ddot n) + dS K).
+//   B2 rows, grid (K*NH). bf16 / half (fused_rows_mma_kernel), L / 16 warps, a warp per 16
+//            rows, mma.sync m16n8k16 on operands staged by cp.async in 64-wide slices:
+//            inter = Q C_c (B: the checkpoint converted to T parts) -> dli = dh . inter;
+//            S = Q K^T and dhv = dh V^T (causal k16 steps) in registers; per row: P =
+//            scale S o D, dot = w scale n.q + sum_s P (fp32), the normaliser, r = dh . h as
+//            inv_den (w scale dli + sum_s P~ dhv) (P~: P rounded / split per row, the twin's
+//            operand of P V': its product folded into dh V^T), row_backward -> inv_den, ddot,
+//            dmf, da, dlogw (O(rows) scalars); dP = inv_den dhv + ddot, dS = dP D, dlogD =
+//            dP P (column sums: per warp by shuffles, then warps in order); dq = scale (w
+//            (inv_den C dh + ddot n) + dS K) per 64 DQK columns (C dh: B = C_c's parts; dS K:
+//            A = dS from registers, rounded / split per row). float (fused_rows_kernel), 8
+//            warps: P, D then dlogD, dS in two triangular fp32 tiles in shared memory, the
+//            same steps by fp32 FMAs, a warp per row.
 //   B3 state gradient, grid (U*NH, ceil(DV/64)), 256 threads: dC'[:, 64 columns] in
 //            registers (thread: one column, DQK/4 rows), the n column in block 0; walking a
 //            unit's chunks backwards it writes dC'_{c+1} (fp32) per chunk, the block's part
 //            of <dC'_{c+1}, C'_c> (summed in block order by B5: no atomics) and updates
 //            dC' <- w_L dC' + (diag(w scale inv_den) Q)^T dh, dn <- w_L dn + Q^T (w scale ddot);
-//            dc_init/dn_init at the end.
-//   B4 columns, grid (K*NH), 8 warps: P and dP recomputed (tiles dS and P inv_den), per
-//            source row (a warp): dk = scale dS^T Q + E dC'_{c+1} v', dlogE = k . (that last
-//            term), dv = (P inv_den)^T dh + E dC_{c+1}^T k.
+//            dc_init/dn_init at the end. (That is float's fused_state_grad_kernel; bf16 /
+//            half run fused_state_grad_mma_kernel: F1 mirrored, dC' in mma accumulators.)
+//   B4 columns, grid (K*NH). bf16 / half (fused_columns_mma_kernel), L / 16 warps, a warp
+//            per 16 source rows, B2 transposed: S^T = K Q^T and V dh^T (anti-causal k16
+//            steps) in registers -> dS^T and (P inv_den)^T, rounded / split per source row;
+//            per 64 DQK columns dk = scale dS^T Q + E (dC_{c+1} v + dn_{c+1}) and dlogE = k .
+//            (that last term) (dC v: B = dC'_{c+1} converted to T parts); per 64 DV columns
+//            dv = (P inv_den)^T dh + E dC_{c+1}^T k. float (fused_columns_kernel), 8 warps:
+//            dS and P inv_den in two triangular fp32 tiles, fp32 FMAs, a warp per source row.
 //   B5 gates, grid (U*NH), 128 threads: thread i solves chunk i of the unit with
 //            dm_next = 0 (chunk_gate_grad_local), a block suffix scan of the stabiliser's
 //            gradient maps (StabiliserGradMap) gives every chunk's dm_next, then the final
 //            shares: digate, dfgate; dm_init.
 //
-// The products run as fp32 FMAs (SIMT) on the operands the twin's Products::mi forms:
-// inputs exact, intermediates rounded (fast) or split in three parts (accurate) to the
-// operand format, half's groups scaled by a power of two. That is the arithmetic of the
-// tensor-core form up to the order of fp32 additions; the tensor-core (mma.sync) form of
-// B2-B4 is not written yet (docs/mlstm.md). Everything is deterministic (fixed orders, no
-// atomics); no allocation and no host synchronisation.
+// bf16 / half: every product of B2, B3 and B4 on mma.sync with fp32 accumulation, on the
+// operands the twin's Products::mi forms: inputs exact, intermediates (C', P, dS, P inv_den,
+// w scale inv_den q, dC') rounded to T (fast) or split in three T parts (accurate, three MMAs
+// per product), half's groups scaled by a power of two (the twin's groups); the same rounding
+// points as the twin, the order of the fp32 additions differs. float: fp32 FMAs (SIMT) on the
+// same steps (exact fp32). Every kernel's dynamic shared memory is set before the first launch
+// (prepare_backward_smem); B2 and B4 take at most 74 KiB (chunk 128, accurate). Everything is
+// deterministic (fixed orders, no atomics); no allocation and no host synchronisation.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -136,12 +148,12 @@ MOXE_DEVICE MOXE_FORCEINLINE float warp_max(float x) {
   return x;
 }
 
-/// The causal tiles of B2 and B4 keep their lower triangle (s <= j) only: entry (j, s) at
+/// The causal tiles of the float B2 and B4 keep their lower triangle (s <= j) only: entry (j, s) at
 /// tri(j, s); L (L + 1) / 2 entries.
 MOXE_HD MOXE_FORCEINLINE int tri(int j, int s) { return j * (j + 1) / 2 + s; }
 MOXE_HD MOXE_FORCEINLINE int tri_size(int L) { return L * (L + 1) / 2; }
 
-/// Dynamic shared memory of B2 and B4: two triangular fp32 tiles (66 KiB at chunk 128).
+/// Dynamic shared memory of the float B2 and B4: two triangular fp32 tiles (66 KiB at chunk 128).
 inline std::size_t fused_rows_smem(int L) { return 2 * sizeof(float) * static_cast<std::size_t>(tri_size(L)); }
 
 /// The m_next of chunk c of unit u (the next chunk's m_prev, or the unit's final one).
@@ -288,8 +300,9 @@ __global__ void __launch_bounds__(kFusedRowThreads) fused_rows_kernel(const __gr
 /// DQK / DV columns per staged slice of B2 and B4 on the tensor cores.
 inline constexpr int kFusedBwdSlice = 64;
 
-/// Dynamic shared memory of B2 on the tensor cores: two [L][64] slices of inputs (Q, K, V or
-/// dh) and one 64 x 64 slice of the checkpoint C in kParts T parts (61.5 KiB at L 128, three parts).
+/// Dynamic shared memory of B2 and B4 on the tensor cores: two [L][64] slices of inputs (Q,
+/// K, V or dh) and one 64 x 64 slice of C'_c (B2) or dC'_{c+1} (B4) in kParts T parts (63 KiB
+/// at L 128 with three parts, 27 KiB at L 64 with one).
 template <class T, int kParts>
 inline std::size_t fused_rows_mma_smem(int L) {
   constexpr int ld = kFusedBwdSlice + kFusedPad<T>;
