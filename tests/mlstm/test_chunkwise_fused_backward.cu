@@ -274,7 +274,10 @@ struct Bounds {
 
 template <class T>
 Bounds bounds(Precision precision) {
-  if constexpr (std::is_same_v<T, float>) return Bounds{2e-5, 2e-5};
+  // float against the twin: digate at S = 1 (one row a head, a sum of cancelling terms) reached
+  // 2.1e-5 with seed 12904990689971278299 (the same bits before and after B2/B4 moved to mma.sync:
+  // float runs the unchanged fp32 kernels)
+  if constexpr (std::is_same_v<T, float>) return Bounds{2e-5, 5e-5};
   // against the twin: measured <= 7e-5; a sum order that flips one operand's rounding to T
   // moves that term by 2^-8 (bf16) / 2^-11 (half) of itself
   if (precision == Precision::accurate) return std::is_same_v<T, __half> ? Bounds{2e-3, 1e-3} : Bounds{1e-2, 1e-3};
