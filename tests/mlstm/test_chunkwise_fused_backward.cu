@@ -3,8 +3,8 @@
 // reference's backward in double AND against the host twin's backward
 // (chunkwise_fused_host.hpp) run with the same Precision and operand format (the same
 // arithmetic up to the order of fp32 additions). float, bf16 and half; fast and accurate;
-// S = 1, S not a multiple of the chunk, chunk sizes 16, 32, 64, DQK != DV (a partial
-// 64-column block), ragged and empty segments, initial states and upstream dc/dn/dm_last,
+// S = 1, S not a multiple of the chunk, chunk sizes 16, 32, 64, 128 (accurate at 128: the
+// largest shared memory of B2/B4), DQK != DV (a partial 64-column block or slice), ragged and empty segments, initial states and upstream dc/dn/dm_last,
 // batch passes. Outputs and the workspace are poisoned (NaN; -1 in the integer arrays)
 // before every run; seeds are printed; two runs give the same bits. Small sizes: every case
 // runs on the simulator.
@@ -394,6 +394,14 @@ TEST_CASE("fused backward chunk 64 and 128, DQK 256") {
     cs.seq_len = 130;
     check_case<__half>(cs, Precision::fast);
     check_case<float>(cs, Precision::fast);
+  }
+  SUBCASE("L 128, S 130, DQK 80, DV 80, accurate: B2/B4's largest shared memory, partial 64-wide slices") {
+    cs.chunk_size = 128;
+    cs.seq_len = 130;
+    cs.dqk = 80;
+    cs.dv = 80;
+    check_case<__nv_bfloat16>(cs, Precision::accurate);
+    check_case<__half>(cs, Precision::accurate);
   }
   SUBCASE("DQK 256 (two row tiles per warp in the state gradient), DV 16") {
     cs.dqk = 256;
