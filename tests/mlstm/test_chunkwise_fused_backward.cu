@@ -4,8 +4,8 @@
 // (chunkwise_fused_host.hpp) run with the same Precision and operand format (the same
 // arithmetic up to the order of fp32 additions). float, bf16 and half; fast and accurate;
 // S = 1, S not a multiple of the chunk, chunk sizes 16, 32, 64, 128 (accurate at 128: the
-// largest shared memory of B2/B4), DQK != DV (a partial 64-column block or slice), ragged and empty segments, initial states and upstream dc/dn/dm_last,
-// batch passes. Outputs and the workspace are poisoned (NaN; -1 in the integer arrays)
+// largest shared memory of B2/B4), DQK != DV (a partial 64-column block or slice), ragged and
+// empty segments, initial states and upstream dc/dn/dm_last, batch passes. Outputs and the workspace are poisoned (NaN; -1 in the integer arrays)
 // before every run; seeds are printed; two runs give the same bits. Small sizes: every case
 // runs on the simulator.
 #include <doctest/doctest.h>
