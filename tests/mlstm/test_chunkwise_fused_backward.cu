@@ -3,13 +3,14 @@
 // reference's backward in double AND against the host twin's backward
 // (chunkwise_fused_host.hpp) run with the same Precision and operand format (the same
 // arithmetic up to the order of fp32 additions). float, bf16 and half; fast and accurate;
-// S = 1, S not a multiple of the chunk, chunk sizes 16, 32, 64, DQK != DV (a partial
-// 64-column block), ragged and empty segments, initial states and upstream dc/dn/dm_last,
-// batch passes. Outputs and the workspace are poisoned (NaN; -1 in the integer arrays)
+// S = 1, S not a multiple of the chunk, chunk sizes 16, 32, 64, 128 (accurate at 128: the
+// largest shared memory of B2/B4), DQK != DV (a partial 64-column block or slice), ragged and
+// empty segments, initial states and upstream dc/dn/dm_last, batch passes. Outputs and the workspace are poisoned (NaN; -1 in the integer arrays)
 // before every run; seeds are printed; two runs give the same bits. Small sizes: every case
 // runs on the simulator.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -274,7 +275,10 @@ struct Bounds {
 
 template <class T>
 Bounds bounds(Precision precision) {
-  if constexpr (std::is_same_v<T, float>) return Bounds{2e-5, 2e-5};
+  // float against the twin: digate at S = 1 (one row a head, a sum of cancelling terms) reached
+  // 2.1e-5 with seed 12904990689971278299 (the same bits before and after B2/B4 moved to mma.sync:
+  // float runs the unchanged fp32 kernels)
+  if constexpr (std::is_same_v<T, float>) return Bounds{2e-5, 5e-5};
   // against the twin: measured <= 7e-5; a sum order that flips one operand's rounding to T
   // moves that term by 2^-8 (bf16) / 2^-11 (half) of itself
   if (precision == Precision::accurate) return std::is_same_v<T, __half> ? Bounds{2e-3, 1e-3} : Bounds{1e-2, 1e-3};
@@ -313,10 +317,15 @@ void check_case(const Case& cs, Precision precision, std::uint64_t pinned_seed =
     const bool stored_t = i < 5;
     const auto twin_t = stored_t ? moxe::test::round_through<T>(twin.*f) : twin.*f;
     const double er = rel_error(out.*f, ref.*f, floor), et = rel_error(out.*f, twin_t, floor);
+    // against the reference: the documented bound, or the twin's own error on these inputs if
+    // that is larger (bf16 fast at S = 1: the exact dq, dk, digate nearly cancel and P's
+    // rounding leaves up to 0.16 in the twin itself, e.g. seed 11737171857494793360, on main's
+    // code as well); the device must then be as close to the twin as everywhere else
+    const double er_twin = rel_error(twin_t, ref.*f, floor);
     std::ostringstream os;
     os << " " << names[i] << " " << std::setprecision(2) << std::scientific << er << "/" << et;
     line += os.str();
-    CHECK_MESSAGE(er <= b.ref, names[i] << " vs reference " << er);
+    CHECK_MESSAGE(er <= std::max(b.ref, er_twin + b.twin), names[i] << " vs reference " << er);
     CHECK_MESSAGE(et <= b.twin, names[i] << " vs twin " << et);
     CHECK_MESSAGE(std::memcmp((out.*f).data(), (again.*f).data(), (out.*f).size() * sizeof(double)) == 0,
                   names[i] << ": two runs differ");
@@ -391,6 +400,14 @@ TEST_CASE("fused backward chunk 64 and 128, DQK 256") {
     cs.seq_len = 130;
     check_case<__half>(cs, Precision::fast);
     check_case<float>(cs, Precision::fast);
+  }
+  SUBCASE("L 128, S 130, DQK 80, DV 80, accurate: B2/B4's largest shared memory, partial 64-wide slices") {
+    cs.chunk_size = 128;
+    cs.seq_len = 130;
+    cs.dqk = 80;
+    cs.dv = 80;
+    check_case<__nv_bfloat16>(cs, Precision::accurate);
+    check_case<__half>(cs, Precision::accurate);
   }
   SUBCASE("DQK 256 (two row tiles per warp in the state gradient), DV 16") {
     cs.dqk = 256;

@@ -7,34 +7,46 @@
 //
 //   F0, F1   the forward's gate scan and state walk (fused_device.cuh) again: m_prev of every
 //            chunk and the fp32 checkpoints C'_c (no final states).
-//   B2 rows, grid (K*NH), 8 warps: the chunk's gate rows from m_prev; P = (scale Q K^T) o D
-//            and, later, dS = dP o D and dlogD = dP o P in two triangular fp32 tiles in
-//            shared memory (never stored); per row (a warp): dot = w scale n.q + sum_s P (fp32),
-//            inter = w scale C^T q and num = inter + P V (the intermediate operands C and P
-//            transformed per Precision, grouped as the twin groups them), r = dh . h,
-//            row_backward -> inv_den, ddot, dmf, da, dlogw to the workspace (O(rows)
-//            scalars); dP = inv_den (dh . v) + ddot; dlogD's column sums (per source row);
-//            dq = scale (w (inv_den C dh + ddot n) + dS K).
+//   B2 rows, grid (K*NH). bf16 / half (fused_rows_mma_kernel), L / 16 warps, a warp per 16
+//            rows, mma.sync m16n8k16 on operands staged by cp.async in 64-wide slices:
+//            inter = Q C_c (B: the checkpoint converted to T parts) -> dli = dh . inter;
+//            S = Q K^T and dhv = dh V^T (causal k16 steps) in registers; per row: P =
+//            scale S o D, dot = w scale n.q + sum_s P (fp32), the normaliser, r = dh . h as
+//            inv_den (w scale dli + sum_s P~ dhv) (P~: P rounded / split per row, the twin's
+//            operand of P V': its product folded into dh V^T), row_backward -> inv_den, ddot,
+//            dmf, da, dlogw (O(rows) scalars); dP = inv_den dhv + ddot, dS = dP D, dlogD =
+//            dP P (column sums: per warp by shuffles, then warps in order); dq = scale (w
+//            (inv_den C dh + ddot n) + dS K) per 64 DQK columns (C dh: B = C_c's parts; dS K:
+//            A = dS from registers, rounded / split per row). float (fused_rows_kernel), 8
+//            warps: P, D then dlogD, dS in two triangular fp32 tiles in shared memory, the
+//            same steps by fp32 FMAs, a warp per row.
 //   B3 state gradient, grid (U*NH, ceil(DV/64)), 256 threads: dC'[:, 64 columns] in
 //            registers (thread: one column, DQK/4 rows), the n column in block 0; walking a
 //            unit's chunks backwards it writes dC'_{c+1} (fp32) per chunk, the block's part
 //            of <dC'_{c+1}, C'_c> (summed in block order by B5: no atomics) and updates
 //            dC' <- w_L dC' + (diag(w scale inv_den) Q)^T dh, dn <- w_L dn + Q^T (w scale ddot);
-//            dc_init/dn_init at the end.
-//   B4 columns, grid (K*NH), 8 warps: P and dP recomputed (tiles dS and P inv_den), per
-//            source row (a warp): dk = scale dS^T Q + E dC'_{c+1} v', dlogE = k . (that last
-//            term), dv = (P inv_den)^T dh + E dC_{c+1}^T k.
+//            dc_init/dn_init at the end. (That is float's fused_state_grad_kernel; bf16 /
+//            half run fused_state_grad_mma_kernel: F1 mirrored, dC' in mma accumulators.)
+//   B4 columns, grid (K*NH). bf16 / half (fused_columns_mma_kernel), L / 16 warps, a warp
+//            per 16 source rows, B2 transposed: S^T = K Q^T and V dh^T (anti-causal k16
+//            steps) in registers -> dS^T and (P inv_den)^T, rounded / split per source row;
+//            per 64 DQK columns dk = scale dS^T Q + E (dC_{c+1} v + dn_{c+1}) and dlogE = k .
+//            (that last term) (dC v: B = dC'_{c+1} converted to T parts); per 64 DV columns
+//            dv = (P inv_den)^T dh + E dC_{c+1}^T k. float (fused_columns_kernel), 8 warps:
+//            dS and P inv_den in two triangular fp32 tiles, fp32 FMAs, a warp per source row.
 //   B5 gates, grid (U*NH), 128 threads: thread i solves chunk i of the unit with
 //            dm_next = 0 (chunk_gate_grad_local), a block suffix scan of the stabiliser's
 //            gradient maps (StabiliserGradMap) gives every chunk's dm_next, then the final
 //            shares: digate, dfgate; dm_init.
 //
-// The products run as fp32 FMAs (SIMT) on the operands the twin's Products::mi forms:
-// inputs exact, intermediates rounded (fast) or split in three parts (accurate) to the
-// operand format, half's groups scaled by a power of two. That is the arithmetic of the
-// tensor-core form up to the order of fp32 additions; the tensor-core (mma.sync) form of
-// B2-B4 is not written yet (docs/mlstm.md). Everything is deterministic (fixed orders, no
-// atomics); no allocation and no host synchronisation.
+// bf16 / half: every product of B2, B3 and B4 on mma.sync with fp32 accumulation, on the
+// operands the twin's Products::mi forms: inputs exact, intermediates (C', P, dS, P inv_den,
+// w scale inv_den q, dC') rounded to T (fast) or split in three T parts (accurate, three MMAs
+// per product), half's groups scaled by a power of two (the twin's groups); the same rounding
+// points as the twin, the order of the fp32 additions differs. float: fp32 FMAs (SIMT) on the
+// same steps (exact fp32). Every kernel's dynamic shared memory is set before the first launch
+// (prepare_backward_smem); B2 and B4 take at most 74 KiB (chunk 128, accurate). Everything is
+// deterministic (fixed orders, no atomics); no allocation and no host synchronisation.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -136,12 +148,12 @@ MOXE_DEVICE MOXE_FORCEINLINE float warp_max(float x) {
   return x;
 }
 
-/// The causal tiles of B2 and B4 keep their lower triangle (s <= j) only: entry (j, s) at
+/// The causal tiles of the float B2 and B4 keep their lower triangle (s <= j) only: entry (j, s) at
 /// tri(j, s); L (L + 1) / 2 entries.
 MOXE_HD MOXE_FORCEINLINE int tri(int j, int s) { return j * (j + 1) / 2 + s; }
 MOXE_HD MOXE_FORCEINLINE int tri_size(int L) { return L * (L + 1) / 2; }
 
-/// Dynamic shared memory of B2 and B4: two triangular fp32 tiles (66 KiB at chunk 128).
+/// Dynamic shared memory of the float B2 and B4: two triangular fp32 tiles (66 KiB at chunk 128).
 inline std::size_t fused_rows_smem(int L) { return 2 * sizeof(float) * static_cast<std::size_t>(tri_size(L)); }
 
 /// The m_next of chunk c of unit u (the next chunk's m_prev, or the unit's final one).
@@ -280,6 +292,363 @@ __global__ void __launch_bounds__(kFusedRowThreads) fused_rows_kernel(const __gr
     for (int s = 0; s <= j; ++s) dsk = mac_parts<F>(dsk, tD[tri(j, s)], k(s, a), form, sExpRow[j]);
     const float inter = sW[j] * (sInv[j] * cdh + sDdot[j] * ck[a * W + DV]);
     b.dq[row_of(j) * p.DQK + a] = store_elem<T>(p.scale * (inter + dsk));
+  }
+}
+
+// ---- B2 on the tensor cores (bf16, half) -----------------------------------------------------
+
+/// DQK / DV columns per staged slice of B2 and B4 on the tensor cores.
+inline constexpr int kFusedBwdSlice = 64;
+
+/// Dynamic shared memory of B2 and B4 on the tensor cores: two [L][64] slices of inputs (Q,
+/// K, V or dh) and one 64 x 64 slice of C'_c (B2) or dC'_{c+1} (B4) in kParts T parts (63 KiB
+/// at L 128 with three parts, 27 KiB at L 64 with one).
+template <class T, int kParts>
+inline std::size_t fused_rows_mma_smem(int L) {
+  constexpr int ld = kFusedBwdSlice + kFusedPad<T>;
+  return sizeof(T) * (2 * static_cast<std::size_t>(L) * ld + static_cast<std::size_t>(kParts) * kFusedBwdSlice * ld);
+}
+
+/// B2 for bf16 / half: one warp per 16 rows of the chunk (L / 16 warps), F2's structure. In
+/// order, over staged 64-wide slices (cp.async):
+///   A  inter = Q C_c (A: Q; B: C_c converted to T parts, a power of two per column for half)
+///      -> dli_j = dh_j . inter_j (dh from global at the accumulator positions);
+///   B  S = Q K^T (causal k16 steps) and n_c . q_j (fp32);
+///   C  dhv = dh V^T (causal);
+///   then per row: P = scale S o D, dot, the normaliser, r = inv_den (dli + sum_s P~_js dhv_js)
+///      (P~: P rounded / split per row as the twin's P V' operand: r_j = dh_j . h_j with the
+///      product P V' folded into dh V^T, the same operands and rounding points), the row
+///      scalars, dP = inv_den dhv + ddot, dS = dP D, dlogD = dP P (column sums through shared
+///      memory, warps in order);
+///   D  per 64 DQK columns: cdh = dh C_c^T (B: C_c's parts, a power of two per DQK row for
+///      half) and dsk = dS K (A: dS from registers rounded / split per row), dq = scale
+///      (w (inv_den cdh + ddot n) + dsk).
+template <class T, int kParts>
+__global__ void __launch_bounds__(kFusedMaxChunk * 2)
+    fused_rows_mma_kernel(const __grid_constant__ FusedBackwardArgs<T> b) {
+  extern __shared__ __align__(16) unsigned char fused_smem[];
+  __shared__ ChunkGateRow sRow[kFusedMaxChunk];
+  __shared__ float sW[kFusedMaxChunk], sNq[kFusedMaxChunk];
+  __shared__ int sExpC[kFusedMaxHeadDim], sExpCr[kFusedMaxHeadDim];
+  __shared__ float sCol[kFusedMaxChunk / 16][kFusedMaxChunk];
+  constexpr int kSl = kFusedBwdSlice, ld = kSl + kFusedPad<T>, kVec = 16 / sizeof(T);
+  constexpr int kNT = kSl / 8, kST = kFusedMaxChunk / 8;
+  constexpr OperandForm kForm = kParts == 3 ? OperandForm::split3 : OperandForm::rounded;
+  const FusedArgs<T>& p = b.f;
+  const int64_t kh = blockIdx.x, c = kh / p.NH, hd = kh % p.NH;
+  const int len = p.table.chunk_len[c];
+  if (len == 0) return;  // uniform: past the chunks in use
+  const int L = p.L, DQK = static_cast<int>(p.DQK), DV = static_cast<int>(p.DV);
+  T* X0 = reinterpret_cast<T*>(fused_smem);  // [L][ld]: Q, then Q, dh, dh
+  T* X1 = X0 + L * ld;                       // [L][ld]: -, K, V, K
+  T* Cs = X1 + L * ld;                       // [kParts][kSl][ld]: C_c's slice
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
+  const int threads = static_cast<int>(blockDim.x), warps = threads / 32;
+  const int64_t u = p.table.chunk_unit[c], start = p.table.chunk_start[c], W = p.DV + 1;
+  const double mp = p.m_prev[kh];
+  const float* ck = p.state + kh * p.DQK * W;
+  const bool aligned = p.aligned && b.aligned;
+  auto row_of = [&](int s) { return p.row(u, hd, start + s); };
+
+  // the rows' gate quantities (rows past len: no sources, weight 1, written nowhere)
+  for (int j = tid; j < kFusedMaxChunk; j += threads) {
+    const ChunkGateRow row =
+        j < len ? gate_row_from_local(p.local_rows[row_of(j)], mp) : ChunkGateRow::before(0.0);
+    sRow[j] = row;
+    sW[j] = j < len ? decay_weight<float>(mp, row) : 0.0f;
+  }
+  // half: the powers of two of C_c's columns (inter) and rows (C dh), as the twin's groups
+  for (int e = tid; e < DV; e += threads) {
+    float mx = 0.0f;
+    if constexpr (OperandFormat<T>::kNarrowRange)
+      for (int a = 0; a < DQK; ++a) mx = math::max(mx, math::abs(ck[a * W + e]));
+    sExpC[e] = operand_exponent<T>(mx);
+  }
+  for (int a = tid; a < DQK; a += threads) {
+    float mx = 0.0f;
+    if constexpr (OperandFormat<T>::kNarrowRange)
+      for (int e = 0; e < DV; ++e) mx = math::max(mx, math::abs(ck[a * W + e]));
+    sExpCr[a] = operand_exponent<T>(mx);
+  }
+  // rows [0, L) of a T matrix (row stride ldg), columns c0..c0+63 (zeros past len and past limit)
+  auto stage = [&](T* dst, const T* src, int64_t ldg, int c0, int limit) {
+    for (int idx = tid; idx < L * (kSl / kVec); idx += threads) {
+      const int s = idx / (kSl / kVec), col = (idx % (kSl / kVec)) * kVec;
+      const bool in = s < len && c0 + col < limit;
+      stage16(dst + s * ld + col, src + (s < len ? row_of(s) : 0) * ldg + c0 + col, in ? kVec : 0, aligned);
+    }
+  };
+  // C_c[a0.., e0..] into Cs (scaled by its row's or its column's power of two, in parts)
+  auto convert_c = [&](int a0, int e0, bool by_row) {
+    for (int idx = tid; idx < kSl * kSl; idx += threads) {
+      const int a = idx / kSl, e = idx % kSl;
+      float x = 0.0f;
+      if (a0 + a < DQK && e0 + e < DV) x = ck[(a0 + a) * W + e0 + e] * exp2_int(by_row ? sExpCr[a0 + a] : sExpC[e0 + e]);
+      if constexpr (kParts == 1) {
+        Cs[a * ld + e] = T(x);
+      } else {
+        const Split3 sp = split3<T>(x);
+        Cs[a * ld + e] = T(sp.hi);
+        Cs[(kSl + a) * ld + e] = T(sp.mid);
+        Cs[(2 * kSl + a) * ld + e] = T(sp.lo);
+      }
+    }
+  };
+  __syncthreads();  // sRow, sW, sExpC, sExpCr
+
+  const int j0 = warp * 16;
+  const bool warp_rows = j0 < len;
+  const int g0 = mma::fragment_c_row(lane, 0), g1 = mma::fragment_c_row(lane, 2);
+  const int jr[2] = {j0 + g0, j0 + g1};
+  auto active_st = [&](int nt) { return nt * 8 < j0 + 16 && nt * 8 < len; };  // causal, inside the chunk
+  auto quad_sum = [](float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+  };
+  auto quad_max = [](float x) {
+    x = math::max(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return math::max(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  };
+
+  // A: dli_j = dh_j . (C_c^T q_j) (times w_j scale below)
+  float dli[2] = {0.0f, 0.0f};
+  for (int e0 = 0; e0 < DV; e0 += kSl) {
+    mma::FragmentC iacc[kNT];
+    for (int a0 = 0; a0 < DQK; a0 += kSl) {
+      stage(X0, p.q, p.DQK, a0, DQK);
+      mma::cp_async_commit();
+      convert_c(a0, e0, /*by_row=*/false);
+      mma::cp_async_wait<0>();
+      __syncthreads();
+      if (warp_rows) {
+        const int width = math::min(kSl, DQK - a0);
+        for (int kk = 0; kk < width; kk += 16) {
+          const mma::FragmentA qa = mma::load_a(X0, ld, j0, kk, lane);
+          MOXE_PRAGMA_UNROLL
+          for (int nt = 0; nt < kNT; ++nt) {
+            if (e0 + nt * 8 >= DV) continue;
+            MOXE_PRAGMA_UNROLL
+            for (int pt = 0; pt < kParts; ++pt) {
+              const mma::FragmentB cf = mma::load_b(Cs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/true);
+              mma::mma_16816<T>(iacc[nt], qa, cf);
+            }
+          }
+        }
+      }
+      __syncthreads();  // X0, Cs are staged again
+    }
+    MOXE_PRAGMA_UNROLL
+    for (int nt = 0; nt < kNT; ++nt)
+      MOXE_PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e / 2, j = jr[h2], col = e0 + nt * 8 + mma::fragment_c_col(lane, e);
+        if (j < len && col < DV)
+          dli[h2] += load_acc<float>(b.dh[row_of(j) * p.DV + col]) * (iacc[nt].c[e] * exp2_int(-sExpC[col]));
+      }
+  }
+
+  // B: S = Q K^T; n_c . q_j (thread j, fp32, a in order)
+  mma::FragmentC sacc[kST];
+  float nq = 0.0f;
+  for (int a0 = 0; a0 < DQK; a0 += kSl) {
+    stage(X0, p.q, p.DQK, a0, DQK);
+    stage(X1, p.k, p.DQK, a0, DQK);
+    mma::cp_async_commit();
+    mma::cp_async_wait<0>();
+    __syncthreads();
+    const int width = math::min(kSl, DQK - a0);
+    if (tid < L)
+      for (int a = 0; a < width; ++a) nq += ck[(a0 + a) * W + DV] * static_cast<float>(X0[tid * ld + a]);
+    if (warp_rows) {
+      for (int kk = 0; kk < width; kk += 16) {
+        const mma::FragmentA qa = mma::load_a(X0, ld, j0, kk, lane);
+        MOXE_PRAGMA_UNROLL
+        for (int nt = 0; nt < kST; ++nt) {
+          if (!active_st(nt)) continue;
+          const mma::FragmentB kb = mma::load_b(X1, ld, kk, nt * 8, lane, /*k_major=*/false);
+          mma::mma_16816<T>(sacc[nt], qa, kb);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (tid < L) sNq[tid] = nq;
+
+  // C: dhv = dh V^T
+  mma::FragmentC gacc[kST];
+  for (int e0 = 0; e0 < DV; e0 += kSl) {
+    stage(X0, b.dh, p.DV, e0, DV);
+    stage(X1, p.v, p.DV, e0, DV);
+    mma::cp_async_commit();
+    mma::cp_async_wait<0>();
+    __syncthreads();
+    if (warp_rows) {
+      const int width = math::min(kSl, DV - e0);
+      for (int kk = 0; kk < width; kk += 16) {
+        const mma::FragmentA ha = mma::load_a(X0, ld, j0, kk, lane);
+        MOXE_PRAGMA_UNROLL
+        for (int nt = 0; nt < kST; ++nt) {
+          if (!active_st(nt)) continue;
+          const mma::FragmentB vb = mma::load_b(X1, ld, kk, nt * 8, lane, /*k_major=*/false);
+          mma::mma_16816<T>(gacc[nt], ha, vb);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  // the rows: P, dot, the normaliser, r, the row scalars, dS, dlogD
+  float ws[2], inv[2], dd[2];
+  int dexp[2] = {0, 0};
+  {
+    float psum[2] = {0.0f, 0.0f}, pmax[2] = {0.0f, 0.0f};
+    MOXE_PRAGMA_UNROLL
+    for (int nt = 0; nt < kST; ++nt)
+      MOXE_PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e / 2, j = jr[h2], s = nt * 8 + mma::fragment_c_col(lane, e);
+        float P = 0.0f;
+        if (active_st(nt) && s <= j && j < len)
+          P = (p.scale * sacc[nt].c[e]) * source_weight<float>(sRow[s].x, s, sRow[j]);
+        sacc[nt].c[e] = P;
+        psum[h2] += P;
+        pmax[h2] = math::max(pmax[h2], math::abs(P));
+      }
+    int pexp[2];
+    MOXE_PRAGMA_UNROLL
+    for (int h2 = 0; h2 < 2; ++h2) {
+      psum[h2] = quad_sum(psum[h2]);
+      pexp[h2] = operand_exponent<T>(quad_max(pmax[h2]));
+      dli[h2] = quad_sum(dli[h2]);
+    }
+    // sum_s P~_js dhv_js (P~: the twin's operand of P V')
+    float spv[2] = {0.0f, 0.0f};
+    MOXE_PRAGMA_UNROLL
+    for (int nt = 0; nt < kST; ++nt)
+      MOXE_PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e / 2;
+        const OperandParts op = operand_parts<T>(sacc[nt].c[e], kForm, pexp[h2]);
+        float t = op.part[0] * gacc[nt].c[e];
+        if (op.count == 3) t += op.part[1] * gacc[nt].c[e] + op.part[2] * gacc[nt].c[e];
+        spv[h2] += t;
+      }
+    RowBackward<float> rb[2];
+    MOXE_PRAGMA_UNROLL
+    for (int h2 = 0; h2 < 2; ++h2) {
+      const int j = jr[h2];
+      spv[h2] = quad_sum(spv[h2]);
+      ws[h2] = sW[j] * p.scale;
+      const float inter_dot = ws[h2] * sNq[j], dl = ws[h2] * dli[h2];
+      const float dot = inter_dot + psum[h2];
+      const Normaliser<float> nz = row_normaliser(dot, sRow[j], p.eps);
+      rb[h2] = row_backward(dot, sRow[j], p.eps, nz.inv_den * (dl + spv[h2]));
+      inv[h2] = rb[h2].inv_den;
+      dd[h2] = rb[h2].ddot;
+      if (lane % 4 == 0 && j < len) {
+        const int64_t rj = row_of(j);
+        b.ws.inv_den[rj] = rb[h2].inv_den;
+        b.ws.ddot[rj] = rb[h2].ddot;
+        b.ws.dmf[rj] = rb[h2].dmf;
+        b.ws.da_row[rj] = rb[h2].da;
+        b.ws.dlogw[rj] = log_decay_grad(rb[h2], dl, inter_dot);
+      }
+    }
+    // dP = inv_den dhv + ddot; dS = dP D (into sacc); dlogD = dP P (column sums)
+    float dmax[2] = {0.0f, 0.0f};
+    MOXE_PRAGMA_UNROLL
+    for (int nt = 0; nt < kST; ++nt) {
+      float colp[2] = {0.0f, 0.0f};
+      MOXE_PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e / 2, j = jr[h2], s = nt * 8 + mma::fragment_c_col(lane, e);
+        float dS = 0.0f, dl = 0.0f;
+        if (active_st(nt) && s <= j && j < len) {
+          const float dP = score_grad(rb[h2], gacc[nt].c[e]);
+          dS = dP * source_weight<float>(sRow[s].x, s, sRow[j]);
+          dl = dP * sacc[nt].c[e];
+        }
+        sacc[nt].c[e] = dS;
+        dmax[h2] = math::max(dmax[h2], math::abs(dS));
+        colp[e % 2] += dl;
+      }
+      MOXE_PRAGMA_UNROLL
+      for (int t = 0; t < 2; ++t) {  // over the 8 row groups of the warp (lanes 4 apart)
+        for (int off = 4; off < 32; off <<= 1) colp[t] += __shfl_xor_sync(0xffffffffu, colp[t], off);
+        if (lane < 4 && nt * 8 < L) sCol[warp][nt * 8 + mma::fragment_c_col(lane, t)] = colp[t];
+      }
+    }
+    MOXE_PRAGMA_UNROLL
+    for (int h2 = 0; h2 < 2; ++h2) dexp[h2] = operand_exponent<T>(quad_max(dmax[h2]));
+  }
+  __syncthreads();  // sCol
+  for (int s = tid; s < len; s += threads) {
+    float col = 0.0f;
+    for (int w = 0; w < warps; ++w) col += sCol[w][s];
+    b.ws.dlogd_col[row_of(s)] = col;
+  }
+
+  // D: dq = scale (w (inv_den C dh + ddot n) + dS K), 64 DQK columns at a time
+  const int ksteps = math::min(warp + 1, (len + 15) / 16);
+  for (int ab = 0; ab < DQK; ab += kSl) {
+    mma::FragmentC cacc[kNT], kacc[kNT];
+    stage(X1, p.k, p.DQK, ab, DQK);
+    for (int e0 = 0; e0 < DV; e0 += kSl) {
+      stage(X0, b.dh, p.DV, e0, DV);
+      mma::cp_async_commit();
+      convert_c(ab, e0, /*by_row=*/true);
+      mma::cp_async_wait<0>();
+      __syncthreads();
+      if (warp_rows) {
+        const int width = math::min(kSl, DV - e0);
+        for (int kk = 0; kk < width; kk += 16) {
+          const mma::FragmentA ha = mma::load_a(X0, ld, j0, kk, lane);
+          MOXE_PRAGMA_UNROLL
+          for (int nt = 0; nt < kNT; ++nt) {
+            if (ab + nt * 8 >= DQK) continue;
+            MOXE_PRAGMA_UNROLL
+            for (int pt = 0; pt < kParts; ++pt) {
+              const mma::FragmentB cf = mma::load_b(Cs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/false);
+              mma::mma_16816<T>(cacc[nt], ha, cf);
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+    if (warp_rows) {
+      MOXE_PRAGMA_UNROLL
+      for (int ks = 0; ks < kST / 2; ++ks) {
+        if (ks >= ksteps) break;
+        float x[8];
+        MOXE_PRAGMA_UNROLL
+        for (int r = 0; r < 4; ++r) {
+          const float up = exp2_int(dexp[r % 2]);
+          x[2 * r] = sacc[2 * ks + r / 2].c[(r % 2) * 2] * up;
+          x[2 * r + 1] = sacc[2 * ks + r / 2].c[(r % 2) * 2 + 1] * up;
+        }
+        mma::FragmentA fa[kParts];
+        pack_a_parts<T, kParts>(fa, x);
+        MOXE_PRAGMA_UNROLL
+        for (int nt = 0; nt < kNT; ++nt) {
+          if (ab + nt * 8 >= DQK) continue;
+          const mma::FragmentB kb = mma::load_b(X1, ld, ks * 16, nt * 8, lane, /*k_major=*/true);
+          MOXE_PRAGMA_UNROLL
+          for (int pt = 0; pt < kParts; ++pt) mma::mma_16816<T>(kacc[nt], fa[pt], kb);
+        }
+      }
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt)
+        MOXE_PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int h2 = e / 2, j = jr[h2], a = ab + nt * 8 + mma::fragment_c_col(lane, e);
+          if (j >= len || a >= DQK) continue;
+          const float cdh = cacc[nt].c[e] * exp2_int(-sExpCr[a]);
+          const float inter = sW[j] * (inv[h2] * cdh + dd[h2] * ck[a * W + DV]);
+          b.dq[row_of(j) * p.DQK + a] = store_elem<T>(p.scale * (inter + kacc[nt].c[e] * exp2_int(-dexp[h2])));
+        }
+    }
+    __syncthreads();  // X1 is staged again
   }
 }
 
@@ -672,6 +1041,277 @@ __global__ void __launch_bounds__(kFusedRowThreads)
   }
 }
 
+// ---- B4 on the tensor cores (bf16, half) -----------------------------------------------------
+
+/// B4 for bf16 / half: one warp per 16 source rows s of the chunk (L / 16 warps), B2's
+/// structure transposed (rows j >= s). Over staged 64-wide slices (cp.async):
+///   S^T = K Q^T and dh . v as V dh^T (anti-causal k16 steps), then per entry: P = scale S D,
+///      dS = (inv_den dh . v + ddot) D and P inv_den in registers (rounded / split per source
+///      row as the twin's operands);
+///   per 64 DQK columns: dcv = V dC_{c+1}^T (B: dC_{c+1}'s parts, a power of two per DQK row
+///      for half) and dsq = dS^T Q; dk = scale dsq + E (dcv + dn), dlogE = k . E (dcv + dn);
+///   per 64 DV columns: dck = K dC_{c+1} (a power of two per DV column for half) and
+///      pdh = (P inv_den)^T dh; dv = pdh + E dck.
+template <class T, int kParts>
+__global__ void __launch_bounds__(kFusedMaxChunk * 2)
+    fused_columns_mma_kernel(const __grid_constant__ FusedBackwardArgs<T> b) {
+  extern __shared__ __align__(16) unsigned char fused_smem[];
+  __shared__ ChunkGateRow sRow[kFusedMaxChunk];
+  __shared__ float sInv[kFusedMaxChunk], sDdot[kFusedMaxChunk], sE[kFusedMaxChunk];
+  __shared__ int sExpGc[kFusedMaxHeadDim], sExpGr[kFusedMaxHeadDim];
+  constexpr int kSl = kFusedBwdSlice, ld = kSl + kFusedPad<T>, kVec = 16 / sizeof(T);
+  constexpr int kNT = kSl / 8, kST = kFusedMaxChunk / 8;
+  const FusedArgs<T>& p = b.f;
+  const int64_t kh = blockIdx.x, c = kh / p.NH, hd = kh % p.NH;
+  const int len = p.table.chunk_len[c];
+  if (len == 0) return;  // uniform: past the chunks in use
+  const int L = p.L, DQK = static_cast<int>(p.DQK), DV = static_cast<int>(p.DV);
+  T* X0 = reinterpret_cast<T*>(fused_smem);  // [L][ld]: K, V, V, K
+  T* X1 = X0 + L * ld;                       // [L][ld]: Q, dh, Q, dh
+  T* Gs = X1 + L * ld;                       // [kParts][kSl][ld]: dC_{c+1}'s slice
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
+  const int threads = static_cast<int>(blockDim.x);
+  const int64_t u = p.table.chunk_unit[c], start = p.table.chunk_start[c], W = p.DV + 1;
+  const double mp = p.m_prev[kh], mn = fused_m_next(p, u, c, hd);
+  const float* gn = b.ws.dstate + kh * p.DQK * W;  // dC'_{c+1}
+  const bool aligned = p.aligned && b.aligned;
+  auto row_of = [&](int s) { return p.row(u, hd, start + s); };
+
+  for (int j = tid; j < kFusedMaxChunk; j += threads) {
+    const bool in = j < len;
+    sRow[j] = in ? gate_row_from_local(p.local_rows[row_of(j)], mp) : ChunkGateRow::before(0.0);
+    sInv[j] = in ? b.ws.inv_den[row_of(j)] : 0.0f;
+    sDdot[j] = in ? b.ws.ddot[row_of(j)] : 0.0f;
+  }
+  for (int e = tid; e < DV; e += threads) {
+    float mx = 0.0f;
+    if constexpr (OperandFormat<T>::kNarrowRange)
+      for (int a = 0; a < DQK; ++a) mx = math::max(mx, math::abs(gn[a * W + e]));
+    sExpGc[e] = operand_exponent<T>(mx);
+  }
+  for (int a = tid; a < DQK; a += threads) {
+    float mx = 0.0f;
+    if constexpr (OperandFormat<T>::kNarrowRange)
+      for (int e = 0; e < DV; ++e) mx = math::max(mx, math::abs(gn[a * W + e]));
+    sExpGr[a] = operand_exponent<T>(mx);
+  }
+  auto stage = [&](T* dst, const T* src, int64_t ldg, int c0, int limit) {
+    for (int idx = tid; idx < L * (kSl / kVec); idx += threads) {
+      const int s = idx / (kSl / kVec), col = (idx % (kSl / kVec)) * kVec;
+      const bool in = s < len && c0 + col < limit;
+      stage16(dst + s * ld + col, src + (s < len ? row_of(s) : 0) * ldg + c0 + col, in ? kVec : 0, aligned);
+    }
+  };
+  // dC_{c+1}[a0.., e0..] into Gs (scaled by its row's or its column's power of two, in parts)
+  auto convert_g = [&](int a0, int e0, bool by_row) {
+    for (int idx = tid; idx < kSl * kSl; idx += threads) {
+      const int a = idx / kSl, e = idx % kSl;
+      float x = 0.0f;
+      if (a0 + a < DQK && e0 + e < DV)
+        x = gn[(a0 + a) * W + e0 + e] * exp2_int(by_row ? sExpGr[a0 + a] : sExpGc[e0 + e]);
+      if constexpr (kParts == 1) {
+        Gs[a * ld + e] = T(x);
+      } else {
+        const Split3 sp = split3<T>(x);
+        Gs[a * ld + e] = T(sp.hi);
+        Gs[(kSl + a) * ld + e] = T(sp.mid);
+        Gs[(2 * kSl + a) * ld + e] = T(sp.lo);
+      }
+    }
+  };
+  __syncthreads();  // sRow, sInv, sDdot, the exponents
+  for (int s = tid; s < len; s += threads) sE[s] = state_source_weight<float>(sRow[s].x, s, sRow[len - 1], mn);
+
+  const int s0 = warp * 16;
+  const bool warp_rows = s0 < len;
+  const int g0 = mma::fragment_c_row(lane, 0), g1 = mma::fragment_c_row(lane, 2);
+  const int sr[2] = {s0 + g0, s0 + g1};
+  auto active_jt = [&](int nt) { return nt * 8 + 8 > s0 && nt * 8 < len; };  // j >= s, inside the chunk
+  auto quad_max = [](float x) {
+    x = math::max(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return math::max(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  };
+
+  // S^T = K Q^T and V dh^T
+  mma::FragmentC sacc[kST], gacc[kST];
+  for (int pass = 0; pass < 2; ++pass) {
+    const int D = pass == 0 ? DQK : DV;
+    for (int a0 = 0; a0 < D; a0 += kSl) {
+      if (pass == 0) {
+        stage(X0, p.k, p.DQK, a0, DQK);
+        stage(X1, p.q, p.DQK, a0, DQK);
+      } else {
+        stage(X0, p.v, p.DV, a0, DV);
+        stage(X1, b.dh, p.DV, a0, DV);
+      }
+      mma::cp_async_commit();
+      mma::cp_async_wait<0>();
+      __syncthreads();
+      if (warp_rows) {
+        const int width = math::min(kSl, D - a0);
+        for (int kk = 0; kk < width; kk += 16) {
+          const mma::FragmentA xa = mma::load_a(X0, ld, s0, kk, lane);
+          MOXE_PRAGMA_UNROLL
+          for (int nt = 0; nt < kST; ++nt) {
+            if (!active_jt(nt)) continue;
+            const mma::FragmentB yb = mma::load_b(X1, ld, kk, nt * 8, lane, /*k_major=*/false);
+            if (pass == 0)
+              mma::mma_16816<T>(sacc[nt], xa, yb);
+            else
+              mma::mma_16816<T>(gacc[nt], xa, yb);
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  // dS^T (into gacc) and (P inv_den)^T (into sacc); each source row's powers of two
+  int dexp[2], pexp[2];
+  {
+    float dmax[2] = {0.0f, 0.0f}, pmax[2] = {0.0f, 0.0f};
+    MOXE_PRAGMA_UNROLL
+    for (int nt = 0; nt < kST; ++nt)
+      MOXE_PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e / 2, s = sr[h2], j = nt * 8 + mma::fragment_c_col(lane, e);
+        float dS = 0.0f, PI = 0.0f;
+        if (active_jt(nt) && j >= s && j < len) {
+          const float D = source_weight<float>(sRow[s].x, s, sRow[j]);
+          const float dP = score_grad(RowBackward<float>{sInv[j], sDdot[j], 0.0f, 0.0f}, gacc[nt].c[e]);
+          dS = dP * D;
+          PI = ((p.scale * sacc[nt].c[e]) * D) * sInv[j];
+        }
+        gacc[nt].c[e] = dS;
+        sacc[nt].c[e] = PI;
+        dmax[h2] = math::max(dmax[h2], math::abs(dS));
+        pmax[h2] = math::max(pmax[h2], math::abs(PI));
+      }
+    MOXE_PRAGMA_UNROLL
+    for (int h2 = 0; h2 < 2; ++h2) {
+      dexp[h2] = operand_exponent<T>(quad_max(dmax[h2]));
+      pexp[h2] = operand_exponent<T>(quad_max(pmax[h2]));
+    }
+  }
+  __syncthreads();  // sE
+  const int kfirst = warp, kend = (len + 15) / 16;
+  // the k16 steps j >= s of an A operand in registers (src: 16 accumulator tiles of the strip)
+  auto product = [&](mma::FragmentC(&acc)[kNT], const mma::FragmentC(&src)[kST], const int(&ex)[2], int n0, int limit) {
+    MOXE_PRAGMA_UNROLL
+    for (int ks = 0; ks < kST / 2; ++ks) {
+      if (ks < kfirst || ks >= kend) continue;
+      float x[8];
+      MOXE_PRAGMA_UNROLL
+      for (int r = 0; r < 4; ++r) {
+        const float up = exp2_int(ex[r % 2]);
+        x[2 * r] = src[2 * ks + r / 2].c[(r % 2) * 2] * up;
+        x[2 * r + 1] = src[2 * ks + r / 2].c[(r % 2) * 2 + 1] * up;
+      }
+      mma::FragmentA fa[kParts];
+      pack_a_parts<T, kParts>(fa, x);
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt) {
+        if (n0 + nt * 8 >= limit) continue;
+        const mma::FragmentB yb = mma::load_b(X1, ld, ks * 16, nt * 8, lane, /*k_major=*/true);
+        MOXE_PRAGMA_UNROLL
+        for (int pt = 0; pt < kParts; ++pt) mma::mma_16816<T>(acc[nt], fa[pt], yb);
+      }
+    }
+  };
+
+  // dk, dlogE: 64 DQK columns at a time
+  float dle[2] = {0.0f, 0.0f};
+  for (int ab = 0; ab < DQK; ab += kSl) {
+    mma::FragmentC cacc[kNT], qacc[kNT];
+    stage(X1, p.q, p.DQK, ab, DQK);
+    for (int e0 = 0; e0 < DV; e0 += kSl) {
+      stage(X0, p.v, p.DV, e0, DV);
+      mma::cp_async_commit();
+      convert_g(ab, e0, /*by_row=*/true);
+      mma::cp_async_wait<0>();
+      __syncthreads();
+      if (warp_rows) {
+        const int width = math::min(kSl, DV - e0);
+        for (int kk = 0; kk < width; kk += 16) {
+          const mma::FragmentA va = mma::load_a(X0, ld, s0, kk, lane);
+          MOXE_PRAGMA_UNROLL
+          for (int nt = 0; nt < kNT; ++nt) {
+            if (ab + nt * 8 >= DQK) continue;
+            MOXE_PRAGMA_UNROLL
+            for (int pt = 0; pt < kParts; ++pt) {
+              const mma::FragmentB gf = mma::load_b(Gs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/false);
+              mma::mma_16816<T>(cacc[nt], va, gf);
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+    if (warp_rows) {
+      product(qacc, gacc, dexp, ab, DQK);
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt)
+        MOXE_PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int h2 = e / 2, s = sr[h2], a = ab + nt * 8 + mma::fragment_c_col(lane, e);
+          if (s >= len || a >= DQK) continue;
+          const int64_t rs = row_of(s);
+          const float state_part = sE[s] * (cacc[nt].c[e] * exp2_int(-sExpGr[a]) + gn[a * W + DV]);
+          dle[h2] += load_acc<float>(p.k[rs * p.DQK + a]) * state_part;
+          b.dk[rs * p.DQK + a] = store_elem<T>(p.scale * (qacc[nt].c[e] * exp2_int(-dexp[h2])) + state_part);
+        }
+    }
+    __syncthreads();  // X1 is staged again
+  }
+  MOXE_PRAGMA_UNROLL
+  for (int h2 = 0; h2 < 2; ++h2) {
+    dle[h2] += __shfl_xor_sync(0xffffffffu, dle[h2], 1);
+    dle[h2] += __shfl_xor_sync(0xffffffffu, dle[h2], 2);
+    if (lane % 4 == 0 && sr[h2] < len) b.ws.dloge[row_of(sr[h2])] = dle[h2];
+  }
+
+  // dv: 64 DV columns at a time
+  for (int eb = 0; eb < DV; eb += kSl) {
+    mma::FragmentC kacc[kNT], pacc[kNT];
+    stage(X1, b.dh, p.DV, eb, DV);
+    for (int a0 = 0; a0 < DQK; a0 += kSl) {
+      stage(X0, p.k, p.DQK, a0, DQK);
+      mma::cp_async_commit();
+      convert_g(a0, eb, /*by_row=*/false);
+      mma::cp_async_wait<0>();
+      __syncthreads();
+      if (warp_rows) {
+        const int width = math::min(kSl, DQK - a0);
+        for (int kk = 0; kk < width; kk += 16) {
+          const mma::FragmentA ka = mma::load_a(X0, ld, s0, kk, lane);
+          MOXE_PRAGMA_UNROLL
+          for (int nt = 0; nt < kNT; ++nt) {
+            if (eb + nt * 8 >= DV) continue;
+            MOXE_PRAGMA_UNROLL
+            for (int pt = 0; pt < kParts; ++pt) {
+              const mma::FragmentB gf = mma::load_b(Gs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/true);
+              mma::mma_16816<T>(kacc[nt], ka, gf);
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+    if (warp_rows) {
+      product(pacc, sacc, pexp, eb, DV);
+      MOXE_PRAGMA_UNROLL
+      for (int nt = 0; nt < kNT; ++nt)
+        MOXE_PRAGMA_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          const int h2 = e / 2, s = sr[h2], col = eb + nt * 8 + mma::fragment_c_col(lane, e);
+          if (s >= len || col >= DV) continue;
+          const float dck = kacc[nt].c[e] * exp2_int(-sExpGc[col]);
+          b.dv[row_of(s) * p.DV + col] = store_elem<T>(pacc[nt].c[e] * exp2_int(-pexp[h2]) + sE[s] * dck);
+        }
+    }
+    __syncthreads();  // X1 is staged again
+  }
+}
+
 // ---- B5: gates -------------------------------------------------------------------------------
 
 template <class T>
@@ -747,34 +1387,60 @@ __global__ void __launch_bounds__(kFusedScanThreads) fused_gates_kernel(const __
 
 // ---- the launcher ----------------------------------------------------------------------------
 
+/// Dynamic shared memory of every kernel of the backward for this call (F1, B2, B3, B4),
+/// set before anything is launched: a size the device cannot give is Status::unsupported
+/// with nothing written (the same caveat as prepare_fused_smem for concurrent host threads).
+template <class T, int kParts, class F>
+Status prepare_backward_smem(int64_t dqk, int chunk) {
+  MOXE_RETURN_IF_ERROR((prepare_state_smem<T, kParts>(dqk)));
+  const std::size_t smem1 = fused_state_smem<T>(dqk), smem = fused_rows_smem(chunk);
+  if constexpr (kFusedMma<T>) {
+    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_mma_kernel<T, kParts>, fused_rows_mma_smem<T, kParts>(chunk)));
+    if (dqk > 16 * kFusedStateWarps)
+      MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_grad_mma_kernel<T, 2, kParts>, smem1));
+    else
+      MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_grad_mma_kernel<T, 1, kParts>, smem1));
+    return set_max_dynamic_smem(fused_columns_mma_kernel<T, kParts>, fused_rows_mma_smem<T, kParts>(chunk));
+  } else {
+    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_kernel<T, F>, smem));
+    return set_max_dynamic_smem(fused_columns_kernel<T, F>, smem);
+  }
+}
+
 template <class T, int kParts, class F>
 Status launch_fused_backward_pass(const FusedBackwardArgs<T>& b, const int64_t* offsets, cudaStream_t stream) {
   const FusedArgs<T>& a = b.f;
   const int64_t slots = a.units * a.NH;
-  // F0, F1: the gate scan and the checkpoints, as the forward runs them
-  MOXE_RETURN_IF_ERROR((prepare_state_smem<T, kParts>(a.DQK)));
+  // F0, F1: the gate scan and the checkpoints, as the forward runs them (every kernel's
+  // shared memory was set beforehand: prepare_backward_smem)
   MOXE_RETURN_IF_ERROR((launch_gate_scan_and_states<T, kParts>(a, offsets, stream)));
   const std::size_t smem1 = fused_state_smem<T>(a.DQK);
   const dim3 grid1(static_cast<unsigned>(slots), static_cast<unsigned>(b.col_blocks));  // B3
   const std::size_t smem = fused_rows_smem(a.L);
   const unsigned chunk_heads = static_cast<unsigned>(a.chunks * a.NH);
-  MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_kernel<T, F>, smem));
-  MOXE_RETURN_IF_ERROR(launch_kernel(fused_rows_kernel<T, F>, chunk_heads, kFusedRowThreads, smem, stream, b));
+  if constexpr (kFusedMma<T>) {
+    MOXE_RETURN_IF_ERROR(launch_kernel(fused_rows_mma_kernel<T, kParts>, chunk_heads, (a.L / 16) * 32,
+                                       fused_rows_mma_smem<T, kParts>(a.L), stream, b));
+  } else {
+    MOXE_RETURN_IF_ERROR(launch_kernel(fused_rows_kernel<T, F>, chunk_heads, kFusedRowThreads, smem, stream, b));
+  }
   if constexpr (kFusedMma<T>) {
     if (a.DQK > 16 * kFusedStateWarps) {
-      MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_grad_mma_kernel<T, 2, kParts>, smem1));
       MOXE_RETURN_IF_ERROR(
           launch_kernel(fused_state_grad_mma_kernel<T, 2, kParts>, grid1, kFusedStateThreads, smem1, stream, b));
     } else {
-      MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_grad_mma_kernel<T, 1, kParts>, smem1));
       MOXE_RETURN_IF_ERROR(
           launch_kernel(fused_state_grad_mma_kernel<T, 1, kParts>, grid1, kFusedStateThreads, smem1, stream, b));
     }
   } else {
     MOXE_RETURN_IF_ERROR(launch_kernel(fused_state_grad_kernel<T, F>, grid1, kFusedGradThreads, 0, stream, b));
   }
-  MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_columns_kernel<T, F>, smem));
-  MOXE_RETURN_IF_ERROR(launch_kernel(fused_columns_kernel<T, F>, chunk_heads, kFusedRowThreads, smem, stream, b));
+  if constexpr (kFusedMma<T>) {
+    MOXE_RETURN_IF_ERROR(launch_kernel(fused_columns_mma_kernel<T, kParts>, chunk_heads, (a.L / 16) * 32,
+                                       fused_rows_mma_smem<T, kParts>(a.L), stream, b));
+  } else {
+    MOXE_RETURN_IF_ERROR(launch_kernel(fused_columns_kernel<T, F>, chunk_heads, kFusedRowThreads, smem, stream, b));
+  }
   MOXE_RETURN_IF_ERROR(
       launch_kernel(fused_gates_kernel<T>, static_cast<unsigned>(slots), kFusedScanThreads, 0, stream, b));
   return check_launch(stream);
@@ -799,6 +1465,14 @@ Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspa
     int device = 0;
     MOXE_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&device)));
     MOXE_RETURN_IF_ERROR(mma::sm80_supported(device));
+  }
+  if constexpr (kFusedMma<T>) {
+    if (p.fwd.precision == Precision::accurate)
+      MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 3, T>(p.fwd.dims.dqk, p.fwd.chunk_size)));
+    else
+      MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 1, T>(p.fwd.dims.dqk, p.fwd.chunk_size)));
+  } else {
+    MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 1, float>(p.fwd.dims.dqk, p.fwd.chunk_size)));
   }
   return for_each_batch_pass(p.fwd, [&](int64_t b0, int64_t nb) {
     const BackwardParams<T, float> sb = batch_slice(p, b0, nb);
