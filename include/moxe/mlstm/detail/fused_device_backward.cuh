@@ -29,10 +29,10 @@
 //            half run fused_state_grad_mma_kernel: F1 mirrored, dC' in mma accumulators.)
 //   B4 columns, grid (K*NH). bf16 / half (fused_columns_mma_kernel), L / 16 warps, a warp
 //            per 16 source rows, B2 transposed: S^T = K Q^T and V dh^T (anti-causal k16
-//            steps) in registers -> dS^T and (P inv_den)^T, rounded / split per source row;
+//            steps) in registers -> dS^T and (P inv_den)^T, rounded / split per source row,
+//            one strip at a time: per 64 DV columns dv = (P inv_den)^T dh + E dC_{c+1}^T k;
 //            per 64 DQK columns dk = scale dS^T Q + E (dC_{c+1} v + dn_{c+1}) and dlogE = k .
-//            (that last term) (dC v: B = dC'_{c+1} converted to T parts); per 64 DV columns
-//            dv = (P inv_den)^T dh + E dC_{c+1}^T k. float (fused_columns_kernel), 8 warps:
+//            (that last term) (dC v: B = dC'_{c+1} converted to T parts). float (fused_columns_kernel), 8 warps:
 //            dS and P inv_den in two triangular fp32 tiles, fp32 FMAs, a warp per source row.
 //   B5 gates, grid (U*NH), 128 threads: thread i solves chunk i of the unit with
 //            dm_next = 0 (chunk_gate_grad_local), a block suffix scan of the stabiliser's
@@ -350,7 +350,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
   const bool aligned = p.aligned && b.aligned;
   auto row_of = [&](int s) { return p.row(u, hd, start + s); };
 
-  // the rows' gate quantities (rows past len: no sources, weight 1, written nowhere)
+  // the rows' gate quantities (rows past len: no sources, weight 0, written nowhere)
   for (int j = tid; j < kFusedMaxChunk; j += threads) {
     const ChunkGateRow row =
         j < len ? gate_row_from_local(p.local_rows[row_of(j)], mp) : ChunkGateRow::before(0.0);
@@ -1044,14 +1044,15 @@ __global__ void __launch_bounds__(kFusedRowThreads)
 // ---- B4 on the tensor cores (bf16, half) -----------------------------------------------------
 
 /// B4 for bf16 / half: one warp per 16 source rows s of the chunk (L / 16 warps), B2's
-/// structure transposed (rows j >= s). Over staged 64-wide slices (cp.async):
-///   S^T = K Q^T and dh . v as V dh^T (anti-causal k16 steps), then per entry: P = scale S D,
-///      dS = (inv_den dh . v + ddot) D and P inv_den in registers (rounded / split per source
-///      row as the twin's operands);
-///   per 64 DQK columns: dcv = V dC_{c+1}^T (B: dC_{c+1}'s parts, a power of two per DQK row
-///      for half) and dsq = dS^T Q; dk = scale dsq + E (dcv + dn), dlogE = k . E (dcv + dn);
+/// structure transposed (rows j >= s), one 16 x L strip live at a time (no spills). Over
+/// staged 64-wide slices (cp.async):
+///   S^T = K Q^T (anti-causal k16 steps) -> P inv_den = scale S D inv_den in registers
+///      (rounded / split per source row as the twin's operand);
 ///   per 64 DV columns: dck = K dC_{c+1} (a power of two per DV column for half) and
-///      pdh = (P inv_den)^T dh; dv = pdh + E dck.
+///      pdh = (P inv_den)^T dh; dv = pdh + E dck;
+///   dh . v as V dh^T -> dS = (inv_den dh . v + ddot) D in registers (as P inv_den);
+///   per 64 DQK columns: dcv = V dC_{c+1}^T (B: dC_{c+1}'s parts, a power of two per DQK row
+///      for half) and dsq = dS^T Q; dk = scale dsq + E (dcv + dn), dlogE = k . E (dcv + dn).
 template <class T, int kParts>
 __global__ void __launch_bounds__(kFusedMaxChunk * 2)
     fused_columns_mma_kernel(const __grid_constant__ FusedBackwardArgs<T> b) {
@@ -1132,12 +1133,10 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
     return math::max(x, __shfl_xor_sync(0xffffffffu, x, 2));
   };
 
-  // S^T = K Q^T and V dh^T
-  mma::FragmentC sacc[kST], gacc[kST];
-  for (int pass = 0; pass < 2; ++pass) {
-    const int D = pass == 0 ? DQK : DV;
+  auto strip = [&](mma::FragmentC(&acc)[kST], bool second) {
+    const int D = second ? DV : DQK;
     for (int a0 = 0; a0 < D; a0 += kSl) {
-      if (pass == 0) {
+      if (!second) {
         stage(X0, p.k, p.DQK, a0, DQK);
         stage(X1, p.q, p.DQK, a0, DQK);
       } else {
@@ -1155,46 +1154,14 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
           for (int nt = 0; nt < kST; ++nt) {
             if (!active_jt(nt)) continue;
             const mma::FragmentB yb = mma::load_b(X1, ld, kk, nt * 8, lane, /*k_major=*/false);
-            if (pass == 0)
-              mma::mma_16816<T>(sacc[nt], xa, yb);
-            else
-              mma::mma_16816<T>(gacc[nt], xa, yb);
+            mma::mma_16816<T>(acc[nt], xa, yb);
           }
         }
       }
       __syncthreads();
     }
-  }
-  // dS^T (into gacc) and (P inv_den)^T (into sacc); each source row's powers of two
-  int dexp[2], pexp[2];
-  {
-    float dmax[2] = {0.0f, 0.0f}, pmax[2] = {0.0f, 0.0f};
-    MOXE_PRAGMA_UNROLL
-    for (int nt = 0; nt < kST; ++nt)
-      MOXE_PRAGMA_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        const int h2 = e / 2, s = sr[h2], j = nt * 8 + mma::fragment_c_col(lane, e);
-        float dS = 0.0f, PI = 0.0f;
-        if (active_jt(nt) && j >= s && j < len) {
-          const float D = source_weight<float>(sRow[s].x, s, sRow[j]);
-          const float dP = score_grad(RowBackward<float>{sInv[j], sDdot[j], 0.0f, 0.0f}, gacc[nt].c[e]);
-          dS = dP * D;
-          PI = ((p.scale * sacc[nt].c[e]) * D) * sInv[j];
-        }
-        gacc[nt].c[e] = dS;
-        sacc[nt].c[e] = PI;
-        dmax[h2] = math::max(dmax[h2], math::abs(dS));
-        pmax[h2] = math::max(pmax[h2], math::abs(PI));
-      }
-    MOXE_PRAGMA_UNROLL
-    for (int h2 = 0; h2 < 2; ++h2) {
-      dexp[h2] = operand_exponent<T>(quad_max(dmax[h2]));
-      pexp[h2] = operand_exponent<T>(quad_max(pmax[h2]));
-    }
-  }
-  __syncthreads();  // sE
+  };
   const int kfirst = warp, kend = (len + 15) / 16;
-  // the k16 steps j >= s of an A operand in registers (src: 16 accumulator tiles of the strip)
   auto product = [&](mma::FragmentC(&acc)[kNT], const mma::FragmentC(&src)[kST], const int(&ex)[2], int n0, int limit) {
     MOXE_PRAGMA_UNROLL
     for (int ks = 0; ks < kST / 2; ++ks) {
@@ -1217,8 +1184,88 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
       }
     }
   };
-
-  // dk, dlogE: 64 DQK columns at a time
+  {
+    mma::FragmentC sacc[kST];
+    strip(sacc, false);
+    int pexp[2];
+    float pmax[2] = {0.0f, 0.0f};
+    MOXE_PRAGMA_UNROLL
+    for (int nt = 0; nt < kST; ++nt)
+      MOXE_PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e / 2, s = sr[h2], j = nt * 8 + mma::fragment_c_col(lane, e);
+        float PI = 0.0f;
+        if (active_jt(nt) && j >= s && j < len) {
+          const float D = source_weight<float>(sRow[s].x, s, sRow[j]);
+          PI = ((p.scale * sacc[nt].c[e]) * D) * sInv[j];
+        }
+        sacc[nt].c[e] = PI;
+        pmax[h2] = math::max(pmax[h2], math::abs(PI));
+      }
+    MOXE_PRAGMA_UNROLL
+    for (int h2 = 0; h2 < 2; ++h2) pexp[h2] = operand_exponent<T>(quad_max(pmax[h2]));
+    for (int eb = 0; eb < DV; eb += kSl) {
+      mma::FragmentC kacc[kNT], pacc[kNT];
+      stage(X1, b.dh, p.DV, eb, DV);
+      for (int a0 = 0; a0 < DQK; a0 += kSl) {
+        stage(X0, p.k, p.DQK, a0, DQK);
+        mma::cp_async_commit();
+        convert_g(a0, eb, /*by_row=*/false);
+        mma::cp_async_wait<0>();
+        __syncthreads();
+        if (warp_rows) {
+          const int width = math::min(kSl, DQK - a0);
+          for (int kk = 0; kk < width; kk += 16) {
+            const mma::FragmentA ka = mma::load_a(X0, ld, s0, kk, lane);
+            MOXE_PRAGMA_UNROLL
+            for (int nt = 0; nt < kNT; ++nt) {
+              if (eb + nt * 8 >= DV) continue;
+              MOXE_PRAGMA_UNROLL
+              for (int pt = 0; pt < kParts; ++pt) {
+                const mma::FragmentB gf = mma::load_b(Gs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/true);
+                mma::mma_16816<T>(kacc[nt], ka, gf);
+              }
+            }
+          }
+        }
+        __syncthreads();
+      }
+      if (warp_rows) {
+        product(pacc, sacc, pexp, eb, DV);
+        MOXE_PRAGMA_UNROLL
+        for (int nt = 0; nt < kNT; ++nt)
+          MOXE_PRAGMA_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            const int h2 = e / 2, s = sr[h2], col = eb + nt * 8 + mma::fragment_c_col(lane, e);
+            if (s >= len || col >= DV) continue;
+            const float dck = kacc[nt].c[e] * exp2_int(-sExpGc[col]);
+            b.dv[row_of(s) * p.DV + col] = store_elem<T>(pacc[nt].c[e] * exp2_int(-pexp[h2]) + sE[s] * dck);
+          }
+      }
+      __syncthreads();
+    }
+  }
+  mma::FragmentC gacc[kST];
+  strip(gacc, true);
+  int dexp[2];
+  {
+    float dmax[2] = {0.0f, 0.0f};
+    MOXE_PRAGMA_UNROLL
+    for (int nt = 0; nt < kST; ++nt)
+      MOXE_PRAGMA_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int h2 = e / 2, s = sr[h2], j = nt * 8 + mma::fragment_c_col(lane, e);
+        float dS = 0.0f;
+        if (active_jt(nt) && j >= s && j < len) {
+          const float D = source_weight<float>(sRow[s].x, s, sRow[j]);
+          dS = score_grad(RowBackward<float>{sInv[j], sDdot[j], 0.0f, 0.0f}, gacc[nt].c[e]) * D;
+        }
+        gacc[nt].c[e] = dS;
+        dmax[h2] = math::max(dmax[h2], math::abs(dS));
+      }
+    MOXE_PRAGMA_UNROLL
+    for (int h2 = 0; h2 < 2; ++h2) dexp[h2] = operand_exponent<T>(quad_max(dmax[h2]));
+  }
   float dle[2] = {0.0f, 0.0f};
   for (int ab = 0; ab < DQK; ab += kSl) {
     mma::FragmentC cacc[kNT], qacc[kNT];
@@ -1260,55 +1307,13 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
           b.dk[rs * p.DQK + a] = store_elem<T>(p.scale * (qacc[nt].c[e] * exp2_int(-dexp[h2])) + state_part);
         }
     }
-    __syncthreads();  // X1 is staged again
+    __syncthreads();
   }
   MOXE_PRAGMA_UNROLL
   for (int h2 = 0; h2 < 2; ++h2) {
     dle[h2] += __shfl_xor_sync(0xffffffffu, dle[h2], 1);
     dle[h2] += __shfl_xor_sync(0xffffffffu, dle[h2], 2);
     if (lane % 4 == 0 && sr[h2] < len) b.ws.dloge[row_of(sr[h2])] = dle[h2];
-  }
-
-  // dv: 64 DV columns at a time
-  for (int eb = 0; eb < DV; eb += kSl) {
-    mma::FragmentC kacc[kNT], pacc[kNT];
-    stage(X1, b.dh, p.DV, eb, DV);
-    for (int a0 = 0; a0 < DQK; a0 += kSl) {
-      stage(X0, p.k, p.DQK, a0, DQK);
-      mma::cp_async_commit();
-      convert_g(a0, eb, /*by_row=*/false);
-      mma::cp_async_wait<0>();
-      __syncthreads();
-      if (warp_rows) {
-        const int width = math::min(kSl, DQK - a0);
-        for (int kk = 0; kk < width; kk += 16) {
-          const mma::FragmentA ka = mma::load_a(X0, ld, s0, kk, lane);
-          MOXE_PRAGMA_UNROLL
-          for (int nt = 0; nt < kNT; ++nt) {
-            if (eb + nt * 8 >= DV) continue;
-            MOXE_PRAGMA_UNROLL
-            for (int pt = 0; pt < kParts; ++pt) {
-              const mma::FragmentB gf = mma::load_b(Gs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/true);
-              mma::mma_16816<T>(kacc[nt], ka, gf);
-            }
-          }
-        }
-      }
-      __syncthreads();
-    }
-    if (warp_rows) {
-      product(pacc, sacc, pexp, eb, DV);
-      MOXE_PRAGMA_UNROLL
-      for (int nt = 0; nt < kNT; ++nt)
-        MOXE_PRAGMA_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          const int h2 = e / 2, s = sr[h2], col = eb + nt * 8 + mma::fragment_c_col(lane, e);
-          if (s >= len || col >= DV) continue;
-          const float dck = kacc[nt].c[e] * exp2_int(-sExpGc[col]);
-          b.dv[row_of(s) * p.DV + col] = store_elem<T>(pacc[nt].c[e] * exp2_int(-pexp[h2]) + sE[s] * dck);
-        }
-    }
-    __syncthreads();  // X1 is staged again
   }
 }
 
