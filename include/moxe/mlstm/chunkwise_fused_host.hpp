@@ -353,8 +353,16 @@ struct Fused {
           const int32_t n = cr.n;
           for (int32_t j = 0; j < n; ++j) {
             const int64_t rj = row(c, hd, j);
-            Acc r = Acc(0);  // r_j = dh_j . h_j
-            for (int64_t e = 0; e < DV; ++e) r += dh(b, rj, e) * (cr.num[j * W + e] * cr.nz[j].inv_den);
+            // r_j = dh_j . h_j of the function the backward differentiates: num over the
+            // unrounded P (as dot), inv_den (dh_j . inter_j + sum_s P_js dh_j . v_s). With the
+            // forward's num (over P~) the row terms inv_den (dh . v) and ddot would not cancel
+            // where they should (S = 1: h = P~ v / |P|, exact dq = 0, computed ~2^-9 |dh.v| / |P|)
+            Acc r = Acc(0);
+            for (int64_t e = 0; e < DV; ++e) {
+              Acc num = cr.inter[j * W + e];
+              for (int32_t s = 0; s <= j; ++s) num += cr.P[j * n + s] * vp(row(c, hd, s), e);
+              r += dh(b, rj, e) * (num * cr.nz[j].inv_den);
+            }
             const detail::RowBackward<Acc> rb = detail::row_backward(cr.num[j * W + DV], cr.rows[j], p.eps, r);
             ws.inv_den[rj] = rb.inv_den;
             ws.ddot[rj] = rb.ddot;
