@@ -20,7 +20,11 @@
 // applied in fp32 around the product. The normaliser's column of C' = [C | n] stays fp32
 // all the way (n's update, n . q_j, P's row sums, dn, ddot's terms: FFMAs on the device):
 // dot_j = n_j . qs_j is a sum of cancelling terms where it is small, and a rounded n or P
-// there would put 2^-9 |n| |qs| / |dot_j| into h and into every gradient. Under Precision fast the intermediate operand is
+// there would put 2^-9 |n| |qs| / |dot_j| into h and into every gradient. B2's r_j = dh_j . h_j
+// is formed over the unrounded P as well (not from num over the rounded P): the backward
+// differentiates h with the rounding read as the identity, and its row terms inv_den (dh . v)
+// and ddot must cancel where h does not depend on P (S = 1: h = sign(P) v), which a
+// residual 2^-9 |dh . v| / |dot_j| would not. Under Precision fast the intermediate operand is
 // rounded to the operand format, under accurate split into three parts (operand_parts);
 // inputs are exact (float inputs with allow_tf32 and fast: rounded to TF32 too).
 //
