@@ -474,22 +474,11 @@ void check_against_reference(const Results& got, const Reference& ref, const Cas
   CHECK(rel_error(got.n, x.n) < fwd_tol(f.n, x.n));
   CHECK(rel_error(got.m, x.m) < fwd_tol(f.m, x.m));
   const double scale = norm(x.dq) + norm(x.dk) + norm(x.dv) + norm(x.di) + norm(x.df);
-  // under fast, also within kFastMargin times the error the fast arithmetic itself makes
-  // here (the host twin): where a gradient is a small difference of large terms (the
-  // |n.q| branch with a small n.q, e.g. S = 1), P rounded to T in num but not in n.q
-  // leaves a residual of 2^-9 (bf16) of the terms, beyond any fixed bound
-  constexpr double kFastMargin = 2.0;
-  const bool fast = !std::is_same_v<T, float> && cs.precision == moxe::Precision::fast;
+  // fast: the fixed bound too (a row's cancelling terms at S = 1 left 2^-9 of themselves
+  // before B2's r_j was formed over the unrounded P, e.g. seed 6516036062722885010)
   auto grad_tol = [&](ResultsField field, const char* name) {
+    (void)name;
     double t = std::max(gt, Tolerance<T>::conditioning * grad_error(f.*field, x.*field, scale));
-    if (fast) {
-      const double twin = grad_error(ref.fast.*field, x.*field, scale);
-      if (kFastMargin * twin > t) {
-        MESSAGE("fast: " << std::string(name) << " bound raised to twice the twin's own error " << twin << " (device "
-                         << grad_error(got.*field, x.*field, scale) << ")");
-        t = kFastMargin * twin;
-      }
-    }
     return t;
   };
   CHECK(grad_error(got.dq, x.dq, scale) < grad_tol(&Results::dq, "dq"));

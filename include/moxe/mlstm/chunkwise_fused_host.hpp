@@ -20,7 +20,11 @@
 // applied in fp32 around the product. The normaliser's column of C' = [C | n] stays fp32
 // all the way (n's update, n . q_j, P's row sums, dn, ddot's terms: FFMAs on the device):
 // dot_j = n_j . qs_j is a sum of cancelling terms where it is small, and a rounded n or P
-// there would put 2^-9 |n| |qs| / |dot_j| into h and into every gradient. Under Precision fast the intermediate operand is
+// there would put 2^-9 |n| |qs| / |dot_j| into h and into every gradient. B2's r_j = dh_j . h_j
+// is formed over the unrounded P as well (not from num over the rounded P): the backward
+// differentiates h with the rounding read as the identity, and its row terms inv_den (dh . v)
+// and ddot must cancel where h does not depend on P (S = 1: h = sign(P) v), which a
+// residual 2^-9 |dh . v| / |dot_j| would not. Under Precision fast the intermediate operand is
 // rounded to the operand format, under accurate split into three parts (operand_parts);
 // inputs are exact (float inputs with allow_tf32 and fast: rounded to TF32 too).
 //
@@ -353,8 +357,16 @@ struct Fused {
           const int32_t n = cr.n;
           for (int32_t j = 0; j < n; ++j) {
             const int64_t rj = row(c, hd, j);
-            Acc r = Acc(0);  // r_j = dh_j . h_j
-            for (int64_t e = 0; e < DV; ++e) r += dh(b, rj, e) * (cr.num[j * W + e] * cr.nz[j].inv_den);
+            // r_j = dh_j . h_j of the function the backward differentiates: num over the
+            // unrounded P (as dot), inv_den (dh_j . inter_j + sum_s P_js dh_j . v_s). With the
+            // forward's num (over P~) the row terms inv_den (dh . v) and ddot would not cancel
+            // where they should (S = 1: h = P~ v / |P|, exact dq = 0, computed ~2^-9 |dh.v| / |P|)
+            Acc r = Acc(0);
+            for (int64_t e = 0; e < DV; ++e) {
+              Acc num = cr.inter[j * W + e];
+              for (int32_t s = 0; s <= j; ++s) num += cr.P[j * n + s] * vp(row(c, hd, s), e);
+              r += dh(b, rj, e) * (num * cr.nz[j].inv_den);
+            }
             const detail::RowBackward<Acc> rb = detail::row_backward(cr.num[j * W + DV], cr.rows[j], p.eps, r);
             ws.inv_den[rj] = rb.inv_den;
             ws.ddot[rj] = rb.ddot;

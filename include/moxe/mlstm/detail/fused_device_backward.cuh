@@ -12,8 +12,8 @@
 //            inter = Q C_c (B: the checkpoint converted to T parts) -> dli = dh . inter;
 //            S = Q K^T and dhv = dh V^T (causal k16 steps) in registers; per row: P =
 //            scale S o D, dot = w scale n.q + sum_s P (fp32), the normaliser, r = dh . h as
-//            inv_den (w scale dli + sum_s P~ dhv) (P~: P rounded / split per row, the twin's
-//            operand of P V': its product folded into dh V^T), row_backward -> inv_den, ddot,
+//            inv_den (w scale dli + sum_s P dhv) (the unrounded P, as dot: the function the
+//            backward differentiates, F2's product folded into dh V^T), row_backward -> inv_den, ddot,
 //            dmf, da, dlogw (O(rows) scalars); dP = inv_den dhv + ddot, dS = dP D, dlogD =
 //            dP P (column sums: per warp by shuffles, then warps in order); dq = scale (w
 //            (inv_den C dh + ddot n) + dS K) per 64 DQK columns (C dh: B = C_c's parts; dS K:
@@ -315,9 +315,9 @@ inline std::size_t fused_rows_mma_smem(int L) {
 ///      -> dli_j = dh_j . inter_j (dh from global at the accumulator positions);
 ///   B  S = Q K^T (causal k16 steps) and n_c . q_j (fp32);
 ///   C  dhv = dh V^T (causal);
-///   then per row: P = scale S o D, dot, the normaliser, r = inv_den (dli + sum_s P~_js dhv_js)
-///      (P~: P rounded / split per row as the twin's P V' operand: r_j = dh_j . h_j with the
-///      product P V' folded into dh V^T, the same operands and rounding points), the row
+///   then per row: P = scale S o D, dot, the normaliser, r = inv_den (dli + sum_s P_js dhv_js)
+///      (the unrounded P, as dot, the twin's r: dh_j . h_j of the function the backward
+///      differentiates, so that inv_den dhv and ddot cancel where h does not depend on P), the row
 ///      scalars, dP = inv_den dhv + ddot, dS = dP D, dlogD = dP P (column sums through shared
 ///      memory, warps in order);
 ///   D  per 64 DQK columns: cdh = dh C_c^T (B: C_c's parts, a power of two per DQK row for
@@ -333,7 +333,6 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
   __shared__ float sCol[kFusedMaxChunk / 16][kFusedMaxChunk];
   constexpr int kSl = kFusedBwdSlice, ld = kSl + kFusedPad<T>, kVec = 16 / sizeof(T);
   constexpr int kNT = kSl / 8, kST = kFusedMaxChunk / 8;
-  constexpr OperandForm kForm = kParts == 3 ? OperandForm::split3 : OperandForm::rounded;
   const FusedArgs<T>& p = b.f;
   const int64_t kh = blockIdx.x, c = kh / p.NH, hd = kh % p.NH;
   const int len = p.table.chunk_len[c];
@@ -501,7 +500,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
   float ws[2], inv[2], dd[2];
   int dexp[2] = {0, 0};
   {
-    float psum[2] = {0.0f, 0.0f}, pmax[2] = {0.0f, 0.0f};
+    float psum[2] = {0.0f, 0.0f};
     MOXE_PRAGMA_UNROLL
     for (int nt = 0; nt < kST; ++nt)
       MOXE_PRAGMA_UNROLL
@@ -512,27 +511,19 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
           P = (p.scale * sacc[nt].c[e]) * source_weight<float>(sRow[s].x, s, sRow[j]);
         sacc[nt].c[e] = P;
         psum[h2] += P;
-        pmax[h2] = math::max(pmax[h2], math::abs(P));
       }
-    int pexp[2];
     MOXE_PRAGMA_UNROLL
     for (int h2 = 0; h2 < 2; ++h2) {
       psum[h2] = quad_sum(psum[h2]);
-      pexp[h2] = operand_exponent<T>(quad_max(pmax[h2]));
       dli[h2] = quad_sum(dli[h2]);
     }
-    // sum_s P~_js dhv_js (P~: the twin's operand of P V')
+    // sum_s P_js dhv_js over the unrounded P, as dot (the twin's r: the function the
+    // backward differentiates, so that inv_den dhv and ddot cancel where they should)
     float spv[2] = {0.0f, 0.0f};
     MOXE_PRAGMA_UNROLL
     for (int nt = 0; nt < kST; ++nt)
       MOXE_PRAGMA_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        const int h2 = e / 2;
-        const OperandParts op = operand_parts<T>(sacc[nt].c[e], kForm, pexp[h2]);
-        float t = op.part[0] * gacc[nt].c[e];
-        if (op.count == 3) t += op.part[1] * gacc[nt].c[e] + op.part[2] * gacc[nt].c[e];
-        spv[h2] += t;
-      }
+      for (int e = 0; e < 4; ++e) spv[e / 2] += sacc[nt].c[e] * gacc[nt].c[e];
     RowBackward<float> rb[2];
     MOXE_PRAGMA_UNROLL
     for (int h2 = 0; h2 < 2; ++h2) {
