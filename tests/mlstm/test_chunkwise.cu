@@ -18,7 +18,6 @@
 
 #include "device_utils.cuh"
 #include "mlstm_testing.hpp"
-#include "moxe/mlstm/chunkwise_fused_host.hpp"
 #include "moxe/mlstm/chunkwise.cuh"
 #include "moxe/mlstm/reference.hpp"
 #include "test_utils.hpp"
@@ -41,8 +40,9 @@ struct Tolerance;
 // could take the other branch than the double reference.
 // grad_fast: the gradients' tolerance under Precision::fast (the default), where the
 // intermediate operands (P, dS, C, dC') are rounded to T before their products: the host
-// twin's documented error against the double reference is up to 3e-2 for bf16 (dfgate at
-// S = 1; docs/mlstm.md "Fused device backward"), under 1e-3 for half; `accurate` meets grad.
+// twin's measured error against the double reference is up to 6.8e-3 for bf16 (1.1e-2 at
+// extreme gates) and 6.7e-4 for half (docs/mlstm.md "Fused device backward"); `accurate`
+// meets grad.
 template <>
 struct Tolerance<float> {
   static constexpr double fwd = 2e-5, grad = 1e-4, grad_fast = 1e-4, conditioning = 30.0, branch_margin = 1e-3;
@@ -53,7 +53,7 @@ struct Tolerance<__half> {
 };
 template <>
 struct Tolerance<__nv_bfloat16> {
-  static constexpr double fwd = 1e-2, grad = 2e-2, grad_fast = 5e-2, conditioning = 100.0, branch_margin = 2e-2;
+  static constexpr double fwd = 1e-2, grad = 2e-2, grad_fast = 3e-2, conditioning = 100.0, branch_margin = 2e-2;
 };
 
 struct Case {
@@ -175,10 +175,8 @@ std::vector<A> as(const std::vector<double>& v) {
 }
 
 /// The recurrent reference evaluated in A (double: the exact answer; float: how much the
-/// definition itself loses to float rounding on these inputs); with Fmt a reduced type, the
-/// fused design's host twin instead, in float with the operands of `fast` in Fmt (how much
-/// that arithmetic loses on these inputs; the device follows it up to the order of fp32 sums).
-template <class A, class Fmt = void>
+/// definition itself loses to float rounding on these inputs).
+template <class A>
 Results reference_in(const Inputs& in) {
   const Case& cs = in.cs;
   const auto q = as<A>(in.q), k = as<A>(in.k), v = as<A>(in.v), ig = as<A>(in.ig), fg = as<A>(in.fg);
@@ -205,14 +203,8 @@ Results reference_in(const Inputs& in) {
   p.c_last = c.data();
   p.n_last = n.data();
   p.m_last = m.data();
-  constexpr bool kTwin = !std::is_void_v<Fmt>;
-  if constexpr (kTwin) {
-    p.chunk_size = cs.chunk_size;
-    p.precision = moxe::Precision::fast;
-    REQUIRE(mm::chunkwise_fused_host::forward<Fmt>(p) == Status::ok);
-  } else {
-    REQUIRE(mm::reference::forward(p) == Status::ok);
-  }
+  REQUIRE(mm::reference::forward(p) == Status::ok);
+
 
   mm::BackwardParams<A, A> b;
   b.fwd = p;
@@ -237,11 +229,8 @@ Results reference_in(const Inputs& in) {
     b.dn_init = dn0.data();
     b.dm_init = dm0.data();
   }
-  if constexpr (kTwin) {
-    REQUIRE(mm::chunkwise_fused_host::backward<Fmt>(b) == Status::ok);
-  } else {
-    REQUIRE(mm::reference::backward(b) == Status::ok);
-  }
+  REQUIRE(mm::reference::backward(b) == Status::ok);
+
   auto d = [](const std::vector<A>& x) { return std::vector<double>(x.begin(), x.end()); };
   Results r;
   r.h = d(h);
@@ -264,14 +253,11 @@ using ResultsField = std::vector<double> Results::*;
 struct Reference {
   Results exact;     // double
   Results in_float;  // the same definition in float
-  Results fast;      // half, bf16: the fused design's Precision::fast on the host (twin)
 };
 
 template <class T>
 Reference reference(const Inputs& in) {
-  Reference r{reference_in<double>(in), reference_in<float>(in), {}};
-  if constexpr (!std::is_same_v<T, float>) r.fast = reference_in<float, T>(in);
-  return r;
+  return Reference{reference_in<double>(in), reference_in<float>(in)};
 }
 
 // ---- device --------------------------------------------------------------------------------
@@ -474,22 +460,18 @@ void check_against_reference(const Results& got, const Reference& ref, const Cas
   CHECK(rel_error(got.n, x.n) < fwd_tol(f.n, x.n));
   CHECK(rel_error(got.m, x.m) < fwd_tol(f.m, x.m));
   const double scale = norm(x.dq) + norm(x.dk) + norm(x.dv) + norm(x.di) + norm(x.df);
-  // fast: the fixed bound too (a row's cancelling terms at S = 1 left 2^-9 of themselves
-  // before B2's r_j was formed over the unrounded P, e.g. seed 6516036062722885010)
-  auto grad_tol = [&](ResultsField field, const char* name) {
-    (void)name;
-    double t = std::max(gt, Tolerance<T>::conditioning * grad_error(f.*field, x.*field, scale));
-    return t;
+  auto grad_tol = [&](ResultsField field) {
+    return std::max(gt, Tolerance<T>::conditioning * grad_error(f.*field, x.*field, scale));
   };
-  CHECK(grad_error(got.dq, x.dq, scale) < grad_tol(&Results::dq, "dq"));
-  CHECK(grad_error(got.dk, x.dk, scale) < grad_tol(&Results::dk, "dk"));
-  CHECK(grad_error(got.dv, x.dv, scale) < grad_tol(&Results::dv, "dv"));
-  CHECK(grad_error(got.di, x.di, scale) < grad_tol(&Results::di, "digate"));
-  CHECK(grad_error(got.df, x.df, scale) < grad_tol(&Results::df, "dfgate"));
+  CHECK(grad_error(got.dq, x.dq, scale) < grad_tol(&Results::dq));
+  CHECK(grad_error(got.dk, x.dk, scale) < grad_tol(&Results::dk));
+  CHECK(grad_error(got.dv, x.dv, scale) < grad_tol(&Results::dv));
+  CHECK(grad_error(got.di, x.di, scale) < grad_tol(&Results::di));
+  CHECK(grad_error(got.df, x.df, scale) < grad_tol(&Results::df));
   if (cs.init_states) {
-    CHECK(grad_error(got.dc0, x.dc0, scale) < grad_tol(&Results::dc0, "dc_init"));
-    CHECK(grad_error(got.dn0, x.dn0, scale) < grad_tol(&Results::dn0, "dn_init"));
-    CHECK(grad_error(got.dm0, x.dm0, scale) < grad_tol(&Results::dm0, "dm_init"));
+    CHECK(grad_error(got.dc0, x.dc0, scale) < grad_tol(&Results::dc0));
+    CHECK(grad_error(got.dn0, x.dn0, scale) < grad_tol(&Results::dn0));
+    CHECK(grad_error(got.dm0, x.dm0, scale) < grad_tol(&Results::dm0));
   }
 }
 
