@@ -309,6 +309,49 @@ inline std::size_t fused_rows_mma_smem(int L) {
   return sizeof(T) * (2 * static_cast<std::size_t>(L) * ld + static_cast<std::size_t>(kParts) * kFusedBwdSlice * ld);
 }
 
+/// Half's power-of-two groups of a checkpoint m ([DQK][W] fp32, the first DV columns): one
+/// per column (by_col) and one per row (by_row), as the twin's groups; 0 for bf16. The block's
+/// threads split the columns, then the rows.
+template <class T>
+MOXE_DEVICE void checkpoint_exponents(const float* m, int DQK, int DV, int W, int* by_col, int* by_row, int tid,
+                                      int threads) {
+  for (int e = tid; e < DV; e += threads) {
+    float mx = 0.0f;
+    if constexpr (OperandFormat<T>::kNarrowRange)
+      for (int a = 0; a < DQK; ++a) mx = math::max(mx, math::abs(m[a * W + e]));
+    by_col[e] = operand_exponent<T>(mx);
+  }
+  for (int a = tid; a < DQK; a += threads) {
+    float mx = 0.0f;
+    if constexpr (OperandFormat<T>::kNarrowRange)
+      for (int e = 0; e < DV; ++e) mx = math::max(mx, math::abs(m[a * W + e]));
+    by_row[a] = operand_exponent<T>(mx);
+  }
+}
+
+/// The 64 x 64 slice m[a0.., e0..] of a checkpoint into dst (row pitch ld) in kParts T parts
+/// (parts kFusedBwdSlice rows apart), scaled by its row's or its column's power of two; zeros
+/// past DQK, DV.
+template <class T, int kParts>
+MOXE_DEVICE void convert_checkpoint_slice(T* dst, int ld, const float* m, int DQK, int DV, int W, int a0, int e0,
+                                          bool by_row, const int* exp_row, const int* exp_col, int tid,
+                                          int threads) {
+  constexpr int kSl = kFusedBwdSlice;
+  for (int idx = tid; idx < kSl * kSl; idx += threads) {
+    const int a = idx / kSl, e = idx % kSl;
+    float x = 0.0f;
+    if (a0 + a < DQK && e0 + e < DV) x = m[(a0 + a) * W + e0 + e] * exp2_int(by_row ? exp_row[a0 + a] : exp_col[e0 + e]);
+    if constexpr (kParts == 1) {
+      dst[a * ld + e] = T(x);
+    } else {
+      const Split3 sp = split3<T>(x);
+      dst[a * ld + e] = T(sp.hi);
+      dst[(kSl + a) * ld + e] = T(sp.mid);
+      dst[(2 * kSl + a) * ld + e] = T(sp.lo);
+    }
+  }
+}
+
 /// B2 for bf16 / half: one warp per 16 rows of the chunk (L / 16 warps), F2's structure. In
 /// order, over staged 64-wide slices (cp.async):
 ///   A  inter = Q C_c (A: Q; B: C_c converted to T parts, a power of two per column for half)
@@ -357,18 +400,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
     sW[j] = j < len ? decay_weight<float>(mp, row) : 0.0f;
   }
   // half: the powers of two of C_c's columns (inter) and rows (C dh), as the twin's groups
-  for (int e = tid; e < DV; e += threads) {
-    float mx = 0.0f;
-    if constexpr (OperandFormat<T>::kNarrowRange)
-      for (int a = 0; a < DQK; ++a) mx = math::max(mx, math::abs(ck[a * W + e]));
-    sExpC[e] = operand_exponent<T>(mx);
-  }
-  for (int a = tid; a < DQK; a += threads) {
-    float mx = 0.0f;
-    if constexpr (OperandFormat<T>::kNarrowRange)
-      for (int e = 0; e < DV; ++e) mx = math::max(mx, math::abs(ck[a * W + e]));
-    sExpCr[a] = operand_exponent<T>(mx);
-  }
+  checkpoint_exponents<T>(ck, DQK, DV, W, sExpC, sExpCr, tid, threads);
   // rows [0, L) of a T matrix (row stride ldg), columns c0..c0+63 (zeros past len and past limit)
   auto stage = [&](T* dst, const T* src, int64_t ldg, int c0, int limit) {
     for (int idx = tid; idx < L * (kSl / kVec); idx += threads) {
@@ -379,19 +411,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
   };
   // C_c[a0.., e0..] into Cs (scaled by its row's or its column's power of two, in parts)
   auto convert_c = [&](int a0, int e0, bool by_row) {
-    for (int idx = tid; idx < kSl * kSl; idx += threads) {
-      const int a = idx / kSl, e = idx % kSl;
-      float x = 0.0f;
-      if (a0 + a < DQK && e0 + e < DV) x = ck[(a0 + a) * W + e0 + e] * exp2_int(by_row ? sExpCr[a0 + a] : sExpC[e0 + e]);
-      if constexpr (kParts == 1) {
-        Cs[a * ld + e] = T(x);
-      } else {
-        const Split3 sp = split3<T>(x);
-        Cs[a * ld + e] = T(sp.hi);
-        Cs[(kSl + a) * ld + e] = T(sp.mid);
-        Cs[(2 * kSl + a) * ld + e] = T(sp.lo);
-      }
-    }
+    convert_checkpoint_slice<T, kParts>(Cs, ld, ck, DQK, DV, W, a0, e0, by_row, sExpCr, sExpC, tid, threads);
   };
   __syncthreads();  // sRow, sW, sExpC, sExpCr
 
@@ -1075,18 +1095,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
     sInv[j] = in ? b.ws.inv_den[row_of(j)] : 0.0f;
     sDdot[j] = in ? b.ws.ddot[row_of(j)] : 0.0f;
   }
-  for (int e = tid; e < DV; e += threads) {
-    float mx = 0.0f;
-    if constexpr (OperandFormat<T>::kNarrowRange)
-      for (int a = 0; a < DQK; ++a) mx = math::max(mx, math::abs(gn[a * W + e]));
-    sExpGc[e] = operand_exponent<T>(mx);
-  }
-  for (int a = tid; a < DQK; a += threads) {
-    float mx = 0.0f;
-    if constexpr (OperandFormat<T>::kNarrowRange)
-      for (int e = 0; e < DV; ++e) mx = math::max(mx, math::abs(gn[a * W + e]));
-    sExpGr[a] = operand_exponent<T>(mx);
-  }
+  checkpoint_exponents<T>(gn, DQK, DV, W, sExpGc, sExpGr, tid, threads);
   auto stage = [&](T* dst, const T* src, int64_t ldg, int c0, int limit) {
     for (int idx = tid; idx < L * (kSl / kVec); idx += threads) {
       const int s = idx / (kSl / kVec), col = (idx % (kSl / kVec)) * kVec;
@@ -1096,20 +1105,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
   };
   // dC_{c+1}[a0.., e0..] into Gs (scaled by its row's or its column's power of two, in parts)
   auto convert_g = [&](int a0, int e0, bool by_row) {
-    for (int idx = tid; idx < kSl * kSl; idx += threads) {
-      const int a = idx / kSl, e = idx % kSl;
-      float x = 0.0f;
-      if (a0 + a < DQK && e0 + e < DV)
-        x = gn[(a0 + a) * W + e0 + e] * exp2_int(by_row ? sExpGr[a0 + a] : sExpGc[e0 + e]);
-      if constexpr (kParts == 1) {
-        Gs[a * ld + e] = T(x);
-      } else {
-        const Split3 sp = split3<T>(x);
-        Gs[a * ld + e] = T(sp.hi);
-        Gs[(kSl + a) * ld + e] = T(sp.mid);
-        Gs[(2 * kSl + a) * ld + e] = T(sp.lo);
-      }
-    }
+    convert_checkpoint_slice<T, kParts>(Gs, ld, gn, DQK, DV, W, a0, e0, by_row, sExpGr, sExpGc, tid, threads);
   };
   __syncthreads();  // sRow, sInv, sDdot, the exponents
   for (int s = tid; s < len; s += threads) sE[s] = state_source_weight<float>(sRow[s].x, s, sRow[len - 1], mn);
