@@ -275,10 +275,12 @@ struct Bounds {
 
 template <class T>
 Bounds bounds(Precision precision) {
-  // float against the twin: digate at S = 1 (one row a head, a sum of cancelling terms) reached
-  // 2.1e-5 with seed 12904990689971278299 (the same bits before and after B2/B4 moved to mma.sync:
-  // float runs the unchanged fp32 kernels)
-  if constexpr (std::is_same_v<T, float>) return Bounds{2e-5, 5e-5};
+  // float: the fp32 gradients' documented bound (Tolerance<float>::grad in test_chunkwise.cu, the
+  // twin's in test_chunkwise_fused_host.cpp). At S = 1 (one row a head) dq and dk are exactly 0
+  // where |n . q| > exp(-m) and come out as the rounding of terms that cancel, up to |dh . v| /
+  // exp(-m) in size: seed 12958201975326815915 gave dq 4.3e-5 (the twin 1.5e-5 from the device);
+  // against the twin, digate at S = 1 reached 2.1e-5 with seed 12904990689971278299
+  if constexpr (std::is_same_v<T, float>) return Bounds{1e-4, 5e-5};
   // against the twin: measured <= 7e-5; a sum order that flips one operand's rounding to T
   // moves that term by 2^-8 (bf16) / 2^-11 (half) of itself
   if (precision == Precision::accurate) return std::is_same_v<T, __half> ? Bounds{2e-3, 1e-3} : Bounds{1e-2, 1e-3};
@@ -427,6 +429,15 @@ TEST_CASE("fused backward: two slots over two column blocks (F1 launched on the 
   constexpr std::uint64_t kSeed = 1615524615264149973ull;
   check_case<float>(cs, Precision::fast, kSeed);
   check_case<__nv_bfloat16>(cs, Precision::fast, kSeed);
+}
+
+TEST_CASE("fused backward float, S 1: dq and dk that cancel to 0 (pinned)") {
+  // the inputs that reached 4.3e-5 against the reference (over the 2e-5 bound of the time)
+  Case cs;
+  cs.seq_len = 1;
+  cs.dqk = 16;
+  cs.dv = 16;
+  check_case<float>(cs, Precision::fast, 12958201975326815915ull);
 }
 
 TEST_CASE("fused backward: extreme gates (resets, no input, exp(-m) beyond float's range)") {
