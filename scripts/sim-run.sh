@@ -21,5 +21,5 @@ log=$logs/$(basename "$bin").log
 rc=0
 "$sim_dir/sim" run "$bin" "$@" >"$log" 2>&1 || rc=$?
 # drop the simulator's banner (configuration dump) up to the program's first line of output
-sed -n '/^\[doctest\]\|^\[seed\]\|^\[sim-skip\]\|^no CUDA device/,$p' "$log" | grep -v '^\(GPGPU-Sim\|gpgpu\|Destroy\)' || cat "$log"
+sed -n '/^\[doctest\]\|^\[seed\]\|^\[sim-skip\]\|^no CUDA device/,$p' "$log" | grep -v '^\(GPGPU-Sim\|gpgpu\|Destroy\|Calculate Maxium Active Block\|Maximum size is\)' || cat "$log"
 exit $rc

@@ -168,6 +168,21 @@ inline Status set_max_dynamic_smem(Kernel kernel, std::size_t bytes) {
                                         static_cast<int>(bytes)));
 }
 
+/// *fits = whether `kernel` can be launched with `bytes` of dynamic shared memory on the
+/// current device (its static shared memory included, against the opt-in limit); no
+/// attribute is set. For kernels that pick a deeper pipeline where the memory allows it.
+template <class Kernel>
+inline Status dynamic_smem_fits(Kernel kernel, std::size_t bytes, bool* fits) {
+  cudaFuncAttributes fa{};
+  MOXE_RETURN_IF_ERROR(from_cuda(cudaFuncGetAttributes(&fa, kernel)));
+  int device = 0;
+  MOXE_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&device)));
+  int optin = 0;
+  MOXE_RETURN_IF_ERROR(from_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)));
+  *fits = bytes + fa.sharedSizeBytes <= static_cast<std::size_t>(optin);
+  return Status::ok;
+}
+
 /// Number of multiprocessors of the current device (persistent grids size themselves by it).
 inline Status multiprocessor_count(int* count) {
   int device = 0;

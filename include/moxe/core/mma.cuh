@@ -104,6 +104,18 @@ MOXE_DEVICE MOXE_FORCEINLINE void cp_async_16(void* dst_shared, const void* src_
 #endif
 }
 
+/// 4 bytes from global to shared memory (cp.async.ca: through L1); src_bytes 0 writes a zero
+/// and reads nothing (src must still be a valid address expression). Both addresses 4-byte
+/// aligned. Completes at the next cp_async_wait that covers its group.
+MOXE_DEVICE MOXE_FORCEINLINE void cp_async_4(void* dst_shared, const void* src_global, int src_bytes = 4) {
+#if MOXE_MMA_SM80
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared_address(dst_shared)),
+               "l"(src_global), "r"(src_bytes));
+#else
+  __trap();
+#endif
+}
+
 /// Closes the group of the cp.async copies this thread issued since the last commit.
 MOXE_DEVICE MOXE_FORCEINLINE void cp_async_commit() {
 #if MOXE_MMA_SM80

@@ -45,8 +45,13 @@
 // per product), half's groups scaled by a power of two (the twin's groups); the same rounding
 // points as the twin, the order of the fp32 additions differs. float: fp32 FMAs (SIMT) on the
 // same steps (exact fp32). Every kernel's dynamic shared memory is set before the first launch
-// (prepare_backward_smem); B2 and B4 take at most 74 KiB (chunk 128, accurate). Everything is
-// deterministic (fixed orders, no atomics); no allocation and no host synchronisation.
+// (prepare_backward_smem). B2 and B4 stage their slices in rounds of two stages (the next
+// round's cp.async copies in flight during a round's MMAs, the checkpoint slices copied raw
+// and converted in shared memory) where the device's shared memory allows it without fewer
+// resident blocks (at most 131 KiB dynamic + 11 KiB static: chunk 128, accurate), else in one
+// (63 + 11 KiB; the conversion reads global memory): the same arithmetic and bits either way
+// (backward_slice_stages). Everything is deterministic (fixed orders, no
+// atomics); no allocation and no host synchronisation.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -115,6 +120,7 @@ struct FusedBackwardArgs {
   OperandForm form;  // of the intermediate operands
   bool aligned;      // q and dh 16-byte aligned: cp.async staging in B3 (else plain loads)
   int col_blocks;
+  int stages;  // B2 / B4's pipeline depth (1 or 2: backward_slice_stages)
   FusedWorkspace<float> ws;
   float* inner_part;
 };
@@ -300,13 +306,48 @@ __global__ void __launch_bounds__(kFusedRowThreads) fused_rows_kernel(const __gr
 /// DQK / DV columns per staged slice of B2 and B4 on the tensor cores.
 inline constexpr int kFusedBwdSlice = 64;
 
-/// Dynamic shared memory of B2 and B4 on the tensor cores: two [L][64] slices of inputs (Q,
-/// K, V or dh) and one 64 x 64 slice of C'_c (B2) or dC'_{c+1} (B4) in kParts T parts (63 KiB
-/// at L 128 with three parts, 27 KiB at L 64 with one).
+/// Dynamic shared memory of B2 and B4 on the tensor cores: `stages` (1 or 2) pairs of [L][64]
+/// slices of inputs (Q, K, V or dh), one 64 x 64 slice of C'_c (B2) or dC'_{c+1} (B4) in
+/// kParts T parts and, with two stages, two raw fp32 64 x 64 slices of it (the copies in
+/// flight). One stage: 63 KiB at L 128 with three parts, 27 KiB at L 64 with one; two stages:
+/// 131 / 77 KiB.
 template <class T, int kParts>
-inline std::size_t fused_rows_mma_smem(int L) {
+inline std::size_t fused_rows_mma_smem(int L, int stages) {
   constexpr int ld = kFusedBwdSlice + kFusedPad<T>;
-  return sizeof(T) * (2 * static_cast<std::size_t>(L) * ld + static_cast<std::size_t>(kParts) * kFusedBwdSlice * ld);
+  const std::size_t raw = stages == 2 ? 2 * sizeof(float) * kFusedBwdSlice * kFusedBwdSlice : 0;
+  return sizeof(T) * (2 * static_cast<std::size_t>(stages) * L * ld +
+                      static_cast<std::size_t>(kParts) * kFusedBwdSlice * ld) +
+         raw;
+}
+
+/// The rounds of B2's and B4's loops over staged slices: issue(r, buf) starts round r's
+/// copies (cp.async) into buffer buf, use(r, buf) runs once every thread's copies of round r
+/// have landed. stages 2: round r + 1's copies are in flight during round r's use (buffers 0
+/// and 1 in turn); stages 1: one buffer, each round waits for its own copies. Each round ends
+/// with a barrier, so a buffer is written again only after every warp's use of it; no group
+/// is left in flight at the end. `rounds` and `stages` are uniform over the block.
+template <class Issue, class Use>
+MOXE_DEVICE MOXE_FORCEINLINE void staged_rounds(int rounds, int stages, Issue&& issue, Use&& use) {
+  if (rounds <= 0) return;
+  issue(0, 0);
+  mma::cp_async_commit();
+  for (int r = 0; r < rounds; ++r) {
+    const int buf = stages == 2 ? (r & 1) : 0;
+    if (stages == 2 && r + 1 < rounds) {
+      issue(r + 1, buf ^ 1);
+      mma::cp_async_commit();
+      mma::cp_async_wait<1>();  // round r's group (all but the newest)
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    __syncthreads();
+    use(r, buf);
+    __syncthreads();  // the buffer (and the converted slice) may be written again
+    if (stages == 1 && r + 1 < rounds) {
+      issue(r + 1, 0);
+      mma::cp_async_commit();
+    }
+  }
 }
 
 /// Half's power-of-two groups of a checkpoint m ([DQK][W] fp32, the first DV columns): one
@@ -329,18 +370,19 @@ MOXE_DEVICE void checkpoint_exponents(const float* m, int DQK, int DV, int W, in
   }
 }
 
-/// The 64 x 64 slice m[a0.., e0..] of a checkpoint into dst (row pitch ld) in kParts T parts
-/// (parts kFusedBwdSlice rows apart), scaled by its row's or its column's power of two; zeros
-/// past DQK, DV.
+/// The 64 x 64 slice [a0.., e0..] of a checkpoint, read at src (its element (a0, e0); rows
+/// `pitch` floats apart: the checkpoint in global memory, or its raw copy in shared memory),
+/// into dst (row pitch ld) in kParts T parts (parts kFusedBwdSlice rows apart), scaled by its
+/// row's or its column's power of two; zeros past DQK, DV (nothing read there).
 template <class T, int kParts>
-MOXE_DEVICE void convert_checkpoint_slice(T* dst, int ld, const float* m, int DQK, int DV, int W, int a0, int e0,
-                                          bool by_row, const int* exp_row, const int* exp_col, int tid,
+MOXE_DEVICE void convert_checkpoint_slice(T* dst, int ld, const float* src, int64_t pitch, int DQK, int DV, int a0,
+                                          int e0, bool by_row, const int* exp_row, const int* exp_col, int tid,
                                           int threads) {
   constexpr int kSl = kFusedBwdSlice;
   for (int idx = tid; idx < kSl * kSl; idx += threads) {
     const int a = idx / kSl, e = idx % kSl;
     float x = 0.0f;
-    if (a0 + a < DQK && e0 + e < DV) x = m[(a0 + a) * W + e0 + e] * exp2_int(by_row ? exp_row[a0 + a] : exp_col[e0 + e]);
+    if (a0 + a < DQK && e0 + e < DV) x = src[a * pitch + e] * exp2_int(by_row ? exp_row[a0 + a] : exp_col[e0 + e]);
     if constexpr (kParts == 1) {
       dst[a * ld + e] = T(x);
     } else {
@@ -351,6 +393,44 @@ MOXE_DEVICE void convert_checkpoint_slice(T* dst, int ld, const float* m, int DQ
     }
   }
 }
+
+/// The checkpoint slices of B2 (C'_c) and B4 (dC'_{c+1}) in staged rounds: with two stages
+/// issue copies the raw fp32 slice into raw[buf] (cp.async, 4 bytes an element: the
+/// checkpoint's rows are DV + 1 floats apart, not 16-byte aligned) and use converts it into
+/// dst; with one, issue converts it from global memory (dst is free by then) and use does
+/// nothing. Either way dst holds the slice's T parts for the round's MMAs after use.
+template <class T, int kParts>
+struct CheckpointSlices {
+  T* dst;        // [kParts][kSl][ld]
+  float* raw;    // [2][kSl][kSl] (stages 2)
+  const float* m;  // the checkpoint, [DQK][W]
+  int64_t W;
+  int ld, DQK, DV, stages, tid, threads;
+  const int *exp_row, *exp_col;
+
+  MOXE_DEVICE void issue(int buf, int a0, int e0, bool by_row) const {
+    constexpr int kSl = kFusedBwdSlice;
+    if (stages == 2) {
+      float* r = raw + buf * kSl * kSl;
+      for (int idx = tid; idx < kSl * kSl; idx += threads) {
+        const int a = idx / kSl, e = idx % kSl;
+        const bool in = a0 + a < DQK && e0 + e < DV;
+        mma::cp_async_4(r + idx, in ? m + (a0 + a) * W + e0 + e : m, in ? 4 : 0);
+      }
+    } else {
+      convert_checkpoint_slice<T, kParts>(dst, ld, m + a0 * W + e0, W, DQK, DV, a0, e0, by_row, exp_row, exp_col, tid,
+                                          threads);
+    }
+  }
+  /// (a barrier inside with two stages: call it from every thread)
+  MOXE_DEVICE void use(int buf, int a0, int e0, bool by_row) const {
+    constexpr int kSl = kFusedBwdSlice;
+    if (stages != 2) return;
+    convert_checkpoint_slice<T, kParts>(dst, ld, raw + buf * kSl * kSl, kSl, DQK, DV, a0, e0, by_row, exp_row, exp_col,
+                                        tid, threads);
+    __syncthreads();
+  }
+};
 
 /// B2 for bf16 / half: one warp per 16 rows of the chunk (L / 16 warps), F2's structure. In
 /// order, over staged 64-wide slices (cp.async):
@@ -381,9 +461,14 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
   const int len = p.table.chunk_len[c];
   if (len == 0) return;  // uniform: past the chunks in use
   const int L = p.L, DQK = static_cast<int>(p.DQK), DV = static_cast<int>(p.DV);
-  T* X0 = reinterpret_cast<T*>(fused_smem);  // [L][ld]: Q, then Q, dh, dh
-  T* X1 = X0 + L * ld;                       // [L][ld]: -, K, V, K
-  T* Cs = X1 + L * ld;                       // [kParts][kSl][ld]: C_c's slice
+  // [stages][L][ld] each, buffer buf at x0(buf), x1(buf) (stages 1: buf is 0): X0 Q, then Q, dh, dh; X1 -, K, V, K
+  const int stages = b.stages;
+  T* const X0 = reinterpret_cast<T*>(fused_smem);
+  T* const X1 = X0 + stages * L * ld;
+  auto x0 = [&](int buf) { return X0 + buf * L * ld; };
+  auto x1 = [&](int buf) { return X1 + buf * L * ld; };
+  T* Cs = X1 + stages * L * ld;  // [kParts][kSl][ld]: C_c's slice
+  float* raw = reinterpret_cast<float*>(Cs + kParts * kSl * ld);  // [2][kSl][kSl] (stages 2)
   const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
   const int threads = static_cast<int>(blockDim.x), warps = threads / 32;
   const int64_t u = p.table.chunk_unit[c], start = p.table.chunk_start[c], W = p.DV + 1;
@@ -410,9 +495,8 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
     }
   };
   // C_c[a0.., e0..] into Cs (scaled by its row's or its column's power of two, in parts)
-  auto convert_c = [&](int a0, int e0, bool by_row) {
-    convert_checkpoint_slice<T, kParts>(Cs, ld, ck, DQK, DV, W, a0, e0, by_row, sExpCr, sExpC, tid, threads);
-  };
+  const CheckpointSlices<T, kParts> cps{Cs, raw, ck, W, ld, DQK, DV, stages, tid, threads, sExpCr, sExpC};
+  const int na = (DQK + kSl - 1) / kSl, ne = (DV + kSl - 1) / kSl;  // 64-wide slices of DQK, DV
   __syncthreads();  // sRow, sW, sExpC, sExpCr
 
   const int j0 = warp * 16;
@@ -429,92 +513,97 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
     return math::max(x, __shfl_xor_sync(0xffffffffu, x, 2));
   };
 
-  // A: dli_j = dh_j . (C_c^T q_j) (times w_j scale below)
+  // A: dli_j = dh_j . (C_c^T q_j) (times w_j scale below); rounds over (e0, a0), a0 inner
   float dli[2] = {0.0f, 0.0f};
-  for (int e0 = 0; e0 < DV; e0 += kSl) {
+  {
     mma::FragmentC iacc[kNT];
-    for (int a0 = 0; a0 < DQK; a0 += kSl) {
-      stage(X0, p.q, p.DQK, a0, DQK);
-      mma::cp_async_commit();
-      convert_c(a0, e0, /*by_row=*/false);
-      mma::cp_async_wait<0>();
-      __syncthreads();
-      if (warp_rows) {
-        const int width = math::min(kSl, DQK - a0);
-        for (int kk = 0; kk < width; kk += 16) {
-          const mma::FragmentA qa = mma::load_a(X0, ld, j0, kk, lane);
-          MOXE_PRAGMA_UNROLL
-          for (int nt = 0; nt < kNT; ++nt) {
-            if (e0 + nt * 8 >= DV) continue;
-            MOXE_PRAGMA_UNROLL
-            for (int pt = 0; pt < kParts; ++pt) {
-              const mma::FragmentB cf = mma::load_b(Cs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/true);
-              mma::mma_16816<T>(iacc[nt], qa, cf);
+    staged_rounds(
+        ne * na, stages,
+        [&](int r, int buf) {
+          const int e0 = (r / na) * kSl, a0 = (r % na) * kSl;
+          stage(x0(buf), p.q, p.DQK, a0, DQK);
+          cps.issue(buf, a0, e0, /*by_row=*/false);
+        },
+        [&](int r, int buf) {
+          const int e0 = (r / na) * kSl, a0 = (r % na) * kSl;
+          cps.use(buf, a0, e0, /*by_row=*/false);
+          if (warp_rows) {
+            const int width = math::min(kSl, DQK - a0);
+            for (int kk = 0; kk < width; kk += 16) {
+              const mma::FragmentA qa = mma::load_a(x0(buf), ld, j0, kk, lane);
+              MOXE_PRAGMA_UNROLL
+              for (int nt = 0; nt < kNT; ++nt) {
+                if (e0 + nt * 8 >= DV) continue;
+                MOXE_PRAGMA_UNROLL
+                for (int pt = 0; pt < kParts; ++pt) {
+                  const mma::FragmentB cf = mma::load_b(Cs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/true);
+                  mma::mma_16816<T>(iacc[nt], qa, cf);
+                }
+              }
             }
           }
-        }
-      }
-      __syncthreads();  // X0, Cs are staged again
-    }
-    MOXE_PRAGMA_UNROLL
-    for (int nt = 0; nt < kNT; ++nt)
-      MOXE_PRAGMA_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        const int h2 = e / 2, j = jr[h2], col = e0 + nt * 8 + mma::fragment_c_col(lane, e);
-        if (j < len && col < DV)
-          dli[h2] += load_acc<float>(b.dh[row_of(j) * p.DV + col]) * (iacc[nt].c[e] * exp2_int(-sExpC[col]));
-      }
+          if (r % na != na - 1) return;
+          // the last DQK slice of e0's columns: dli, and iacc starts again
+          MOXE_PRAGMA_UNROLL
+          for (int nt = 0; nt < kNT; ++nt)
+            MOXE_PRAGMA_UNROLL
+            for (int e = 0; e < 4; ++e) {
+              const int h2 = e / 2, j = jr[h2], col = e0 + nt * 8 + mma::fragment_c_col(lane, e);
+              if (j < len && col < DV)
+                dli[h2] += load_acc<float>(b.dh[row_of(j) * p.DV + col]) * (iacc[nt].c[e] * exp2_int(-sExpC[col]));
+              iacc[nt].c[e] = 0.0f;
+            }
+        });
   }
 
   // B: S = Q K^T; n_c . q_j (thread j, fp32, a in order)
   mma::FragmentC sacc[kST];
   float nq = 0.0f;
-  for (int a0 = 0; a0 < DQK; a0 += kSl) {
-    stage(X0, p.q, p.DQK, a0, DQK);
-    stage(X1, p.k, p.DQK, a0, DQK);
-    mma::cp_async_commit();
-    mma::cp_async_wait<0>();
-    __syncthreads();
-    const int width = math::min(kSl, DQK - a0);
-    if (tid < L)
-      for (int a = 0; a < width; ++a) nq += ck[(a0 + a) * W + DV] * static_cast<float>(X0[tid * ld + a]);
-    if (warp_rows) {
-      for (int kk = 0; kk < width; kk += 16) {
-        const mma::FragmentA qa = mma::load_a(X0, ld, j0, kk, lane);
-        MOXE_PRAGMA_UNROLL
-        for (int nt = 0; nt < kST; ++nt) {
-          if (!active_st(nt)) continue;
-          const mma::FragmentB kb = mma::load_b(X1, ld, kk, nt * 8, lane, /*k_major=*/false);
-          mma::mma_16816<T>(sacc[nt], qa, kb);
+  staged_rounds(
+      na, stages,
+      [&](int r, int buf) {
+        stage(x0(buf), p.q, p.DQK, r * kSl, DQK);
+        stage(x1(buf), p.k, p.DQK, r * kSl, DQK);
+      },
+      [&](int r, int buf) {
+        const int a0 = r * kSl, width = math::min(kSl, DQK - a0);
+        if (tid < L)
+          for (int a = 0; a < width; ++a) nq += ck[(a0 + a) * W + DV] * static_cast<float>(x0(buf)[tid * ld + a]);
+        if (warp_rows) {
+          for (int kk = 0; kk < width; kk += 16) {
+            const mma::FragmentA qa = mma::load_a(x0(buf), ld, j0, kk, lane);
+            MOXE_PRAGMA_UNROLL
+            for (int nt = 0; nt < kST; ++nt) {
+              if (!active_st(nt)) continue;
+              const mma::FragmentB kb = mma::load_b(x1(buf), ld, kk, nt * 8, lane, /*k_major=*/false);
+              mma::mma_16816<T>(sacc[nt], qa, kb);
+            }
+          }
         }
-      }
-    }
-    __syncthreads();
-  }
+      });
   if (tid < L) sNq[tid] = nq;
 
   // C: dhv = dh V^T
   mma::FragmentC gacc[kST];
-  for (int e0 = 0; e0 < DV; e0 += kSl) {
-    stage(X0, b.dh, p.DV, e0, DV);
-    stage(X1, p.v, p.DV, e0, DV);
-    mma::cp_async_commit();
-    mma::cp_async_wait<0>();
-    __syncthreads();
-    if (warp_rows) {
-      const int width = math::min(kSl, DV - e0);
-      for (int kk = 0; kk < width; kk += 16) {
-        const mma::FragmentA ha = mma::load_a(X0, ld, j0, kk, lane);
-        MOXE_PRAGMA_UNROLL
-        for (int nt = 0; nt < kST; ++nt) {
-          if (!active_st(nt)) continue;
-          const mma::FragmentB vb = mma::load_b(X1, ld, kk, nt * 8, lane, /*k_major=*/false);
-          mma::mma_16816<T>(gacc[nt], ha, vb);
+  staged_rounds(
+      ne, stages,
+      [&](int r, int buf) {
+        stage(x0(buf), b.dh, p.DV, r * kSl, DV);
+        stage(x1(buf), p.v, p.DV, r * kSl, DV);
+      },
+      [&](int r, int buf) {
+        if (!warp_rows) return;
+        const int width = math::min(kSl, DV - r * kSl);
+        for (int kk = 0; kk < width; kk += 16) {
+          const mma::FragmentA ha = mma::load_a(x0(buf), ld, j0, kk, lane);
+          MOXE_PRAGMA_UNROLL
+          for (int nt = 0; nt < kST; ++nt) {
+            if (!active_st(nt)) continue;
+            const mma::FragmentB vb = mma::load_b(x1(buf), ld, kk, nt * 8, lane, /*k_major=*/false);
+            mma::mma_16816<T>(gacc[nt], ha, vb);
+          }
         }
-      }
-    }
-    __syncthreads();
-  }
+      });
 
   // the rows: P, dot, the normaliser, r, the row scalars, dS, dlogD
   float ws[2], inv[2], dd[2];
@@ -601,32 +690,34 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
 
   // D: dq = scale (w (inv_den C dh + ddot n) + dS K), 64 DQK columns at a time
   const int ksteps = math::min(warp + 1, (len + 15) / 16);
+  T* const Ks = X1;  // K's slice ab, staged with the first round's copies
   for (int ab = 0; ab < DQK; ab += kSl) {
     mma::FragmentC cacc[kNT], kacc[kNT];
-    stage(X1, p.k, p.DQK, ab, DQK);
-    for (int e0 = 0; e0 < DV; e0 += kSl) {
-      stage(X0, b.dh, p.DV, e0, DV);
-      mma::cp_async_commit();
-      convert_c(ab, e0, /*by_row=*/true);
-      mma::cp_async_wait<0>();
-      __syncthreads();
-      if (warp_rows) {
-        const int width = math::min(kSl, DV - e0);
-        for (int kk = 0; kk < width; kk += 16) {
-          const mma::FragmentA ha = mma::load_a(X0, ld, j0, kk, lane);
-          MOXE_PRAGMA_UNROLL
-          for (int nt = 0; nt < kNT; ++nt) {
-            if (ab + nt * 8 >= DQK) continue;
+    staged_rounds(
+        ne, stages,
+        [&](int r, int buf) {
+          if (r == 0) stage(Ks, p.k, p.DQK, ab, DQK);
+          stage(x0(buf), b.dh, p.DV, r * kSl, DV);
+          cps.issue(buf, ab, r * kSl, /*by_row=*/true);
+        },
+        [&](int r, int buf) {
+          const int e0 = r * kSl;
+          cps.use(buf, ab, e0, /*by_row=*/true);
+          if (!warp_rows) return;
+          const int width = math::min(kSl, DV - e0);
+          for (int kk = 0; kk < width; kk += 16) {
+            const mma::FragmentA ha = mma::load_a(x0(buf), ld, j0, kk, lane);
             MOXE_PRAGMA_UNROLL
-            for (int pt = 0; pt < kParts; ++pt) {
-              const mma::FragmentB cf = mma::load_b(Cs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/false);
-              mma::mma_16816<T>(cacc[nt], ha, cf);
+            for (int nt = 0; nt < kNT; ++nt) {
+              if (ab + nt * 8 >= DQK) continue;
+              MOXE_PRAGMA_UNROLL
+              for (int pt = 0; pt < kParts; ++pt) {
+                const mma::FragmentB cf = mma::load_b(Cs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/false);
+                mma::mma_16816<T>(cacc[nt], ha, cf);
+              }
             }
           }
-        }
-      }
-      __syncthreads();
-    }
+        });
     if (warp_rows) {
       MOXE_PRAGMA_UNROLL
       for (int ks = 0; ks < kST / 2; ++ks) {
@@ -643,7 +734,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
         MOXE_PRAGMA_UNROLL
         for (int nt = 0; nt < kNT; ++nt) {
           if (ab + nt * 8 >= DQK) continue;
-          const mma::FragmentB kb = mma::load_b(X1, ld, ks * 16, nt * 8, lane, /*k_major=*/true);
+          const mma::FragmentB kb = mma::load_b(Ks, ld, ks * 16, nt * 8, lane, /*k_major=*/true);
           MOXE_PRAGMA_UNROLL
           for (int pt = 0; pt < kParts; ++pt) mma::mma_16816<T>(kacc[nt], fa[pt], kb);
         }
@@ -659,7 +750,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
           b.dq[row_of(j) * p.DQK + a] = store_elem<T>(p.scale * (inter + kacc[nt].c[e] * exp2_int(-dexp[h2])));
         }
     }
-    __syncthreads();  // X1 is staged again
+    __syncthreads();  // Ks is staged again
   }
 }
 
@@ -1078,9 +1169,15 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
   const int len = p.table.chunk_len[c];
   if (len == 0) return;  // uniform: past the chunks in use
   const int L = p.L, DQK = static_cast<int>(p.DQK), DV = static_cast<int>(p.DV);
-  T* X0 = reinterpret_cast<T*>(fused_smem);  // [L][ld]: K, V, V, K
-  T* X1 = X0 + L * ld;                       // [L][ld]: Q, dh, Q, dh
-  T* Gs = X1 + L * ld;                       // [kParts][kSl][ld]: dC_{c+1}'s slice
+  // [stages][L][ld] each, buffer buf at x0(buf), x1(buf) (stages 1: buf is 0): X0 K, K, V, V; X1 Q, dh, dh, Q
+  const int stages = b.stages;
+  T* const X0 = reinterpret_cast<T*>(fused_smem);
+  T* const X1 = X0 + stages * L * ld;
+  auto x0 = [&](int buf) { return X0 + buf * L * ld; };
+  auto x1 = [&](int buf) { return X1 + buf * L * ld; };
+  T* Gs = X1 + stages * L * ld;  // [kParts][kSl][ld]: dC_{c+1}'s slice
+  float* raw = reinterpret_cast<float*>(Gs + kParts * kSl * ld);  // [2][kSl][kSl] (stages 2)
+  T* const Ys = X1;  // the loops' second operand (dh, then Q), staged with their first round
   const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
   const int threads = static_cast<int>(blockDim.x);
   const int64_t u = p.table.chunk_unit[c], start = p.table.chunk_start[c], W = p.DV + 1;
@@ -1104,9 +1201,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
     }
   };
   // dC_{c+1}[a0.., e0..] into Gs (scaled by its row's or its column's power of two, in parts)
-  auto convert_g = [&](int a0, int e0, bool by_row) {
-    convert_checkpoint_slice<T, kParts>(Gs, ld, gn, DQK, DV, W, a0, e0, by_row, sExpGr, sExpGc, tid, threads);
-  };
+  const CheckpointSlices<T, kParts> cps{Gs, raw, gn, W, ld, DQK, DV, stages, tid, threads, sExpGr, sExpGc};
   __syncthreads();  // sRow, sInv, sDdot, the exponents
   for (int s = tid; s < len; s += threads) sE[s] = state_source_weight<float>(sRow[s].x, s, sRow[len - 1], mn);
 
@@ -1122,31 +1217,31 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
 
   auto strip = [&](mma::FragmentC(&acc)[kST], bool second) {
     const int D = second ? DV : DQK;
-    for (int a0 = 0; a0 < D; a0 += kSl) {
-      if (!second) {
-        stage(X0, p.k, p.DQK, a0, DQK);
-        stage(X1, p.q, p.DQK, a0, DQK);
-      } else {
-        stage(X0, p.v, p.DV, a0, DV);
-        stage(X1, b.dh, p.DV, a0, DV);
-      }
-      mma::cp_async_commit();
-      mma::cp_async_wait<0>();
-      __syncthreads();
-      if (warp_rows) {
-        const int width = math::min(kSl, D - a0);
-        for (int kk = 0; kk < width; kk += 16) {
-          const mma::FragmentA xa = mma::load_a(X0, ld, s0, kk, lane);
-          MOXE_PRAGMA_UNROLL
-          for (int nt = 0; nt < kST; ++nt) {
-            if (!active_jt(nt)) continue;
-            const mma::FragmentB yb = mma::load_b(X1, ld, kk, nt * 8, lane, /*k_major=*/false);
-            mma::mma_16816<T>(acc[nt], xa, yb);
+    staged_rounds(
+        (D + kSl - 1) / kSl, stages,
+        [&](int r, int buf) {
+          const int a0 = r * kSl;
+          if (!second) {
+            stage(x0(buf), p.k, p.DQK, a0, DQK);
+            stage(x1(buf), p.q, p.DQK, a0, DQK);
+          } else {
+            stage(x0(buf), p.v, p.DV, a0, DV);
+            stage(x1(buf), b.dh, p.DV, a0, DV);
           }
-        }
-      }
-      __syncthreads();
-    }
+        },
+        [&](int r, int buf) {
+          if (!warp_rows) return;
+          const int width = math::min(kSl, D - r * kSl);
+          for (int kk = 0; kk < width; kk += 16) {
+            const mma::FragmentA xa = mma::load_a(x0(buf), ld, s0, kk, lane);
+            MOXE_PRAGMA_UNROLL
+            for (int nt = 0; nt < kST; ++nt) {
+              if (!active_jt(nt)) continue;
+              const mma::FragmentB yb = mma::load_b(x1(buf), ld, kk, nt * 8, lane, /*k_major=*/false);
+              mma::mma_16816<T>(acc[nt], xa, yb);
+            }
+          }
+        });
   };
   const int kfirst = warp, kend = (len + 15) / 16;
   auto product = [&](mma::FragmentC(&acc)[kNT], const mma::FragmentC(&src)[kST], const int(&ex)[2], int n0, int limit) {
@@ -1165,7 +1260,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
       MOXE_PRAGMA_UNROLL
       for (int nt = 0; nt < kNT; ++nt) {
         if (n0 + nt * 8 >= limit) continue;
-        const mma::FragmentB yb = mma::load_b(X1, ld, ks * 16, nt * 8, lane, /*k_major=*/true);
+        const mma::FragmentB yb = mma::load_b(Ys, ld, ks * 16, nt * 8, lane, /*k_major=*/true);
         MOXE_PRAGMA_UNROLL
         for (int pt = 0; pt < kParts; ++pt) mma::mma_16816<T>(acc[nt], fa[pt], yb);
       }
@@ -1190,32 +1285,36 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
   };
   // acc (16 source rows x 64 columns from ob of the outer dimension) += X (the strip's rows of
   // `src`, staged 64 columns at a time over the inner dimension) times dC'_{c+1}'s T parts:
-  // by_row false: K dC (outer DV, inner DQK); true: V dC^T (outer DQK, inner DV)
+  // by_row false: K dC (outer DV, inner DQK); true: V dC^T (outer DQK, inner DV). Ys gets
+  // (y, y_pitch)'s columns ob.. (limit y_limit) with the first round.
   auto state_product = [&](mma::FragmentC(&acc)[kNT], const T* src, int64_t pitch, int inner, int ob, int outer,
-                           bool by_row) {
-    for (int i0 = 0; i0 < inner; i0 += kSl) {
-      stage(X0, src, pitch, i0, inner);
-      mma::cp_async_commit();
-      convert_g(by_row ? ob : i0, by_row ? i0 : ob, by_row);
-      mma::cp_async_wait<0>();
-      __syncthreads();
-      if (warp_rows) {
-        const int width = math::min(kSl, inner - i0);
-        for (int kk = 0; kk < width; kk += 16) {
-          const mma::FragmentA xa = mma::load_a(X0, ld, s0, kk, lane);
-          MOXE_PRAGMA_UNROLL
-          for (int nt = 0; nt < kNT; ++nt) {
-            if (ob + nt * 8 >= outer) continue;
+                           bool by_row, const T* y, int64_t y_pitch, int y_limit) {
+    staged_rounds(
+        (inner + kSl - 1) / kSl, stages,
+        [&](int r, int buf) {
+          const int i0 = r * kSl;
+          if (r == 0) stage(Ys, y, y_pitch, ob, y_limit);
+          stage(x0(buf), src, pitch, i0, inner);
+          cps.issue(buf, by_row ? ob : i0, by_row ? i0 : ob, by_row);
+        },
+        [&](int r, int buf) {
+          const int i0 = r * kSl;
+          cps.use(buf, by_row ? ob : i0, by_row ? i0 : ob, by_row);
+          if (!warp_rows) return;
+          const int width = math::min(kSl, inner - i0);
+          for (int kk = 0; kk < width; kk += 16) {
+            const mma::FragmentA xa = mma::load_a(x0(buf), ld, s0, kk, lane);
             MOXE_PRAGMA_UNROLL
-            for (int pt = 0; pt < kParts; ++pt) {
-              const mma::FragmentB gf = mma::load_b(Gs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/!by_row);
-              mma::mma_16816<T>(acc[nt], xa, gf);
+            for (int nt = 0; nt < kNT; ++nt) {
+              if (ob + nt * 8 >= outer) continue;
+              MOXE_PRAGMA_UNROLL
+              for (int pt = 0; pt < kParts; ++pt) {
+                const mma::FragmentB gf = mma::load_b(Gs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/!by_row);
+                mma::mma_16816<T>(acc[nt], xa, gf);
+              }
             }
           }
-        }
-      }
-      __syncthreads();
-    }
+        });
   };
   {
     mma::FragmentC sacc[kST];
@@ -1227,8 +1326,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
     });
     for (int eb = 0; eb < DV; eb += kSl) {
       mma::FragmentC kacc[kNT], pacc[kNT];
-      stage(X1, b.dh, p.DV, eb, DV);
-      state_product(kacc, p.k, p.DQK, DQK, eb, DV, /*by_row=*/false);
+      state_product(kacc, p.k, p.DQK, DQK, eb, DV, /*by_row=*/false, b.dh, p.DV, DV);
       if (warp_rows) {
         product(pacc, sacc, pexp, eb, DV);
         MOXE_PRAGMA_UNROLL
@@ -1254,8 +1352,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
   float dle[2] = {0.0f, 0.0f};
   for (int ab = 0; ab < DQK; ab += kSl) {
     mma::FragmentC cacc[kNT], qacc[kNT];
-    stage(X1, p.q, p.DQK, ab, DQK);
-    state_product(cacc, p.v, p.DV, DV, ab, DQK, /*by_row=*/true);
+    state_product(cacc, p.v, p.DV, DV, ab, DQK, /*by_row=*/true, p.q, p.DQK, DQK);
     if (warp_rows) {
       product(qacc, gacc, dexp, ab, DQK);
       MOXE_PRAGMA_UNROLL
@@ -1355,20 +1452,54 @@ __global__ void __launch_bounds__(kFusedScanThreads) fused_gates_kernel(const __
 
 // ---- the launcher ----------------------------------------------------------------------------
 
+/// B2 and B4's pipeline depth at this chunk size. requested 1: one stage; 2: two where both
+/// kernels fit the device's shared memory with them, else one; 0 (the default): two where
+/// they fit and cost neither kernel resident blocks a multiprocessor, else one (small chunks:
+/// 1-2 warps a block, where more blocks hide the copies better than a second stage's 32 KiB of
+/// raw slices; at chunk 64-128 the registers bound the blocks, 2 / 1 on an H100, either way).
+template <class T, int kParts>
+Status backward_slice_stages(int chunk, int requested, int* stages) {
+  *stages = 1;
+  if (requested == 1) return Status::ok;
+  bool rows = false, columns = false;
+  const std::size_t one = fused_rows_mma_smem<T, kParts>(chunk, 1), two = fused_rows_mma_smem<T, kParts>(chunk, 2);
+  MOXE_RETURN_IF_ERROR(dynamic_smem_fits(fused_rows_mma_kernel<T, kParts>, two, &rows));
+  MOXE_RETURN_IF_ERROR(dynamic_smem_fits(fused_columns_mma_kernel<T, kParts>, two, &columns));
+  if (!rows || !columns) return Status::ok;
+  if (requested != 2) {
+    const int threads = (chunk / 16) * 32;
+    int r1 = 0, r2 = 0, c1 = 0, c2 = 0;
+    // (the attribute raised first: the occupancy of a size above it would read 0)
+    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_mma_kernel<T, kParts>, two));
+    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_columns_mma_kernel<T, kParts>, two));
+    MOXE_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r1, fused_rows_mma_kernel<T, kParts>, threads, one));
+    MOXE_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r2, fused_rows_mma_kernel<T, kParts>, threads, two));
+    MOXE_CUDA_TRY(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c1, fused_columns_mma_kernel<T, kParts>, threads, one));
+    MOXE_CUDA_TRY(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c2, fused_columns_mma_kernel<T, kParts>, threads, two));
+    if (r2 < r1 || c2 < c1 || r2 == 0 || c2 == 0) return Status::ok;
+  }
+  *stages = 2;
+  return Status::ok;
+}
+
 /// Dynamic shared memory of every kernel of the backward for this call (F1, B2, B3, B4),
 /// set before anything is launched: a size the device cannot give is Status::unsupported
 /// with nothing written (the same caveat as prepare_fused_smem for concurrent host threads).
+/// `stages`: B2 and B4's (backward_slice_stages; unused for float).
 template <class T, int kParts, class F>
-Status prepare_backward_smem(int64_t dqk, int chunk) {
+Status prepare_backward_smem(int64_t dqk, int chunk, int stages) {
   MOXE_RETURN_IF_ERROR((prepare_state_smem<T, kParts>(dqk)));
   const std::size_t smem1 = fused_state_smem<T>(dqk), smem = fused_rows_smem(chunk);
   if constexpr (kFusedMma<T>) {
-    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_mma_kernel<T, kParts>, fused_rows_mma_smem<T, kParts>(chunk)));
+    const std::size_t smem24 = fused_rows_mma_smem<T, kParts>(chunk, stages);
+    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_mma_kernel<T, kParts>, smem24));
     if (dqk > 16 * kFusedStateWarps)
       MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_grad_mma_kernel<T, 2, kParts>, smem1));
     else
       MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_grad_mma_kernel<T, 1, kParts>, smem1));
-    return set_max_dynamic_smem(fused_columns_mma_kernel<T, kParts>, fused_rows_mma_smem<T, kParts>(chunk));
+    return set_max_dynamic_smem(fused_columns_mma_kernel<T, kParts>, smem24);
   } else {
     MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_kernel<T, F>, smem));
     return set_max_dynamic_smem(fused_columns_kernel<T, F>, smem);
@@ -1388,7 +1519,7 @@ Status launch_fused_backward_pass(const FusedBackwardArgs<T>& b, const int64_t* 
   const unsigned chunk_heads = static_cast<unsigned>(a.chunks * a.NH);
   if constexpr (kFusedMma<T>) {
     MOXE_RETURN_IF_ERROR(launch_kernel(fused_rows_mma_kernel<T, kParts>, chunk_heads, (a.L / 16) * 32,
-                                       fused_rows_mma_smem<T, kParts>(a.L), stream, b));
+                                       fused_rows_mma_smem<T, kParts>(a.L, b.stages), stream, b));
   } else {
     MOXE_RETURN_IF_ERROR(launch_kernel(fused_rows_kernel<T, F>, chunk_heads, kFusedRowThreads, smem, stream, b));
   }
@@ -1405,7 +1536,7 @@ Status launch_fused_backward_pass(const FusedBackwardArgs<T>& b, const int64_t* 
   }
   if constexpr (kFusedMma<T>) {
     MOXE_RETURN_IF_ERROR(launch_kernel(fused_columns_mma_kernel<T, kParts>, chunk_heads, (a.L / 16) * 32,
-                                       fused_rows_mma_smem<T, kParts>(a.L), stream, b));
+                                       fused_rows_mma_smem<T, kParts>(a.L, b.stages), stream, b));
   } else {
     MOXE_RETURN_IF_ERROR(launch_kernel(fused_columns_kernel<T, F>, chunk_heads, kFusedRowThreads, smem, stream, b));
   }
@@ -1417,9 +1548,12 @@ Status launch_fused_backward_pass(const FusedBackwardArgs<T>& b, const int64_t* 
 /// The fused backward: dq, dk, dv, digate, dfgate and (when given) dc_init, dn_init, dm_init.
 /// T float, __half or __nv_bfloat16; chunk_size 16..128 (multiples of 16); DQK, DV multiples
 /// of 16 up to 256; batch_per_pass as the forward. fwd.h is not read. bf16 / half need sm_80.
+/// stages: B2 and B4's pipeline depth (backward_slice_stages: 0 the default choice; 1 or 2
+/// forced where they fit, for the tests that compare them); *stages_used, when given, gets the
+/// depth that ran (1 for float).
 template <class T>
 Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspace, std::size_t workspace_bytes,
-                                cudaStream_t stream) {
+                                cudaStream_t stream, int stages_requested = 0, int* stages_used = nullptr) {
   static_assert(std::is_same_v<T, float> || mma::is_mma_element_v<T>,
                 "fused chunkwise: T must be float, __half or __nv_bfloat16");
   MOXE_RETURN_IF_ERROR(validate(p));
@@ -1434,14 +1568,19 @@ Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspa
     MOXE_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&device)));
     MOXE_RETURN_IF_ERROR(mma::sm80_supported(device));
   }
+  int stages = 1;
   if constexpr (kFusedMma<T>) {
-    if (p.fwd.precision == Precision::accurate)
-      MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 3, T>(p.fwd.dims.dqk, p.fwd.chunk_size)));
-    else
-      MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 1, T>(p.fwd.dims.dqk, p.fwd.chunk_size)));
+    if (p.fwd.precision == Precision::accurate) {
+      MOXE_RETURN_IF_ERROR((backward_slice_stages<T, 3>(p.fwd.chunk_size, stages_requested, &stages)));
+      MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 3, T>(p.fwd.dims.dqk, p.fwd.chunk_size, stages)));
+    } else {
+      MOXE_RETURN_IF_ERROR((backward_slice_stages<T, 1>(p.fwd.chunk_size, stages_requested, &stages)));
+      MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 1, T>(p.fwd.dims.dqk, p.fwd.chunk_size, stages)));
+    }
   } else {
-    MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 1, float>(p.fwd.dims.dqk, p.fwd.chunk_size)));
+    MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 1, float>(p.fwd.dims.dqk, p.fwd.chunk_size, stages)));
   }
+  if (stages_used) *stages_used = stages;
   return for_each_batch_pass(p.fwd, [&](int64_t b0, int64_t nb) {
     const BackwardParams<T, float> sb = batch_slice(p, b0, nb);
     const ForwardParams<T, float>& s = sb.fwd;
@@ -1492,6 +1631,7 @@ Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspa
     b.dn_init = sb.dn_init;
     b.dm_init = sb.dm_init;
     b.col_blocks = static_cast<int>(ceil_div<int64_t>(s.dims.dv, kFusedColumns));
+    b.stages = stages;
     b.ws = w.ws;
     b.inner_part = w.inner_part;
     b.aligned = al(s.q) && al(sb.dh);
