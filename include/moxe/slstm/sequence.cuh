@@ -258,8 +258,9 @@ Status sequence_forward(const ForwardParams<T, Acc>& p, void* workspace, std::si
   args.init_barrier = plan.splits > 1 &&
                       detail::ranges_overlap(p.y, static_cast<std::size_t>(p.dims.seq_len) * state_elems * sizeof(T),
                                              p.y_init, state_elems * sizeof(float));
-  return cluster ? detail::launch_cluster_recurrent(kernel_for(plan.units), args, plan, stream)
-                 : detail::launch_recurrent(kernel_for(plan.units), args, plan, stream);
+  MOXE_RETURN_IF_ERROR(cluster ? detail::launch_cluster_recurrent(kernel_for(plan.units), args, plan, stream)
+                                : detail::launch_recurrent(kernel_for(plan.units), args, plan, stream));
+  return check_launch(stream);  // (MOXE_DEBUG_SYNC: a fault surfaces here, as in the other launchers)
 }
 
 template <class T, class Acc>

@@ -513,6 +513,10 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
     return math::max(x, __shfl_xor_sync(0xffffffffu, x, 2));
   };
 
+  // Q kept: with two stages and DQK <= 128 Q's slices stay in x0(0), x0(1) from A's first
+  // rounds through B (staged once, not DV/64 + 1 times; the buffers are distinct, nothing else
+  // writes them before B ends)
+  const bool q_kept = stages == 2 && na <= 2;
   // A: dli_j = dh_j . (C_c^T q_j) (times w_j scale below); rounds over (e0, a0), a0 inner
   float dli[2] = {0.0f, 0.0f};
   {
@@ -521,7 +525,8 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
         ne * na, stages,
         [&](int r, int buf) {
           const int e0 = (r / na) * kSl, a0 = (r % na) * kSl;
-          stage(x0(buf), p.q, p.DQK, a0, DQK);
+          if (!q_kept) stage(x0(buf), p.q, p.DQK, a0, DQK);
+          else if (r < na) stage(x0(r), p.q, p.DQK, a0, DQK);
           cps.issue(buf, a0, e0, /*by_row=*/false);
         },
         [&](int r, int buf) {
@@ -529,8 +534,9 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
           cps.use(buf, a0, e0, /*by_row=*/false);
           if (warp_rows) {
             const int width = math::min(kSl, DQK - a0);
+            const T* qs = x0(q_kept ? r % na : buf);
             for (int kk = 0; kk < width; kk += 16) {
-              const mma::FragmentA qa = mma::load_a(x0(buf), ld, j0, kk, lane);
+              const mma::FragmentA qa = mma::load_a(qs, ld, j0, kk, lane);
               MOXE_PRAGMA_UNROLL
               for (int nt = 0; nt < kNT; ++nt) {
                 if (e0 + nt * 8 >= DV) continue;
@@ -562,7 +568,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
   staged_rounds(
       na, stages,
       [&](int r, int buf) {
-        stage(x0(buf), p.q, p.DQK, r * kSl, DQK);
+        if (!q_kept) stage(x0(buf), p.q, p.DQK, r * kSl, DQK);  // (kept: slice r in x0(r), r = buf)
         stage(x1(buf), p.k, p.DQK, r * kSl, DQK);
       },
       [&](int r, int buf) {
@@ -1286,15 +1292,17 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
   // acc (16 source rows x 64 columns from ob of the outer dimension) += X (the strip's rows of
   // `src`, staged 64 columns at a time over the inner dimension) times dC'_{c+1}'s T parts:
   // by_row false: K dC (outer DV, inner DQK); true: V dC^T (outer DQK, inner DV). Ys gets
-  // (y, y_pitch)'s columns ob.. (limit y_limit) with the first round.
+  // (y, y_pitch)'s columns ob.. (limit y_limit) with the first round. src_kept: the strip
+  // before left src's slices in x0(0), x0(1) (two stages, inner <= 128: round r's buffer is r)
+  // and nothing has written them since: not staged again.
   auto state_product = [&](mma::FragmentC(&acc)[kNT], const T* src, int64_t pitch, int inner, int ob, int outer,
-                           bool by_row, const T* y, int64_t y_pitch, int y_limit) {
+                           bool by_row, const T* y, int64_t y_pitch, int y_limit, bool src_kept) {
     staged_rounds(
         (inner + kSl - 1) / kSl, stages,
         [&](int r, int buf) {
           const int i0 = r * kSl;
           if (r == 0) stage(Ys, y, y_pitch, ob, y_limit);
-          stage(x0(buf), src, pitch, i0, inner);
+          if (!src_kept) stage(x0(buf), src, pitch, i0, inner);
           cps.issue(buf, by_row ? ob : i0, by_row ? i0 : ob, by_row);
         },
         [&](int r, int buf) {
@@ -1316,6 +1324,9 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
           }
         });
   };
+  // a strip's first operand (K, then V) stays in x0(0), x0(1) for the state products after it
+  // where it spans at most two slices and there are two stages (Ys is X1; Gs and raw after it)
+  auto kept = [&](int width) { return stages == 2 && width <= 2 * kSl; };
   {
     mma::FragmentC sacc[kST];
     strip(sacc, false);
@@ -1326,7 +1337,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
     });
     for (int eb = 0; eb < DV; eb += kSl) {
       mma::FragmentC kacc[kNT], pacc[kNT];
-      state_product(kacc, p.k, p.DQK, DQK, eb, DV, /*by_row=*/false, b.dh, p.DV, DV);
+      state_product(kacc, p.k, p.DQK, DQK, eb, DV, /*by_row=*/false, b.dh, p.DV, DV, kept(DQK));
       if (warp_rows) {
         product(pacc, sacc, pexp, eb, DV);
         MOXE_PRAGMA_UNROLL
@@ -1352,7 +1363,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
   float dle[2] = {0.0f, 0.0f};
   for (int ab = 0; ab < DQK; ab += kSl) {
     mma::FragmentC cacc[kNT], qacc[kNT];
-    state_product(cacc, p.v, p.DV, DV, ab, DQK, /*by_row=*/true, p.q, p.DQK, DQK);
+    state_product(cacc, p.v, p.DV, DV, ab, DQK, /*by_row=*/true, p.q, p.DQK, DQK, kept(DV));
     if (warp_rows) {
       product(qacc, gacc, dexp, ab, DQK);
       MOXE_PRAGMA_UNROLL
