@@ -89,6 +89,10 @@ Inputs make_inputs(const Case& cs, moxe::test::Rng& rng) {
 struct Grads {
   std::vector<double> dq, dk, dv, di, df, dc, dn, dm;
 };
+using GradField = std::vector<double> Grads::*;
+const GradField kGradFields[] = {&Grads::dq, &Grads::dk, &Grads::dv, &Grads::di,
+                                 &Grads::df, &Grads::dc, &Grads::dn, &Grads::dm};
+const char* const kGradNames[] = {"dq", "dk", "dv", "digate", "dfgate", "dc_init", "dn_init", "dm_init"};
 
 /// The recurrent reference (A = double) or the fused host twin (A = float, operand format
 /// Fmt, `precision`), on the same inputs.
@@ -309,10 +313,8 @@ void check_case(const Case& cs, Precision precision, std::uint64_t pinned_seed =
                << " B " << cs.batch << " NH " << cs.heads << " S " << cs.seq_len << " DQK " << cs.dqk << " DV "
                << cs.dv << " L " << cs.chunk_size << " segments " << cs.offsets.size() << " init "
                << cs.init_states << " upstream " << cs.upstream);
-  using Field = std::vector<double> Grads::*;
-  const Field fields[] = {&Grads::dq, &Grads::dk, &Grads::dv, &Grads::di,
-                                                 &Grads::df, &Grads::dc, &Grads::dn, &Grads::dm};
-  const char* names[] = {"dq", "dk", "dv", "digate", "dfgate", "dc_init", "dn_init", "dm_init"};
+  const auto& fields = kGradFields;
+  const auto& names = kGradNames;
   double sum_norms = 0.0;
   for (auto f : fields) sum_norms += norm(ref.*f);
   const double floor = 1e-2 * sum_norms;
@@ -477,15 +479,11 @@ TEST_CASE_TEMPLATE("fused backward: B2 and B4 in one-stage and two-stage slice r
       Device<T> dev(in);
       const Grads two = dev.run(precision, 2), one = dev.run(precision, 1);  // (run checks the depth ran)
       const Grads ref = host_backward<double, void>(in, false, precision);
-      using Field = std::vector<double> Grads::*;
-      const Field fields[] = {&Grads::dq, &Grads::dk, &Grads::dv, &Grads::di,
-                              &Grads::df, &Grads::dc, &Grads::dn, &Grads::dm};
-      const char* names[] = {"dq", "dk", "dv", "digate", "dfgate", "dc_init", "dn_init", "dm_init"};
       double sum_norms = 0.0;
-      for (Field f : fields) sum_norms += norm(ref.*f);
+      for (GradField f : kGradFields) sum_norms += norm(ref.*f);
       for (int i = 0; i < 8; ++i) {
-        const Field f = fields[i];
-        INFO(names[i]);
+        const GradField f = kGradFields[i];
+        INFO(kGradNames[i]);
         REQUIRE((two.*f).size() == (one.*f).size());
         CHECK(std::memcmp((two.*f).data(), (one.*f).data(), (two.*f).size() * sizeof(double)) == 0);
         // and right, as check_case measures it (not only equal)

@@ -350,6 +350,24 @@ MOXE_DEVICE MOXE_FORCEINLINE void staged_rounds(int rounds, int stages, Issue&& 
   }
 }
 
+/// acc (the 16 x kST*8 strip of rows row0.. against the staged slices' rows) += X Y^T over
+/// `width` columns of one staged slice pair (X, Y: [rows][ld] of T, the columns the k
+/// dimension); only the n-tiles with active(nt) (the causal ones). B2's S = Q K^T and
+/// dhv = dh V^T, B4's S^T = K Q^T and V dh^T.
+template <class T, int kST, class Active>
+MOXE_DEVICE MOXE_FORCEINLINE void strip_products(mma::FragmentC (&acc)[kST], const T* X, const T* Y, int ld, int row0,
+                                                 int width, int lane, Active&& active) {
+  for (int kk = 0; kk < width; kk += 16) {
+    const mma::FragmentA xa = mma::load_a(X, ld, row0, kk, lane);
+    MOXE_PRAGMA_UNROLL
+    for (int nt = 0; nt < kST; ++nt) {
+      if (!active(nt)) continue;
+      const mma::FragmentB yb = mma::load_b(Y, ld, kk, nt * 8, lane, /*k_major=*/false);
+      mma::mma_16816<T>(acc[nt], xa, yb);
+    }
+  }
+}
+
 /// Half's power-of-two groups of a checkpoint m ([DQK][W] fp32, the first DV columns): one
 /// per column (by_col) and one per row (by_row), as the twin's groups; 0 for bf16. The block's
 /// threads split the columns, then the rows.
@@ -575,17 +593,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
         const int a0 = r * kSl, width = math::min(kSl, DQK - a0);
         if (tid < L)
           for (int a = 0; a < width; ++a) nq += ck[(a0 + a) * W + DV] * static_cast<float>(x0(buf)[tid * ld + a]);
-        if (warp_rows) {
-          for (int kk = 0; kk < width; kk += 16) {
-            const mma::FragmentA qa = mma::load_a(x0(buf), ld, j0, kk, lane);
-            MOXE_PRAGMA_UNROLL
-            for (int nt = 0; nt < kST; ++nt) {
-              if (!active_st(nt)) continue;
-              const mma::FragmentB kb = mma::load_b(x1(buf), ld, kk, nt * 8, lane, /*k_major=*/false);
-              mma::mma_16816<T>(sacc[nt], qa, kb);
-            }
-          }
-        }
+        if (warp_rows) strip_products<T>(sacc, x0(buf), x1(buf), ld, j0, width, lane, active_st);
       });
   if (tid < L) sNq[tid] = nq;
 
@@ -598,17 +606,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
         stage(x1(buf), p.v, p.DV, r * kSl, DV);
       },
       [&](int r, int buf) {
-        if (!warp_rows) return;
-        const int width = math::min(kSl, DV - r * kSl);
-        for (int kk = 0; kk < width; kk += 16) {
-          const mma::FragmentA ha = mma::load_a(x0(buf), ld, j0, kk, lane);
-          MOXE_PRAGMA_UNROLL
-          for (int nt = 0; nt < kST; ++nt) {
-            if (!active_st(nt)) continue;
-            const mma::FragmentB vb = mma::load_b(x1(buf), ld, kk, nt * 8, lane, /*k_major=*/false);
-            mma::mma_16816<T>(gacc[nt], ha, vb);
-          }
-        }
+        if (warp_rows) strip_products<T>(gacc, x0(buf), x1(buf), ld, j0, math::min(kSl, DV - r * kSl), lane, active_st);
       });
 
   // the rows: P, dot, the normaliser, r, the row scalars, dS, dlogD
@@ -1236,17 +1234,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
           }
         },
         [&](int r, int buf) {
-          if (!warp_rows) return;
-          const int width = math::min(kSl, D - r * kSl);
-          for (int kk = 0; kk < width; kk += 16) {
-            const mma::FragmentA xa = mma::load_a(x0(buf), ld, s0, kk, lane);
-            MOXE_PRAGMA_UNROLL
-            for (int nt = 0; nt < kST; ++nt) {
-              if (!active_jt(nt)) continue;
-              const mma::FragmentB yb = mma::load_b(x1(buf), ld, kk, nt * 8, lane, /*k_major=*/false);
-              mma::mma_16816<T>(acc[nt], xa, yb);
-            }
-          }
+          if (warp_rows) strip_products<T>(acc, x0(buf), x1(buf), ld, s0, math::min(kSl, D - r * kSl), lane, active_jt);
         });
   };
   const int kfirst = warp, kend = (len + 15) / 16;
