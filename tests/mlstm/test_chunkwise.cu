@@ -672,6 +672,10 @@ TEST_CASE_TEMPLATE("chunkwise device: a sequence run as chained calls == the ref
   for (const Split& sp : splits) {
     Case cs = sp.cs;
     cs.upstream = true;
+    // each call rounds its own outputs and hands the next its states (forward) or its
+    // initial-state gradients (backward): the chain's bound is the sum of the calls' bounds
+    // (bf16 fast: dm_init 3.3e-2 over two calls, seed 4186500370260727191; a call alone 3e-2)
+    cs.tol_scale = static_cast<double>(sp.lengths.size());
     INFO("B=" << cs.batch << " NH=" << cs.heads << " S=" << cs.seq_len << " calls=" << sp.lengths.size()
               << " init=" << cs.init_states);
     const Inputs in = make_inputs<T>(cs, rng);
