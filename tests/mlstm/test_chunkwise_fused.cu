@@ -172,7 +172,8 @@ struct Device {
     return p;
   }
 
-  Out run(Precision precision) {
+  /// stages: F2's pipeline depth (0: the default choice; 1, 2: forced, and checked to have run)
+  Out run(Precision precision, int stages = 0) {
     h.poison();
     c.poison();
     n.poison();
@@ -180,7 +181,9 @@ struct Device {
     const auto p = params(precision);
     DeviceBuffer<unsigned char> ws(mm::detail::fused_chunkwise_forward_workspace_size(p));
     ws.poison();
-    REQUIRE(mm::detail::fused_chunkwise_forward(p, ws.get(), ws.size(), nullptr) == Status::ok);
+    int used = 0;
+    REQUIRE(mm::detail::fused_chunkwise_forward(p, ws.get(), ws.size(), nullptr, stages, &used) == Status::ok);
+    if (stages != 0 && !std::is_same_v<T, float>) REQUIRE(used == stages);
     MOXE_TEST_CUDA(cudaDeviceSynchronize());
     using moxe::test::convert_to_double;
     return Out{convert_to_double(h.download()), convert_to_double(c.download()), convert_to_double(n.download()),
@@ -390,14 +393,13 @@ TEST_CASE("fused forward: bad segment offsets are clamped as the phase design do
 TEST_CASE("fused forward: q, k, v not 16-byte aligned (plain loads instead of cp.async) give the same bits") {
   Case cs;
   cs.seq_len = 21;
-  cs.dqk = 16;
+  cs.dqk = 80;  // two DQK slices: with two stages the second's plain loads run beside the first's use
   cs.dv = 32;
   const auto seed = moxe::test::fresh_seed();
   INFO("seed " << seed);
   moxe::test::Rng rng(seed);
   const Inputs in = make_inputs<__half>(cs, rng);
   Device<__half> dev(in);
-  const Out aligned = dev.run(Precision::accurate);
   // copies one element (2 bytes) past an aligned start
   auto shifted = [](const DeviceBuffer<__half>& src) {
     DeviceBuffer<__half> b(src.size() + 1);
@@ -405,20 +407,64 @@ TEST_CASE("fused forward: q, k, v not 16-byte aligned (plain loads instead of cp
     return b;
   };
   DeviceBuffer<__half> q = shifted(dev.q), k = shifted(dev.k), v = shifted(dev.v);
-  dev.h.poison();
-  dev.c.poison();
-  auto p = dev.params(Precision::accurate);
-  p.q = q.get() + 1;
-  p.k = k.get() + 1;
-  p.v = v.get() + 1;
-  DeviceBuffer<unsigned char> ws(mm::detail::fused_chunkwise_forward_workspace_size(p));
-  ws.poison();
-  REQUIRE(mm::detail::fused_chunkwise_forward(p, ws.get(), ws.size(), nullptr) == Status::ok);
-  MOXE_TEST_CUDA(cudaDeviceSynchronize());
-  const auto h = moxe::test::convert_to_double(dev.h.download());
-  const auto c = moxe::test::convert_to_double(dev.c.download());
-  CHECK(h == aligned.h);
-  CHECK(c == aligned.c);
+  for (int stages : {1, 2}) {  // F2's plain loads in either depth of its rounds
+    CAPTURE(stages);
+    const Out aligned = dev.run(Precision::accurate, stages);
+    dev.h.poison();
+    dev.c.poison();
+    auto p = dev.params(Precision::accurate);
+    p.q = q.get() + 1;
+    p.k = k.get() + 1;
+    p.v = v.get() + 1;
+    DeviceBuffer<unsigned char> ws(mm::detail::fused_chunkwise_forward_workspace_size(p));
+    ws.poison();
+    int used = 0;
+    REQUIRE(mm::detail::fused_chunkwise_forward(p, ws.get(), ws.size(), nullptr, stages, &used) == Status::ok);
+    REQUIRE(used == stages);
+    MOXE_TEST_CUDA(cudaDeviceSynchronize());
+    const auto h = moxe::test::convert_to_double(dev.h.download());
+    const auto c = moxe::test::convert_to_double(dev.c.download());
+    CHECK(h == aligned.h);
+    CHECK(c == aligned.c);
+  }
+}
+
+TEST_CASE_TEMPLATE("fused forward: F2 in one-stage and two-stage rounds gives the same bits", T, __half,
+                   __nv_bfloat16) {
+  // two stages: the next DQK slice's Q, K and raw checkpoint copies in flight during a
+  // slice's MMAs, the checkpoint converted in shared memory; one: each round waits, the
+  // conversion reads global memory. DQK 80 (a 64-wide slice and a partial one), DV 144 (three
+  // column blocks, the last partial), chunks of 32 (two and a ragged one); DQK 16 (one round);
+  // chunk 64 fast (4 warps; two stages of accurate at chunk 64 pass the simulated 96 KiB); DQK
+  // 256 (four rounds: each buffer written again after its use)
+  struct Shape {
+    int64_t seq_len, dqk, dv;
+    int chunk;
+    bool accurate;
+  };
+  for (const Shape sh : {Shape{70, 80, 144, 32, true}, Shape{37, 16, 48, 16, true}, Shape{130, 128, 64, 64, false},
+                         Shape{20, 256, 32, 16, false}}) {
+    Case cs;
+    cs.seq_len = sh.seq_len;
+    cs.chunk_size = sh.chunk;
+    cs.dqk = sh.dqk;
+    cs.dv = sh.dv;
+    cs.init_states = true;
+    for (Precision precision : {Precision::fast, Precision::accurate}) {
+      if (precision == Precision::accurate && !sh.accurate) continue;
+      const auto seed = moxe::test::fresh_seed();
+      moxe::test::Rng rng(seed);
+      const Inputs in = make_inputs<T>(cs, rng);
+      INFO("seed " << seed << (precision == Precision::fast ? " fast" : " accurate") << " S " << cs.seq_len << " L "
+                   << cs.chunk_size << " DQK " << cs.dqk << " DV " << cs.dv);
+      Device<T> dev(in);
+      const Out two = dev.run(precision, 2), one = dev.run(precision, 1);  // (run checks the depth ran)
+      const Out ref = host_forward<double, void>(in, false, precision);
+      CHECK(std::memcmp(two.h.data(), one.h.data(), two.h.size() * sizeof(double)) == 0);
+      CHECK(std::memcmp(two.c.data(), one.c.data(), two.c.size() * sizeof(double)) == 0);
+      CHECK(rel_error(two.h, ref.h) <= bounds<T>(precision).h_ref);  // and right (not only equal)
+    }
+  }
 }
 
 TEST_CASE("fused forward: extreme gates (resets inside chunks, no input, m ~ -200, m ~ 100)") {

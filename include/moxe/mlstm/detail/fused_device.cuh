@@ -106,6 +106,7 @@ struct FusedArgs {
   int L;
   bool segments;
   bool aligned;  // q, k, v 16-byte aligned: cp.async staging (else plain loads)
+  int stages;    // F2's pipeline depth (1 or 2: fused_output_stages)
   ChunkTable table;
   double *m_prev, *m_final;
   float* state;
@@ -426,16 +427,120 @@ __global__ void __launch_bounds__(kFusedStateThreads, 1) fused_state_kernel(cons
 
 // ---- F2: the outputs -------------------------------------------------------------------------
 
+/// Columns of a staged checkpoint slice (F2's column block of C_c; B2 / B4's 64 x 64 slices)
+/// and DQK / DV columns per staged input slice of B2 and B4.
+inline constexpr int kFusedBwdSlice = 64;
+
+/// The rounds of F2's, B2's and B4's loops over staged slices: issue(r, buf) starts round r's
+/// copies (cp.async) into buffer buf, use(r, buf) runs once every thread's copies of round r
+/// have landed. stages 2: round r + 1's copies are in flight during round r's use (buffers 0
+/// and 1 in turn); stages 1: one buffer, each round waits for its own copies. Each round ends
+/// with a barrier, so a buffer is written again only after every warp's use of it; no group
+/// is left in flight at the end. `rounds` and `stages` are uniform over the block.
+template <class Issue, class Use>
+MOXE_DEVICE MOXE_FORCEINLINE void staged_rounds(int rounds, int stages, Issue&& issue, Use&& use) {
+  if (rounds <= 0) return;
+  issue(0, 0);
+  mma::cp_async_commit();
+  for (int r = 0; r < rounds; ++r) {
+    const int buf = stages == 2 ? (r & 1) : 0;
+    if (stages == 2 && r + 1 < rounds) {
+      issue(r + 1, buf ^ 1);
+      mma::cp_async_commit();
+      mma::cp_async_wait<1>();  // round r's group (all but the newest)
+    } else {
+      mma::cp_async_wait<0>();
+    }
+    __syncthreads();
+    use(r, buf);
+    __syncthreads();  // the buffer (and the converted slice) may be written again
+    if (stages != 2 && r + 1 < rounds) {  // (any other value runs as one stage)
+      issue(r + 1, 0);
+      mma::cp_async_commit();
+    }
+  }
+}
+
+/// The kRows x 64 slice [a0.., e0..] of a checkpoint, read at src (its element (a0, e0); rows
+/// `pitch` floats apart: the checkpoint in global memory, or its raw copy in shared memory),
+/// into dst (row pitch ld) in kParts T parts (parts kRows rows apart), scaled by its row's or
+/// its column's power of two (exp_row / exp_col indexed by the checkpoint's row / column);
+/// zeros past DQK, DV (nothing read there).
+template <class T, int kParts, int kRows = kFusedBwdSlice>
+MOXE_DEVICE void convert_checkpoint_slice(T* dst, int ld, const float* src, int64_t pitch, int DQK, int DV, int a0,
+                                          int e0, bool by_row, const int* exp_row, const int* exp_col, int tid,
+                                          int threads) {
+  constexpr int kSl = kFusedBwdSlice;
+  for (int idx = tid; idx < kRows * kSl; idx += threads) {
+    const int a = idx / kSl, e = idx % kSl;
+    float x = 0.0f;
+    if (a0 + a < DQK && e0 + e < DV) x = src[a * pitch + e] * exp2_int(by_row ? exp_row[a0 + a] : exp_col[e0 + e]);
+    if constexpr (kParts == 1) {
+      dst[a * ld + e] = T(x);
+    } else {
+      const Split3 sp = split3<T>(x);
+      dst[a * ld + e] = T(sp.hi);
+      dst[(kRows + a) * ld + e] = T(sp.mid);
+      dst[(2 * kRows + a) * ld + e] = T(sp.lo);
+    }
+  }
+}
+
+/// The checkpoint slices of F2 and B2 (C'_c) and B4 (dC'_{c+1}) in staged rounds (kRows x
+/// 64 each): with two stages issue copies the raw fp32 slice into raw[buf] (cp.async, 4 bytes
+/// an element: the checkpoint's rows are DV + 1 floats apart, not 16-byte aligned; sm_80) and
+/// use converts it into dst; with one, issue converts it from global memory (dst is free by
+/// then) and use does nothing. Either way dst holds the slice's T parts for the round's MMAs
+/// after use.
+template <class T, int kParts, int kRows = kFusedBwdSlice>
+struct CheckpointSlices {
+  T* dst;        // [kParts][kRows][ld]
+  float* raw;    // [2][kRows][64] (stages 2)
+  const float* m;  // the checkpoint, [DQK][W]
+  int64_t W;
+  int ld, DQK, DV, stages, tid, threads;
+  const int *exp_row, *exp_col;
+
+  MOXE_DEVICE void issue(int buf, int a0, int e0, bool by_row) const {
+    constexpr int kSl = kFusedBwdSlice;
+    if (stages == 2) {
+      float* r = raw + buf * kRows * kSl;
+      for (int idx = tid; idx < kRows * kSl; idx += threads) {
+        const int a = idx / kSl, e = idx % kSl;
+        const bool in = a0 + a < DQK && e0 + e < DV;
+        mma::cp_async_4(r + idx, in ? m + (a0 + a) * W + e0 + e : m, in ? 4 : 0);
+      }
+    } else {
+      convert_checkpoint_slice<T, kParts, kRows>(dst, ld, m + a0 * W + e0, W, DQK, DV, a0, e0, by_row, exp_row,
+                                                 exp_col, tid, threads);
+    }
+  }
+  /// (a barrier inside with two stages: call it from every thread)
+  MOXE_DEVICE void use(int buf, int a0, int e0, bool by_row) const {
+    constexpr int kSl = kFusedBwdSlice;
+    if (stages != 2) return;
+    convert_checkpoint_slice<T, kParts, kRows>(dst, ld, raw + buf * kRows * kSl, kSl, DQK, DV, a0, e0, by_row, exp_row,
+                                               exp_col, tid, threads);
+    __syncthreads();
+  }
+};
+
+
 /// DQK columns per staged slice of Q, K and C (F2).
 template <class T>
 inline constexpr int kFusedSlice = kFusedMma<T> ? 64 : 32;
 
+/// F2's dynamic shared memory: `stages` (1 or 2; 2 for bf16 / half only) pairs of Q, K slices
+/// ([L][kFusedSlice]), V's column block, C_c's slice in kParts T parts and, with two stages,
+/// two raw fp32 slices of it; float: the FMA path's P tiles.
 template <class T, int kParts>
-inline std::size_t fused_output_smem(int chunk_size) {
+inline std::size_t fused_output_smem(int chunk_size, int stages) {
   constexpr int ld = kFusedSlice<T> + kFusedPad<T>, ldc = kFusedColumns + kFusedPad<T>;
   const std::size_t L = static_cast<std::size_t>(chunk_size);
-  std::size_t bytes = sizeof(T) * (2 * L * ld + L * ldc + std::size_t(kParts) * kFusedSlice<T> * ldc);
+  std::size_t bytes =
+      sizeof(T) * (2 * std::size_t(stages) * L * ld + L * ldc + std::size_t(kParts) * kFusedSlice<T> * ldc);
   if (!kFusedMma<T>) bytes += sizeof(float) * (L / 16) * 16 * 17;  // P tiles of the FMA path
+  if (stages == 2) bytes += 2 * sizeof(float) * kFusedSlice<T> * kFusedColumns;
   return bytes;
 }
 
@@ -444,9 +549,10 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2) fused_output_kernel(const 
   extern __shared__ __align__(16) unsigned char fused_smem[];
   __shared__ double sX[kFusedMaxChunk], sA[kFusedMaxChunk], sM[kFusedMaxChunk];
   __shared__ int sReset[kFusedMaxChunk];
-  __shared__ float sW[kFusedMaxChunk], sNq[kFusedMaxChunk], sN[kFusedSlice<T>];
-  __shared__ int sExpC[kFusedColumns];
+  __shared__ float sW[kFusedMaxChunk], sNq[kFusedMaxChunk], sN[2][kFusedSlice<T>];
+  __shared__ int sExpC[kFusedMaxHeadDim];  // by column of C_c (this block's cb.. cb + 63)
   constexpr int kNT = kFusedColumns / 8, kST = kFusedMaxChunk / 8, kAS = kFusedSlice<T>;
+  static_assert(kFusedColumns == kFusedBwdSlice, "F2's column block is CheckpointSlices' 64 columns");
   constexpr int ld = kAS + kFusedPad<T>, ldc = kFusedColumns + kFusedPad<T>;
   // block x = (chunk * NH + head) * column blocks + column block: the column blocks of a
   // chunk run together (Q, K and the checkpoint's n column from L2 after the first)
@@ -455,11 +561,16 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2) fused_output_kernel(const 
   const int len = p.table.chunk_len[c];
   if (len == 0) return;  // uniform: past the chunks in use
   const int L = p.L, DQK = static_cast<int>(p.DQK), DV = static_cast<int>(p.DV);
-  T* Qs = reinterpret_cast<T*>(fused_smem);  // [L][ld]
-  T* Ks = Qs + L * ld;                       // [L][ld]
-  T* Vs = Ks + L * ld;                       // [L][ldc]
-  T* Cs = Vs + L * ldc;                      // [kParts][kAS][ldc]
+  // Q's and K's slices [stages][L][ld] each, buffer buf at qs(buf), ks(buf) (stages 1: buf 0)
+  const int stages = p.stages;
+  T* const Q0 = reinterpret_cast<T*>(fused_smem);
+  T* const K0 = Q0 + stages * L * ld;
+  auto qs = [&](int buf) { return Q0 + buf * L * ld; };
+  auto ks = [&](int buf) { return K0 + buf * L * ld; };
+  T* Vs = K0 + stages * L * ld;                                    // [L][ldc]
+  T* Cs = Vs + L * ldc;                                            // [kParts][kAS][ldc]
   float* Pw = reinterpret_cast<float*>(Cs + kParts * kAS * ldc);  // FMA path: [warps][16][17]
+  float* raw = Pw;  // two stages (bf16 / half, no FMA path): [2][kAS][kFusedColumns]
   const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
   const int threads = static_cast<int>(blockDim.x);
   const int cb = static_cast<int>(blockIdx.x % col_blocks) * kFusedColumns;
@@ -501,7 +612,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2) fused_output_kernel(const 
 #pragma unroll 8
         for (int a = 0; a < DQK; ++a) max_abs = math::max(max_abs, math::abs(ck[a * W + cb + e]));
     }
-    sExpC[e] = kFusedMma<T> ? operand_exponent<T>(max_abs) : 0;
+    sExpC[cb + e] = kFusedMma<T> ? operand_exponent<T>(max_abs) : 0;
   }
   __syncthreads();
 
@@ -512,81 +623,76 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2) fused_output_kernel(const 
   auto active_nt = [&](int nt) { return cb + nt * 8 < DV; };
   auto active_st = [&](int nt) { return nt * 8 < j0 + 16 && nt * 8 < len; };  // causal, inside the chunk
 
-  for (int a0 = 0; a0 < DQK; a0 += kAS) {
-    const int width = math::min(kAS, DQK - a0);  // a multiple of 16
-    for (int idx = tid; idx < 2 * L * (kAS / kVec); idx += threads) {
-      const int which = idx / (L * (kAS / kVec)), rem = idx % (L * (kAS / kVec));
-      const int s = rem / (kAS / kVec), col = (rem % (kAS / kVec)) * kVec;
-      const bool in = s < len && col < width;
-      const T* src = (which == 0 ? p.q : p.k) + (s < len ? row_of(s) : 0) * p.DQK + a0 + col;
-      stage16((which == 0 ? Qs : Ks) + s * ld + col, src, in ? kVec : 0, p.aligned);
-    }
-    mma::cp_async_commit();
-    // C_c[a0.., cb..] as the intermediate operand of inter (scaled per column, parts)
-    for (int idx = tid; idx < kAS * kFusedColumns; idx += threads) {
-      const int a = idx / kFusedColumns, e = idx % kFusedColumns;
-      const float x = (a < width && cb + e < DV) ? ck[(a0 + a) * W + cb + e] : 0.0f;
-      if constexpr (kParts == 1) {
-        Cs[a * ldc + e] = T(x * exp2_int(sExpC[e]));
-      } else {
-        const Split3 sp = split3<T>(x * exp2_int(sExpC[e]));
-        Cs[a * ldc + e] = T(sp.hi);
-        Cs[(kAS + a) * ldc + e] = T(sp.mid);
-        Cs[(2 * kAS + a) * ldc + e] = T(sp.lo);
-      }
-    }
-    for (int a = tid; a < kAS; a += threads) sN[a] = a < width ? ck[(a0 + a) * W + p.DV] : 0.0f;
-    mma::cp_async_wait<0>();
-    __syncthreads();
-    if (tid < L)
-      for (int a = 0; a < width; ++a) nq += sN[a] * static_cast<float>(Qs[tid * ld + a]);
-    if (warp_rows) {
-      for (int kk = 0; kk < width; kk += 16) {
-        if constexpr (kFusedMma<T>) {
-          const mma::FragmentA qa = mma::load_a(Qs, ld, j0, kk, lane);
-          MOXE_PRAGMA_UNROLL
-          for (int nt = 0; nt < kST; ++nt) {
-            if (!active_st(nt)) continue;
-            const mma::FragmentB kb = mma::load_b(Ks, ld, kk, nt * 8, lane, /*k_major=*/false);
-            mma::mma_16816<T>(sacc[nt], qa, kb);
-          }
-          MOXE_PRAGMA_UNROLL
-          for (int nt = 0; nt < kNT; ++nt) {
-            if (!active_nt(nt)) continue;
-            MOXE_PRAGMA_UNROLL
-            for (int pt = 0; pt < kParts; ++pt) {
-              const mma::FragmentB cf = mma::load_b(Cs + pt * kAS * ldc, ldc, kk, nt * 8, lane, /*k_major=*/true);
-              mma::mma_16816<T>(iacc[nt], qa, cf);
-            }
-          }
-        } else {
-          const int r0 = j0 + mma::fragment_c_row(lane, 0), r1 = j0 + mma::fragment_c_row(lane, 2);
-          const int cq = mma::fragment_c_col(lane, 0);
-          for (int a = kk; a < kk + 16; ++a) {
-            const float q0 = Qs[r0 * ld + a], q1 = Qs[r1 * ld + a];
-            MOXE_PRAGMA_UNROLL
-            for (int nt = 0; nt < kST; ++nt) {
-              if (!active_st(nt)) continue;
-              const float k0 = Ks[(nt * 8 + cq) * ld + a], k1 = Ks[(nt * 8 + cq + 1) * ld + a];
-              sacc[nt].c[0] += q0 * k0;
-              sacc[nt].c[1] += q0 * k1;
-              sacc[nt].c[2] += q1 * k0;
-              sacc[nt].c[3] += q1 * k1;
-            }
-            MOXE_PRAGMA_UNROLL
-            for (int nt = 0; nt < kNT; ++nt) {
-              const float c0 = Cs[a * ldc + nt * 8 + cq], c1 = Cs[a * ldc + nt * 8 + cq + 1];
-              iacc[nt].c[0] += q0 * c0;
-              iacc[nt].c[1] += q0 * c1;
-              iacc[nt].c[2] += q1 * c0;
-              iacc[nt].c[3] += q1 * c1;
+  // C_c[a0.., cb..] as the intermediate operand of inter (scaled per column, parts), with Q
+  // and K's slices a0.. in staged rounds (cps: from its raw copy with two stages)
+  const CheckpointSlices<T, kParts, kAS> cps{Cs, raw, ck, W, ldc, DQK, DV, stages, tid, threads, sExpC, sExpC};
+  staged_rounds(
+      (DQK + kAS - 1) / kAS, stages,
+      [&](int r, int buf) {
+        const int a0 = r * kAS, width = math::min(kAS, DQK - a0);  // a multiple of 16
+        for (int idx = tid; idx < 2 * L * (kAS / kVec); idx += threads) {
+          const int which = idx / (L * (kAS / kVec)), rem = idx % (L * (kAS / kVec));
+          const int s = rem / (kAS / kVec), col = (rem % (kAS / kVec)) * kVec;
+          const bool in = s < len && col < width;
+          const T* src = (which == 0 ? p.q : p.k) + (s < len ? row_of(s) : 0) * p.DQK + a0 + col;
+          stage16((which == 0 ? qs(buf) : ks(buf)) + s * ld + col, src, in ? kVec : 0, p.aligned);
+        }
+        cps.issue(buf, a0, cb, /*by_row=*/false);
+        for (int a = tid; a < kAS; a += threads) sN[buf][a] = a < width ? ck[(a0 + a) * W + p.DV] : 0.0f;
+      },
+      [&](int r, int buf) {
+        const int a0 = r * kAS, width = math::min(kAS, DQK - a0);
+        cps.use(buf, a0, cb, /*by_row=*/false);
+        const T* Qs = qs(buf);
+        const T* Ks = ks(buf);
+        if (tid < L)
+          for (int a = 0; a < width; ++a) nq += sN[buf][a] * static_cast<float>(Qs[tid * ld + a]);
+        if (warp_rows) {
+          for (int kk = 0; kk < width; kk += 16) {
+            if constexpr (kFusedMma<T>) {
+              const mma::FragmentA qa = mma::load_a(Qs, ld, j0, kk, lane);
+              MOXE_PRAGMA_UNROLL
+              for (int nt = 0; nt < kST; ++nt) {
+                if (!active_st(nt)) continue;
+                const mma::FragmentB kb = mma::load_b(Ks, ld, kk, nt * 8, lane, /*k_major=*/false);
+                mma::mma_16816<T>(sacc[nt], qa, kb);
+              }
+              MOXE_PRAGMA_UNROLL
+              for (int nt = 0; nt < kNT; ++nt) {
+                if (!active_nt(nt)) continue;
+                MOXE_PRAGMA_UNROLL
+                for (int pt = 0; pt < kParts; ++pt) {
+                  const mma::FragmentB cf = mma::load_b(Cs + pt * kAS * ldc, ldc, kk, nt * 8, lane, /*k_major=*/true);
+                  mma::mma_16816<T>(iacc[nt], qa, cf);
+                }
+              }
+            } else {
+              const int r0 = j0 + mma::fragment_c_row(lane, 0), r1 = j0 + mma::fragment_c_row(lane, 2);
+              const int cq = mma::fragment_c_col(lane, 0);
+              for (int a = kk; a < kk + 16; ++a) {
+                const float q0 = Qs[r0 * ld + a], q1 = Qs[r1 * ld + a];
+                MOXE_PRAGMA_UNROLL
+                for (int nt = 0; nt < kST; ++nt) {
+                  if (!active_st(nt)) continue;
+                  const float k0 = Ks[(nt * 8 + cq) * ld + a], k1 = Ks[(nt * 8 + cq + 1) * ld + a];
+                  sacc[nt].c[0] += q0 * k0;
+                  sacc[nt].c[1] += q0 * k1;
+                  sacc[nt].c[2] += q1 * k0;
+                  sacc[nt].c[3] += q1 * k1;
+                }
+                MOXE_PRAGMA_UNROLL
+                for (int nt = 0; nt < kNT; ++nt) {
+                  const float c0 = Cs[a * ldc + nt * 8 + cq], c1 = Cs[a * ldc + nt * 8 + cq + 1];
+                  iacc[nt].c[0] += q0 * c0;
+                  iacc[nt].c[1] += q0 * c1;
+                  iacc[nt].c[2] += q1 * c0;
+                  iacc[nt].c[3] += q1 * c1;
+                }
+              }
             }
           }
         }
-      }
-    }
-    __syncthreads();  // Qs, Ks, Cs are staged again
-  }
+      });
   if (tid < L) sNq[tid] = nq;
   __syncthreads();
   if (!warp_rows) return;  // no barrier follows
@@ -692,7 +798,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2) fused_output_kernel(const 
     for (int e = 0; e < 4; ++e) {
       const int h2 = e / 2, j = jr[h2], col = nt * 8 + mma::fragment_c_col(lane, e);
       if (j >= len || cb + col >= DV) continue;
-      const float inter = ws[h2] * (iacc[nt].c[e] * exp2_int(-sExpC[col]));
+      const float inter = ws[h2] * (iacc[nt].c[e] * exp2_int(-sExpC[cb + col]));
       const float num = inter + pacc[nt].c[e] * dn[h2];
       p.h[row_of(j) * p.DV + cb + col] = store_elem<T>(num * nz[h2].inv_den);
     }
@@ -719,10 +825,54 @@ Status prepare_state_smem(int64_t dqk) {
   return set_max_dynamic_smem(fused_state_kernel<T, 1, kParts>, smem1);
 }
 
+/// The pipeline depth of kernels run in staged rounds (`threads` a block; `one` / `two` bytes
+/// of dynamic shared memory at depth 1 / 2). requested 1: one; 2: two where every kernel fits
+/// the device's opt-in shared memory with them, else one; 0 (the default): two where they fit
+/// and cost no kernel resident blocks a multiprocessor, else one (small chunks: more blocks
+/// hide the copies better than a second stage's raw slices). Raises the kernels' dynamic
+/// shared memory limit to `two` where it fits (never lowered: set_max_dynamic_smem).
+template <class... Kernels>
+Status pick_stages(int requested, int threads, std::size_t one, std::size_t two, int* stages, Kernels... kernels) {
+  *stages = 1;
+  if (requested == 1) return Status::ok;
+  bool fits = true;
+  for (auto kernel : {kernels...}) {
+    bool f = false;
+    MOXE_RETURN_IF_ERROR(dynamic_smem_fits(kernel, two, &f));
+    fits = fits && f;
+  }
+  if (!fits) return Status::ok;
+  if (requested != 2) {
+    for (auto kernel : {kernels...}) {
+      // (the attribute raised first: the occupancy of a size above it would read 0)
+      MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(kernel, two));
+      int b1 = 0, b2 = 0;
+      MOXE_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b1, kernel, threads, one));
+      MOXE_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b2, kernel, threads, two));
+      if (b2 < b1 || b2 == 0) return Status::ok;
+    }
+  }
+  *stages = 2;
+  return Status::ok;
+}
+
+/// F2's pipeline depth (pick_stages; float: 1, its FMA path has no raw slices).
 template <class T, int kParts>
-Status prepare_fused_smem(int64_t dqk, int chunk) {
+Status fused_output_stages(int chunk, int requested, int* stages) {
+  *stages = 1;
+  if constexpr (kFusedMma<T>) {
+    return pick_stages(requested, (chunk / 16) * 32, fused_output_smem<T, kParts>(chunk, 1),
+                       fused_output_smem<T, kParts>(chunk, 2), stages, fused_output_kernel<T, kParts>);
+  } else {
+    (void)chunk, (void)requested;
+    return Status::ok;
+  }
+}
+
+template <class T, int kParts>
+Status prepare_fused_smem(int64_t dqk, int chunk, int stages) {
   MOXE_RETURN_IF_ERROR((prepare_state_smem<T, kParts>(dqk)));
-  return set_max_dynamic_smem(fused_output_kernel<T, kParts>, fused_output_smem<T, kParts>(chunk));
+  return set_max_dynamic_smem(fused_output_kernel<T, kParts>, fused_output_smem<T, kParts>(chunk, stages));
 }
 
 /// The chunk table (segments only), F0 and F1: what the forward and the backward both run
@@ -749,7 +899,7 @@ template <class T, int kParts>
 Status launch_fused_pass(const FusedArgs<T>& a, const int64_t* offsets, cudaStream_t stream) {
   const int64_t col_blocks = ceil_div<int64_t>(a.DV, kFusedColumns);
   MOXE_RETURN_IF_ERROR((launch_gate_scan_and_states<T, kParts>(a, offsets, stream)));
-  const std::size_t smem2 = fused_output_smem<T, kParts>(a.L);
+  const std::size_t smem2 = fused_output_smem<T, kParts>(a.L, a.stages);
   const dim3 grid2(static_cast<unsigned>(a.chunks * a.NH * col_blocks));
   MOXE_RETURN_IF_ERROR(launch_kernel(fused_output_kernel<T, kParts>, grid2, (a.L / 16) * 32, smem2, stream, a));
   return check_launch(stream);
@@ -761,10 +911,12 @@ inline bool fused_head_dim_supported(int64_t dim) { return dim % 16 == 0 && dim 
 /// __nv_bfloat16; chunk_size 16..128 (multiples of 16); DQK, DV multiples of 16 up to 256.
 /// batch_per_pass runs the batch in passes over one pass's workspace, as the phase design.
 /// bf16 / half need sm_80 (Status::unsupported below). ForwardParams::allow_tf32 is not
-/// implemented here: float inputs compute in fp32 either way.
+/// implemented here: float inputs compute in fp32 either way. stages: F2's pipeline depth
+/// (fused_output_stages: 0 the default choice; 1 or 2 forced where they fit, for the tests
+/// that compare them); *stages_used, when given, gets the depth that ran.
 template <class T>
 Status fused_chunkwise_forward(const ForwardParams<T, float>& p, void* workspace, std::size_t workspace_bytes,
-                               cudaStream_t stream) {
+                               cudaStream_t stream, int stages_requested = 0, int* stages_used = nullptr) {
   static_assert(std::is_same_v<T, float> || mma::is_mma_element_v<T>,
                 "fused chunkwise: T must be float, __half or __nv_bfloat16");
   MOXE_RETURN_IF_ERROR(validate_chunkwise(p, /*need_h=*/true));
@@ -780,14 +932,21 @@ Status fused_chunkwise_forward(const ForwardParams<T, float>& p, void* workspace
     MOXE_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&device)));
     MOXE_RETURN_IF_ERROR(mma::sm80_supported(device));
   }
+  int stages = 1;
+  auto prepare = [&](auto parts) {
+    constexpr int kParts = decltype(parts)::value;
+    MOXE_RETURN_IF_ERROR((fused_output_stages<T, kParts>(p.chunk_size, stages_requested, &stages)));
+    return prepare_fused_smem<T, kParts>(p.dims.dqk, p.chunk_size, stages);
+  };
   if constexpr (kFusedMma<T>) {
     if (p.precision == Precision::accurate)
-      MOXE_RETURN_IF_ERROR((prepare_fused_smem<T, 3>(p.dims.dqk, p.chunk_size)));
+      MOXE_RETURN_IF_ERROR(prepare(std::integral_constant<int, 3>{}));
     else
-      MOXE_RETURN_IF_ERROR((prepare_fused_smem<T, 1>(p.dims.dqk, p.chunk_size)));
+      MOXE_RETURN_IF_ERROR(prepare(std::integral_constant<int, 1>{}));
   } else {
-    MOXE_RETURN_IF_ERROR((prepare_fused_smem<T, 1>(p.dims.dqk, p.chunk_size)));
+    MOXE_RETURN_IF_ERROR(prepare(std::integral_constant<int, 1>{}));
   }
+  if (stages_used) *stages_used = stages;
   return for_each_batch_pass(p, [&](int64_t b0, int64_t nb) {
     const ForwardParams<T, float> s = batch_slice(p, b0, nb);
     WorkspaceCarver carver(workspace, workspace_bytes);
@@ -818,6 +977,7 @@ Status fused_chunkwise_forward(const ForwardParams<T, float>& p, void* workspace
     a.segments = s.segment_offsets != nullptr;
     auto al = [](const void* x) { return reinterpret_cast<std::uintptr_t>(x) % 16 == 0; };
     a.aligned = al(s.q) && al(s.k) && al(s.v);
+    a.stages = stages;
     a.table = w.ws.table;
     a.m_prev = w.ws.m_prev;
     a.m_final = w.ws.m_final;

@@ -303,9 +303,6 @@ __global__ void __launch_bounds__(kFusedRowThreads) fused_rows_kernel(const __gr
 
 // ---- B2 on the tensor cores (bf16, half) -----------------------------------------------------
 
-/// DQK / DV columns per staged slice of B2 and B4 on the tensor cores.
-inline constexpr int kFusedBwdSlice = 64;
-
 /// Dynamic shared memory of B2 and B4 on the tensor cores: `stages` (1 or 2) pairs of [L][64]
 /// slices of inputs (Q, K, V or dh), one 64 x 64 slice of C'_c (B2) or dC'_{c+1} (B4) in
 /// kParts T parts and, with two stages, two raw fp32 64 x 64 slices of it (the copies in
@@ -318,36 +315,6 @@ inline std::size_t fused_rows_mma_smem(int L, int stages) {
   return sizeof(T) * (2 * static_cast<std::size_t>(stages) * L * ld +
                       static_cast<std::size_t>(kParts) * kFusedBwdSlice * ld) +
          raw;
-}
-
-/// The rounds of B2's and B4's loops over staged slices: issue(r, buf) starts round r's
-/// copies (cp.async) into buffer buf, use(r, buf) runs once every thread's copies of round r
-/// have landed. stages 2: round r + 1's copies are in flight during round r's use (buffers 0
-/// and 1 in turn); stages 1: one buffer, each round waits for its own copies. Each round ends
-/// with a barrier, so a buffer is written again only after every warp's use of it; no group
-/// is left in flight at the end. `rounds` and `stages` are uniform over the block.
-template <class Issue, class Use>
-MOXE_DEVICE MOXE_FORCEINLINE void staged_rounds(int rounds, int stages, Issue&& issue, Use&& use) {
-  if (rounds <= 0) return;
-  issue(0, 0);
-  mma::cp_async_commit();
-  for (int r = 0; r < rounds; ++r) {
-    const int buf = stages == 2 ? (r & 1) : 0;
-    if (stages == 2 && r + 1 < rounds) {
-      issue(r + 1, buf ^ 1);
-      mma::cp_async_commit();
-      mma::cp_async_wait<1>();  // round r's group (all but the newest)
-    } else {
-      mma::cp_async_wait<0>();
-    }
-    __syncthreads();
-    use(r, buf);
-    __syncthreads();  // the buffer (and the converted slice) may be written again
-    if (stages == 1 && r + 1 < rounds) {
-      issue(r + 1, 0);
-      mma::cp_async_commit();
-    }
-  }
 }
 
 /// acc (the 16 x kST*8 strip of rows row0.. against the staged slices' rows) += X Y^T over
@@ -387,68 +354,6 @@ MOXE_DEVICE void checkpoint_exponents(const float* m, int DQK, int DV, int W, in
     by_row[a] = operand_exponent<T>(mx);
   }
 }
-
-/// The 64 x 64 slice [a0.., e0..] of a checkpoint, read at src (its element (a0, e0); rows
-/// `pitch` floats apart: the checkpoint in global memory, or its raw copy in shared memory),
-/// into dst (row pitch ld) in kParts T parts (parts kFusedBwdSlice rows apart), scaled by its
-/// row's or its column's power of two; zeros past DQK, DV (nothing read there).
-template <class T, int kParts>
-MOXE_DEVICE void convert_checkpoint_slice(T* dst, int ld, const float* src, int64_t pitch, int DQK, int DV, int a0,
-                                          int e0, bool by_row, const int* exp_row, const int* exp_col, int tid,
-                                          int threads) {
-  constexpr int kSl = kFusedBwdSlice;
-  for (int idx = tid; idx < kSl * kSl; idx += threads) {
-    const int a = idx / kSl, e = idx % kSl;
-    float x = 0.0f;
-    if (a0 + a < DQK && e0 + e < DV) x = src[a * pitch + e] * exp2_int(by_row ? exp_row[a0 + a] : exp_col[e0 + e]);
-    if constexpr (kParts == 1) {
-      dst[a * ld + e] = T(x);
-    } else {
-      const Split3 sp = split3<T>(x);
-      dst[a * ld + e] = T(sp.hi);
-      dst[(kSl + a) * ld + e] = T(sp.mid);
-      dst[(2 * kSl + a) * ld + e] = T(sp.lo);
-    }
-  }
-}
-
-/// The checkpoint slices of B2 (C'_c) and B4 (dC'_{c+1}) in staged rounds: with two stages
-/// issue copies the raw fp32 slice into raw[buf] (cp.async, 4 bytes an element: the
-/// checkpoint's rows are DV + 1 floats apart, not 16-byte aligned) and use converts it into
-/// dst; with one, issue converts it from global memory (dst is free by then) and use does
-/// nothing. Either way dst holds the slice's T parts for the round's MMAs after use.
-template <class T, int kParts>
-struct CheckpointSlices {
-  T* dst;        // [kParts][kSl][ld]
-  float* raw;    // [2][kSl][kSl] (stages 2)
-  const float* m;  // the checkpoint, [DQK][W]
-  int64_t W;
-  int ld, DQK, DV, stages, tid, threads;
-  const int *exp_row, *exp_col;
-
-  MOXE_DEVICE void issue(int buf, int a0, int e0, bool by_row) const {
-    constexpr int kSl = kFusedBwdSlice;
-    if (stages == 2) {
-      float* r = raw + buf * kSl * kSl;
-      for (int idx = tid; idx < kSl * kSl; idx += threads) {
-        const int a = idx / kSl, e = idx % kSl;
-        const bool in = a0 + a < DQK && e0 + e < DV;
-        mma::cp_async_4(r + idx, in ? m + (a0 + a) * W + e0 + e : m, in ? 4 : 0);
-      }
-    } else {
-      convert_checkpoint_slice<T, kParts>(dst, ld, m + a0 * W + e0, W, DQK, DV, a0, e0, by_row, exp_row, exp_col, tid,
-                                          threads);
-    }
-  }
-  /// (a barrier inside with two stages: call it from every thread)
-  MOXE_DEVICE void use(int buf, int a0, int e0, bool by_row) const {
-    constexpr int kSl = kFusedBwdSlice;
-    if (stages != 2) return;
-    convert_checkpoint_slice<T, kParts>(dst, ld, raw + buf * kSl * kSl, kSl, DQK, DV, a0, e0, by_row, exp_row, exp_col,
-                                        tid, threads);
-    __syncthreads();
-  }
-};
 
 /// B2 for bf16 / half: one warp per 16 rows of the chunk (L / 16 warps), F2's structure. In
 /// order, over staged 64-wide slices (cp.async):
@@ -1451,36 +1356,12 @@ __global__ void __launch_bounds__(kFusedScanThreads) fused_gates_kernel(const __
 
 // ---- the launcher ----------------------------------------------------------------------------
 
-/// B2 and B4's pipeline depth at this chunk size. requested 1: one stage; 2: two where both
-/// kernels fit the device's shared memory with them, else one; 0 (the default): two where
-/// they fit and cost neither kernel resident blocks a multiprocessor, else one (small chunks:
-/// 1-2 warps a block, where more blocks hide the copies better than a second stage's 32 KiB of
-/// raw slices; at chunk 64-128 the registers bound the blocks, 2 / 1 on an H100, either way).
+/// B2 and B4's pipeline depth at this chunk size (pick_stages over both kernels).
 template <class T, int kParts>
 Status backward_slice_stages(int chunk, int requested, int* stages) {
-  *stages = 1;
-  if (requested == 1) return Status::ok;
-  bool rows = false, columns = false;
-  const std::size_t one = fused_rows_mma_smem<T, kParts>(chunk, 1), two = fused_rows_mma_smem<T, kParts>(chunk, 2);
-  MOXE_RETURN_IF_ERROR(dynamic_smem_fits(fused_rows_mma_kernel<T, kParts>, two, &rows));
-  MOXE_RETURN_IF_ERROR(dynamic_smem_fits(fused_columns_mma_kernel<T, kParts>, two, &columns));
-  if (!rows || !columns) return Status::ok;
-  if (requested != 2) {
-    const int threads = (chunk / 16) * 32;
-    int r1 = 0, r2 = 0, c1 = 0, c2 = 0;
-    // (the attribute raised first: the occupancy of a size above it would read 0)
-    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_mma_kernel<T, kParts>, two));
-    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_columns_mma_kernel<T, kParts>, two));
-    MOXE_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r1, fused_rows_mma_kernel<T, kParts>, threads, one));
-    MOXE_CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r2, fused_rows_mma_kernel<T, kParts>, threads, two));
-    MOXE_CUDA_TRY(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c1, fused_columns_mma_kernel<T, kParts>, threads, one));
-    MOXE_CUDA_TRY(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c2, fused_columns_mma_kernel<T, kParts>, threads, two));
-    if (r2 < r1 || c2 < c1 || r2 == 0 || c2 == 0) return Status::ok;
-  }
-  *stages = 2;
-  return Status::ok;
+  return pick_stages(requested, (chunk / 16) * 32, fused_rows_mma_smem<T, kParts>(chunk, 1),
+                     fused_rows_mma_smem<T, kParts>(chunk, 2), stages, fused_rows_mma_kernel<T, kParts>,
+                     fused_columns_mma_kernel<T, kParts>);
 }
 
 /// Dynamic shared memory of every kernel of the backward for this call (F1, B2, B3, B4),
@@ -1612,6 +1493,7 @@ Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspa
     a.segments = s.segment_offsets != nullptr;
     auto al = [](const void* x) { return reinterpret_cast<std::uintptr_t>(x) % 16 == 0; };
     a.aligned = al(s.q) && al(s.k) && al(s.v);
+    a.stages = 1;  // (F2's: not run by the backward)
     a.table = w.ws.table;
     a.m_prev = w.ws.m_prev;
     a.m_final = w.ws.m_final;
