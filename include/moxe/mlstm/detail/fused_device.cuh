@@ -21,7 +21,8 @@
 //            FFMA. The final states when asked for.
 //   F2 output, grid K*NH x ceil(DV/64) (column blocks of a chunk adjacent), one warp per 16 rows of the chunk: S = Q K^T (causal
 //            k-steps only) and inter = Q C_c on mma.sync over 64-wide DQK slices (Q, K by
-//            cp.async; C_c converted from the fp32 checkpoint to T parts in shared memory),
+//            cp.async; C_c converted from the fp32 checkpoint to T parts in shared memory; the
+//            slices in staged_rounds, two stages where they cost no resident blocks),
 //            P = scale S o D in registers (never stored; rounded / split per row as the
 //            intermediate operand of P V), num = inter + P V, dot = w scale n.q + sum_s P in
 //            fp32, the normaliser (cell.hpp) and h stored as T.
