@@ -144,6 +144,13 @@ inline Status max_active_clusters(Kernel kernel, unsigned cluster, dim3 block, s
   return from_cuda(cudaOccupancyMaxActiveClusters(count, kernel, &c.config));
 }
 
+/// The current device's shared memory a block may opt in to (static and dynamic together).
+inline Status optin_smem_per_block(int* bytes) {
+  int device = 0;
+  MOXE_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&device)));
+  return from_cuda(cudaDeviceGetAttribute(bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+}
+
 /// Raise a kernel's dynamic shared memory limit to `bytes` when its static and dynamic shared
 /// memory together exceed the default 48 KB a block may use without opting in (the driver
 /// rejects such a launch otherwise, even with `bytes` alone under 48 KB); Status::unsupported
@@ -159,10 +166,8 @@ inline Status set_max_dynamic_smem(Kernel kernel, std::size_t bytes) {
   // never lowered: an instance serves several sizes, and a smaller call must not undo the
   // setting a larger one (another host thread's, say) made for its launch
   if (total <= 48 * 1024 || static_cast<std::size_t>(fa.maxDynamicSharedSizeBytes) >= bytes) return Status::ok;
-  int device = 0;
-  MOXE_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&device)));
   int optin = 0;
-  MOXE_RETURN_IF_ERROR(from_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)));
+  MOXE_RETURN_IF_ERROR(optin_smem_per_block(&optin));
   if (total > static_cast<std::size_t>(optin)) return Status::unsupported;
   return from_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(bytes)));
@@ -175,10 +180,8 @@ template <class Kernel>
 inline Status dynamic_smem_fits(Kernel kernel, std::size_t bytes, bool* fits) {
   cudaFuncAttributes fa{};
   MOXE_RETURN_IF_ERROR(from_cuda(cudaFuncGetAttributes(&fa, kernel)));
-  int device = 0;
-  MOXE_RETURN_IF_ERROR(from_cuda(cudaGetDevice(&device)));
   int optin = 0;
-  MOXE_RETURN_IF_ERROR(from_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device)));
+  MOXE_RETURN_IF_ERROR(optin_smem_per_block(&optin));
   *fits = bytes + fa.sharedSizeBytes <= static_cast<std::size_t>(optin);
   return Status::ok;
 }
