@@ -191,7 +191,9 @@ struct Device {
   }
 };
 
-double rel_error(const std::vector<double>& out, const std::vector<double>& ref) {
+/// ||out - ref|| / max(||ref||, floor * sqrt(n)): relative, or absolute (per element, RMS)
+/// where ref is smaller than `floor`
+double rel_error(const std::vector<double>& out, const std::vector<double>& ref, double floor = 1e-30) {
   if (out.size() != ref.size()) return std::numeric_limits<double>::infinity();
   double num = 0.0, den = 0.0;
   for (std::size_t i = 0; i < out.size(); ++i) {
@@ -200,7 +202,7 @@ double rel_error(const std::vector<double>& out, const std::vector<double>& ref)
     den += ref[i] * ref[i];
   }
   if (!std::isfinite(num)) return std::numeric_limits<double>::infinity();
-  return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
+  return std::sqrt(num) / std::max({std::sqrt(den), floor * std::sqrt(double(out.size())), 1e-30});
 }
 
 template <class T>
@@ -217,7 +219,11 @@ struct Bounds {
 
 template <class T>
 Bounds bounds(Precision precision) {
-  if constexpr (std::is_same_v<T, float>) return Bounds{2e-5, 2e-5, 5e-6, 5e-6};
+  // float: h = num / max(|n.q|, exp(-m)) in fp32 on both sides, in different sum orders; a
+  // row where |n.q| nearly cancels dominates ||h|| and carries both sides' rounding over the
+  // small denominator, so against the twin h gets the reference's bound (seen 2.7e-6 against
+  // the twin where the reference saw 1.1e-6: S 37, seed 3030143248493649262)
+  if constexpr (std::is_same_v<T, float>) return Bounds{2e-5, 2e-5, 2e-5, 5e-6};
   // h is stored in T: its rounding (2^-9 bf16, 2^-12 half) is in every comparison of h;
   // against the twin, h is compared with the twin's h rounded to T (rare 1-ulp flips)
   if (precision == Precision::accurate) {
@@ -239,10 +245,14 @@ void check_case(const Case& cs, Precision precision) {
   const Out again = dev.run(precision);
   const Bounds b = bounds<T>(precision);
   const auto twin_h = moxe::test::round_through<T>(twin.h);
+  // m_last is a logarithm: its error scales the states by exp(error), an absolute measure; it
+  // is the rounding of a sum of O(1) terms (the decays' logsigmoids, the input gates), so it
+  // is measured against max(|m|, 1): relative only where m is, with one slot a case, near 0
+  constexpr double kLogFloor = 1.0;
   const double eh = rel_error(out.h, ref.h), ec = rel_error(out.c, ref.c), en = rel_error(out.n, ref.n),
-               em = rel_error(out.m, ref.m);
+               em = rel_error(out.m, ref.m, kLogFloor);
   const double th = rel_error(out.h, twin_h), tc = rel_error(out.c, twin.c), tn = rel_error(out.n, twin.n),
-               tm = rel_error(out.m, twin.m);
+               tm = rel_error(out.m, twin.m, kLogFloor);
   INFO("seed " << seed << " " << type_name<T>() << std::string(precision == Precision::fast ? " fast" : " accurate")
                << " B " << cs.batch << " NH " << cs.heads << " S " << cs.seq_len << " DQK " << cs.dqk << " DV "
                << cs.dv << " L " << cs.chunk_size << " segments " << cs.offsets.size() << " init "
@@ -262,7 +272,9 @@ void check_case(const Case& cs, Precision precision) {
   CHECK(th <= b.h_twin);
   CHECK(tc <= b.state_twin);
   CHECK(tn <= b.state_twin);
-  CHECK(tm <= 2e-7 * m_rows);  // m_last: the scan's order against the twin's (a few ulps per 32 rows)
+  // m_last: F0 sums in double, the twin in float (its rounding: up to 0.38 of 2e-7 at S 20, one
+  // slot; a wrong term moves m by >= 1e-3)
+  CHECK(tm <= 5e-7 * m_rows);
   // deterministic bits
   CHECK(std::memcmp(out.h.data(), again.h.data(), out.h.size() * sizeof(double)) == 0);
   CHECK(std::memcmp(out.c.data(), again.c.data(), out.c.size() * sizeof(double)) == 0);
