@@ -406,7 +406,7 @@ TEST_CASE("graph capture of the routing map, permute and unpermute") {
 }
 
 TEST_CASE_TEMPLATE("expert parallelism: send counts and the chunk reorder against the reference", T, float,
-                   __nv_bfloat16) {
+                   __nv_bfloat16, __half) {
   moxe::test::Rng rng(moxe::test::fresh_seed());
   // send counts from a routing map's offsets
   {

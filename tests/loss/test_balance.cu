@@ -44,7 +44,7 @@ double group_loss_tolerance(double loss, const std::vector<double>& mass, double
 
 }  // namespace
 
-TEST_CASE_TEMPLATE("z-loss device matches the reference", T, float, __nv_bfloat16) {
+TEST_CASE_TEMPLATE("z-loss device matches the reference", T, float, __nv_bfloat16, __half) {
   mt::Rng rng(mt::fresh_seed());
   // 9000 (small: 8193) > 1024 blocks x 8 warps: the forward's grid strides and its scalar
   // sum loops. Small mode keeps T = 1, E = 2 and the lane loop's ragged passes (E = 64, 1000)

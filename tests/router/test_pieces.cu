@@ -1,5 +1,6 @@
 // Device tests of the router pieces on their own: softmax + entropy and top-k (plain and
-// group-limited, both top-k algorithms), forward and backward against the references.
+// group-limited, both top-k algorithms), forward and backward against the references, in
+// float, bf16 and half.
 // Small-size mode (MOXE_TEST_SMALL, the simulator) keeps every case, E, k, row shape, both
 // top-k algorithms, T = 1 and the multi-block grids, with 13 tokens where E >= 256 and a
 // many-block softmax of 700 tokens in place of 70000.
@@ -59,8 +60,10 @@ void check_topk(mt::Rng& rng, int64_t T_, int E, int K, int n_groups = 1, int to
   CAPTURE(K);
   CAPTURE(n_groups);
   CAPTURE(topk_groups);
-  // scores on the bf16 grid (exact ties happen and must go to the lower index)
-  const auto s = mt::round_through<__nv_bfloat16>(mt::uniform_vector<double>(rng, T_ * E, 0.0, 1.0));
+  // scores on the bf16 grid (exact ties happen and must go to the lower index), then on T's
+  // (half: bf16's values below half's normal range lose bits; the reference sees the same)
+  const auto s =
+      mt::round_through<T>(mt::round_through<__nv_bfloat16>(mt::uniform_vector<double>(rng, T_ * E, 0.0, 1.0)));
   const moxe::router::TopKDims dims{T_, E, K, n_groups, topk_groups};
   std::vector<int32_t> idx(T_ * K);
   std::vector<double> val(T_ * K), w(T_ * K);
@@ -88,7 +91,7 @@ void check_topk(mt::Rng& rng, int64_t T_, int E, int K, int n_groups = 1, int to
 
 }  // namespace
 
-TEST_CASE_TEMPLATE("softmax + entropy device matches the reference", T, float, __nv_bfloat16) {
+TEST_CASE_TEMPLATE("softmax + entropy device matches the reference", T, float, __nv_bfloat16, __half) {
   mt::Rng rng(mt::fresh_seed());
   // small mode: E >= 256 takes 8 tokens a block, so 13 tokens still give 2 blocks, the last partial
   for (int E : {1, 2, 4, 8, 30, 64, 256, 1000})
@@ -129,7 +132,7 @@ TEST_CASE("softmax device: equal logits get the same bits on every lane of a tok
   }
 }
 
-TEST_CASE_TEMPLATE("top-k device matches the reference: both algorithms, any E and k", T, float, __nv_bfloat16) {
+TEST_CASE_TEMPLATE("top-k device matches the reference: both algorithms, any E and k", T, float, __nv_bfloat16, __half) {
   mt::Rng rng(mt::fresh_seed());
   for (int E : {2, 4, 8, 30, 64, 256, 1000})
     for (int K : {1, 2, 8, 9, 32}) {
@@ -145,7 +148,8 @@ TEST_CASE_TEMPLATE("top-k device matches the reference: both algorithms, any E a
   check_topk<T>(rng, 41, 64, 4, 1, 1, false);
 }
 
-TEST_CASE_TEMPLATE("top-k device backward skips -1 and corrupt slots, as the reference", T, float, __nv_bfloat16) {
+TEST_CASE_TEMPLATE("top-k device backward skips -1 and corrupt slots, as the reference", T, float, __nv_bfloat16,
+                   __half) {
   mt::Rng rng(mt::fresh_seed());
   for (int E : {5, 64, 300}) {
     CAPTURE(E);

@@ -153,7 +153,7 @@ TEST_CASE_TEMPLATE("expert-choice device forward and backward match the referenc
 
 // Small sizes only (the functional simulator runs this one).
 TEST_CASE_TEMPLATE("expert-choice device, small sizes: forward and backward match the reference", T, float,
-                   __nv_bfloat16) {
+                   __nv_bfloat16, __half) {
   const auto seed = mt::fresh_seed();
   INFO("seed " << seed);
   mt::Rng rng(seed);

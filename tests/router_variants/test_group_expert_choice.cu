@@ -198,7 +198,7 @@ const std::vector<Spec>& small_specs() {
 }  // namespace
 
 TEST_CASE_TEMPLATE("group expert choice device, small sizes: forward and backward match the reference", T, float,
-                   __nv_bfloat16) {
+                   __nv_bfloat16, __half) {
   const auto seed = mt::fresh_seed();
   INFO("seed " << seed);
   mt::Rng rng(seed);

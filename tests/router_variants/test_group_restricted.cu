@@ -106,7 +106,7 @@ TEST_CASE_TEMPLATE("group-restricted device forward and backward match the refer
 
 // Small sizes only (the functional simulator runs this one).
 TEST_CASE_TEMPLATE("group-restricted device, small sizes: forward and backward match the reference", T, float,
-                   __nv_bfloat16) {
+                   __nv_bfloat16, __half) {
   const auto seed = mt::fresh_seed();
   INFO("seed " << seed);
   mt::Rng rng(seed);

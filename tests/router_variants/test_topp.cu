@@ -121,7 +121,7 @@ TEST_CASE_TEMPLATE("top-p device forward and backward match the reference", T, f
 
 // Small sizes only (the functional simulator runs this one): T = 1, T off the block size,
 // E = 1, E off the lane layout.
-TEST_CASE_TEMPLATE("top-p device, small sizes: forward and backward match the reference", T, float, __nv_bfloat16) {
+TEST_CASE_TEMPLATE("top-p device, small sizes: forward and backward match the reference", T, float, __nv_bfloat16, __half) {
   const auto seed = mt::fresh_seed();
   INFO("seed " << seed);
   mt::Rng rng(seed);
