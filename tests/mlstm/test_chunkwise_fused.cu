@@ -172,8 +172,9 @@ struct Device {
     return p;
   }
 
-  /// stages: F2's pipeline depth (0: the default choice; 1, 2: forced, and checked to have run)
-  Out run(Precision precision, int stages = 0) {
+  /// stages: F2's pipeline depth (0: the default choice; 1, 2: forced, and checked to have run);
+  /// state: F1's staging (0: the default; 1: 16-row blocks; 2: whole chunks, checked to have run)
+  Out run(Precision precision, int stages = 0, int state = 0) {
     h.poison();
     c.poison();
     n.poison();
@@ -182,8 +183,11 @@ struct Device {
     DeviceBuffer<unsigned char> ws(mm::detail::fused_chunkwise_forward_workspace_size(p));
     ws.poison();
     int used = 0;
-    REQUIRE(mm::detail::fused_chunkwise_forward(p, ws.get(), ws.size(), nullptr, stages, &used) == Status::ok);
+    bool whole = false;
+    REQUIRE(mm::detail::fused_chunkwise_forward(p, ws.get(), ws.size(), nullptr, stages, &used, state, &whole) ==
+            Status::ok);
     if (stages != 0 && !std::is_same_v<T, float>) REQUIRE(used == stages);
+    if (state != 0) REQUIRE(whole == (state == 2));
     MOXE_TEST_CUDA(cudaDeviceSynchronize());
     using moxe::test::convert_to_double;
     return Out{convert_to_double(h.download()), convert_to_double(c.download()), convert_to_double(n.download()),
@@ -419,9 +423,11 @@ TEST_CASE("fused forward: q, k, v not 16-byte aligned (plain loads instead of cp
     return b;
   };
   DeviceBuffer<__half> q = shifted(dev.q), k = shifted(dev.k), v = shifted(dev.v);
-  for (int stages : {1, 2}) {  // F2's plain loads in either depth of its rounds
+  // F2's plain loads in either depth of its rounds, F1's in 16-row blocks (with one) and in
+  // whole chunks (with two)
+  for (int stages : {1, 2}) {
     CAPTURE(stages);
-    const Out aligned = dev.run(Precision::accurate, stages);
+    const Out aligned = dev.run(Precision::accurate, stages, stages);
     dev.h.poison();
     dev.c.poison();
     auto p = dev.params(Precision::accurate);
@@ -431,8 +437,11 @@ TEST_CASE("fused forward: q, k, v not 16-byte aligned (plain loads instead of cp
     DeviceBuffer<unsigned char> ws(mm::detail::fused_chunkwise_forward_workspace_size(p));
     ws.poison();
     int used = 0;
-    REQUIRE(mm::detail::fused_chunkwise_forward(p, ws.get(), ws.size(), nullptr, stages, &used) == Status::ok);
+    bool whole = false;
+    REQUIRE(mm::detail::fused_chunkwise_forward(p, ws.get(), ws.size(), nullptr, stages, &used, stages, &whole) ==
+            Status::ok);
     REQUIRE(used == stages);
+    REQUIRE(whole == (stages == 2));
     MOXE_TEST_CUDA(cudaDeviceSynchronize());
     const auto h = moxe::test::convert_to_double(dev.h.download());
     const auto c = moxe::test::convert_to_double(dev.c.download());
@@ -467,14 +476,58 @@ TEST_CASE_TEMPLATE("fused forward: F2 in one-stage and two-stage rounds gives th
       const auto seed = moxe::test::fresh_seed();
       moxe::test::Rng rng(seed);
       const Inputs in = make_inputs<T>(cs, rng);
-      INFO("seed " << seed << (precision == Precision::fast ? " fast" : " accurate") << " S " << cs.seq_len << " L "
-                   << cs.chunk_size << " DQK " << cs.dqk << " DV " << cs.dv);
+      INFO("seed " << seed << std::string(precision == Precision::fast ? " fast" : " accurate") << " S "
+                   << cs.seq_len << " L " << cs.chunk_size << " DQK " << cs.dqk << " DV " << cs.dv);
       Device<T> dev(in);
       const Out two = dev.run(precision, 2), one = dev.run(precision, 1);  // (run checks the depth ran)
       const Out ref = host_forward<double, void>(in, false, precision);
       CHECK(std::memcmp(two.h.data(), one.h.data(), two.h.size() * sizeof(double)) == 0);
       CHECK(std::memcmp(two.c.data(), one.c.data(), two.c.size() * sizeof(double)) == 0);
       CHECK(rel_error(two.h, ref.h) <= bounds<T>(precision).h_ref);  // and right (not only equal)
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("fused forward: F1 in 16-row blocks and in whole chunks gives the same bits", T, float, __half,
+                   __nv_bfloat16) {
+  // whole chunks: chunk c + 1's K and V copied while chunk c's products run, half's row
+  // exponents from the staged K; blocks: 16 rows at a time, the exponents from global memory.
+  // The same products in the same order: the same bits (h, and the final states that F1
+  // writes). Ragged segments (chunks of 5, 16 + 2, ... rows: the next chunk's length read
+  // ahead), one chunk a unit (S 9), DQK 80 / DV 144 (partial row tile and column block),
+  // chunk 64 and 128, DQK 144 (two row tiles a warp)
+  struct Shape {
+    int64_t seq_len, dqk, dv;
+    int chunk;
+    std::vector<int64_t> offsets;
+  };
+  const Shape shapes[] = {Shape{70, 80, 144, 32, {}},        Shape{9, 16, 16, 16, {}},
+                          Shape{41, 32, 48, 16, {0, 5, 5, 23, 41}}, Shape{130, 48, 32, 64, {}},
+                          Shape{20, 144, 16, 16, {}},        Shape{130, 16, 16, 128, {}}};
+  for (const Shape& sh : shapes) {
+    Case cs;
+    cs.seq_len = sh.seq_len;
+    cs.chunk_size = sh.chunk;
+    cs.dqk = sh.dqk;
+    cs.dv = sh.dv;
+    cs.offsets = sh.offsets;
+    cs.init_states = true;
+    for (Precision precision : {Precision::fast, Precision::accurate}) {
+      if (precision == Precision::accurate && std::is_same_v<T, float>) continue;
+      const auto seed = moxe::test::fresh_seed();
+      moxe::test::Rng rng(seed);
+      const Inputs in = make_inputs<T>(cs, rng);
+      INFO("seed " << seed << std::string(precision == Precision::fast ? " fast" : " accurate") << " S "
+                   << cs.seq_len << " L " << cs.chunk_size << " DQK " << cs.dqk << " DV " << cs.dv << " segments "
+                   << cs.offsets.size());
+      Device<T> dev(in);
+      const Out whole = dev.run(precision, 0, 2), blocks = dev.run(precision, 0, 1);  // (run checks which ran)
+      const Out ref = host_forward<double, void>(in, false, precision);
+      CHECK(std::memcmp(whole.h.data(), blocks.h.data(), whole.h.size() * sizeof(double)) == 0);
+      CHECK(std::memcmp(whole.c.data(), blocks.c.data(), whole.c.size() * sizeof(double)) == 0);
+      CHECK(std::memcmp(whole.n.data(), blocks.n.data(), whole.n.size() * sizeof(double)) == 0);
+      CHECK(rel_error(whole.h, ref.h) <= bounds<T>(precision).h_ref);  // and right (not only equal)
+      CHECK(rel_error(whole.c, ref.c) <= bounds<T>(precision).state_ref);
     }
   }
 }

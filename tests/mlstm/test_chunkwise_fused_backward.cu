@@ -224,8 +224,9 @@ struct Device {
   }
 
   /// stages: B2 and B4's pipeline depth (0: the default choice; 1, 2: forced, and checked to
-  /// have run)
-  Grads run(Precision precision, int stages = 0) {
+  /// have run); state: F1's and B3's staging (0: the default; 1: 16-row blocks; 2: whole
+  /// chunks, checked to have run)
+  Grads run(Precision precision, int stages = 0, int state = 0) {
     for (auto* x : {&dq, &dk, &dv, &di, &df}) x->poison();
     if (cs.init_states)
       for (auto* x : {&dc, &dn, &dm}) x->poison();
@@ -233,8 +234,11 @@ struct Device {
     DeviceBuffer<unsigned char> ws(mm::detail::fused_backward_workspace_size(b));
     ws.poison();
     int used = 0;
-    REQUIRE(mm::detail::fused_chunkwise_backward(b, ws.get(), ws.size(), nullptr, stages, &used) == Status::ok);
+    bool whole = false;
+    REQUIRE(mm::detail::fused_chunkwise_backward(b, ws.get(), ws.size(), nullptr, stages, &used, state, &whole) ==
+            Status::ok);
     if (stages != 0 && !std::is_same_v<T, float>) REQUIRE(used == stages);
+    if (state != 0) REQUIRE(whole == (state == 2));
     MOXE_TEST_CUDA(cudaDeviceSynchronize());
     using moxe::test::convert_to_double;
     Grads g{convert_to_double(dq.download()), convert_to_double(dk.download()), convert_to_double(dv.download()),
@@ -447,6 +451,21 @@ TEST_CASE("fused backward float, S 1: dq and dk that cancel to 0 (pinned)") {
   check_case<float>(cs, Precision::fast, 12958201975326815915ull);
 }
 
+/// Two runs of the same inputs in different pipelines give the same bits, and are right (as
+/// check_case measures them against the reference, not only equal to each other).
+template <class T>
+void check_same_and_right(const Grads& x, const Grads& y, const Grads& ref, Precision precision) {
+  double sum_norms = 0.0;
+  for (GradField f : kGradFields) sum_norms += norm(ref.*f);
+  for (int i = 0; i < 8; ++i) {
+    const GradField f = kGradFields[i];
+    INFO(kGradNames[i]);
+    REQUIRE((x.*f).size() == (y.*f).size());
+    CHECK(std::memcmp((x.*f).data(), (y.*f).data(), (x.*f).size() * sizeof(double)) == 0);
+    CHECK(rel_error(x.*f, ref.*f, 1e-2 * sum_norms) <= bounds<T>(precision).ref);
+  }
+}
+
 TEST_CASE_TEMPLATE("fused backward: B2 and B4 in one-stage and two-stage slice rounds give the same bits", T, __half,
                    __nv_bfloat16) {
   // two stages: the next round's copies in flight during a round's MMAs, the checkpoint slices
@@ -474,21 +493,50 @@ TEST_CASE_TEMPLATE("fused backward: B2 and B4 in one-stage and two-stage slice r
       const auto seed = moxe::test::fresh_seed();
       moxe::test::Rng rng(seed);
       const Inputs in = make_inputs<T>(cs, rng);
-      INFO("seed " << seed << (precision == Precision::fast ? " fast" : " accurate") << " S " << cs.seq_len << " L "
-                   << cs.chunk_size << " DQK " << cs.dqk << " DV " << cs.dv);
+      INFO("seed " << seed << std::string(precision == Precision::fast ? " fast" : " accurate") << " S "
+                   << cs.seq_len << " L " << cs.chunk_size << " DQK " << cs.dqk << " DV " << cs.dv);
       Device<T> dev(in);
       const Grads two = dev.run(precision, 2), one = dev.run(precision, 1);  // (run checks the depth ran)
-      const Grads ref = host_backward<double, void>(in, false, precision);
-      double sum_norms = 0.0;
-      for (GradField f : kGradFields) sum_norms += norm(ref.*f);
-      for (int i = 0; i < 8; ++i) {
-        const GradField f = kGradFields[i];
-        INFO(kGradNames[i]);
-        REQUIRE((two.*f).size() == (one.*f).size());
-        CHECK(std::memcmp((two.*f).data(), (one.*f).data(), (two.*f).size() * sizeof(double)) == 0);
-        // and right, as check_case measures it (not only equal)
-        CHECK(rel_error(two.*f, ref.*f, 1e-2 * sum_norms) <= bounds<T>(precision).ref);
-      }
+      check_same_and_right<T>(two, one, host_backward<double, void>(in, false, precision), precision);
+    }
+  }
+}
+
+TEST_CASE_TEMPLATE("fused backward: F1 and B3 in 16-row blocks and in whole chunks give the same bits", T, __half,
+                   __nv_bfloat16) {
+  // whole chunks: the next chunk's rows (F1: c + 1, B3: c - 1) copied while a chunk's products
+  // run; B3's half exponents and dn sums read the staged q. F1's own cases are the fused
+  // forward's test; here B3's (float's B3 stages nothing): ragged segments (the next chunk's
+  // length read ahead, units of one chunk and of several), three chunks over DQK 80 / DV 144
+  // (partial row tile and column block), two chunks at DQK 144 (two row tiles a warp) and at
+  // chunk 128; accurate (three parts) for half
+  struct Shape {
+    int64_t seq_len, dqk, dv;
+    int chunk;
+    std::vector<int64_t> offsets;
+  };
+  const Shape shapes[] = {Shape{70, 80, 144, 32, {}}, Shape{41, 32, 48, 16, {0, 5, 5, 23, 41}},
+                          Shape{20, 144, 16, 16, {}}, Shape{130, 16, 16, 128, {}}};
+  for (const Shape& sh : shapes) {
+    Case cs;
+    cs.seq_len = sh.seq_len;
+    cs.chunk_size = sh.chunk;
+    cs.dqk = sh.dqk;
+    cs.dv = sh.dv;
+    cs.offsets = sh.offsets;
+    cs.init_states = true;
+    cs.upstream = true;
+    for (Precision precision : {Precision::fast, Precision::accurate}) {
+      if (precision == Precision::accurate && !std::is_same_v<T, __half>) continue;
+      const auto seed = moxe::test::fresh_seed();
+      moxe::test::Rng rng(seed);
+      const Inputs in = make_inputs<T>(cs, rng);
+      INFO("seed " << seed << std::string(precision == Precision::fast ? " fast" : " accurate") << " S "
+                   << cs.seq_len << " L " << cs.chunk_size << " DQK " << cs.dqk << " DV " << cs.dv << " segments "
+                   << cs.offsets.size());
+      Device<T> dev(in);
+      const Grads whole = dev.run(precision, 0, 2), blocks = dev.run(precision, 0, 1);  // (run checks which ran)
+      check_same_and_right<T>(whole, blocks, host_backward<double, void>(in, false, precision), precision);
     }
   }
 }
@@ -528,9 +576,11 @@ TEST_CASE_TEMPLATE("fused backward: q, k, v, dh not 16-byte aligned (plain loads
     return b;
   };
   DeviceBuffer<T> q = shifted(dev.q), k = shifted(dev.k), v = shifted(dev.v), dh = shifted(dev.dh);
-  for (int stages : {1, 2}) {  // B2 / B4's plain loads in either depth of their rounds
+  // B2 / B4's plain loads in either depth of their rounds, F1's and B3's in 16-row blocks
+  // (with one) and in whole chunks (with two)
+  for (int stages : {1, 2}) {
     CAPTURE(stages);
-    const Grads aligned = dev.run(Precision::fast, stages);
+    const Grads aligned = dev.run(Precision::fast, stages, stages);
     for (auto* x : {&dev.dq, &dev.dk, &dev.dv, &dev.di, &dev.df}) x->poison();
     for (auto* x : {&dev.dc, &dev.dn, &dev.dm}) x->poison();
     auto b = dev.params(Precision::fast);
@@ -541,8 +591,11 @@ TEST_CASE_TEMPLATE("fused backward: q, k, v, dh not 16-byte aligned (plain loads
     DeviceBuffer<unsigned char> ws(mm::detail::fused_backward_workspace_size(b));
     ws.poison();
     int used = 0;
-    REQUIRE(mm::detail::fused_chunkwise_backward(b, ws.get(), ws.size(), nullptr, stages, &used) == Status::ok);
+    bool whole = false;
+    REQUIRE(mm::detail::fused_chunkwise_backward(b, ws.get(), ws.size(), nullptr, stages, &used, stages, &whole) ==
+            Status::ok);
     REQUIRE(used == stages);
+    REQUIRE(whole == (stages == 2));
     MOXE_TEST_CUDA(cudaDeviceSynchronize());
     using moxe::test::convert_to_double;
     CHECK(convert_to_double(dev.dq.download()) == aligned.dq);

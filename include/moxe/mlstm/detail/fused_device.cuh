@@ -11,18 +11,21 @@
 //            last reset) go to `local_rows`, the chunk's map (ChunkMap::of_last_row) into a
 //            block scan; m_prev of every chunk = the exclusive scan of the maps seeded by
 //            m_init (or 0), m_final after the last. Without segments it also fills the table.
-//   F1 state, grid U*NH x ceil(DV/64) (column blocks of a slot adjacent), 8 warps: the state C[:, 64-column block] of the slot
-//            in mma accumulators (warp w: DQK rows 16w.., +128), n in fp32 registers (block 0,
-//            one DQK row per thread). Per chunk: the checkpoint C'_c (fp32) to the workspace,
-//            E_s and w_L from the scan's m_prev on both sides, K and V staged by cp.async in
-//            16-row blocks (double-buffered), C <- w_L C + (K^T diag(E)) V with the E_s k_s
+//   F1 state, grid U*NH x ceil(DV/64) (column blocks of a slot adjacent), 8 warps: the
+//            state C[:, 64-column block] of the slot in mma accumulators (warp w: DQK rows
+//            16w.., +128), n in fp32 registers (block 0, one DQK row per thread). Per chunk:
+//            the checkpoint C'_c (fp32) to the workspace, E_s and w_L from the scan's m_prev
+//            on both sides, K and V staged by cp.async: whole chunks in two buffers (chunk
+//            c + 1's copies in flight during chunk c) where they fit, else 16-row blocks
+//            (double-buffered), C <- w_L C + (K^T diag(E)) V with the E_s k_s
 //            operand built in registers (rounded to T: fast; split in three T parts:
 //            accurate; half: scaled by a power of two per DQK row), n <- w_L n + K^T E by
 //            FFMA. The final states when asked for.
-//   F2 output, grid K*NH x ceil(DV/64) (column blocks of a chunk adjacent), one warp per 16 rows of the chunk: S = Q K^T (causal
-//            k-steps only) and inter = Q C_c on mma.sync over 64-wide DQK slices (Q, K by
-//            cp.async; C_c converted from the fp32 checkpoint to T parts in shared memory; the
-//            slices in staged_rounds, two stages where they cost no resident blocks),
+//   F2 output, grid K*NH x ceil(DV/64) (column blocks of a chunk adjacent), one warp per 16
+//            rows of the chunk: S = Q K^T (causal k-steps only) and inter = Q C_c on
+//            mma.sync over 64-wide DQK slices (Q, K by cp.async; C_c converted from the fp32
+//            checkpoint to T parts in shared memory; the slices in staged_rounds, two stages
+//            where they cost no resident blocks),
 //            P = scale S o D in registers (never stored; rounded / split per row as the
 //            intermediate operand of P V), num = inter + P V, dot = w scale n.q + sum_s P in
 //            fp32, the normaliser (cell.hpp) and h stored as T.
@@ -108,6 +111,7 @@ struct FusedArgs {
   bool segments;
   bool aligned;  // q, k, v 16-byte aligned: cp.async staging (else plain loads)
   int stages;    // F2's pipeline depth (1 or 2: fused_output_stages)
+  bool state_whole;  // F1 stages whole chunks, two buffers (fused_state_whole_smem), else 16-row blocks
   ChunkTable table;
   double *m_prev, *m_final;
   float* state;
@@ -237,10 +241,57 @@ inline constexpr int kFusedPad = 16 / static_cast<int>(sizeof(T));  // 16 bytes 
 
 // ---- F1: the state walk ----------------------------------------------------------------------
 
-/// Dynamic shared memory of F1: K and V blocks of 16 rows, double-buffered.
+/// F1's and B3's staging of a chunk's rows by cp.async (plain loads where not aligned): A, all
+/// DQK columns of `a` (K; B3: q), and B, the block's 64 columns of `b` from cb (V; B3: dh), into
+/// two shared buffers of `buf_rows` rows each (16-row blocks, or whole chunks), zeros past the
+/// chunk's rows and past DV.
+template <class T>
+struct StateRowStager {
+  T *A, *B;  // [2][buf_rows][lda], [2][buf_rows][ldb]
+  const T *a, *b;
+  int lda, ldb, buf_rows, cb, tid;
+  bool aligned;
+
+  /// rows [r0, r0 + n) of the chunk at `start` of `len` rows into rows [0, n) of buffer buf:
+  /// one commit group
+  MOXE_DEVICE MOXE_FORCEINLINE void rows(const FusedArgs<T>& p, int64_t u, int64_t hd, int64_t start, int len, int r0,
+                                         int n, int buf) const {
+    constexpr int kVec = 16 / sizeof(T);
+    const int achunks = static_cast<int>(p.DQK) / kVec, bchunks = kFusedColumns / kVec;
+    for (int idx = tid; idx < n * (achunks + bchunks); idx += kFusedStateThreads) {
+      const int r = idx / (achunks + bchunks), x = idx % (achunks + bchunks);
+      const int s = r0 + r;
+      const bool in = s < len;
+      const int64_t gr = in ? p.row(u, hd, start + s) : 0;
+      if (x < achunks) {
+        stage16(A + (buf * buf_rows + r) * lda + x * kVec, a + gr * p.DQK + x * kVec, in ? kVec : 0, aligned);
+      } else {
+        const int col = (x - achunks) * kVec;
+        stage16(B + (buf * buf_rows + r) * ldb + col, b + gr * p.DV + cb + col, (in && cb + col < p.DV) ? kVec : 0,
+                aligned);
+      }
+    }
+    mma::cp_async_commit();
+  }
+  /// whole chunks: chunk cc (its rows rounded up to 16) into buffer buf
+  MOXE_DEVICE MOXE_FORCEINLINE void chunk(const FusedArgs<T>& p, int64_t u, int64_t hd, int64_t cc, int buf) const {
+    const int len = p.table.chunk_len[cc];
+    rows(p, u, hd, p.table.chunk_start[cc], len, 0, (len + 15) / 16 * 16, buf);
+  }
+};
+
+/// Dynamic shared memory of F1 (and B3) in blocks: K and V blocks of 16 rows, double-buffered.
 template <class T>
 inline std::size_t fused_state_smem(int64_t dqk) {
   return sizeof(T) * 2 * 16 * static_cast<std::size_t>((dqk + kFusedPad<T>) + (kFusedColumns + kFusedPad<T>));
+}
+
+/// Dynamic shared memory of F1 in whole chunks: K and V of two chunks (the next one's copies
+/// in flight during this one's products).
+template <class T>
+inline std::size_t fused_state_whole_smem(int64_t dqk, int chunk) {
+  return sizeof(T) * 2 * static_cast<std::size_t>(chunk) *
+         static_cast<std::size_t>((dqk + kFusedPad<T>) + (kFusedColumns + kFusedPad<T>));
 }
 
 template <class T, int kRT, int kParts>
@@ -251,8 +302,10 @@ __global__ void __launch_bounds__(kFusedStateThreads, 1) fused_state_kernel(cons
   constexpr int kNT = kFusedColumns / 8;
   const int DQK = static_cast<int>(p.DQK), DV = static_cast<int>(p.DV);
   const int ldk = DQK + kFusedPad<T>, ldv = kFusedColumns + kFusedPad<T>;
-  T* Ks = reinterpret_cast<T*>(fused_smem);  // [2][16][ldk]
-  T* Vs = Ks + 2 * 16 * ldk;                 // [2][16][ldv]
+  // blocks: [2][16][ldk] and [2][16][ldv]; whole chunks: [2][L][ldk] and [2][L][ldv]
+  const int buf_rows = p.state_whole ? p.L : 16;
+  T* Ks = reinterpret_cast<T*>(fused_smem);
+  T* Vs = Ks + 2 * buf_rows * ldk;
   const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
   // block x = slot * column blocks + column block: a slot's column blocks run together (K
   // is read from DRAM once, by the first of them, and from L2 by the others)
@@ -260,6 +313,9 @@ __global__ void __launch_bounds__(kFusedStateThreads, 1) fused_state_kernel(cons
   const int64_t slot = blockIdx.x / col_blocks, u = slot / p.NH, hd = slot % p.NH;
   const int cby = static_cast<int>(blockIdx.x % col_blocks), cb = cby * kFusedColumns;
   const int64_t W = p.DV + 1, first = p.table.unit_first[u], count = p.table.unit_chunks[u];
+  const StateRowStager<T> stage{Ks, Vs, p.k, p.v, ldk, ldv, buf_rows, cb, tid, p.aligned};
+  // whole chunks: the first chunk's copies before the walk, chunk c + 1's during chunk c
+  if (p.state_whole && count > 0) stage.chunk(p, u, hd, first, 0);
 
   mma::FragmentC st[kRT][kNT], acc[kRT][kNT];
   auto active_rt = [&](int i) { return (warp + kFusedStateWarps * i) * 16 < DQK; };
@@ -281,6 +337,10 @@ __global__ void __launch_bounds__(kFusedStateThreads, 1) fused_state_kernel(cons
   for (int64_t c = first; c < first + count; ++c) {
     const int64_t start = p.table.chunk_start[c];
     const int len = p.table.chunk_len[c];
+    const int cbuf = static_cast<int>((c - first) % 2);  // whole chunks: this chunk's buffer
+    // whole chunks: the next chunk's copies into the other buffer (its last reader, chunk
+    // c - 1, ended with a barrier)
+    if (p.state_whole && c + 1 < first + count) stage.chunk(p, u, hd, c + 1, 1 - cbuf);
     const double mp = p.m_prev[c * p.NH + hd];
     const double mn = c + 1 < first + count ? p.m_prev[(c + 1) * p.NH + hd] : p.m_final[slot];
     float* ck = p.state + (c * p.NH + hd) * p.DQK * W;
@@ -302,15 +362,29 @@ __global__ void __launch_bounds__(kFusedStateThreads, 1) fused_state_kernel(cons
     const float wL = state_decay_weight<float>(mp, last, mn);
     for (int s = tid; s < kFusedMaxChunk; s += kFusedStateThreads)
       sE[s] = s < len ? state_source_weight<float>(p.local_rows[row_of(s)].x, s, last, mn) : 0.0f;
+    if (p.state_whole) {  // this chunk's copies landed (the next chunk's may still fly)
+      if (c + 1 < first + count)
+        mma::cp_async_wait<1>();
+      else
+        mma::cp_async_wait<0>();
+    }
     __syncthreads();
-    // half: per DQK row, the power of two of E_s k_s[a] over the whole chunk (one pass over
-    // the chunk's K before the products; bf16 and float need none)
+    // half: per DQK row, the power of two of E_s k_s[a] over the whole chunk (before the
+    // products: a pass over the chunk's K, staged when whole, else from global; bf16 and float
+    // need none)
     if (tid < DQK) {
       float max_abs = 0.0f;
       if constexpr (OperandFormat<T>::kNarrowRange) {
+        if (p.state_whole) {
+          const T* kc = Ks + cbuf * buf_rows * ldk + tid;
 #pragma unroll 8
-        for (int s = 0; s < len; ++s)
-          max_abs = math::max(max_abs, math::abs(sE[s] * load_acc<float>(p.k[row_of(s) * p.DQK + tid])));
+          for (int s = 0; s < len; ++s)
+            max_abs = math::max(max_abs, math::abs(sE[s] * static_cast<float>(kc[s * ldk])));
+        } else {
+#pragma unroll 8
+          for (int s = 0; s < len; ++s)
+            max_abs = math::max(max_abs, math::abs(sE[s] * load_acc<float>(p.k[row_of(s) * p.DQK + tid])));
+        }
       }
       sExp[tid] = kFusedMma<T> ? operand_exponent<T>(max_abs) : 0;
     }
@@ -321,37 +395,22 @@ __global__ void __launch_bounds__(kFusedStateThreads, 1) fused_state_kernel(cons
       for (int nt = 0; nt < kNT; ++nt) acc[i][nt] = mma::FragmentC{};
 
     const int blocks = (len + 15) / 16;
-    auto stage = [&](int b, int buf) {
-      constexpr int kVec = 16 / sizeof(T);
-      const int kchunks = DQK / kVec, vchunks = kFusedColumns / kVec;
-      for (int idx = tid; idx < 16 * (kchunks + vchunks); idx += kFusedStateThreads) {
-        const int r = idx / (kchunks + vchunks), x = idx % (kchunks + vchunks);
-        const int s = b * 16 + r;
-        const bool in = s < len;
-        const int64_t gr = in ? row_of(s) : 0;
-        if (x < kchunks) {
-          stage16(Ks + (buf * 16 + r) * ldk + x * kVec, p.k + gr * p.DQK + x * kVec, in ? kVec : 0, p.aligned);
-        } else {
-          const int col = (x - kchunks) * kVec;
-          stage16(Vs + (buf * 16 + r) * ldv + col, p.v + gr * p.DV + cb + col,
-                  (in && cb + col < DV) ? kVec : 0, p.aligned);
-        }
-      }
-      mma::cp_async_commit();
-    };
     __syncthreads();  // sExp
-    if (blocks > 0) stage(0, 0);
+    if (!p.state_whole && blocks > 0) stage.rows(p, u, hd, start, len, 0, 16, 0);
     for (int b = 0; b < blocks; ++b) {
-      const int buf = b % 2;
-      if (b + 1 < blocks) {
-        stage(b + 1, (b + 1) % 2);
-        mma::cp_async_wait<1>();
-      } else {
-        mma::cp_async_wait<0>();
+      // blocks: block b + 1's copies fly during block b's products; whole chunks: all landed
+      const int buf = p.state_whole ? cbuf : b % 2, row0 = p.state_whole ? b * 16 : 0;
+      if (!p.state_whole) {
+        if (b + 1 < blocks) {
+          stage.rows(p, u, hd, start, len, (b + 1) * 16, 16, (b + 1) % 2);
+          mma::cp_async_wait<1>();
+        } else {
+          mma::cp_async_wait<0>();
+        }
+        __syncthreads();
       }
-      __syncthreads();
-      const T* kb = Ks + buf * 16 * ldk;
-      const T* vb = Vs + buf * 16 * ldv;
+      const T* kb = Ks + (buf * buf_rows + row0) * ldk;
+      const T* vb = Vs + (buf * buf_rows + row0) * ldv;
       const float* eb = sE + b * 16;
       if (n_owner) {  // rows past len: E_s = 0 and K zero-filled, exact zeros added
         for (int s = 0; s < 16; ++s) nsum += eb[s] * static_cast<float>(kb[s * ldk + tid]);
@@ -394,7 +453,7 @@ __global__ void __launch_bounds__(kFusedStateThreads, 1) fused_state_kernel(cons
           }
         }
       }
-      __syncthreads();  // the buffer is staged again two blocks on
+      if (!p.state_whole) __syncthreads();  // the buffer is staged again two blocks on
     }
     // C <- w_L C + (the product, scaled back by its row's power of two)
     MOXE_PRAGMA_UNROLL
@@ -815,17 +874,6 @@ std::size_t fused_chunkwise_forward_workspace_size(const ForwardParams<T, float>
   return c.required_bytes();
 }
 
-/// Dynamic shared memory of F1 and F2 for this call, set before anything is launched (a
-/// size the device cannot give is Status::unsupported with nothing written). The attribute
-/// is only ever raised (set_max_dynamic_smem), so calls of different sizes from several
-/// host threads do not undo each other's setting.
-template <class T, int kParts>
-Status prepare_state_smem(int64_t dqk) {
-  const std::size_t smem1 = fused_state_smem<T>(dqk);
-  if (dqk > 16 * kFusedStateWarps) return set_max_dynamic_smem(fused_state_kernel<T, 2, kParts>, smem1);
-  return set_max_dynamic_smem(fused_state_kernel<T, 1, kParts>, smem1);
-}
-
 /// The pipeline depth of kernels run in staged rounds (`threads` a block; `one` / `two` bytes
 /// of dynamic shared memory at depth 1 / 2). requested 1: one; 2: two where every kernel fits
 /// the device's opt-in shared memory with them, else one; 0 (the default): two where they fit
@@ -870,9 +918,27 @@ Status fused_output_stages(int chunk, int requested, int* stages) {
   }
 }
 
+/// F1's staging (*whole): whole chunks in two buffers where they fit the device's opt-in
+/// shared memory and cost no resident blocks (pick_stages: requested 0 the default, 1 16-row
+/// blocks, 2 whole chunks where they fit), else 16-row blocks (float at DQK 256 and chunk
+/// 128 would need 328 KiB). F1 runs one block a multiprocessor either way (its registers).
 template <class T, int kParts>
-Status prepare_fused_smem(int64_t dqk, int chunk, int stages) {
-  MOXE_RETURN_IF_ERROR((prepare_state_smem<T, kParts>(dqk)));
+Status prepare_state_smem(int64_t dqk, int chunk, int requested, bool* whole) {
+  auto kernel = dqk > 16 * kFusedStateWarps ? fused_state_kernel<T, 2, kParts> : fused_state_kernel<T, 1, kParts>;
+  const std::size_t blocks = fused_state_smem<T>(dqk), chunks = fused_state_whole_smem<T>(dqk, chunk);
+  int depth = 1;
+  MOXE_RETURN_IF_ERROR(pick_stages(requested, kFusedStateThreads, blocks, chunks, &depth, kernel));
+  *whole = depth == 2;
+  return set_max_dynamic_smem(kernel, *whole ? chunks : blocks);
+}
+
+/// Dynamic shared memory of F1 and F2 for this call, set before anything is launched (a
+/// size the device cannot give is Status::unsupported with nothing written). The attribute
+/// is only ever raised (set_max_dynamic_smem), so calls of different sizes from several
+/// host threads do not undo each other's setting.
+template <class T, int kParts>
+Status prepare_fused_smem(int64_t dqk, int chunk, int stages, int state_requested, bool* state_whole) {
+  MOXE_RETURN_IF_ERROR((prepare_state_smem<T, kParts>(dqk, chunk, state_requested, state_whole)));
   return set_max_dynamic_smem(fused_output_kernel<T, kParts>, fused_output_smem<T, kParts>(chunk, stages));
 }
 
@@ -889,7 +955,7 @@ Status launch_gate_scan_and_states(const FusedArgs<T>& a, const int64_t* offsets
                                        offsets));
   MOXE_RETURN_IF_ERROR(
       launch_kernel(fused_gate_scan_kernel<T>, static_cast<unsigned>(slots), kFusedScanThreads, 0, stream, a));
-  const std::size_t smem1 = fused_state_smem<T>(a.DQK);
+  const std::size_t smem1 = a.state_whole ? fused_state_whole_smem<T>(a.DQK, a.L) : fused_state_smem<T>(a.DQK);
   const dim3 grid1(static_cast<unsigned>(slots * col_blocks));
   if (a.DQK > 16 * kFusedStateWarps)
     return launch_kernel(fused_state_kernel<T, 2, kParts>, grid1, kFusedStateThreads, smem1, stream, a);
@@ -914,10 +980,13 @@ inline bool fused_head_dim_supported(int64_t dim) { return dim % 16 == 0 && dim 
 /// bf16 / half need sm_80 (Status::unsupported below). ForwardParams::allow_tf32 is not
 /// implemented here: float inputs compute in fp32 either way. stages: F2's pipeline depth
 /// (fused_output_stages: 0 the default choice; 1 or 2 forced where they fit, for the tests
-/// that compare them); *stages_used, when given, gets the depth that ran.
+/// that compare them); *stages_used, when given, gets the depth that ran. state: F1's staging
+/// (prepare_state_smem: 0 the default, 1 16-row blocks, 2 whole chunks where they fit);
+/// *state_whole_used, when given, says whether whole chunks ran.
 template <class T>
 Status fused_chunkwise_forward(const ForwardParams<T, float>& p, void* workspace, std::size_t workspace_bytes,
-                               cudaStream_t stream, int stages_requested = 0, int* stages_used = nullptr) {
+                               cudaStream_t stream, int stages_requested = 0, int* stages_used = nullptr,
+                               int state_requested = 0, bool* state_whole_used = nullptr) {
   static_assert(std::is_same_v<T, float> || mma::is_mma_element_v<T>,
                 "fused chunkwise: T must be float, __half or __nv_bfloat16");
   MOXE_RETURN_IF_ERROR(validate_chunkwise(p, /*need_h=*/true));
@@ -934,10 +1003,11 @@ Status fused_chunkwise_forward(const ForwardParams<T, float>& p, void* workspace
     MOXE_RETURN_IF_ERROR(mma::sm80_supported(device));
   }
   int stages = 1;
+  bool whole = false;
   auto prepare = [&](auto parts) {
     constexpr int kParts = decltype(parts)::value;
     MOXE_RETURN_IF_ERROR((fused_output_stages<T, kParts>(p.chunk_size, stages_requested, &stages)));
-    return prepare_fused_smem<T, kParts>(p.dims.dqk, p.chunk_size, stages);
+    return prepare_fused_smem<T, kParts>(p.dims.dqk, p.chunk_size, stages, state_requested, &whole);
   };
   if constexpr (kFusedMma<T>) {
     if (p.precision == Precision::accurate)
@@ -948,6 +1018,7 @@ Status fused_chunkwise_forward(const ForwardParams<T, float>& p, void* workspace
     MOXE_RETURN_IF_ERROR(prepare(std::integral_constant<int, 1>{}));
   }
   if (stages_used) *stages_used = stages;
+  if (state_whole_used) *state_whole_used = whole;
   return for_each_batch_pass(p, [&](int64_t b0, int64_t nb) {
     const ForwardParams<T, float> s = batch_slice(p, b0, nb);
     WorkspaceCarver carver(workspace, workspace_bytes);
@@ -979,6 +1050,7 @@ Status fused_chunkwise_forward(const ForwardParams<T, float>& p, void* workspace
     auto al = [](const void* x) { return reinterpret_cast<std::uintptr_t>(x) % 16 == 0; };
     a.aligned = al(s.q) && al(s.k) && al(s.v);
     a.stages = stages;
+    a.state_whole = whole;
     a.table = w.ws.table;
     a.m_prev = w.ws.m_prev;
     a.m_final = w.ws.m_final;

@@ -26,7 +26,9 @@
 //            of <dC'_{c+1}, C'_c> (summed in block order by B5: no atomics) and updates
 //            dC' <- w_L dC' + (diag(w scale inv_den) Q)^T dh, dn <- w_L dn + Q^T (w scale ddot);
 //            dc_init/dn_init at the end. (That is float's fused_state_grad_kernel; bf16 /
-//            half run fused_state_grad_mma_kernel: F1 mirrored, dC' in mma accumulators.)
+//            half run fused_state_grad_mma_kernel: F1 mirrored, dC' in mma accumulators, q
+//            and dh staged as F1's K and V: whole chunks in two buffers where they fit, chunk
+//            c - 1's copies during chunk c, else 16-row blocks.)
 //   B4 columns, grid (K*NH). bf16 / half (fused_columns_mma_kernel), L / 16 warps, a warp
 //            per 16 source rows, B2 transposed: S^T = K Q^T and V dh^T (anti-causal k16
 //            steps) in registers -> dS^T and (P inv_den)^T, rounded / split per source row,
@@ -121,6 +123,7 @@ struct FusedBackwardArgs {
   bool aligned;      // q and dh 16-byte aligned: cp.async staging in B3 (else plain loads)
   int col_blocks;
   int stages;  // B2 / B4's pipeline depth (1 or 2: backward_slice_stages)
+  bool grad_whole;  // B3 stages whole chunks, two buffers (fused_state_whole_smem), else 16-row blocks
   FusedWorkspace<float> ws;
   float* inner_part;
 };
@@ -774,7 +777,7 @@ __global__ void __launch_bounds__(kFusedGradThreads)
 /// three T parts: accurate; half: a power of two per DQK row), dH staged the same way, and
 /// dn <- w_L dn + Q^T (w scale ddot) by FFMA.
 template <class T, int kRT, int kParts>
-__global__ void __launch_bounds__(kFusedStateThreads)
+__global__ void __launch_bounds__(kFusedStateThreads, 1)
     fused_state_grad_mma_kernel(const __grid_constant__ FusedBackwardArgs<T> b) {
   extern __shared__ __align__(16) unsigned char fused_smem[];
   __shared__ float sFac[kFusedMaxChunk], sWs[kFusedMaxChunk], sDdot[kFusedMaxChunk];
@@ -784,12 +787,19 @@ __global__ void __launch_bounds__(kFusedStateThreads)
   const FusedArgs<T>& p = b.f;
   const int DQK = static_cast<int>(p.DQK), DV = static_cast<int>(p.DV);
   const int ldk = DQK + kFusedPad<T>, ldv = kFusedColumns + kFusedPad<T>;
-  T* Qs = reinterpret_cast<T*>(fused_smem);  // [2][16][ldk]
-  T* Hs = Qs + 2 * 16 * ldk;                 // [2][16][ldv]
+  // blocks: [2][16][ldk] and [2][16][ldv]; whole chunks: [2][L][ldk] and [2][L][ldv]
+  const bool whole = b.grad_whole;
+  const int buf_rows = whole ? p.L : 16;
+  T* Qs = reinterpret_cast<T*>(fused_smem);
+  T* Hs = Qs + 2 * buf_rows * ldk;
   const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
   const int64_t slot = blockIdx.x, u = slot / p.NH, hd = slot % p.NH;
   const int cb = static_cast<int>(blockIdx.y) * kFusedColumns;
   const int64_t W = p.DV + 1, first = p.table.unit_first[u], count = p.table.unit_chunks[u];
+  const StateRowStager<T> stage{Qs, Hs, p.q, b.dh, ldk, ldv, buf_rows, cb, tid, b.aligned};
+  // whole chunks (F1's scheme walked backwards): the last chunk's copies before the walk,
+  // chunk c - 1's during chunk c
+  if (whole && count > 0) stage.chunk(p, u, hd, first + count - 1, 0);
 
   mma::FragmentC st[kRT][kNT], acc[kRT][kNT];
   auto active_rt = [&](int i) { return (warp + kFusedStateWarps * i) * 16 < DQK; };
@@ -811,6 +821,10 @@ __global__ void __launch_bounds__(kFusedStateThreads)
   for (int64_t c = first + count - 1; c >= first; --c) {
     const int64_t kh = c * p.NH + hd, start = p.table.chunk_start[c];
     const int len = p.table.chunk_len[c];
+    const int cbuf = static_cast<int>((first + count - 1 - c) % 2);  // whole chunks: this chunk's buffer
+    // whole chunks: chunk c - 1's copies into the other buffer (its last reader, chunk c + 1,
+    // ended with a barrier)
+    if (whole && c > first) stage.chunk(p, u, hd, c - 1, 1 - cbuf);
     const double mp = p.m_prev[kh], mn = fused_m_next(p, u, c, hd);
     float* gk = b.ws.dstate + kh * p.DQK * W;
     const float* ck = p.state + kh * p.DQK * W;
@@ -847,6 +861,12 @@ __global__ void __launch_bounds__(kFusedStateThreads)
       sFac[s] = ws * inv;
       sDdot[s] = dd;
     }
+    if (whole) {  // this chunk's copies landed (the previous chunk's may still fly)
+      if (c > first)
+        mma::cp_async_wait<1>();
+      else
+        mma::cp_async_wait<0>();
+    }
     __syncthreads();
     for (int off = kFusedStateThreads / 2; off > 0; off >>= 1) {  // a fixed tree
       if (tid < off) sRed[tid] += sRed[tid + off];
@@ -855,11 +875,13 @@ __global__ void __launch_bounds__(kFusedStateThreads)
     if (tid == 0) b.inner_part[kh * b.col_blocks + blockIdx.y] = sRed[0];
     const float wL = state_decay_weight<float>(mp, gate_row_from_local(p.local_rows[row_of(len - 1)], mp), mn);
     // per DQK row: the half exponent of fac_s q_s[a] over the chunk; dn <- w_L dn + sum_s ws_s q_s ddot_s
+    // (q from the staged chunk when whole, else from global)
     if (tid < DQK) {
       float max_abs = 0.0f, nsum = 0.0f;
       if (OperandFormat<T>::kNarrowRange || n_owner) {
+        const T* qc = Qs + cbuf * buf_rows * ldk + tid;
         for (int s = 0; s < len; ++s) {
-          const float qv = load_acc<float>(p.q[row_of(s) * p.DQK + tid]);
+          const float qv = whole ? static_cast<float>(qc[s * ldk]) : load_acc<float>(p.q[row_of(s) * p.DQK + tid]);
           max_abs = math::max(max_abs, math::abs(sFac[s] * qv));
           nsum += sWs[s] * qv * sDdot[s];
         }
@@ -873,37 +895,22 @@ __global__ void __launch_bounds__(kFusedStateThreads)
       for (int nt = 0; nt < kNT; ++nt) acc[i][nt] = mma::FragmentC{};
 
     const int blocks = (len + 15) / 16;
-    auto stage = [&](int blk, int buf) {
-      constexpr int kVec = 16 / sizeof(T);
-      const int kchunks = DQK / kVec, vchunks = kFusedColumns / kVec;
-      for (int idx = tid; idx < 16 * (kchunks + vchunks); idx += kFusedStateThreads) {
-        const int r = idx / (kchunks + vchunks), x = idx % (kchunks + vchunks);
-        const int s = blk * 16 + r;
-        const bool in = s < len;
-        const int64_t gr = in ? row_of(s) : 0;
-        if (x < kchunks) {
-          stage16(Qs + (buf * 16 + r) * ldk + x * kVec, p.q + gr * p.DQK + x * kVec, in ? kVec : 0, b.aligned);
-        } else {
-          const int col = (x - kchunks) * kVec;
-          stage16(Hs + (buf * 16 + r) * ldv + col, b.dh + gr * p.DV + cb + col, (in && cb + col < DV) ? kVec : 0,
-                  b.aligned);
-        }
-      }
-      mma::cp_async_commit();
-    };
     __syncthreads();  // sExp
-    if (blocks > 0) stage(0, 0);
+    if (!whole && blocks > 0) stage.rows(p, u, hd, start, len, 0, 16, 0);
     for (int blk = 0; blk < blocks; ++blk) {
-      const int buf = blk % 2;
-      if (blk + 1 < blocks) {
-        stage(blk + 1, (blk + 1) % 2);
-        mma::cp_async_wait<1>();
-      } else {
-        mma::cp_async_wait<0>();
+      // blocks: block blk + 1's copies fly during block blk's products; whole chunks: all landed
+      const int buf = whole ? cbuf : blk % 2, row0 = whole ? blk * 16 : 0;
+      if (!whole) {
+        if (blk + 1 < blocks) {
+          stage.rows(p, u, hd, start, len, (blk + 1) * 16, 16, (blk + 1) % 2);
+          mma::cp_async_wait<1>();
+        } else {
+          mma::cp_async_wait<0>();
+        }
+        __syncthreads();
       }
-      __syncthreads();
-      const T* qb = Qs + buf * 16 * ldk;
-      const T* hb = Hs + buf * 16 * ldv;
+      const T* qb = Qs + (buf * buf_rows + row0) * ldk;
+      const T* hb = Hs + (buf * buf_rows + row0) * ldv;
       const float* fb = sFac + blk * 16;
       MOXE_PRAGMA_UNROLL
       for (int i = 0; i < kRT; ++i) {
@@ -927,7 +934,7 @@ __global__ void __launch_bounds__(kFusedStateThreads)
           for (int pt = 0; pt < kParts; ++pt) mma::mma_16816<T>(acc[i][nt], fa[pt], fbv);
         }
       }
-      __syncthreads();  // the buffer is staged again two blocks on
+      if (!whole) __syncthreads();  // the buffer is staged again two blocks on
     }
     MOXE_PRAGMA_UNROLL
     for (int i = 0; i < kRT; ++i)
@@ -1367,18 +1374,27 @@ Status backward_slice_stages(int chunk, int requested, int* stages) {
 /// Dynamic shared memory of every kernel of the backward for this call (F1, B2, B3, B4),
 /// set before anything is launched: a size the device cannot give is Status::unsupported
 /// with nothing written (the same caveat as prepare_fused_smem for concurrent host threads).
-/// `stages`: B2 and B4's (backward_slice_stages; unused for float).
+/// `stages`: B2 and B4's (backward_slice_stages; unused for float). *state_whole, *grad_whole:
+/// F1's and B3's staging (whole chunks or 16-row blocks: prepare_state_smem's choice, for each
+/// kernel; state_requested as there).
 template <class T, int kParts, class F>
-Status prepare_backward_smem(int64_t dqk, int chunk, int stages) {
-  MOXE_RETURN_IF_ERROR((prepare_state_smem<T, kParts>(dqk)));
-  const std::size_t smem1 = fused_state_smem<T>(dqk), smem = fused_rows_smem(chunk);
+Status prepare_backward_smem(int64_t dqk, int chunk, int stages, int state_requested, bool* state_whole,
+                             bool* grad_whole) {
+  MOXE_RETURN_IF_ERROR((prepare_state_smem<T, kParts>(dqk, chunk, state_requested, state_whole)));
+  *grad_whole = false;
+  const std::size_t smem = fused_rows_smem(chunk);
   if constexpr (kFusedMma<T>) {
     const std::size_t smem24 = fused_rows_mma_smem<T, kParts>(chunk, stages);
     MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_mma_kernel<T, kParts>, smem24));
-    if (dqk > 16 * kFusedStateWarps)
-      MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_grad_mma_kernel<T, 2, kParts>, smem1));
-    else
-      MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_state_grad_mma_kernel<T, 1, kParts>, smem1));
+    // B3: whole chunks as F1's, where they fit and cost no resident blocks (B3 runs one block
+    // a multiprocessor, its registers, so where they fit)
+    auto b3 = dqk > 16 * kFusedStateWarps ? fused_state_grad_mma_kernel<T, 2, kParts>
+                                          : fused_state_grad_mma_kernel<T, 1, kParts>;
+    const std::size_t blocks = fused_state_smem<T>(dqk), chunks = fused_state_whole_smem<T>(dqk, chunk);
+    int depth = 1;
+    MOXE_RETURN_IF_ERROR(pick_stages(state_requested, kFusedStateThreads, blocks, chunks, &depth, b3));
+    *grad_whole = depth == 2;
+    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(b3, *grad_whole ? chunks : blocks));
     return set_max_dynamic_smem(fused_columns_mma_kernel<T, kParts>, smem24);
   } else {
     MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_kernel<T, F>, smem));
@@ -1393,7 +1409,7 @@ Status launch_fused_backward_pass(const FusedBackwardArgs<T>& b, const int64_t* 
   // F0, F1: the gate scan and the checkpoints, as the forward runs them (every kernel's
   // shared memory was set beforehand: prepare_backward_smem)
   MOXE_RETURN_IF_ERROR((launch_gate_scan_and_states<T, kParts>(a, offsets, stream)));
-  const std::size_t smem1 = fused_state_smem<T>(a.DQK);
+  const std::size_t smem1 = b.grad_whole ? fused_state_whole_smem<T>(a.DQK, a.L) : fused_state_smem<T>(a.DQK);
   const dim3 grid1(static_cast<unsigned>(slots), static_cast<unsigned>(b.col_blocks));  // B3
   const std::size_t smem = fused_rows_smem(a.L);
   const unsigned chunk_heads = static_cast<unsigned>(a.chunks * a.NH);
@@ -1430,10 +1446,13 @@ Status launch_fused_backward_pass(const FusedBackwardArgs<T>& b, const int64_t* 
 /// of 16 up to 256; batch_per_pass as the forward. fwd.h is not read. bf16 / half need sm_80.
 /// stages: B2 and B4's pipeline depth (backward_slice_stages: 0 the default choice; 1 or 2
 /// forced where they fit, for the tests that compare them); *stages_used, when given, gets the
-/// depth that ran (1 for float).
+/// depth that ran (1 for float). state: F1's and B3's staging (0 the default, 1 16-row
+/// blocks, 2 whole chunks where they fit: prepare_state_smem); *state_whole_used, when given,
+/// says whether both ran in whole chunks (float: F1; its B3 stages nothing).
 template <class T>
 Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspace, std::size_t workspace_bytes,
-                                cudaStream_t stream, int stages_requested = 0, int* stages_used = nullptr) {
+                                cudaStream_t stream, int stages_requested = 0, int* stages_used = nullptr,
+                                int state_requested = 0, bool* state_whole_used = nullptr) {
   static_assert(std::is_same_v<T, float> || mma::is_mma_element_v<T>,
                 "fused chunkwise: T must be float, __half or __nv_bfloat16");
   MOXE_RETURN_IF_ERROR(validate(p));
@@ -1449,18 +1468,23 @@ Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspa
     MOXE_RETURN_IF_ERROR(mma::sm80_supported(device));
   }
   int stages = 1;
+  bool whole = false, grad_whole = false;
+  const int64_t dqk = p.fwd.dims.dqk;
+  const int chunk = p.fwd.chunk_size;
   if constexpr (kFusedMma<T>) {
     if (p.fwd.precision == Precision::accurate) {
-      MOXE_RETURN_IF_ERROR((backward_slice_stages<T, 3>(p.fwd.chunk_size, stages_requested, &stages)));
-      MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 3, T>(p.fwd.dims.dqk, p.fwd.chunk_size, stages)));
+      MOXE_RETURN_IF_ERROR((backward_slice_stages<T, 3>(chunk, stages_requested, &stages)));
+      MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 3, T>(dqk, chunk, stages, state_requested, &whole, &grad_whole)));
     } else {
-      MOXE_RETURN_IF_ERROR((backward_slice_stages<T, 1>(p.fwd.chunk_size, stages_requested, &stages)));
-      MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 1, T>(p.fwd.dims.dqk, p.fwd.chunk_size, stages)));
+      MOXE_RETURN_IF_ERROR((backward_slice_stages<T, 1>(chunk, stages_requested, &stages)));
+      MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 1, T>(dqk, chunk, stages, state_requested, &whole, &grad_whole)));
     }
   } else {
-    MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 1, float>(p.fwd.dims.dqk, p.fwd.chunk_size, stages)));
+    MOXE_RETURN_IF_ERROR(
+        (prepare_backward_smem<T, 1, float>(dqk, chunk, stages, state_requested, &whole, &grad_whole)));
   }
   if (stages_used) *stages_used = stages;
+  if (state_whole_used) *state_whole_used = whole && (grad_whole || !kFusedMma<T>);
   return for_each_batch_pass(p.fwd, [&](int64_t b0, int64_t nb) {
     const BackwardParams<T, float> sb = batch_slice(p, b0, nb);
     const ForwardParams<T, float>& s = sb.fwd;
@@ -1494,6 +1518,7 @@ Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspa
     auto al = [](const void* x) { return reinterpret_cast<std::uintptr_t>(x) % 16 == 0; };
     a.aligned = al(s.q) && al(s.k) && al(s.v);
     a.stages = 1;  // (F2's: not run by the backward)
+    a.state_whole = whole;
     a.table = w.ws.table;
     a.m_prev = w.ws.m_prev;
     a.m_final = w.ws.m_final;
@@ -1513,6 +1538,7 @@ Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspa
     b.dm_init = sb.dm_init;
     b.col_blocks = static_cast<int>(ceil_div<int64_t>(s.dims.dv, kFusedColumns));
     b.stages = stages;
+    b.grad_whole = grad_whole;
     b.ws = w.ws;
     b.inner_part = w.inner_part;
     b.aligned = al(s.q) && al(sb.dh);
