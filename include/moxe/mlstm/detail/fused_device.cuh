@@ -286,8 +286,8 @@ inline std::size_t fused_state_smem(int64_t dqk) {
   return sizeof(T) * 2 * 16 * static_cast<std::size_t>((dqk + kFusedPad<T>) + (kFusedColumns + kFusedPad<T>));
 }
 
-/// Dynamic shared memory of F1 in whole chunks: K and V of two chunks (the next one's copies
-/// in flight during this one's products).
+/// Dynamic shared memory of F1 (and B3) in whole chunks: K and V (q and dh) of two chunks (the
+/// next one's copies in flight during this one's products).
 template <class T>
 inline std::size_t fused_state_whole_smem(int64_t dqk, int chunk) {
   return sizeof(T) * 2 * static_cast<std::size_t>(chunk) *
