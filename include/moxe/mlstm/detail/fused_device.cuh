@@ -294,6 +294,12 @@ inline std::size_t fused_state_whole_smem(int64_t dqk, int chunk) {
          static_cast<std::size_t>((dqk + kFusedPad<T>) + (kFusedColumns + kFusedPad<T>));
 }
 
+/// F1's or B3's dynamic shared memory in the staging chosen (whole chunks or 16-row blocks).
+template <class T>
+inline std::size_t fused_state_staging_smem(int64_t dqk, int chunk, bool whole) {
+  return whole ? fused_state_whole_smem<T>(dqk, chunk) : fused_state_smem<T>(dqk);
+}
+
 template <class T, int kRT, int kParts>
 __global__ void __launch_bounds__(kFusedStateThreads, 1) fused_state_kernel(const __grid_constant__ FusedArgs<T> p) {
   extern __shared__ __align__(16) unsigned char fused_smem[];
@@ -918,18 +924,25 @@ Status fused_output_stages(int chunk, int requested, int* stages) {
   }
 }
 
-/// F1's staging (*whole): whole chunks in two buffers where they fit the device's opt-in
-/// shared memory and cost no resident blocks (pick_stages: requested 0 the default, 1 16-row
-/// blocks, 2 whole chunks where they fit), else 16-row blocks (float at DQK 256 and chunk
-/// 128 would need 328 KiB). F1 runs one block a multiprocessor either way (its registers).
+/// F1's or B3's staging (*whole), its kernel's shared memory raised to it: whole chunks in two
+/// buffers where they fit the device's opt-in shared memory and cost no resident blocks
+/// (pick_stages: requested 0 the default, 1 16-row blocks, 2 whole chunks where they fit),
+/// else 16-row blocks (float at DQK 256 and chunk 128 would need 328 KiB). Both run one block
+/// a multiprocessor either way (their registers).
+template <class T, class Kernel>
+Status pick_state_staging(Kernel kernel, int64_t dqk, int chunk, int requested, bool* whole) {
+  int depth = 1;
+  MOXE_RETURN_IF_ERROR(pick_stages(requested, kFusedStateThreads, fused_state_smem<T>(dqk),
+                                   fused_state_whole_smem<T>(dqk, chunk), &depth, kernel));
+  *whole = depth == 2;
+  return set_max_dynamic_smem(kernel, fused_state_staging_smem<T>(dqk, chunk, *whole));
+}
+
+/// F1's staging (pick_state_staging) for the instance DQK selects.
 template <class T, int kParts>
 Status prepare_state_smem(int64_t dqk, int chunk, int requested, bool* whole) {
   auto kernel = dqk > 16 * kFusedStateWarps ? fused_state_kernel<T, 2, kParts> : fused_state_kernel<T, 1, kParts>;
-  const std::size_t blocks = fused_state_smem<T>(dqk), chunks = fused_state_whole_smem<T>(dqk, chunk);
-  int depth = 1;
-  MOXE_RETURN_IF_ERROR(pick_stages(requested, kFusedStateThreads, blocks, chunks, &depth, kernel));
-  *whole = depth == 2;
-  return set_max_dynamic_smem(kernel, *whole ? chunks : blocks);
+  return pick_state_staging<T>(kernel, dqk, chunk, requested, whole);
 }
 
 /// Dynamic shared memory of F1 and F2 for this call, set before anything is launched (a
@@ -955,7 +968,7 @@ Status launch_gate_scan_and_states(const FusedArgs<T>& a, const int64_t* offsets
                                        offsets));
   MOXE_RETURN_IF_ERROR(
       launch_kernel(fused_gate_scan_kernel<T>, static_cast<unsigned>(slots), kFusedScanThreads, 0, stream, a));
-  const std::size_t smem1 = a.state_whole ? fused_state_whole_smem<T>(a.DQK, a.L) : fused_state_smem<T>(a.DQK);
+  const std::size_t smem1 = fused_state_staging_smem<T>(a.DQK, a.L, a.state_whole);
   const dim3 grid1(static_cast<unsigned>(slots * col_blocks));
   if (a.DQK > 16 * kFusedStateWarps)
     return launch_kernel(fused_state_kernel<T, 2, kParts>, grid1, kFusedStateThreads, smem1, stream, a);

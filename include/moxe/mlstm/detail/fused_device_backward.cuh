@@ -1386,15 +1386,10 @@ Status prepare_backward_smem(int64_t dqk, int chunk, int stages, int state_reque
   if constexpr (kFusedMma<T>) {
     const std::size_t smem24 = fused_rows_mma_smem<T, kParts>(chunk, stages);
     MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_mma_kernel<T, kParts>, smem24));
-    // B3: whole chunks as F1's, where they fit and cost no resident blocks (B3 runs one block
-    // a multiprocessor, its registers, so where they fit)
+    // B3: whole chunks as F1's (pick_state_staging), for the instance DQK selects
     auto b3 = dqk > 16 * kFusedStateWarps ? fused_state_grad_mma_kernel<T, 2, kParts>
                                           : fused_state_grad_mma_kernel<T, 1, kParts>;
-    const std::size_t blocks = fused_state_smem<T>(dqk), chunks = fused_state_whole_smem<T>(dqk, chunk);
-    int depth = 1;
-    MOXE_RETURN_IF_ERROR(pick_stages(state_requested, kFusedStateThreads, blocks, chunks, &depth, b3));
-    *grad_whole = depth == 2;
-    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(b3, *grad_whole ? chunks : blocks));
+    MOXE_RETURN_IF_ERROR(pick_state_staging<T>(b3, dqk, chunk, state_requested, grad_whole));
     return set_max_dynamic_smem(fused_columns_mma_kernel<T, kParts>, smem24);
   } else {
     MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_kernel<T, F>, smem));
@@ -1409,7 +1404,7 @@ Status launch_fused_backward_pass(const FusedBackwardArgs<T>& b, const int64_t* 
   // F0, F1: the gate scan and the checkpoints, as the forward runs them (every kernel's
   // shared memory was set beforehand: prepare_backward_smem)
   MOXE_RETURN_IF_ERROR((launch_gate_scan_and_states<T, kParts>(a, offsets, stream)));
-  const std::size_t smem1 = b.grad_whole ? fused_state_whole_smem<T>(a.DQK, a.L) : fused_state_smem<T>(a.DQK);
+  const std::size_t smem1 = fused_state_staging_smem<T>(a.DQK, a.L, b.grad_whole);
   const dim3 grid1(static_cast<unsigned>(slots), static_cast<unsigned>(b.col_blocks));  // B3
   const std::size_t smem = fused_rows_smem(a.L);
   const unsigned chunk_heads = static_cast<unsigned>(a.chunks * a.NH);
