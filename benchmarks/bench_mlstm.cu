@@ -1,6 +1,9 @@
 // mLSTM chunkwise benchmarks: forward, and forward + backward, in bf16 (float states).
 //   BM_mlstm_chunkwise_forward/{S}           B*S = 65536 tokens, NH 16, DQK 128, DV 256
 //   BM_mlstm_chunkwise_forward_backward/{S}  the same shapes
+//   BM_mlstm_chunkwise_forward_backward_tape/{S}  the forward keeps a tape (ForwardParams::tape)
+//                                            that the backward reads: no gate scan and state
+//                                            walk in the backward
 //   BM_mlstm_step/{B}                        one decoding step, NH 16, DQK 128, DV 256
 // S in {512, 2048, 8192, 65536} at a fixed 65536 tokens (S = 8192 is B = 8).
 //
@@ -91,7 +94,7 @@ Inputs make_inputs(int64_t tokens, int index) {
   return s;
 }
 
-void run_chunkwise(benchmark::State& state, bool backward) {
+void run_chunkwise(benchmark::State& state, bool backward, bool taped = false) {
   const int64_t S = state.range(0);
   const int64_t B = kTokens / S;
   const std::size_t qk = std::size_t(kTokens) * kHeads * kDqk, vv = std::size_t(kTokens) * kHeads * kDv;
@@ -119,18 +122,24 @@ void run_chunkwise(benchmark::State& state, bool backward) {
     p.dfgate = df.as<T>();
     return p;
   };
-  const auto probe = params(inputs.next());
+  auto probe = params(inputs.next());
+  DeviceMemory tape(taped ? moxe::mlstm::chunkwise_tape_size(probe.fwd) : 0);
+  probe.fwd.tape = tape.as<void>();
+  probe.fwd.tape_bytes = tape.bytes();
   const std::size_t fbytes = moxe::mlstm::chunkwise_forward_workspace_size(probe.fwd);
   const std::size_t bbytes = backward ? moxe::mlstm::chunkwise_backward_workspace_size(probe) : 0;
   DeviceMemory workspace(fbytes > bbytes ? fbytes : bbytes);
   state.counters["workspace_MiB"] = double(workspace.bytes()) / (1 << 20);
+  state.counters["tape_MiB"] = double(tape.bytes()) / (1 << 20);
 
   cudaStream_t stream;
   MOXE_BENCH_CUDA(cudaStreamCreate(&stream));
   MOXE_BENCH_CUDA(cudaDeviceSynchronize());
   EventTimer timer;
   for (auto _ : state) {
-    const auto p = params(inputs.next());
+    auto p = params(inputs.next());
+    p.fwd.tape = probe.fwd.tape;
+    p.fwd.tape_bytes = probe.fwd.tape_bytes;
     timer.start(stream);
     moxe::Status st = moxe::mlstm::chunkwise_forward(p.fwd, workspace.as<void>(), workspace.bytes(), stream);
     if (st == moxe::Status::ok && backward)
@@ -148,6 +157,7 @@ void run_chunkwise(benchmark::State& state, bool backward) {
 
 void BM_mlstm_chunkwise_forward(benchmark::State& state) { run_chunkwise(state, false); }
 void BM_mlstm_chunkwise_forward_backward(benchmark::State& state) { run_chunkwise(state, true); }
+void BM_mlstm_chunkwise_forward_backward_tape(benchmark::State& state) { run_chunkwise(state, true, true); }
 
 BENCHMARK(BM_mlstm_chunkwise_forward)
     ->ArgName("S")
@@ -158,6 +168,14 @@ BENCHMARK(BM_mlstm_chunkwise_forward)
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_mlstm_chunkwise_forward_backward)
+    ->ArgName("S")
+    ->Arg(512)
+    ->Arg(2048)
+    ->Arg(8192)
+    ->Arg(65536)
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_mlstm_chunkwise_forward_backward_tape)
     ->ArgName("S")
     ->Arg(512)
     ->Arg(2048)

@@ -23,6 +23,7 @@
 
 #include "device_utils.cuh"
 #include "moxe/mlstm/chunkwise_fused_host.hpp"
+#include "moxe/mlstm/chunkwise.cuh"
 #include "moxe/mlstm/detail/fused_device_backward.cuh"
 #include "mlstm_testing.hpp"
 #include "moxe/mlstm/reference.hpp"
@@ -155,6 +156,8 @@ struct Device {
   DeviceBuffer<T> q, k, v, ig, fg, dh, dq, dk, dv, di, df;
   DeviceBuffer<float> c0, n0, m0, dcl, dnl, dml, dc, dn, dm;
   DeviceBuffer<int64_t> offsets;
+  void* tape = nullptr;  // ForwardParams::tape, when a test gives one
+  std::size_t tape_bytes = 0;
 
   explicit Device(const Inputs& in) : cs(in.cs) {
     using moxe::test::convert_to;
@@ -205,6 +208,8 @@ struct Device {
     p.chunk_size = cs.chunk_size;
     p.batch_per_pass = cs.batch_per_pass;
     p.precision = precision;
+    p.tape = tape;
+    p.tape_bytes = tape_bytes;
     if (!cs.offsets.empty()) {
       p.segment_offsets = offsets.get();
       p.num_segments = int64_t(cs.offsets.size()) - 1;
@@ -541,6 +546,85 @@ TEST_CASE_TEMPLATE("fused backward: F1 and B3 in 16-row blocks and in whole chun
   }
 }
 
+TEST_CASE_TEMPLATE("fused backward: with the forward's tape (F0 and F1 not run) the same bits", T, float, __half,
+                   __nv_bfloat16) {
+  // The forward writes its gate scan, table and checkpoints to the tape (no workspace); the
+  // backward reads them: its gradients equal, bit for bit, those of the backward that
+  // recomputes them, and again on a second run over the same tape (the backward only reads it).
+  // Shapes: 3 batch entries in passes of 2 (the second pass's share of the tape, a partial
+  // pass), initial states and upstream; ragged and empty segments. half: accurate (three parts).
+  struct Shape {
+    int64_t batch, seq_len, dqk, dv, per_pass;
+    int chunk;
+    std::vector<int64_t> offsets;
+  };
+  const Shape shapes[] = {Shape{3, 37, 32, 48, 2, 16, {}}, Shape{1, 41, 16, 32, 0, 16, {0, 5, 5, 23, 41}}};
+  const Precision precision = std::is_same_v<T, __half> ? Precision::accurate : Precision::fast;
+  for (const Shape& sh : shapes) {
+    Case cs;
+    cs.batch = sh.batch;
+    cs.seq_len = sh.seq_len;
+    cs.dqk = sh.dqk;
+    cs.dv = sh.dv;
+    cs.batch_per_pass = sh.per_pass;
+    cs.chunk_size = sh.chunk;
+    cs.offsets = sh.offsets;
+    cs.init_states = true;
+    cs.upstream = true;
+    const auto seed = moxe::test::fresh_seed();
+    moxe::test::Rng rng(seed);
+    const Inputs in = make_inputs<T>(cs, rng);
+    INFO("seed " << seed << " " << type_name<T>() << " B " << cs.batch << " per pass " << cs.batch_per_pass
+                 << " segments " << cs.offsets.size());
+    Device<T> dev(in);
+    const Grads plain = dev.run(precision);
+
+    // the forward, without and with the tape: the same h
+    mm::ForwardParams<T, float> p = dev.params(precision).fwd;
+    DeviceBuffer<T> h(in.rows * cs.dv), h_taped(in.rows * cs.dv);
+    h.poison();
+    h_taped.poison();
+    p.h = h.get();
+    DeviceBuffer<unsigned char> fws(mm::detail::fused_chunkwise_forward_workspace_size(p));
+    fws.poison();
+    REQUIRE(mm::detail::fused_chunkwise_forward(p, fws.get(), fws.size(), nullptr) == Status::ok);
+    DeviceBuffer<unsigned char> tape(mm::chunkwise_tape_size(p));
+    tape.poison();
+    p.h = h_taped.get();
+    p.tape = tape.get();
+    p.tape_bytes = tape.size() - 1;  // short: nothing launched
+    CHECK(mm::chunkwise_forward_workspace_size(p) == 0);
+    CHECK(mm::detail::fused_chunkwise_forward(p, nullptr, 0, nullptr) == Status::workspace_too_small);
+    MOXE_TEST_CUDA(cudaDeviceSynchronize());
+    for (double x : moxe::test::convert_to_double(h_taped.download())) REQUIRE(std::isnan(x));
+    p.tape_bytes = tape.size();
+    REQUIRE(mm::detail::fused_chunkwise_forward(p, nullptr, 0, nullptr) == Status::ok);
+    MOXE_TEST_CUDA(cudaDeviceSynchronize());
+    CHECK(moxe::test::convert_to_double(h_taped.download()) == moxe::test::convert_to_double(h.download()));
+
+    // the backward over the tape: a smaller workspace (poisoned by run), the same gradients
+    const std::size_t plain_bytes = mm::detail::fused_backward_workspace_size(dev.params(precision));
+    dev.tape = tape.get();
+    dev.tape_bytes = tape.size() - 1;
+    {  // a short tape: nothing launched, dq still NaN
+      dev.dq.poison();
+      const auto b = dev.params(precision);
+      DeviceBuffer<unsigned char> ws(mm::detail::fused_backward_workspace_size(b));
+      CHECK(mm::detail::fused_chunkwise_backward(b, ws.get(), ws.size(), nullptr) == Status::workspace_too_small);
+      MOXE_TEST_CUDA(cudaDeviceSynchronize());
+      for (double x : moxe::test::convert_to_double(dev.dq.download())) REQUIRE(std::isnan(x));
+    }
+    dev.tape_bytes = tape.size();
+    const std::size_t taped_bytes = mm::detail::fused_backward_workspace_size(dev.params(precision));
+    // smaller by one pass's share of the tape (each size carries 255 bytes of alignment slack)
+    CHECK(taped_bytes + mm::detail::fused_forward_pass_bytes(p) == plain_bytes + 255);
+    const Grads taped = dev.run(precision), again = dev.run(precision);
+    const Grads ref = host_backward<double, void>(in, false, precision);
+    check_same_and_right<T>(taped, plain, ref, precision);
+    check_same_and_right<T>(again, plain, ref, precision);
+  }
+}
+
 TEST_CASE("fused backward: extreme gates (resets, no input, exp(-m) beyond float's range)") {
   using moxe::test::ExtremeGates;
   for (ExtremeGates x : {ExtremeGates::resets, ExtremeGates::low_m, ExtremeGates::high_m}) {
@@ -630,6 +714,9 @@ TEST_CASE("fused backward: bad input launches nothing") {
   bad = b;
   bad.fwd.dims.dqk = 20;
   CHECK(mm::detail::fused_chunkwise_backward(bad, ws.get(), bytes, nullptr) != Status::ok);
+  bad = b;
+  bad.fwd.tape_bytes = 1 << 20;  // without a tape
+  CHECK(mm::detail::fused_chunkwise_backward(bad, ws.get(), bytes, nullptr) == Status::invalid_argument);
   MOXE_TEST_CUDA(cudaDeviceSynchronize());
   // nothing written: dq still all NaN
   for (double x : moxe::test::convert_to_double(dev.dq.download())) REQUIRE(std::isnan(x));

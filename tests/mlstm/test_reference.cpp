@@ -954,6 +954,7 @@ TEST_CASE("mlstm reference rejects bad input and writes nothing") {
   expect_forward_rejected([](FP& f, Off&) { f.num_segments = 0; });
   expect_forward_rejected([](FP& f, Off&) { f.segment_offsets = nullptr; });
   expect_forward_rejected([](FP& f, Off&) { f.dims.batch = 2; });    // varlen needs batch 1
+  expect_forward_rejected([](FP& f, Off&) { f.tape_bytes = 64; });   // a tape size without a tape
 
   auto expect_backward_rejected = [&](auto mutate) {
     Grads g = poisoned_grads(p);

@@ -6,6 +6,7 @@
 //   size_t chunkwise_backward_workspace_size(const BackwardParams<T, float>&);
 //   Status chunkwise_backward(const BackwardParams<T, float>&, void* workspace, size_t bytes,
 //                             cudaStream_t stream);
+//   size_t chunkwise_tape_size(const ForwardParams<T, float>&);  // ForwardParams::tape
 //
 // T in {float, __half, __nv_bfloat16}; states and accumulation in float. Float inputs
 // compute in fp32 throughout (no TF32). chunk_size a multiple of 16 in [16, 128]; DQK, DV
@@ -15,7 +16,8 @@
 // Both directions are the fused design (detail/fused_device.cuh, fused_device_backward.cuh;
 // docs/mlstm.md "Fused device forward" / "Fused device backward"): a gate scan over chunks, a
 // state walk writing one fp32 checkpoint per chunk, an output kernel per chunk; the backward
-// runs the gate scan and the state walk again, then a row kernel (dq), the reverse
+// runs the gate scan and the state walk again (or, given the forward's tape, ForwardParams::
+// tape, reads what the forward wrote there), then a row kernel (dq), the reverse
 // state-gradient walk, a column kernel (dk, dv) and the gate gradients. half and bf16 run on
 // mma.sync with ForwardParams::precision (fast: intermediate operands rounded to T;
 // accurate: split in three T parts, about fp32); bf16 and half need sm_80.
@@ -263,15 +265,28 @@ std::size_t phase_forward_workspace_size(const ForwardParams<T, Acc>& p) {
 }  // namespace detail
 
 /// Bytes of workspace chunkwise_forward needs (the fused forward's): one pass's
-/// (ForwardParams::batch_per_pass).
+/// (ForwardParams::batch_per_pass); 0 when it writes a tape (ForwardParams::tape), which then
+/// holds all of it.
 template <class T, class Acc>
 std::size_t chunkwise_forward_workspace_size(const ForwardParams<T, Acc>& p) {
   static_assert(std::is_same_v<Acc, float>, "chunkwise: the device keeps states in float");
   return detail::fused_chunkwise_forward_workspace_size(p);
 }
 
+/// Bytes of the optional forward tape (ForwardParams::tape, tape_bytes): the gate scan, the
+/// chunk table, the fp32 state checkpoints (DQK x (DV + 1) per chunk and head) and the
+/// per-row gate quantities, for every batch pass. The backward given it skips its gate scan
+/// and state walk. At the benchmark size of benchmarks/NOTES.md it is 1,060 MiB at chunk 128
+/// (2,088 at 64), held from the forward to the backward; the forward then needs no workspace
+/// and the backward's is as much smaller (1,056 MiB instead of 2,116).
+template <class T, class Acc>
+std::size_t chunkwise_tape_size(const ForwardParams<T, Acc>& p) {
+  static_assert(std::is_same_v<Acc, float>, "chunkwise: the device keeps states in float");
+  return detail::fused_tape_size(p);
+}
+
 /// Bytes of workspace chunkwise_backward needs (the fused backward's): one pass's
-/// (ForwardParams::batch_per_pass).
+/// (ForwardParams::batch_per_pass), less the tape's share when fwd.tape is given.
 template <class T, class Acc>
 std::size_t chunkwise_backward_workspace_size(const BackwardParams<T, Acc>& p) {
   static_assert(std::is_same_v<Acc, float>, "chunkwise: the device keeps states in float");
@@ -335,7 +350,8 @@ Status chunkwise_forward(const ForwardParams<T, Acc>& p, void* workspace, std::s
 }
 
 /// dq, dk, dv, digate, dfgate, and dc_init, dn_init, dm_init when given: the exact
-/// gradient of the recurrent definition (gate scan and checkpoints recomputed, h not read),
+/// gradient of the recurrent definition (gate scan and checkpoints recomputed, or read from
+/// the forward's tape when fwd.tape is given: the same bits; h not read),
 /// by the fused backward (detail/fused_device_backward.cuh; the forward's precision).
 template <class T, class Acc>
 Status chunkwise_backward(const BackwardParams<T, Acc>& p, void* workspace, std::size_t workspace_bytes,

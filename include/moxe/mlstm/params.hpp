@@ -6,6 +6,7 @@
 // [num_segments, NH, ...].
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "moxe/core/config.hpp"
@@ -47,6 +48,16 @@ struct ForwardParams {
   /// default (fp32, as PyTorch's default); no effect for half, bf16 or the other paths.
   /// Not implemented by the device kernels (float stays fp32 there); the host twin reads it.
   bool allow_tf32 = false;
+  /// Optional tape of a training forward (chunkwise_forward / chunkwise_backward, the fused
+  /// device design): device memory of tape_bytes >= chunkwise_tape_size(p) bytes. The forward
+  /// writes its gate scan, chunk table and fp32 state checkpoints there (instead of in its
+  /// workspace, which it then does not need: chunkwise_forward_workspace_size is 0); the
+  /// backward, given the same params and the tape untouched since, reads them instead of
+  /// running the gate scan and the state walk again (the same bits, one fewer pass over the
+  /// states; its workspace shrinks by the tape's share). Null: the backward recomputes them.
+  /// The host reference and twin ignore it.
+  void* tape = nullptr;
+  std::size_t tape_bytes = 0;
 };
 
 template <class T, class Acc = float>
@@ -90,6 +101,7 @@ Status validate(const ForwardParams<T, Acc>& p, bool need_h = true) {
   MOXE_REQUIRE(all_or_none(p.c_last, p.n_last, p.m_last));
   MOXE_REQUIRE(scalars_valid(p.eps, p.qk_scale));
   MOXE_REQUIRE(p.batch_per_pass >= 0);
+  MOXE_REQUIRE(p.tape != nullptr || p.tape_bytes == 0);
   if (p.segment_offsets != nullptr || p.num_segments != 0) {
     MOXE_REQUIRE(p.segment_offsets != nullptr && p.num_segments > 0 && d.batch == 1);
   }

@@ -229,10 +229,12 @@ struct FusedWorkspace {
 
 /// The one description of the fused workspace: sizing and carving both call it. Sizes
 /// that validate() rejects carve nothing. Any chunk_size >= 1 is carved (the host twin
-/// runs any; the device launchers check chunk_size_valid() first).
+/// runs any; the device launchers check chunk_size_valid() first). forward_parts false
+/// (a backward reading a forward tape, ForwardParams::tape): the table, m_prev, m_final and
+/// the checkpoints are not carved here (the tape holds them).
 template <class A>
 FusedWorkspace<A> carve_fused_workspace(WorkspaceCarver& c, const Dims& d, int64_t num_segments, int chunk_size,
-                                        bool backward) {
+                                        bool backward, bool forward_parts = true) {
   FusedWorkspace<A> w;
   if (d.batch <= 0 || d.heads <= 0 || d.seq_len <= 0 || d.dqk <= 0 || d.dv <= 0 || num_segments < 0 ||
       chunk_size < 1)
@@ -242,14 +244,16 @@ FusedWorkspace<A> carve_fused_workspace(WorkspaceCarver& c, const Dims& d, int64
   const std::size_t H = static_cast<std::size_t>(d.heads);
   const std::size_t rows = static_cast<std::size_t>(d.batch * d.heads * d.seq_len);
   const std::size_t state = static_cast<std::size_t>(d.dqk * (d.dv + 1));
-  w.table.chunk_start = c.carve<int64_t>(K);
-  w.table.chunk_len = c.carve<int32_t>(K);
-  w.table.chunk_unit = c.carve<int64_t>(K);
-  w.table.unit_first = c.carve<int64_t>(U);
-  w.table.unit_chunks = c.carve<int64_t>(U);
-  w.m_prev = c.carve<double>(K * H);
-  w.m_final = c.carve<double>(U * H);
-  w.state = c.carve<A>(K * H * state);
+  if (forward_parts) {
+    w.table.chunk_start = c.carve<int64_t>(K);
+    w.table.chunk_len = c.carve<int32_t>(K);
+    w.table.chunk_unit = c.carve<int64_t>(K);
+    w.table.unit_first = c.carve<int64_t>(U);
+    w.table.unit_chunks = c.carve<int64_t>(U);
+    w.m_prev = c.carve<double>(K * H);
+    w.m_final = c.carve<double>(U * H);
+    w.state = c.carve<A>(K * H * state);
+  }
   if (backward) {
     w.dstate = c.carve<A>(K * H * state);
     w.inv_den = c.carve<A>(rows);

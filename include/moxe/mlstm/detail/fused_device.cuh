@@ -873,11 +873,44 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2) fused_output_kernel(const 
 
 // ---- the launcher ----------------------------------------------------------------------------
 
+/// Bytes of one batch pass's FusedForwardWorkspace: the forward's workspace, or one pass's
+/// share of a forward tape.
 template <class T>
-std::size_t fused_chunkwise_forward_workspace_size(const ForwardParams<T, float>& p) {
+std::size_t fused_forward_pass_bytes(const ForwardParams<T, float>& p) {
   WorkspaceCarver c;
   carve_fused_forward_workspace(c, pass_dims(p), p.num_segments, p.chunk_size);
   return c.required_bytes();
+}
+
+/// The forward's workspace: none where it writes a tape (the tape holds what it carves).
+template <class T>
+std::size_t fused_chunkwise_forward_workspace_size(const ForwardParams<T, float>& p) {
+  return p.tape != nullptr ? 0 : fused_forward_pass_bytes(p);
+}
+
+/// The forward tape (ForwardParams::tape): every batch pass's FusedForwardWorkspace (gate
+/// scan, chunk table, checkpoints, per-row gate quantities), fused_forward_pass_bytes apart,
+/// so that a backward run in the same passes finds each pass's share where the forward
+/// wrote it. Sizes validate() rejects: 0.
+template <class T>
+std::size_t fused_tape_size(const ForwardParams<T, float>& p) {
+  const std::size_t pass = fused_forward_pass_bytes(p);
+  if (pass == 0) return 0;
+  return pass * static_cast<std::size_t>(ceil_div<int64_t>(p.dims.batch, pass_batch(p)));
+}
+
+/// The share of the tape of `whole` (the call's params) for the batch pass starting at entry
+/// b0 (`pass`: batch_slice(whole, b0, ...)), carved; *fits false where the tape is short.
+template <class T>
+FusedForwardWorkspace carve_tape_pass(const ForwardParams<T, float>& whole, const ForwardParams<T, float>& pass,
+                                      int64_t b0, bool* fits) {
+  const std::size_t bytes = fused_forward_pass_bytes(whole);
+  const std::size_t index = static_cast<std::size_t>(b0 / pass_batch(whole));
+  WorkspaceCarver c(static_cast<char*>(whole.tape) + index * bytes,
+                    whole.tape_bytes >= (index + 1) * bytes ? bytes : 0);
+  const FusedForwardWorkspace w = carve_fused_forward_workspace(c, pass.dims, pass.num_segments, pass.chunk_size);
+  *fits = c.fits();
+  return w;
 }
 
 /// The pipeline depth of kernels run in staged rounds (`threads` a block; `one` / `two` bytes
@@ -991,7 +1024,9 @@ inline bool fused_head_dim_supported(int64_t dim) { return dim % 16 == 0 && dim 
 /// __nv_bfloat16; chunk_size 16..128 (multiples of 16); DQK, DV multiples of 16 up to 256.
 /// batch_per_pass runs the batch in passes over one pass's workspace, as the phase design.
 /// bf16 / half need sm_80 (Status::unsupported below). ForwardParams::allow_tf32 is not
-/// implemented here: float inputs compute in fp32 either way. stages: F2's pipeline depth
+/// implemented here: float inputs compute in fp32 either way. With ForwardParams::tape the
+/// gate scan, table and checkpoints go to the tape (fused_tape_size), not the workspace (then
+/// 0 bytes); a short tape is Status::workspace_too_small, nothing launched. stages: F2's pipeline depth
 /// (fused_output_stages: 0 the default choice; 1 or 2 forced where they fit, for the tests
 /// that compare them); *stages_used, when given, gets the depth that ran. state: F1's staging
 /// (prepare_state_smem: 0 the default, 1 16-row blocks, 2 whole chunks where they fit);
@@ -1005,6 +1040,7 @@ Status fused_chunkwise_forward(const ForwardParams<T, float>& p, void* workspace
   MOXE_RETURN_IF_ERROR(validate_chunkwise(p, /*need_h=*/true));
   if (!fused_head_dim_supported(p.dims.dqk) || !fused_head_dim_supported(p.dims.dv)) return Status::unsupported;
   if (workspace_bytes < fused_chunkwise_forward_workspace_size(p)) return Status::workspace_too_small;
+  if (p.tape != nullptr && p.tape_bytes < fused_tape_size(p)) return Status::workspace_too_small;
   {  // grid sizes (F2: chunks x heads x column blocks) within one grid dimension
     const int64_t blocks = chunk_bound(pass_dims(p), p.num_segments, p.chunk_size) * p.dims.heads *
                            ceil_div<int64_t>(p.dims.dv, kFusedColumns);
@@ -1034,9 +1070,16 @@ Status fused_chunkwise_forward(const ForwardParams<T, float>& p, void* workspace
   if (state_whole_used) *state_whole_used = whole;
   return for_each_batch_pass(p, [&](int64_t b0, int64_t nb) {
     const ForwardParams<T, float> s = batch_slice(p, b0, nb);
-    WorkspaceCarver carver(workspace, workspace_bytes);
-    const FusedForwardWorkspace w = carve_fused_forward_workspace(carver, s.dims, s.num_segments, s.chunk_size);
-    if (!carver.fits()) return Status::workspace_too_small;
+    FusedForwardWorkspace w;
+    bool fits = true;
+    if (p.tape != nullptr) {
+      w = carve_tape_pass(p, s, b0, &fits);
+    } else {
+      WorkspaceCarver carver(workspace, workspace_bytes);
+      w = carve_fused_forward_workspace(carver, s.dims, s.num_segments, s.chunk_size);
+      fits = carver.fits();
+    }
+    if (!fits) return Status::workspace_too_small;
     FusedArgs<T> a;
     a.q = s.q;
     a.k = s.k;

@@ -86,14 +86,16 @@ struct FusedBackwardWorkspace {
   float* inner_part = nullptr;
 };
 
+/// taped (ForwardParams::tape given): what the forward's tape holds (the table, m_prev,
+/// m_final, the checkpoints C', the per-row gate quantities) is not carved here.
 inline FusedBackwardWorkspace carve_fused_backward_workspace(WorkspaceCarver& c, const Dims& d, int64_t num_segments,
-                                                             int chunk_size) {
+                                                             int chunk_size, bool taped = false) {
   FusedBackwardWorkspace w;
-  w.ws = carve_fused_workspace<float>(c, d, num_segments, chunk_size, /*backward=*/true);
+  w.ws = carve_fused_workspace<float>(c, d, num_segments, chunk_size, /*backward=*/true, /*forward_parts=*/!taped);
   if (d.batch <= 0 || d.heads <= 0 || d.seq_len <= 0 || d.dqk <= 0 || d.dv <= 0 || num_segments < 0 ||
       chunk_size < 1)
     return w;
-  w.local_rows = c.carve<ChunkGateRow>(static_cast<std::size_t>(d.batch * d.heads * d.seq_len));
+  if (!taped) w.local_rows = c.carve<ChunkGateRow>(static_cast<std::size_t>(d.batch * d.heads * d.seq_len));
   const std::size_t K = static_cast<std::size_t>(chunk_bound(d, num_segments, chunk_size));
   w.inner_part = c.carve<float>(K * static_cast<std::size_t>(d.heads * ceil_div<int64_t>(d.dv, kFusedColumns)));
   return w;
@@ -102,7 +104,7 @@ inline FusedBackwardWorkspace carve_fused_backward_workspace(WorkspaceCarver& c,
 template <class T>
 std::size_t fused_backward_workspace_size(const BackwardParams<T, float>& p) {
   WorkspaceCarver c;
-  carve_fused_backward_workspace(c, pass_dims(p.fwd), p.fwd.num_segments, p.fwd.chunk_size);
+  carve_fused_backward_workspace(c, pass_dims(p.fwd), p.fwd.num_segments, p.fwd.chunk_size, p.fwd.tape != nullptr);
   return c.required_bytes();
 }
 
@@ -1398,12 +1400,14 @@ Status prepare_backward_smem(int64_t dqk, int chunk, int stages, int state_reque
 }
 
 template <class T, int kParts, class F>
-Status launch_fused_backward_pass(const FusedBackwardArgs<T>& b, const int64_t* offsets, cudaStream_t stream) {
+Status launch_fused_backward_pass(const FusedBackwardArgs<T>& b, const int64_t* offsets, bool taped,
+                                  cudaStream_t stream) {
   const FusedArgs<T>& a = b.f;
   const int64_t slots = a.units * a.NH;
   // F0, F1: the gate scan and the checkpoints, as the forward runs them (every kernel's
-  // shared memory was set beforehand: prepare_backward_smem)
-  MOXE_RETURN_IF_ERROR((launch_gate_scan_and_states<T, kParts>(a, offsets, stream)));
+  // shared memory was set beforehand: prepare_backward_smem), unless the forward's tape
+  // holds them
+  if (!taped) MOXE_RETURN_IF_ERROR((launch_gate_scan_and_states<T, kParts>(a, offsets, stream)));
   const std::size_t smem1 = fused_state_staging_smem<T>(a.DQK, a.L, b.grad_whole);
   const dim3 grid1(static_cast<unsigned>(slots), static_cast<unsigned>(b.col_blocks));  // B3
   const std::size_t smem = fused_rows_smem(a.L);
@@ -1443,7 +1447,10 @@ Status launch_fused_backward_pass(const FusedBackwardArgs<T>& b, const int64_t* 
 /// forced where they fit, for the tests that compare them); *stages_used, when given, gets the
 /// depth that ran (1 for float). state: F1's and B3's staging (0 the default, 1 16-row
 /// blocks, 2 whole chunks where they fit: prepare_state_smem); *state_whole_used, when given,
-/// says whether both ran in whole chunks (float: F1; its B3 stages nothing).
+/// says whether both ran in whole chunks (float: F1; its B3 stages nothing). With
+/// ForwardParams::tape (written by fused_chunkwise_forward with the same params) F0 and F1
+/// are not run: the tape's checkpoints are read, the same bits; a short tape is
+/// Status::workspace_too_small, nothing launched.
 template <class T>
 Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspace, std::size_t workspace_bytes,
                                 cudaStream_t stream, int stages_requested = 0, int* stages_used = nullptr,
@@ -1455,6 +1462,7 @@ Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspa
   if (!fused_head_dim_supported(p.fwd.dims.dqk) || !fused_head_dim_supported(p.fwd.dims.dv))
     return Status::unsupported;
   if (workspace_bytes < fused_backward_workspace_size(p)) return Status::workspace_too_small;
+  if (p.fwd.tape != nullptr && p.fwd.tape_bytes < fused_tape_size(p.fwd)) return Status::workspace_too_small;
   if (chunk_bound(pass_dims(p.fwd), p.fwd.num_segments, p.fwd.chunk_size) * p.fwd.dims.heads > int64_t(0x7fffffff))
     return Status::unsupported;  // B2 / B4: one block per (chunk, head) in one grid dimension
   if constexpr (kFusedMma<T>) {
@@ -1483,9 +1491,20 @@ Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspa
   return for_each_batch_pass(p.fwd, [&](int64_t b0, int64_t nb) {
     const BackwardParams<T, float> sb = batch_slice(p, b0, nb);
     const ForwardParams<T, float>& s = sb.fwd;
+    const bool taped = p.fwd.tape != nullptr;
     WorkspaceCarver carver(workspace, workspace_bytes);
-    const FusedBackwardWorkspace w = carve_fused_backward_workspace(carver, s.dims, s.num_segments, s.chunk_size);
+    FusedBackwardWorkspace w = carve_fused_backward_workspace(carver, s.dims, s.num_segments, s.chunk_size, taped);
     if (!carver.fits()) return Status::workspace_too_small;
+    if (taped) {  // the forward's gate scan, table and checkpoints, where it wrote them
+      bool fits = false;
+      const FusedForwardWorkspace t = carve_tape_pass(p.fwd, s, b0, &fits);
+      if (!fits) return Status::workspace_too_small;
+      w.ws.table = t.ws.table;
+      w.ws.m_prev = t.ws.m_prev;
+      w.ws.m_final = t.ws.m_final;
+      w.ws.state = t.ws.state;
+      w.local_rows = t.local_rows;
+    }
     FusedBackwardArgs<T> b{};
     FusedArgs<T>& a = b.f;
     a.q = s.q;
@@ -1540,10 +1559,10 @@ Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspa
     b.form = product_forms<T, float>(s.precision, /*allow_tf32=*/false).intermediate;
     if constexpr (kFusedMma<T>) {
       if (s.precision == Precision::accurate)
-        return launch_fused_backward_pass<T, 3, T>(b, s.segment_offsets, stream);
-      return launch_fused_backward_pass<T, 1, T>(b, s.segment_offsets, stream);
+        return launch_fused_backward_pass<T, 3, T>(b, s.segment_offsets, taped, stream);
+      return launch_fused_backward_pass<T, 1, T>(b, s.segment_offsets, taped, stream);
     } else {
-      return launch_fused_backward_pass<T, 1, float>(b, s.segment_offsets, stream);
+      return launch_fused_backward_pass<T, 1, float>(b, s.segment_offsets, taped, stream);
     }
   });
 }
