@@ -249,6 +249,8 @@ class DeviceLayer {
     p.igate = m_ig_;
     p.fgate = m_fg_;
     p.h = m_h_cell_;
+    p.tape = m_tape_;  // the forward writes its checkpoints there, the backward reads them
+    p.tape_bytes = m_tape_bytes_;
     return p;
   }
   /// All mLSTM experts' rows in one call: per token as that many length-1 sequences,
@@ -376,6 +378,10 @@ class DeviceLayer {
   T *m_xn_ = nullptr, *m_up_ = nullptr, *m_xc_ = nullptr, *m_qkv_ = nullptr, *m_gates_ = nullptr;
   T *m_q_ = nullptr, *m_k_ = nullptr, *m_v_ = nullptr, *m_ig_ = nullptr, *m_fg_ = nullptr, *m_h_cell_ = nullptr;
   T *m_h_ = nullptr, *m_hn_ = nullptr, *m_o_ = nullptr, *x3_ = nullptr, *u_ = nullptr;
+  // the mixer cell's forward tape (mlstm::chunkwise_tape_size): its gate scan and state
+  // checkpoints, kept for the backward, which then does not recompute them
+  char* m_tape_ = nullptr;
+  std::size_t m_tape_bytes_ = 0;
   // gate
   T* router_out_ = nullptr;  // [T, E + 1]: logits, then the difficulty pre-activation
   float *probs_ = nullptr, *lse_ = nullptr, *entropy_ = nullptr, *difficulty_ = nullptr;
@@ -566,17 +572,23 @@ Status DeviceLayer<T>::init(const LayerConfig& c, const LayerWeights& w, cudaStr
   std::size_t ws = 0;
   auto need = [&ws](std::size_t bytes) { ws = std::max(ws, bytes); };
   {
-    auto need_mlstm = [&need](const moxe::mlstm::Dims& dims, int64_t num_segments) {
-      moxe::mlstm::ForwardParams<T, float> p{};
-      p.dims = dims;
-      p.chunk_size = mlstm_chunk_size(dims.seq_len);
-      p.num_segments = num_segments;
+    auto need_cell = [&need](const moxe::mlstm::ForwardParams<T, float>& p) {
       need(moxe::mlstm::chunkwise_forward_workspace_size(p));
       moxe::mlstm::BackwardParams<T, float> bp{};
       bp.fwd = p;
       need(moxe::mlstm::chunkwise_backward_workspace_size(bp));
     };
-    need_mlstm(moxe::mlstm::Dims{B, NH, S, c.inner_head_dim(), c.inner_head_dim()}, 0);  // the mixer
+    auto need_mlstm = [&need_cell](const moxe::mlstm::Dims& dims, int64_t num_segments) {
+      moxe::mlstm::ForwardParams<T, float> p{};
+      p.dims = dims;
+      p.chunk_size = mlstm_chunk_size(dims.seq_len);
+      p.num_segments = num_segments;
+      need_cell(p);
+    };
+    // the mixer with its tape: no forward workspace, the backward's less the tape's share
+    m_tape_bytes_ = moxe::mlstm::chunkwise_tape_size(mixer_mlstm_params());
+    MOXE_RETURN_IF_ERROR(a.allocate(m_tape_, int64_t(m_tape_bytes_)));
+    need_cell(mixer_mlstm_params());
     if (stateful) {
       need_mlstm(moxe::mlstm::Dims{1, NH, R, c.head_dim(), c.head_dim()}, Em * B);
       need_mlstm(moxe::mlstm::Dims{B, NH, S, c.head_dim(), c.head_dim()}, 0);

@@ -41,6 +41,7 @@ TEST_CASE("mlstm: DESIGN names, double reference, device validation") {
   moxe::mlstm::ForwardParams<float> ff{};
   ff.dims = {8, 16, 8192, 128, 256};
   CHECK(moxe::mlstm::chunkwise_forward_workspace_size(ff) > 0);  // reads sizes only
+  CHECK(moxe::mlstm::chunkwise_tape_size(ff) > 0);  // the optional forward tape
   CHECK(moxe::mlstm::chunkwise_forward(ff, nullptr, 0, nullptr) == Status::invalid_argument);
   moxe::mlstm::ForwardParams<__nv_bfloat16> fb{};
   fb.dims = ff.dims;

@@ -622,6 +622,20 @@ TEST_CASE_TEMPLATE("fused backward: with the forward's tape (F0 and F1 not run) 
     const Grads ref = host_backward<double, void>(in, false, precision);
     check_same_and_right<T>(taped, plain, ref, precision);
     check_same_and_right<T>(again, plain, ref, precision);
+    // the backward reads the tape, and each pass its own share (not a recomputation of it):
+    // NaN in the last pass's checkpoints makes that pass's dq NaN and leaves the others' bits
+    const int64_t per_pass = mm::detail::pass_batch(p), b0 = ((cs.batch - 1) / per_pass) * per_pass;
+    const mm::ForwardParams<T, float> last = mm::detail::batch_slice(p, b0, cs.batch - b0);
+    bool fits = false;
+    const auto share = mm::detail::carve_tape_pass(p, last, b0, &fits);
+    REQUIRE(fits);
+    const int64_t chunks = mm::detail::chunk_bound(last.dims, last.num_segments, last.chunk_size);
+    MOXE_TEST_CUDA(
+        cudaMemset(share.ws.state, 0xFF, sizeof(float) * chunks * cs.heads * cs.dqk * (cs.dv + 1)));  // NaN
+    const Grads poisoned = dev.run(precision);
+    const std::size_t split = std::size_t(b0 * cs.heads * cs.seq_len * cs.dqk);
+    CHECK(std::memcmp(poisoned.dq.data(), plain.dq.data(), split * sizeof(double)) == 0);
+    CHECK(std::any_of(poisoned.dq.begin() + split, poisoned.dq.end(), [](double x) { return std::isnan(x); }));
   }
 }
 

@@ -50,12 +50,15 @@ struct ForwardParams {
   bool allow_tf32 = false;
   /// Optional tape of a training forward (chunkwise_forward / chunkwise_backward, the fused
   /// device design): device memory of tape_bytes >= chunkwise_tape_size(p) bytes. The forward
-  /// writes its gate scan, chunk table and fp32 state checkpoints there (instead of in its
-  /// workspace, which it then does not need: chunkwise_forward_workspace_size is 0); the
-  /// backward, given the same params and the tape untouched since, reads them instead of
-  /// running the gate scan and the state walk again (the same bits, one fewer pass over the
-  /// states; its workspace shrinks by the tape's share). Null: the backward recomputes them.
-  /// The host reference and twin ignore it.
+  /// writes its gate scan, chunk table, per-row gate quantities and fp32 state checkpoints
+  /// there (instead of in its workspace, which it then does not need:
+  /// chunkwise_forward_workspace_size is 0); the backward reads them instead of running the
+  /// gate scan and the state walk again (the same bits, one fewer pass over the states; its
+  /// workspace shrinks by the tape's share). The backward must get the tape at the same
+  /// address, untouched since the forward, and the forward's dims, chunk_size,
+  /// batch_per_pass, segments and precision: the layout depends on them (and on the address
+  /// modulo 256), and is not checked. Null: the backward recomputes them. The host reference
+  /// and twin ignore it.
   void* tape = nullptr;
   std::size_t tape_bytes = 0;
 };

@@ -889,14 +889,20 @@ std::size_t fused_chunkwise_forward_workspace_size(const ForwardParams<T, float>
 }
 
 /// The forward tape (ForwardParams::tape): every batch pass's FusedForwardWorkspace (gate
-/// scan, chunk table, checkpoints, per-row gate quantities), fused_forward_pass_bytes apart,
-/// so that a backward run in the same passes finds each pass's share where the forward
-/// wrote it. Sizes validate() rejects: 0.
+/// scan, chunk table, checkpoints, per-row gate quantities), fused_forward_pass_bytes apart
+/// (the last pass, which may hold fewer entries, sized by its own), so that a backward run in
+/// the same passes finds each pass's share where the forward wrote it. Sizes validate()
+/// rejects: 0.
 template <class T>
 std::size_t fused_tape_size(const ForwardParams<T, float>& p) {
   const std::size_t pass = fused_forward_pass_bytes(p);
   if (pass == 0) return 0;
-  return pass * static_cast<std::size_t>(ceil_div<int64_t>(p.dims.batch, pass_batch(p)));
+  const int64_t per_pass = pass_batch(p), full = (p.dims.batch - 1) / per_pass;  // passes before the last
+  WorkspaceCarver last;
+  Dims d = p.dims;
+  d.batch -= full * per_pass;
+  carve_fused_forward_workspace(last, d, p.num_segments, p.chunk_size);
+  return pass * static_cast<std::size_t>(full) + last.required_bytes();
 }
 
 /// The share of the tape of `whole` (the call's params) for the batch pass starting at entry
@@ -904,10 +910,8 @@ std::size_t fused_tape_size(const ForwardParams<T, float>& p) {
 template <class T>
 FusedForwardWorkspace carve_tape_pass(const ForwardParams<T, float>& whole, const ForwardParams<T, float>& pass,
                                       int64_t b0, bool* fits) {
-  const std::size_t bytes = fused_forward_pass_bytes(whole);
-  const std::size_t index = static_cast<std::size_t>(b0 / pass_batch(whole));
-  WorkspaceCarver c(static_cast<char*>(whole.tape) + index * bytes,
-                    whole.tape_bytes >= (index + 1) * bytes ? bytes : 0);
+  const std::size_t offset = static_cast<std::size_t>(b0 / pass_batch(whole)) * fused_forward_pass_bytes(whole);
+  WorkspaceCarver c(static_cast<char*>(whole.tape) + offset, whole.tape_bytes > offset ? whole.tape_bytes - offset : 0);
   const FusedForwardWorkspace w = carve_fused_forward_workspace(c, pass.dims, pass.num_segments, pass.chunk_size);
   *fits = c.fits();
   return w;

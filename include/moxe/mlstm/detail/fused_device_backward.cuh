@@ -6,7 +6,8 @@
 // column block) partials:
 //
 //   F0, F1   the forward's gate scan and state walk (fused_device.cuh) again: m_prev of every
-//            chunk and the fp32 checkpoints C'_c (no final states).
+//            chunk and the fp32 checkpoints C'_c (no final states). Not run where the
+//            forward kept them on its tape (ForwardParams::tape): the backward reads them there.
 //   B2 rows, grid (K*NH). bf16 / half (fused_rows_mma_kernel), L / 16 warps, a warp per 16
 //            rows, mma.sync m16n8k16 on operands staged by cp.async in 64-wide slices:
 //            inter = Q C_c (B: the checkpoint converted to T parts) -> dli = dh . inter;
@@ -79,7 +80,8 @@ namespace moxe::mlstm::detail {
 
 /// The fused backward's scratch: carve_fused_workspace(backward) (table, m_prev, m_final,
 /// C', dC', the row scalars, the per-chunk gate arrays), the forward's per-row gate
-/// quantities and B3's parts of <dC'_{c+1}, C'_c> ([K*NH][column blocks]).
+/// quantities (the first four and these on the forward's tape instead, when it has one) and
+/// B3's parts of <dC'_{c+1}, C'_c> ([K*NH][column blocks]).
 struct FusedBackwardWorkspace {
   FusedWorkspace<float> ws;
   ChunkGateRow* local_rows = nullptr;
@@ -1487,7 +1489,8 @@ Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspa
         (prepare_backward_smem<T, 1, float>(dqk, chunk, stages, state_requested, &whole, &grad_whole)));
   }
   if (stages_used) *stages_used = stages;
-  if (state_whole_used) *state_whole_used = whole && (grad_whole || !kFusedMma<T>);
+  // (with a tape F1 does not run: B3's staging alone)
+  if (state_whole_used) *state_whole_used = (whole || p.fwd.tape != nullptr) && (grad_whole || !kFusedMma<T>);
   return for_each_batch_pass(p.fwd, [&](int64_t b0, int64_t nb) {
     const BackwardParams<T, float> sb = batch_slice(p, b0, nb);
     const ForwardParams<T, float>& s = sb.fwd;
