@@ -37,12 +37,14 @@ setup(
             sources=sources,
             include_dirs=[include_dir, os.path.join(here, "csrc")],
             extra_compile_args={
-                "cxx": ["-O3", "-std=c++17"],
+                # no -std: torch's BuildExtension passes the standard its headers need
+                # (C++17 in older releases; C++20 in newer ones, whose headers stop at an
+                # explicit -std=c++17), and moxe's headers build as either
+                "cxx": ["-O3"],
                 # torch adds -D__CUDA_NO_HALF_OPERATORS__ and friends; the library's half and
                 # bf16 code uses the standard cuda_fp16/cuda_bf16 operators and conversions
                 "nvcc": [
                     "-O3",
-                    "-std=c++17",
                     "-lineinfo",
                     "-U__CUDA_NO_HALF_OPERATORS__",
                     "-U__CUDA_NO_HALF_CONVERSIONS__",

@@ -12,12 +12,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mlstm_chunkwise_forward", &mlstm_chunkwise_forward, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("igate"), py::arg("fgate"), py::arg("c_init"), py::arg("n_init"), py::arg("m_init"),
         py::arg("segment_offsets"), py::arg("qk_scale"), py::arg("eps"), py::arg("chunk_size"),
-        py::arg("return_last_states"), py::arg("batch_per_pass") = 0);
+        py::arg("return_last_states"), py::arg("batch_per_pass") = 0, py::arg("keep_tape") = false);
   m.def("mlstm_chunkwise_backward", &mlstm_chunkwise_backward, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("igate"), py::arg("fgate"), py::arg("c_init"), py::arg("n_init"), py::arg("m_init"),
         py::arg("segment_offsets"), py::arg("dh"), py::arg("dc_last"), py::arg("dn_last"), py::arg("dm_last"),
         py::arg("qk_scale"), py::arg("eps"), py::arg("chunk_size"), py::arg("init_grads"),
-        py::arg("batch_per_pass") = 0);
+        py::arg("batch_per_pass") = 0, py::arg("tape") = py::none());
 
   m.def("slstm_sequence_forward", &slstm_sequence_forward, py::arg("wx"), py::arg("r"), py::arg("bias"),
         py::arg("y_init"), py::arg("c_init"), py::arg("n_init"), py::arg("m_init"), py::arg("return_last_states"),

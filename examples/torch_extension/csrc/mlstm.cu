@@ -71,7 +71,7 @@ std::vector<at::Tensor> mlstm_chunkwise_forward(const at::Tensor& q, const at::T
                                                 const OptTensor& c_init, const OptTensor& n_init,
                                                 const OptTensor& m_init, const OptTensor& segment_offsets,
                                                 double qk_scale, double eps, int64_t chunk_size,
-                                                bool return_last_states, int64_t batch_per_pass) {
+                                                bool return_last_states, int64_t batch_per_pass, bool keep_tape) {
   const MlstmShape s = check_mlstm_inputs(q, k, v, igate, fgate, c_init, n_init, m_init, segment_offsets);
   const c10::cuda::CUDAGuard guard(q.device());
   const auto states = q.options().dtype(at::kFloat);
@@ -79,6 +79,7 @@ std::vector<at::Tensor> mlstm_chunkwise_forward(const at::Tensor& q, const at::T
   at::Tensor c_last = empty_if(return_last_states, {s.slots(), s.heads, s.dqk, s.dv}, states);
   at::Tensor n_last = empty_if(return_last_states, {s.slots(), s.heads, s.dqk}, states);
   at::Tensor m_last = empty_if(return_last_states, {s.slots(), s.heads}, states);
+  at::Tensor tape;
   dispatch_element(q.scalar_type(), "mlstm_chunkwise_forward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto p = forward_params<T>(s, q, k, v, igate, fgate, c_init, n_init, m_init, segment_offsets, qk_scale, eps,
@@ -89,11 +90,16 @@ std::vector<at::Tensor> mlstm_chunkwise_forward(const at::Tensor& q, const at::T
       p.n_last = ptr<float>(n_last);
       p.m_last = ptr<float>(m_last);
     }
+    if (keep_tape) {
+      tape = at::empty({static_cast<int64_t>(moxe::mlstm::chunkwise_tape_size(p))}, q.options().dtype(at::kByte));
+      p.tape = tape.data_ptr();
+      p.tape_bytes = static_cast<size_t>(tape.numel());
+    }
     const Workspace ws = make_workspace(moxe::mlstm::chunkwise_forward_workspace_size(p), q);
     check_status(moxe::mlstm::chunkwise_forward(p, ws.ptr(), ws.bytes(), current_stream()),
                  "mlstm::chunkwise_forward");
   });
-  return {h, c_last, n_last, m_last};
+  return {h, c_last, n_last, m_last, tape};
 }
 
 std::vector<at::Tensor> mlstm_chunkwise_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -103,7 +109,7 @@ std::vector<at::Tensor> mlstm_chunkwise_backward(const at::Tensor& q, const at::
                                                  const at::Tensor& dh, const OptTensor& dc_last,
                                                  const OptTensor& dn_last, const OptTensor& dm_last,
                                                  double qk_scale, double eps, int64_t chunk_size, bool init_grads,
-                                                 int64_t batch_per_pass) {
+                                                 int64_t batch_per_pass, const OptTensor& tape) {
   const MlstmShape s = check_mlstm_inputs(q, k, v, igate, fgate, c_init, n_init, m_init, segment_offsets);
   check_tensor(dh, "dh", q.scalar_type(), q, {s.batch, s.heads, s.seq_len, s.dv});
   check_all_or_none({&dc_last, &dn_last, &dm_last}, "dc_last, dn_last, dm_last");
@@ -111,6 +117,10 @@ std::vector<at::Tensor> mlstm_chunkwise_backward(const at::Tensor& q, const at::
   check_optional(dn_last, "dn_last", at::kFloat, q, {s.slots(), s.heads, s.dqk});
   check_optional(dm_last, "dm_last", at::kFloat, q, {s.slots(), s.heads});
   TORCH_CHECK(!init_grads || c_init.has_value(), "gradients of the initial states need the initial states");
+  if (tape.has_value()) {
+    check_tensor(*tape, "tape", at::kByte, q);
+    TORCH_CHECK(tape->dim() == 1, "tape must be the forward's (1-D uint8), got ", tape->sizes());
+  }
   const c10::cuda::CUDAGuard guard(q.device());
   const auto states = q.options().dtype(at::kFloat);
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
@@ -127,6 +137,10 @@ std::vector<at::Tensor> mlstm_chunkwise_backward(const at::Tensor& q, const at::
     b.dc_last = ptr<const float>(dc_last);
     b.dn_last = ptr<const float>(dn_last);
     b.dm_last = ptr<const float>(dm_last);
+    if (tape.has_value()) {  // (its size is checked by the launcher: workspace_too_small)
+      b.fwd.tape = tape->data_ptr();
+      b.fwd.tape_bytes = static_cast<size_t>(tape->numel());
+    }
     b.dq = ptr<T>(dq);
     b.dk = ptr<T>(dk);
     b.dv = ptr<T>(dv);

@@ -17,16 +17,20 @@ using OptTensor = std::optional<at::Tensor>;
 // states float32: c [N, NH, DQK, DV], n [N, NH, DQK], m [N, NH] with N = B, or the number
 // of segments when segment_offsets (int64 [N + 1], batch 1) is given.
 // batch_per_pass > 0: the batch in passes of that many entries (workspace / passes).
-// Returns h, c_last, n_last, m_last (the last three None unless return_last_states).
+// keep_tape: the forward also returns its tape (ForwardParams::tape: uint8
+// [chunkwise_tape_size]), which the backward takes to skip its gate scan and state walk.
+// Returns h, c_last, n_last, m_last, tape (c/n/m_last None unless return_last_states, tape
+// None unless keep_tape).
 std::vector<at::Tensor> mlstm_chunkwise_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 const at::Tensor& igate, const at::Tensor& fgate,
                                                 const OptTensor& c_init, const OptTensor& n_init,
                                                 const OptTensor& m_init, const OptTensor& segment_offsets,
                                                 double qk_scale, double eps, int64_t chunk_size,
-                                                bool return_last_states, int64_t batch_per_pass);
+                                                bool return_last_states, int64_t batch_per_pass, bool keep_tape);
 
-// Returns dq, dk, dv, digate, dfgate, dc_init, dn_init, dm_init (the last three None unless
-// init_grads, which needs the initial states).
+// tape: the forward's (keep_tape), untouched since, with the same inputs and settings; None:
+// the backward recomputes it. Returns dq, dk, dv, digate, dfgate, dc_init, dn_init, dm_init
+// (the last three None unless init_grads, which needs the initial states).
 std::vector<at::Tensor> mlstm_chunkwise_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const at::Tensor& igate, const at::Tensor& fgate,
                                                  const OptTensor& c_init, const OptTensor& n_init,
@@ -34,7 +38,7 @@ std::vector<at::Tensor> mlstm_chunkwise_backward(const at::Tensor& q, const at::
                                                  const at::Tensor& dh, const OptTensor& dc_last,
                                                  const OptTensor& dn_last, const OptTensor& dm_last,
                                                  double qk_scale, double eps, int64_t chunk_size, bool init_grads,
-                                                 int64_t batch_per_pass);
+                                                 int64_t batch_per_pass, const OptTensor& tape);
 
 // ---- sLSTM (moxe::slstm::sequence_forward / sequence_backward) --------------------------
 // wx [S, B, 4, NH, DH]; r [NH, 4, DH, DH]; bias [4, NH, DH] (float/half/bf16); states

@@ -310,6 +310,28 @@ def test_mlstm_varlen():
         assert_close(a, e, TOL[torch.float32], name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mlstm_keep_tape(dtype):
+    """keep_tape: the backward reads the forward's checkpoints: the same h and gradients, bit for bit."""
+    inputs, states = mlstm_inputs(3, 2, 45, 32, 16, 3, True, seed=13)
+    runs = []
+    for keep_tape in (False, True):
+        (q, k, v, i, f), _ = leaves(inputs, dtype)
+        (c0, n0, m0), _ = leaves(states, torch.float32)
+        h, (c, n, m) = mt.mlstm_chunkwise(q, k, v, i, f, (c0, n0, m0), chunk_size=16, batch_per_pass=2,
+                                          return_last_states=True, keep_tape=keep_tape)
+        torch.manual_seed(17)
+        cot = [torch.randn_like(t, dtype=F64) for t in (h, c, n, m)]
+        runs.append((h, *grads((h, c, n, m), cot, (q, k, v, i, f, c0, n0, m0))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    # no gradient needed: no tape kept, the forward alone
+    with torch.no_grad():
+        (q, k, v, i, f), _ = leaves(inputs, dtype)
+        assert torch.equal(mt.mlstm_chunkwise(q, k, v, i, f, chunk_size=16, keep_tape=True),
+                           mt.mlstm_chunkwise(q, k, v, i, f, chunk_size=16))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_mlstm_reduced_precision(dtype):
     inputs, _ = mlstm_inputs(2, 2, 40, 32, 32, 2, False, seed=11)
