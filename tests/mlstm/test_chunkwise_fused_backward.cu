@@ -230,8 +230,9 @@ struct Device {
 
   /// stages: B2 and B4's pipeline depth (0: the default choice; 1, 2: forced, and checked to
   /// have run); state: F1's and B3's staging (0: the default; 1: 16-row blocks; 2: whole
-  /// chunks, checked to have run)
-  Grads run(Precision precision, int stages = 0, int state = 0) {
+  /// chunks, checked to have run); keep: B2's C_c (0: the default; 1: a slice at a time; 2:
+  /// kept whole, checked to have run)
+  Grads run(Precision precision, int stages = 0, int state = 0, int keep = 0) {
     for (auto* x : {&dq, &dk, &dv, &di, &df}) x->poison();
     if (cs.init_states)
       for (auto* x : {&dc, &dn, &dm}) x->poison();
@@ -239,11 +240,12 @@ struct Device {
     DeviceBuffer<unsigned char> ws(mm::detail::fused_backward_workspace_size(b));
     ws.poison();
     int used = 0;
-    bool whole = false;
-    REQUIRE(mm::detail::fused_chunkwise_backward(b, ws.get(), ws.size(), nullptr, stages, &used, state, &whole) ==
-            Status::ok);
+    bool whole = false, kept = false;
+    REQUIRE(mm::detail::fused_chunkwise_backward(b, ws.get(), ws.size(), nullptr, stages, &used, state, &whole, keep,
+                                                 &kept) == Status::ok);
     if (stages != 0 && !std::is_same_v<T, float>) REQUIRE(used == stages);
     if (state != 0) REQUIRE(whole == (state == 2));
+    if (keep != 0) REQUIRE(kept == (keep == 2));
     MOXE_TEST_CUDA(cudaDeviceSynchronize());
     using moxe::test::convert_to_double;
     Grads g{convert_to_double(dq.download()), convert_to_double(dk.download()), convert_to_double(dv.download()),
@@ -504,6 +506,37 @@ TEST_CASE_TEMPLATE("fused backward: B2 and B4 in one-stage and two-stage slice r
       const Grads two = dev.run(precision, 2), one = dev.run(precision, 1);  // (run checks the depth ran)
       check_same_and_right<T>(two, one, host_backward<double, void>(in, false, precision), precision);
     }
+  }
+}
+
+TEST_CASE("fused backward bf16 fast: B2 with C_c kept whole and a slice at a time gives the same bits") {
+  // kept: every 64 x 64 slice of C_c converted once in A (inter) into its place in one
+  // [DQK][DV] tile and read again in D (C dh), instead of copied and converted again there.
+  // Shapes (within the simulated device's 96 KiB): DQK 80, DV 144 (partial slices in both,
+  // 2 x 3 of them) over chunks of 32; DQK 144, DV 80 (3 x 2); DQK = DV = 16 (one slice) in two
+  // stages; DQK 64, DV 128 over chunks of 64 (4 warps)
+  struct Shape {
+    int64_t seq_len, dqk, dv;
+    int chunk, stages;
+  };
+  for (const Shape sh : {Shape{70, 80, 144, 32, 1}, Shape{40, 144, 80, 16, 1}, Shape{37, 16, 16, 16, 2},
+                         Shape{130, 64, 128, 64, 1}}) {
+    Case cs;
+    cs.seq_len = sh.seq_len;
+    cs.chunk_size = sh.chunk;
+    cs.dqk = sh.dqk;
+    cs.dv = sh.dv;
+    cs.init_states = true;
+    cs.upstream = true;
+    const auto seed = moxe::test::fresh_seed();
+    moxe::test::Rng rng(seed);
+    const Inputs in = make_inputs<__nv_bfloat16>(cs, rng);
+    INFO("seed " << seed << " S " << cs.seq_len << " L " << cs.chunk_size << " DQK " << cs.dqk << " DV " << cs.dv
+                 << " stages " << sh.stages);
+    Device<__nv_bfloat16> dev(in);
+    const Grads kept = dev.run(Precision::fast, sh.stages, 0, 2), slices = dev.run(Precision::fast, sh.stages, 0, 1);
+    check_same_and_right<__nv_bfloat16>(kept, slices, host_backward<double, void>(in, false, Precision::fast),
+                                        Precision::fast);
   }
 }
 

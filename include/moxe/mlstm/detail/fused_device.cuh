@@ -567,7 +567,13 @@ struct CheckpointSlices {
   int ld, DQK, DV, stages, tid, threads;
   const int *exp_row, *exp_col;
 
-  MOXE_DEVICE void issue(int buf, int a0, int e0, bool by_row) const {
+  MOXE_DEVICE void issue(int buf, int a0, int e0, bool by_row) const { issue_into(dst, ld, buf, a0, e0, by_row); }
+  /// (a barrier inside with two stages: call it from every thread)
+  MOXE_DEVICE void use(int buf, int a0, int e0, bool by_row) const { use_into(dst, ld, buf, a0, e0, by_row); }
+
+  /// issue / use with the parts written at d (row pitch dld; parts kRows rows apart) instead
+  /// of dst: B2's whole converted checkpoint (fused_rows_mma_kernel, kept)
+  MOXE_DEVICE void issue_into(T* d, int dld, int buf, int a0, int e0, bool by_row) const {
     constexpr int kSl = kFusedBwdSlice;
     if (stages == 2) {
       float* r = raw + buf * kRows * kSl;
@@ -577,15 +583,14 @@ struct CheckpointSlices {
         mma::cp_async_4(r + idx, in ? m + (a0 + a) * W + e0 + e : m, in ? 4 : 0);
       }
     } else {
-      convert_checkpoint_slice<T, kParts, kRows>(dst, ld, m + a0 * W + e0, W, DQK, DV, a0, e0, by_row, exp_row,
+      convert_checkpoint_slice<T, kParts, kRows>(d, dld, m + a0 * W + e0, W, DQK, DV, a0, e0, by_row, exp_row,
                                                  exp_col, tid, threads);
     }
   }
-  /// (a barrier inside with two stages: call it from every thread)
-  MOXE_DEVICE void use(int buf, int a0, int e0, bool by_row) const {
+  MOXE_DEVICE void use_into(T* d, int dld, int buf, int a0, int e0, bool by_row) const {
     constexpr int kSl = kFusedBwdSlice;
     if (stages != 2) return;
-    convert_checkpoint_slice<T, kParts, kRows>(dst, ld, raw + buf * kRows * kSl, kSl, DQK, DV, a0, e0, by_row, exp_row,
+    convert_checkpoint_slice<T, kParts, kRows>(d, dld, raw + buf * kRows * kSl, kSl, DQK, DV, a0, e0, by_row, exp_row,
                                                exp_col, tid, threads);
     __syncthreads();
   }

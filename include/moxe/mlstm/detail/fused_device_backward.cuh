@@ -127,6 +127,7 @@ struct FusedBackwardArgs {
   bool aligned;      // q and dh 16-byte aligned: cp.async staging in B3 (else plain loads)
   int col_blocks;
   int stages;  // B2 / B4's pipeline depth (1 or 2: backward_slice_stages)
+  bool c_kept;  // B2 keeps all of C_c converted (its <T, 1, true> instance, fused_rows_kept_smem; bf16 fast)
   bool grad_whole;  // B3 stages whole chunks, two buffers (fused_state_whole_smem), else 16-row blocks
   FusedWorkspace<float> ws;
   float* inner_part;
@@ -324,6 +325,27 @@ inline std::size_t fused_rows_mma_smem(int L, int stages) {
          raw;
 }
 
+/// B2's row pitch of C_c kept whole: its 64-wide slices side by side, 16 bytes of padding.
+template <class T>
+MOXE_HD inline int fused_kept_ld(int64_t dv) {
+  return static_cast<int>(ceil_div<int64_t>(dv, kFusedBwdSlice)) * kFusedBwdSlice + kFusedPad<T>;
+}
+
+/// B2's dynamic shared memory with C_c kept whole (c_kept): fused_rows_mma_smem with the 64 x
+/// 64 slice of C_c's parts replaced by all of them ([kParts][DQK rounded to 64][fused_kept_ld]),
+/// converted once in A and read again in D. Only where no scaling differs between A's groups
+/// (columns) and D's (rows): bf16 (half's powers of two do). 138,368 B at chunk 128, DQK 128,
+/// DV 256, two stages, fast (+ 11,264 static).
+template <class T, int kParts>
+inline std::size_t fused_rows_kept_smem(int L, int stages, int64_t dqk, int64_t dv) {
+  constexpr int ld = kFusedBwdSlice + kFusedPad<T>;
+  const std::size_t rows = static_cast<std::size_t>(ceil_div<int64_t>(dqk, kFusedBwdSlice)) * kFusedBwdSlice;
+  const std::size_t raw = stages == 2 ? 2 * sizeof(float) * kFusedBwdSlice * kFusedBwdSlice : 0;
+  return sizeof(T) * (2 * static_cast<std::size_t>(stages) * L * ld +
+                      static_cast<std::size_t>(kParts) * rows * fused_kept_ld<T>(dv)) +
+         raw;
+}
+
 /// acc (the 16 x kST*8 strip of rows row0.. against the staged slices' rows) += X Y^T over
 /// `width` columns of one staged slice pair (X, Y: [rows][ld] of T, the columns the k
 /// dimension); only the n-tiles with active(nt) (the causal ones). B2's S = Q K^T and
@@ -376,7 +398,7 @@ MOXE_DEVICE void checkpoint_exponents(const float* m, int DQK, int DV, int W, in
 ///   D  per 64 DQK columns: cdh = dh C_c^T (B: C_c's parts, a power of two per DQK row for
 ///      half) and dsk = dS K (A: dS from registers rounded / split per row), dq = scale
 ///      (w (inv_den cdh + ddot n) + dsk).
-template <class T, int kParts>
+template <class T, int kParts, bool kKept = false>
 __global__ void __launch_bounds__(kFusedMaxChunk * 2)
     fused_rows_mma_kernel(const __grid_constant__ FusedBackwardArgs<T> b) {
   extern __shared__ __align__(16) unsigned char fused_smem[];
@@ -397,8 +419,14 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
   T* const X1 = X0 + stages * L * ld;
   auto x0 = [&](int buf) { return X0 + buf * L * ld; };
   auto x1 = [&](int buf) { return X1 + buf * L * ld; };
-  T* Cs = X1 + stages * L * ld;  // [kParts][kSl][ld]: C_c's slice
-  float* raw = reinterpret_cast<float*>(Cs + kParts * kSl * ld);  // [2][kSl][kSl] (stages 2)
+  // C_c's slice [kParts][kSl][ld]; or, kept (b.c_kept), all of C_c [kParts][na * kSl][ldk]
+  // (slice (a0, e0) at Cs + a0 * ldk + e0, converted in A, read again in D)
+  static_assert(!kKept || (kParts == 1 && !OperandFormat<T>::kNarrowRange), "kept: one part, no scaling");
+  constexpr bool kept = kKept;
+  const int ldk = fused_kept_ld<T>(p.DV);
+  const int na = (static_cast<int>(p.DQK) + kSl - 1) / kSl, ne = (static_cast<int>(p.DV) + kSl - 1) / kSl;
+  T* Cs = X1 + stages * L * ld;
+  float* raw = reinterpret_cast<float*>(Cs + kParts * (kept ? na * kSl * ldk : kSl * ld));  // [2][kSl][kSl] (stages 2)
   const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp = tid / 32;
   const int threads = static_cast<int>(blockDim.x), warps = threads / 32;
   const int64_t u = p.table.chunk_unit[c], start = p.table.chunk_start[c], W = p.DV + 1;
@@ -426,7 +454,9 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
   };
   // C_c[a0.., e0..] into Cs (scaled by its row's or its column's power of two, in parts)
   const CheckpointSlices<T, kParts> cps{Cs, raw, ck, W, ld, DQK, DV, stages, tid, threads, sExpCr, sExpC};
-  const int na = (DQK + kSl - 1) / kSl, ne = (DV + kSl - 1) / kSl;  // 64-wide slices of DQK, DV
+  // where slice (a0, e0) of C_c's parts is converted and read (kept: one part), and its pitch
+  const int cld = kept ? ldk : ld;
+  auto c_slice = [&](int a0, int e0) { return kept ? Cs + a0 * ldk + e0 : Cs; };
   __syncthreads();  // sRow, sW, sExpC, sExpCr
 
   const int j0 = warp * 16;
@@ -457,11 +487,12 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
           const int e0 = (r / na) * kSl, a0 = (r % na) * kSl;
           if (!q_kept) stage(x0(buf), p.q, p.DQK, a0, DQK);
           else if (r < na) stage(x0(r), p.q, p.DQK, a0, DQK);
-          cps.issue(buf, a0, e0, /*by_row=*/false);
+          cps.issue_into(c_slice(a0, e0), cld, buf, a0, e0, /*by_row=*/false);
         },
         [&](int r, int buf) {
           const int e0 = (r / na) * kSl, a0 = (r % na) * kSl;
-          cps.use(buf, a0, e0, /*by_row=*/false);
+          T* const cs = c_slice(a0, e0);
+          cps.use_into(cs, cld, buf, a0, e0, /*by_row=*/false);
           if (warp_rows) {
             const int width = math::min(kSl, DQK - a0);
             const T* qs = x0(q_kept ? r % na : buf);
@@ -472,7 +503,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
                 if (e0 + nt * 8 >= DV) continue;
                 MOXE_PRAGMA_UNROLL
                 for (int pt = 0; pt < kParts; ++pt) {
-                  const mma::FragmentB cf = mma::load_b(Cs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/true);
+                  const mma::FragmentB cf = mma::load_b(cs + pt * kSl * cld, cld, kk, nt * 8, lane, /*k_major=*/true);
                   mma::mma_16816<T>(iacc[nt], qa, cf);
                 }
               }
@@ -614,12 +645,13 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
         [&](int r, int buf) {
           if (r == 0) stage(Ks, p.k, p.DQK, ab, DQK);
           stage(x0(buf), b.dh, p.DV, r * kSl, DV);
-          cps.issue(buf, ab, r * kSl, /*by_row=*/true);
+          if (!kept) cps.issue(buf, ab, r * kSl, /*by_row=*/true);  // (kept: converted in A)
         },
         [&](int r, int buf) {
           const int e0 = r * kSl;
-          cps.use(buf, ab, e0, /*by_row=*/true);
+          if (!kept) cps.use(buf, ab, e0, /*by_row=*/true);
           if (!warp_rows) return;
+          const T* const cs = c_slice(ab, e0);
           const int width = math::min(kSl, DV - e0);
           for (int kk = 0; kk < width; kk += 16) {
             const mma::FragmentA ha = mma::load_a(x0(buf), ld, j0, kk, lane);
@@ -628,7 +660,7 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
               if (ab + nt * 8 >= DQK) continue;
               MOXE_PRAGMA_UNROLL
               for (int pt = 0; pt < kParts; ++pt) {
-                const mma::FragmentB cf = mma::load_b(Cs + pt * kSl * ld, ld, kk, nt * 8, lane, /*k_major=*/false);
+                const mma::FragmentB cf = mma::load_b(cs + pt * kSl * cld, cld, kk, nt * 8, lane, /*k_major=*/false);
                 mma::mma_16816<T>(cacc[nt], ha, cf);
               }
             }
@@ -1381,21 +1413,45 @@ Status backward_slice_stages(int chunk, int requested, int* stages) {
 /// `stages`: B2 and B4's (backward_slice_stages; unused for float). *state_whole, *grad_whole:
 /// F1's and B3's staging (whole chunks or 16-row blocks: prepare_state_smem's choice, for each
 /// kernel; state_requested as there).
+/// Whether B2 keeps all of C_c converted (c_kept: bf16 with one part; requested 0 the
+/// default: where it fits the opt-in shared memory and costs no resident blocks, pick_stages'
+/// rule; 1 never; 2 where it fits), and B2's shared memory raised to what it then takes.
+template <class T, int kParts>
+Status prepare_rows_smem(int64_t dqk, int64_t dv, int chunk, int stages, int requested, bool* kept) {
+  *kept = false;
+  const std::size_t slice = fused_rows_mma_smem<T, kParts>(chunk, stages);
+  if constexpr (kParts == 1 && !OperandFormat<T>::kNarrowRange) {
+    int depth = 1;
+    MOXE_RETURN_IF_ERROR(pick_stages(requested, (chunk / 16) * 32, slice,
+                                     fused_rows_kept_smem<T, kParts>(chunk, stages, dqk, dv), &depth,
+                                     fused_rows_mma_kernel<T, kParts, true>));
+    *kept = depth == 2;
+    if (*kept)
+      return set_max_dynamic_smem(fused_rows_mma_kernel<T, kParts, true>,
+                                  fused_rows_kept_smem<T, kParts>(chunk, stages, dqk, dv));
+  } else {
+    (void)dqk, (void)dv, (void)requested;
+  }
+  return set_max_dynamic_smem(fused_rows_mma_kernel<T, kParts>, slice);
+}
+
 template <class T, int kParts, class F>
-Status prepare_backward_smem(int64_t dqk, int chunk, int stages, int state_requested, bool* state_whole,
-                             bool* grad_whole) {
+Status prepare_backward_smem(int64_t dqk, int64_t dv, int chunk, int stages, int state_requested, int keep_requested,
+                             bool* state_whole, bool* grad_whole, bool* c_kept) {
   MOXE_RETURN_IF_ERROR((prepare_state_smem<T, kParts>(dqk, chunk, state_requested, state_whole)));
   *grad_whole = false;
+  *c_kept = false;
   const std::size_t smem = fused_rows_smem(chunk);
   if constexpr (kFusedMma<T>) {
     const std::size_t smem24 = fused_rows_mma_smem<T, kParts>(chunk, stages);
-    MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_mma_kernel<T, kParts>, smem24));
+    MOXE_RETURN_IF_ERROR((prepare_rows_smem<T, kParts>(dqk, dv, chunk, stages, keep_requested, c_kept)));
     // B3: whole chunks as F1's (pick_state_staging), for the instance DQK selects
     auto b3 = dqk > 16 * kFusedStateWarps ? fused_state_grad_mma_kernel<T, 2, kParts>
                                           : fused_state_grad_mma_kernel<T, 1, kParts>;
     MOXE_RETURN_IF_ERROR(pick_state_staging<T>(b3, dqk, chunk, state_requested, grad_whole));
     return set_max_dynamic_smem(fused_columns_mma_kernel<T, kParts>, smem24);
   } else {
+    (void)dv, (void)keep_requested;
     MOXE_RETURN_IF_ERROR(set_max_dynamic_smem(fused_rows_kernel<T, F>, smem));
     return set_max_dynamic_smem(fused_columns_kernel<T, F>, smem);
   }
@@ -1415,8 +1471,17 @@ Status launch_fused_backward_pass(const FusedBackwardArgs<T>& b, const int64_t* 
   const std::size_t smem = fused_rows_smem(a.L);
   const unsigned chunk_heads = static_cast<unsigned>(a.chunks * a.NH);
   if constexpr (kFusedMma<T>) {
-    MOXE_RETURN_IF_ERROR(launch_kernel(fused_rows_mma_kernel<T, kParts>, chunk_heads, (a.L / 16) * 32,
-                                       fused_rows_mma_smem<T, kParts>(a.L, b.stages), stream, b));
+    bool launched = false;
+    if constexpr (kParts == 1 && !OperandFormat<T>::kNarrowRange) {
+      if (b.c_kept) {
+        MOXE_RETURN_IF_ERROR(launch_kernel(fused_rows_mma_kernel<T, kParts, true>, chunk_heads, (a.L / 16) * 32,
+                                           fused_rows_kept_smem<T, kParts>(a.L, b.stages, a.DQK, a.DV), stream, b));
+        launched = true;
+      }
+    }
+    if (!launched)
+      MOXE_RETURN_IF_ERROR(launch_kernel(fused_rows_mma_kernel<T, kParts>, chunk_heads, (a.L / 16) * 32,
+                                         fused_rows_mma_smem<T, kParts>(a.L, b.stages), stream, b));
   } else {
     MOXE_RETURN_IF_ERROR(launch_kernel(fused_rows_kernel<T, F>, chunk_heads, kFusedRowThreads, smem, stream, b));
   }
@@ -1456,7 +1521,8 @@ Status launch_fused_backward_pass(const FusedBackwardArgs<T>& b, const int64_t* 
 template <class T>
 Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspace, std::size_t workspace_bytes,
                                 cudaStream_t stream, int stages_requested = 0, int* stages_used = nullptr,
-                                int state_requested = 0, bool* state_whole_used = nullptr) {
+                                int state_requested = 0, bool* state_whole_used = nullptr, int keep_requested = 0,
+                                bool* c_kept_used = nullptr) {
   static_assert(std::is_same_v<T, float> || mma::is_mma_element_v<T>,
                 "fused chunkwise: T must be float, __half or __nv_bfloat16");
   MOXE_RETURN_IF_ERROR(validate(p));
@@ -1473,21 +1539,24 @@ Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspa
     MOXE_RETURN_IF_ERROR(mma::sm80_supported(device));
   }
   int stages = 1;
-  bool whole = false, grad_whole = false;
-  const int64_t dqk = p.fwd.dims.dqk;
+  bool whole = false, grad_whole = false, c_kept = false;
+  const int64_t dqk = p.fwd.dims.dqk, dv = p.fwd.dims.dv;
   const int chunk = p.fwd.chunk_size;
   if constexpr (kFusedMma<T>) {
     if (p.fwd.precision == Precision::accurate) {
       MOXE_RETURN_IF_ERROR((backward_slice_stages<T, 3>(chunk, stages_requested, &stages)));
-      MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 3, T>(dqk, chunk, stages, state_requested, &whole, &grad_whole)));
+      MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 3, T>(dqk, dv, chunk, stages, state_requested, keep_requested,
+                                                           &whole, &grad_whole, &c_kept)));
     } else {
       MOXE_RETURN_IF_ERROR((backward_slice_stages<T, 1>(chunk, stages_requested, &stages)));
-      MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 1, T>(dqk, chunk, stages, state_requested, &whole, &grad_whole)));
+      MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 1, T>(dqk, dv, chunk, stages, state_requested, keep_requested,
+                                                           &whole, &grad_whole, &c_kept)));
     }
   } else {
-    MOXE_RETURN_IF_ERROR(
-        (prepare_backward_smem<T, 1, float>(dqk, chunk, stages, state_requested, &whole, &grad_whole)));
+    MOXE_RETURN_IF_ERROR((prepare_backward_smem<T, 1, float>(dqk, dv, chunk, stages, state_requested, keep_requested,
+                                                             &whole, &grad_whole, &c_kept)));
   }
+  if (c_kept_used) *c_kept_used = c_kept;
   if (stages_used) *stages_used = stages;
   // (with a tape F1 does not run: B3's staging alone)
   if (state_whole_used) *state_whole_used = (whole || p.fwd.tape != nullptr) && (grad_whole || !kFusedMma<T>);
@@ -1555,6 +1624,7 @@ Status fused_chunkwise_backward(const BackwardParams<T, float>& p, void* workspa
     b.dm_init = sb.dm_init;
     b.col_blocks = static_cast<int>(ceil_div<int64_t>(s.dims.dv, kFusedColumns));
     b.stages = stages;
+    b.c_kept = c_kept;
     b.grad_whole = grad_whole;
     b.ws = w.ws;
     b.inner_part = w.inner_part;
