@@ -19,6 +19,7 @@
 #include <sstream>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "device_utils.cuh"
@@ -460,6 +461,19 @@ TEST_CASE("fused backward float, S 1: dq and dk that cancel to 0 (pinned)") {
 
 /// Two runs of the same inputs in different pipelines give the same bits, and are right (as
 /// check_case measures them against the reference, not only equal to each other).
+/// A case of these sizes with initial states and upstream state gradients (the same-bits tests).
+Case full_case(int64_t seq_len, int64_t dqk, int64_t dv, int chunk, std::vector<int64_t> offsets = {}) {
+  Case cs;
+  cs.seq_len = seq_len;
+  cs.chunk_size = chunk;
+  cs.dqk = dqk;
+  cs.dv = dv;
+  cs.offsets = std::move(offsets);
+  cs.init_states = true;
+  cs.upstream = true;
+  return cs;
+}
+
 template <class T>
 void check_same_and_right(const Grads& x, const Grads& y, const Grads& ref, Precision precision) {
   double sum_norms = 0.0;
@@ -488,13 +502,7 @@ TEST_CASE_TEMPLATE("fused backward: B2 and B4 in one-stage and two-stage slice r
     bool accurate;
   };
   for (const Shape sh : {Shape{70, 80, 144, 32, true}, Shape{37, 16, 16, 16, true}, Shape{130, 64, 128, 64, false}}) {
-    Case cs;
-    cs.seq_len = sh.seq_len;
-    cs.chunk_size = sh.chunk;
-    cs.dqk = sh.dqk;
-    cs.dv = sh.dv;
-    cs.init_states = true;
-    cs.upstream = true;
+    const Case cs = full_case(sh.seq_len, sh.dqk, sh.dv, sh.chunk);
     for (Precision precision : {Precision::fast, Precision::accurate}) {
       if (precision == Precision::accurate && !sh.accurate) continue;
       const auto seed = moxe::test::fresh_seed();
@@ -514,20 +522,16 @@ TEST_CASE("fused backward bf16 fast: B2 with C_c kept whole and a slice at a tim
   // [DQK][DV] tile and read again in D (C dh), instead of copied and converted again there.
   // Shapes (within the simulated device's 96 KiB): DQK 80, DV 144 (partial slices in both,
   // 2 x 3 of them) over chunks of 32; DQK 144, DV 80 (3 x 2); DQK = DV = 16 (one slice) in two
-  // stages; DQK 64, DV 128 over chunks of 64 (4 warps)
+  // stages; DQK 80, DV 128 over chunks of 32 in two stages (2 x 2 slices converted from the
+  // raw copies into their places, Q kept: the default path at chunk 128 on an H100; 95 KiB);
+  // DQK 64, DV 128 over chunks of 64 (4 warps)
   struct Shape {
     int64_t seq_len, dqk, dv;
     int chunk, stages;
   };
   for (const Shape sh : {Shape{70, 80, 144, 32, 1}, Shape{40, 144, 80, 16, 1}, Shape{37, 16, 16, 16, 2},
-                         Shape{130, 64, 128, 64, 1}}) {
-    Case cs;
-    cs.seq_len = sh.seq_len;
-    cs.chunk_size = sh.chunk;
-    cs.dqk = sh.dqk;
-    cs.dv = sh.dv;
-    cs.init_states = true;
-    cs.upstream = true;
+                         Shape{70, 80, 128, 32, 2}, Shape{130, 64, 128, 64, 1}}) {
+    const Case cs = full_case(sh.seq_len, sh.dqk, sh.dv, sh.chunk);
     const auto seed = moxe::test::fresh_seed();
     moxe::test::Rng rng(seed);
     const Inputs in = make_inputs<__nv_bfloat16>(cs, rng);
@@ -556,14 +560,7 @@ TEST_CASE_TEMPLATE("fused backward: F1 and B3 in 16-row blocks and in whole chun
   const Shape shapes[] = {Shape{70, 80, 144, 32, {}}, Shape{41, 32, 48, 16, {0, 5, 5, 23, 41}},
                           Shape{20, 144, 16, 16, {}}, Shape{130, 16, 16, 128, {}}};
   for (const Shape& sh : shapes) {
-    Case cs;
-    cs.seq_len = sh.seq_len;
-    cs.chunk_size = sh.chunk;
-    cs.dqk = sh.dqk;
-    cs.dv = sh.dv;
-    cs.offsets = sh.offsets;
-    cs.init_states = true;
-    cs.upstream = true;
+    const Case cs = full_case(sh.seq_len, sh.dqk, sh.dv, sh.chunk, sh.offsets);
     for (Precision precision : {Precision::fast, Precision::accurate}) {
       if (precision == Precision::accurate && !std::is_same_v<T, __half>) continue;
       const auto seed = moxe::test::fresh_seed();
@@ -594,16 +591,9 @@ TEST_CASE_TEMPLATE("fused backward: with the forward's tape (F0 and F1 not run) 
   const Shape shapes[] = {Shape{3, 37, 32, 48, 2, 16, {}}, Shape{1, 41, 16, 32, 0, 16, {0, 5, 5, 23, 41}}};
   const Precision precision = std::is_same_v<T, __half> ? Precision::accurate : Precision::fast;
   for (const Shape& sh : shapes) {
-    Case cs;
+    Case cs = full_case(sh.seq_len, sh.dqk, sh.dv, sh.chunk, sh.offsets);
     cs.batch = sh.batch;
-    cs.seq_len = sh.seq_len;
-    cs.dqk = sh.dqk;
-    cs.dv = sh.dv;
     cs.batch_per_pass = sh.per_pass;
-    cs.chunk_size = sh.chunk;
-    cs.offsets = sh.offsets;
-    cs.init_states = true;
-    cs.upstream = true;
     const auto seed = moxe::test::fresh_seed();
     moxe::test::Rng rng(seed);
     const Inputs in = make_inputs<T>(cs, rng);

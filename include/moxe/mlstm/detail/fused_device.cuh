@@ -568,7 +568,7 @@ struct CheckpointSlices {
   const int *exp_row, *exp_col;
 
   MOXE_DEVICE void issue(int buf, int a0, int e0, bool by_row) const { issue_into(dst, ld, buf, a0, e0, by_row); }
-  /// (a barrier inside with two stages: call it from every thread)
+  /// (use and use_into: a barrier inside with two stages, call them from every thread)
   MOXE_DEVICE void use(int buf, int a0, int e0, bool by_row) const { use_into(dst, ld, buf, a0, e0, by_row); }
 
   /// issue / use with the parts written at d (row pitch dld; parts kRows rows apart) instead

@@ -334,8 +334,10 @@ MOXE_HD inline int fused_kept_ld(int64_t dv) {
 /// B2's dynamic shared memory with C_c kept whole (c_kept): fused_rows_mma_smem with the 64 x
 /// 64 slice of C_c's parts replaced by all of them ([kParts][DQK rounded to 64][fused_kept_ld]),
 /// converted once in A and read again in D. Only where no scaling differs between A's groups
-/// (columns) and D's (rows): bf16 (half's powers of two do). 138,368 B at chunk 128, DQK 128,
-/// DV 256, two stages, fast (+ 11,264 static).
+/// (columns) and D's (rows): bf16 with one part (half's powers of two differ; three parts
+/// would not fit). At chunk 128, DQK 128, DV 256, two stages: 174,080 B (the slice's 115,712;
+/// + 11,264 static), one block a multiprocessor either way (its registers): kept; at chunk 64
+/// it would cost the second block: not kept by default.
 template <class T, int kParts>
 inline std::size_t fused_rows_kept_smem(int L, int stages, int64_t dqk, int64_t dv) {
   constexpr int ld = kFusedBwdSlice + kFusedPad<T>;
@@ -419,8 +421,9 @@ __global__ void __launch_bounds__(kFusedMaxChunk * 2)
   T* const X1 = X0 + stages * L * ld;
   auto x0 = [&](int buf) { return X0 + buf * L * ld; };
   auto x1 = [&](int buf) { return X1 + buf * L * ld; };
-  // C_c's slice [kParts][kSl][ld]; or, kept (b.c_kept), all of C_c [kParts][na * kSl][ldk]
-  // (slice (a0, e0) at Cs + a0 * ldk + e0, converted in A, read again in D)
+  // C_c's slice [kParts][kSl][ld]; or, kept (the <T, 1, true> instance, launched where
+  // b.c_kept), all of C_c [na * kSl][ldk] (slice (a0, e0) at Cs + a0 * ldk + e0, converted in
+  // A, read again in D)
   static_assert(!kKept || (kParts == 1 && !OperandFormat<T>::kNarrowRange), "kept: one part, no scaling");
   constexpr bool kept = kKept;
   const int ldk = fused_kept_ld<T>(p.DV);
@@ -1413,9 +1416,11 @@ Status backward_slice_stages(int chunk, int requested, int* stages) {
 /// `stages`: B2 and B4's (backward_slice_stages; unused for float). *state_whole, *grad_whole:
 /// F1's and B3's staging (whole chunks or 16-row blocks: prepare_state_smem's choice, for each
 /// kernel; state_requested as there).
-/// Whether B2 keeps all of C_c converted (c_kept: bf16 with one part; requested 0 the
-/// default: where it fits the opt-in shared memory and costs no resident blocks, pick_stages'
-/// rule; 1 never; 2 where it fits), and B2's shared memory raised to what it then takes.
+/// Whether B2 keeps all of C_c converted (c_kept: bf16 with one part, never for half or
+/// three parts whatever is requested; requested 0 the default: where it fits the opt-in shared
+/// memory and costs no resident blocks, pick_stages' rule, the occupancy read on the kept
+/// instance at both sizes; 1 never; 2 where it fits), and B2's shared memory raised to what
+/// it then takes.
 template <class T, int kParts>
 Status prepare_rows_smem(int64_t dqk, int64_t dv, int chunk, int stages, int requested, bool* kept) {
   *kept = false;
