@@ -137,6 +137,25 @@ double rel_error(const std::vector<A>& out, const std::vector<B>& ref) {
   return rel_error(out.data(), ref.data(), out.size());
 }
 
+/// The error of a log-domain quantity (the mLSTM stabiliser m): ||out - ref|| / max(||ref||,
+/// sqrt(n)), i.e. relative where |m| > 1 and absolute near 0 (an error e in m scales the
+/// stabilised states by exp(e)); a plain relative error of an m near 0 is unbounded. +inf as
+/// rel_error.
+template <class A, class B>
+double log_rel_error(const std::vector<A>& out, const std::vector<B>& ref) {
+  if (out.size() != ref.size()) return std::numeric_limits<double>::infinity();
+  double den = 0.0;
+  for (const B& r : ref) den += static_cast<double>(r) * static_cast<double>(r);
+  const double scale = std::max(std::sqrt(den), std::sqrt(static_cast<double>(ref.size())));
+  double num = 0.0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    const double o = static_cast<double>(out[i]);
+    if (!std::isfinite(o)) return std::numeric_limits<double>::infinity();
+    num += (o - static_cast<double>(ref[i])) * (o - static_cast<double>(ref[i]));
+  }
+  return ref.empty() ? 0.0 : std::sqrt(num) / scale;
+}
+
 template <class A>
 std::vector<double> to_double(const std::vector<A>& v) {
   return std::vector<double>(v.begin(), v.end());
