@@ -137,23 +137,28 @@ double rel_error(const std::vector<A>& out, const std::vector<B>& ref) {
   return rel_error(out.data(), ref.data(), out.size());
 }
 
-/// The error of a log-domain quantity (the mLSTM stabiliser m): ||out - ref|| / max(||ref||,
-/// sqrt(n)), i.e. relative where |m| > 1 and absolute near 0 (an error e in m scales the
-/// stabilised states by exp(e)); a plain relative error of an m near 0 is unbounded. +inf as
-/// rel_error.
+/// ||out - ref|| / max(||ref||, floor) in double (the floor keeps a small reference from
+/// turning rounding into a large relative error); +inf if the sizes differ or `out` is not
+/// finite.
+template <class A, class B>
+double rel_error_floor(const std::vector<A>& out, const std::vector<B>& ref, double floor) {
+  if (out.size() != ref.size()) return std::numeric_limits<double>::infinity();
+  double num = 0.0, den = 0.0;
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const double o = static_cast<double>(out[i]), r = static_cast<double>(ref[i]);
+    num += (o - r) * (o - r);
+    den += r * r;
+  }
+  if (!std::isfinite(num)) return std::numeric_limits<double>::infinity();
+  return std::sqrt(num) / std::max({std::sqrt(den), floor, 1e-30});
+}
+
+/// The error of a log-domain quantity (the mLSTM stabiliser m): rel_error_floor with the floor
+/// sqrt(n), i.e. relative where |m| > 1 and absolute near 0 (an error e in m scales the
+/// stabilised states by exp(e)); a plain relative error of an m near 0 is unbounded.
 template <class A, class B>
 double log_rel_error(const std::vector<A>& out, const std::vector<B>& ref) {
-  if (out.size() != ref.size()) return std::numeric_limits<double>::infinity();
-  double den = 0.0;
-  for (const B& r : ref) den += static_cast<double>(r) * static_cast<double>(r);
-  const double scale = std::max(std::sqrt(den), std::sqrt(static_cast<double>(ref.size())));
-  double num = 0.0;
-  for (std::size_t i = 0; i < ref.size(); ++i) {
-    const double o = static_cast<double>(out[i]);
-    if (!std::isfinite(o)) return std::numeric_limits<double>::infinity();
-    num += (o - static_cast<double>(ref[i])) * (o - static_cast<double>(ref[i]));
-  }
-  return ref.empty() ? 0.0 : std::sqrt(num) / scale;
+  return rel_error_floor(out, ref, std::sqrt(static_cast<double>(ref.size())));
 }
 
 template <class A>

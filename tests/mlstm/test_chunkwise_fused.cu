@@ -198,15 +198,7 @@ struct Device {
 /// ||out - ref|| / max(||ref||, floor * sqrt(n)): relative, or absolute (per element, RMS)
 /// where ref is smaller than `floor`
 double rel_error(const std::vector<double>& out, const std::vector<double>& ref, double floor = 1e-30) {
-  if (out.size() != ref.size()) return std::numeric_limits<double>::infinity();
-  double num = 0.0, den = 0.0;
-  for (std::size_t i = 0; i < out.size(); ++i) {
-    const double d = out[i] - ref[i];
-    num += d * d;
-    den += ref[i] * ref[i];
-  }
-  if (!std::isfinite(num)) return std::numeric_limits<double>::infinity();
-  return std::sqrt(num) / std::max({std::sqrt(den), floor * std::sqrt(double(out.size())), 1e-30});
+  return moxe::test::rel_error_floor(out, ref, floor * std::sqrt(double(out.size())));
 }
 
 template <class T>

@@ -269,14 +269,7 @@ double norm(const std::vector<double>& v) {
 /// ||out - ref|| / max(||ref||, floor): the floor keeps a gradient that is tiny next to the
 /// others (1e-2 of their norms' sum) from turning rounding into a large relative error.
 double rel_error(const std::vector<double>& out, const std::vector<double>& ref, double floor) {
-  if (out.size() != ref.size()) return std::numeric_limits<double>::infinity();
-  double num = 0.0;
-  for (std::size_t i = 0; i < out.size(); ++i) {
-    const double d = out[i] - ref[i];
-    num += d * d;
-  }
-  if (!std::isfinite(num)) return std::numeric_limits<double>::infinity();
-  return std::sqrt(num) / std::max({norm(ref), floor, 1e-30});
+  return moxe::test::rel_error_floor(out, ref, floor);
 }
 
 template <class T>

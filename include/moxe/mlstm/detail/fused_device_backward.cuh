@@ -1476,17 +1476,15 @@ Status launch_fused_backward_pass(const FusedBackwardArgs<T>& b, const int64_t* 
   const std::size_t smem = fused_rows_smem(a.L);
   const unsigned chunk_heads = static_cast<unsigned>(a.chunks * a.NH);
   if constexpr (kFusedMma<T>) {
-    bool launched = false;
+    auto b2 = fused_rows_mma_kernel<T, kParts>;  // (both instances take the same arguments)
+    std::size_t smem2 = fused_rows_mma_smem<T, kParts>(a.L, b.stages);
     if constexpr (kParts == 1 && !OperandFormat<T>::kNarrowRange) {
       if (b.c_kept) {
-        MOXE_RETURN_IF_ERROR(launch_kernel(fused_rows_mma_kernel<T, kParts, true>, chunk_heads, (a.L / 16) * 32,
-                                           fused_rows_kept_smem<T, kParts>(a.L, b.stages, a.DQK, a.DV), stream, b));
-        launched = true;
+        b2 = fused_rows_mma_kernel<T, kParts, true>;
+        smem2 = fused_rows_kept_smem<T, kParts>(a.L, b.stages, a.DQK, a.DV);
       }
     }
-    if (!launched)
-      MOXE_RETURN_IF_ERROR(launch_kernel(fused_rows_mma_kernel<T, kParts>, chunk_heads, (a.L / 16) * 32,
-                                         fused_rows_mma_smem<T, kParts>(a.L, b.stages), stream, b));
+    MOXE_RETURN_IF_ERROR(launch_kernel(b2, chunk_heads, (a.L / 16) * 32, smem2, stream, b));
   } else {
     MOXE_RETURN_IF_ERROR(launch_kernel(fused_rows_kernel<T, F>, chunk_heads, kFusedRowThreads, smem, stream, b));
   }
